@@ -1,0 +1,32 @@
+"""Shared test helpers.
+
+PyTorch is the reference implementation, never a dependency.  Tests that need it
+call ``require_torch()``: it skips when torch is missing, unless
+``BPTT_REQUIRE_TORCH=1`` is set (as in CI), where a missing torch is a failure.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+
+def require_torch():
+    if os.environ.get("BPTT_REQUIRE_TORCH") == "1":
+        import torch  # noqa: F401  - must be importable in CI
+
+        torch.set_default_dtype(torch.float64)
+        return torch
+    torch = pytest.importorskip("torch")
+    torch.set_default_dtype(torch.float64)
+    return torch
+
+
+@pytest.fixture
+def torch():
+    return require_torch()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
