@@ -1,0 +1,280 @@
+"""Checkpoints: one safetensors file per checkpoint, replaced atomically.
+
+Layout of a checkpoint file
+---------------------------
+* tensors, namespaced ``<namespace>.<name>``: ``model.encoder.weight_ih_l0``,
+  ``optim.m.decoder.bias``, ... (the namespace is everything before the first dot);
+* one safetensors metadata key, ``"bptt"``, holding a JSON object: the caller's
+  ``meta`` (kind, config, vocab, step, optimizer settings, RNG state, ...) plus
+  ``"format_version"``.
+
+Nothing is pickled, so loading a checkpoint never executes code.  A JSON
+sidecar with the same meta is written next to the checkpoint for people to read;
+it is never read back.
+
+Saving writes a temporary file in the same directory, fsyncs it, renames it
+over the old checkpoint and fsyncs the directory: a kill (or power loss) at any
+moment leaves either the old or the new checkpoint, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "CheckpointError",
+    "FORMAT_VERSION",
+    "save_checkpoint",
+    "load_checkpoint",
+    "sidecar_path",
+    "rng_state",
+    "restore_rng",
+]
+
+#: Version of the layout above; bump it when an old reader could misread a new file.
+FORMAT_VERSION = 1
+
+_META_KEY = "bptt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or read (one-line message)."""
+
+
+# ---------------------------------------------------------------------------- helpers
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """Where the human-readable JSON for ``path`` goes: ``x.safetensors`` -> ``x.json``."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        return p.with_suffix(".json")
+    return p.with_name(p.name + ".json")  # never the checkpoint itself, even for 'x.json'
+
+
+def _json_default(obj):
+    """Let NumPy scalars and arrays in ``meta`` serialise as plain JSON values."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"checkpoint meta holds a {type(obj).__name__}, which is not JSON-serialisable")
+
+
+def _flatten(tensors: Mapping) -> dict[str, np.ndarray]:
+    """``{namespace: {name: array}}`` (or a flat ``{name: array}``, taken as ``model``) -> ``{"ns.name": array}``."""
+    values = list(tensors.values())
+    if all(isinstance(v, Mapping) for v in values):
+        nested = tensors
+    elif not any(isinstance(v, Mapping) for v in values):
+        nested = {"model": tensors}
+    else:
+        raise TypeError("tensors must be either {namespace: {name: array}} or a flat {name: array}, not a mix")
+    flat = {}
+    for ns, group in nested.items():
+        if not isinstance(ns, str) or not ns or "." in ns:
+            raise TypeError(f"tensor namespace must be a nonempty string without dots, got {ns!r}")
+        for name, arr in group.items():
+            if hasattr(arr, "detach"):  # a torch tensor, without importing torch
+                arr = arr.detach().cpu().numpy()
+            arr = np.ascontiguousarray(arr)
+            if arr.dtype == object:
+                raise TypeError(f"tensor {ns}.{name} has dtype object; expected a numeric array")
+            flat[f"{ns}.{name}"] = arr
+    return flat
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable; a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _new_temp(final: Path) -> Path:
+    """Create an empty temporary file next to ``final`` (same filesystem, so the rename is atomic)."""
+    directory = final.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write checkpoint {final}: cannot create directory {directory} ({e.strerror or e}); "
+            "expected a writable directory"
+        ) from None
+    while True:
+        tmp = directory / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            # 0o666 minus the umask, the permissions of an ordinary new file (mkstemp would give 0600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise CheckpointError(
+                f"cannot write checkpoint {final}: directory {directory} is not writable ({e.strerror or e}); "
+                "expected a writable directory"
+            ) from None
+        os.close(fd)
+        return tmp
+
+
+def _atomic_write(final: Path, write) -> None:
+    """``write(tmp_path)``, fsync, rename onto ``final``, fsync the directory; no torn file ever."""
+    tmp = _new_temp(final)
+    try:
+        mode = tmp.stat().st_mode & 0o777  # 0o666 minus the umask
+        write(tmp)
+        os.chmod(tmp, mode)  # safetensors recreates the file as 0600; give it ordinary permissions
+        fd = os.open(tmp, os.O_RDWR)  # fsync is per file, so a new descriptor flushes what write() wrote
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}") from None
+    finally:
+        if tmp.exists():  # only when something failed before the rename
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+    _fsync_dir(final.parent)
+
+
+# ---------------------------------------------------------------------------- save / load
+def save_checkpoint(
+    path: str | os.PathLike,
+    tensors: Mapping[str, Mapping[str, np.ndarray]] | Mapping[str, np.ndarray],
+    meta: Mapping,
+) -> None:
+    """Write ``tensors`` and ``meta`` atomically to ``path`` (plus a JSON sidecar for people).
+
+    ``tensors`` is ``{namespace: {name: array}}``, e.g. ``{"model": ...,
+    "optim": ...}``; a flat ``{name: array}`` is stored under ``model``.
+    Namespaces with no tensors leave nothing in the file.  ``meta`` must be
+    JSON-serialisable (NumPy scalars and arrays are converted); tuples come back
+    as lists.  CheckpointError if the directory is not writable.
+    """
+    from safetensors.numpy import save_file
+
+    final = Path(path)
+    flat = _flatten(tensors)
+    full_meta = {"format_version": FORMAT_VERSION, **{k: v for k, v in meta.items() if k != "format_version"}}
+    # ASCII-escaped so that any str (even a lone surrogate in a vocab) survives the UTF-8 header
+    meta_json = json.dumps(full_meta, default=_json_default)
+
+    _atomic_write(final, lambda tmp: save_file(flat, str(tmp), metadata={_META_KEY: meta_json}))
+
+    pretty = json.dumps(full_meta, default=_json_default, ensure_ascii=False, indent=2) + "\n"
+    _atomic_write(sidecar_path(final), lambda tmp: tmp.write_text(pretty, encoding="utf-8", errors="backslashreplace"))
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Returns ``(tensors, meta)``: ``tensors`` is ``{namespace: {name: array}}``
+    and ``meta`` is the saved meta including ``format_version``.  Every way the
+    file can be wrong (missing, not safetensors, truncated, no or invalid
+    ``bptt`` metadata, written by a newer bptt) is a one-line CheckpointError.
+    """
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if p.is_dir():
+        raise CheckpointError(f"{p} is a directory; expected a checkpoint file")
+    try:
+        with safe_open(str(p), framework="numpy") as f:
+            header_meta = f.metadata() or {}
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {p}: {e.strerror or e}") from None
+    except Exception as e:  # safetensors raises its own SafetensorError (and others) for bad files
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise CheckpointError(
+            f"{p} is not a valid checkpoint (not a safetensors file, truncated or corrupted: {reason})"
+        ) from None
+
+    if _META_KEY not in header_meta:
+        raise CheckpointError(
+            f"{p} is a safetensors file without '{_META_KEY}' metadata; expected a checkpoint written by bptt"
+        )
+    try:
+        meta = json.loads(header_meta[_META_KEY])
+    except ValueError as e:
+        raise CheckpointError(f"{p}: '{_META_KEY}' metadata is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{p}: '{_META_KEY}' metadata must be a JSON object, got {type(meta).__name__}")
+    version = meta.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{p}: missing or invalid format_version {version!r}; expected a positive integer")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{p} was written by a newer bptt (format_version {version}; this version reads up to "
+            f"{FORMAT_VERSION}); upgrade bptt to load it"
+        )
+
+    tensors: dict[str, dict[str, np.ndarray]] = {}
+    for key, arr in flat.items():
+        ns, dot, name = key.partition(".")
+        if not dot or not ns or not name:
+            raise CheckpointError(f"{p}: tensor name {key!r} has no namespace; expected '<namespace>.<name>'")
+        tensors.setdefault(ns, {})[name] = arr
+    return tensors, meta
+
+
+# ---------------------------------------------------------------------------- RNG state
+_BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
+
+
+def _to_json(obj):
+    """Bit-generator state -> JSON: arrays become tagged lists; big ints stay ints (JSON has no limit)."""
+    if isinstance(obj, dict):
+        return {k: _to_json(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": obj.dtype.str}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _from_json(obj):
+    if isinstance(obj, dict):
+        if "__ndarray__" in obj:
+            return np.array(obj["__ndarray__"], dtype=np.dtype(obj["dtype"]))
+        return {k: _from_json(v) for k, v in obj.items()}
+    return obj
+
+
+def rng_state(gen: np.random.Generator) -> dict:
+    """A JSON-serialisable snapshot of ``gen``; :func:`restore_rng` continues it exactly."""
+    if not isinstance(gen, np.random.Generator):
+        raise TypeError(f"rng_state expects a numpy.random.Generator, got {type(gen).__name__}")
+    return _to_json(gen.bit_generator.state)
+
+
+def restore_rng(state: Mapping) -> np.random.Generator:
+    """A new Generator in exactly the state recorded by :func:`rng_state`."""
+    name = state.get("bit_generator") if isinstance(state, Mapping) else None
+    if name not in _BIT_GENERATORS:
+        raise CheckpointError(
+            f"invalid RNG state in checkpoint: bit generator {name!r}; expected one of {', '.join(_BIT_GENERATORS)}"
+        )
+    bit_gen = getattr(np.random, name)()
+    try:
+        bit_gen.state = _from_json(dict(state))
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"invalid RNG state in checkpoint for {name}: {e}") from None
+    return np.random.Generator(bit_gen)
