@@ -1,0 +1,501 @@
+"""Layers: stacked, bidirectional RNN / LSTM / GRU over whole sequences, and Linear,
+Embedding, Dropout.  Constructor signatures, shapes and parameter names are
+PyTorch's, so ``layer.load_state_dict(torch_layer.state_dict())`` just works.
+
+Shape legend: T time steps, N batch, D input features, H hidden units,
+P = proj_size or H (the width of h), L layers, K = 2 if bidirectional else 1,
+G = g·H stacked gates (g = 1 RNN, 4 LSTM, 3 GRU), V vocabulary, E embedding size.
+
+A recurrent layer's forward, per layer k and direction d::
+
+    gx = X_k W_ihᵀ + b_ih                      one matrix product for all T steps   (T, N, G)
+    y, h_n = the time loop over gx             bptt.recurrence (or the fused kernel)
+    X_{k+1} = dropout([y_forward, y_reverse])  features concatenated                 (T, N, K·P)
+
+and its backward, the same read upwards::
+
+    dgx, dgh, dh_0 = the time loop backwards
+    ∂L/∂W_ih = dgxᵀ X_k,  ∂L/∂W_hh = dghᵀ H_prev    one matrix product each over all T·N rows
+    ∂L/∂X_k  = Σ_d dgx W_ih
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from bptt import recurrence
+from bptt.cells import resolve_rng, uniform_init
+from bptt.module import Module, as_float_array
+from bptt.ops import (
+    affine_backward,
+    affine_forward,
+    dropout_mask,
+    embedding_backward,
+    embedding_forward,
+)
+
+__all__ = ["RNN", "LSTM", "GRU", "RNNBase", "Linear", "Embedding", "Dropout", "lengths_to_mask"]
+
+
+# ============================================================================ simple layers
+
+
+class Linear(Module):
+    """y = x Wᵀ + b.   x (..., D) → y (..., K);  weight (K, D), bias (K,).
+
+    Initialised U(−1/√D, 1/√D) like PyTorch's default.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, dtype=np.float32, rng=None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self._dtype = np.dtype(dtype)
+        rng = resolve_rng(rng)
+        k = 1.0 / np.sqrt(self.in_features)
+        self.add_param("weight", uniform_init(rng, (self.out_features, self.in_features), k, self._dtype))  # (K, D)
+        if bias:
+            self.add_param("bias", uniform_init(rng, (self.out_features,), k, self._dtype))  # (K,)
+        self._ctx = None
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}"
+
+    def forward(self, x):
+        x = as_float_array(x, self._dtype, "input")
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"Linear expects input (..., {self.in_features}), got {x.shape}")
+        self._ctx = x
+        return affine_forward(x, self._own_params["weight"], self._own_params.get("bias"))
+
+    def backward(self, dy):
+        x = self._saved(self._ctx)
+        dy = as_float_array(dy, self._dtype, "dy")
+        return affine_backward(dy, x, self._own_params["weight"], self._own_grads["weight"], self._own_grads.get("bias"))
+
+
+class Embedding(Module):
+    """y = W[ids].   ids (...) integers in [0, V) → y (..., E);  weight (V, E), init N(0, 1)."""
+
+    def __init__(self, num_embeddings, embedding_dim, dtype=np.float32, rng=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
+        self._dtype = np.dtype(dtype)
+        rng = resolve_rng(rng)
+        self.add_param("weight", rng.standard_normal((self.num_embeddings, self.embedding_dim)).astype(self._dtype))
+        self._ctx = None
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+    def forward(self, ids):
+        ids = np.asarray(ids)
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"Embedding expects integer ids, got dtype {ids.dtype}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_embeddings):
+            raise ValueError(f"Embedding ids must be in [0, {self.num_embeddings}), got [{ids.min()}, {ids.max()}]")
+        self._ctx = ids
+        return embedding_forward(ids, self._own_params["weight"])
+
+    def backward(self, dy):
+        """Accumulates ∂L/∂W; ids have no gradient, so this returns None."""
+        ids = self._saved(self._ctx)
+        embedding_backward(as_float_array(dy, self._dtype, "dy"), ids, self._own_grads["weight"])
+        return None
+
+
+class Dropout(Module):
+    """Inverted dropout: in training y = x ⊙ mask / (1 − p), mask ~ Bernoulli(1 − p); identity in eval."""
+
+    def __init__(self, p=0.5, rng=None):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+        self.p = float(p)
+        self.rng = resolve_rng(rng)
+        self._mask = None
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            self._mask = None
+            return x
+        self._mask = dropout_mask(x.shape, self.p, self.rng, x.dtype)
+        return x * self._mask
+
+    def backward(self, dy):
+        return dy if self._mask is None else dy * self._mask
+
+
+# ============================================================================ recurrent layers
+
+
+def lengths_to_mask(lengths, T: int, N: int):
+    """(T, N) bool mask, True where t < lengths[n]; None when every length is T.
+
+    Lengths may come in any order (like ``pack_padded_sequence(enforce_sorted=False)``).
+    """
+    if lengths is None:
+        return None
+    arr = np.asarray(lengths)
+    if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"lengths must be integers, got dtype {arr.dtype}")
+    if arr.shape != (N,):
+        raise ValueError(f"lengths must have shape ({N},) (one per batch item), got {arr.shape}")
+    if not np.all(arr == np.round(arr)):
+        raise ValueError("lengths must be whole numbers")
+    arr = arr.astype(np.int64)
+    if arr.min() < 1 or arr.max() > T:
+        raise ValueError(f"lengths must be in [1, {T}] (the padded length), got [{arr.min()}, {arr.max()}]")
+    if np.all(arr == T):
+        return None
+    return np.arange(T)[:, None] < arr[None, :]
+
+
+class _LayerCache(NamedTuple):
+    x: np.ndarray  # (T, N, D_k) this layer's input, after dropout
+    drop: np.ndarray | None  # (T, N, D_k) the dropout mask applied to it, if any
+    directions: list  # one recurrence.SequenceCache per direction
+
+
+class _Context(NamedTuple):
+    layers: list
+    batched: bool
+    out_shape: tuple
+
+
+class RNNBase(Module):
+    """Stacked, optionally bidirectional recurrent layer (the common part of RNN, LSTM, GRU).
+
+    ``forward(x, state=None, lengths=None)`` → ``(output, h_n)`` or, for the LSTM,
+    ``(output, (h_n, c_n))``:
+
+        x       (T, N, D), or (N, T, D) with batch_first, or unbatched (T, D)
+        state   h_0 (L·K, N, P)  [LSTM: (h_0, c_0) with c_0 (L·K, N, H)]; zeros if None
+        lengths (N,) valid steps per sequence, any order; outputs are zero past them
+        output  (T, N, K·P) (batch_first: (N, T, K·P); unbatched: (T, K·P))
+        h_n     (L·K, N, P) taken at each sequence's last valid step
+
+    ``backward(doutput, dstate=None)`` → ``(dx, dstate_0)`` with the shapes of ``x``
+    and ``state``; parameter gradients accumulate into ``self.grads``.
+    """
+
+    mode = "rnn_tanh"
+    gate_count = 1
+
+    def __init__(
+        self,
+        input_size,
+        hidden_size,
+        num_layers=1,
+        bias=True,
+        batch_first=False,
+        dropout=0.0,
+        bidirectional=False,
+        proj_size=0,
+        dtype=np.float32,
+        rng=None,
+    ):
+        super().__init__()
+        for name, v, lo in (("input_size", input_size, 1), ("hidden_size", hidden_size, 1), ("num_layers", num_layers, 1)):
+            if int(v) != v or int(v) < lo:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not 0.0 <= float(dropout) <= 1.0:
+            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+        if int(proj_size) < 0 or (proj_size and proj_size >= hidden_size):
+            raise ValueError(f"proj_size must be in [0, hidden_size), got {proj_size}")
+        if proj_size and self.mode != "lstm":
+            raise ValueError("proj_size is only supported by LSTM")
+        self.input_size, self.hidden_size, self.num_layers = int(input_size), int(hidden_size), int(num_layers)
+        self.bias, self.batch_first, self.bidirectional = bool(bias), bool(batch_first), bool(bidirectional)
+        self.dropout, self.proj_size = float(dropout), int(proj_size)
+        self._dtype = np.dtype(dtype)
+        if self._dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {self._dtype}")
+        self.rng = resolve_rng(rng)
+        self.num_directions = 2 if self.bidirectional else 1
+        self.backend = "auto"  # "auto" (fused kernels when available) | "reference" | "fused"
+
+        H, P, G = self.hidden_size, self.out_size, self.gate_count * self.hidden_size
+        bound = 1.0 / np.sqrt(H)
+        for k in range(self.num_layers):
+            D_k = self.input_size if k == 0 else self.num_directions * P
+            for sfx in self._suffixes():
+                self.add_param(f"weight_ih_l{k}{sfx}", uniform_init(self.rng, (G, D_k), bound, self._dtype))  # (G, D_k)
+                self.add_param(f"weight_hh_l{k}{sfx}", uniform_init(self.rng, (G, P), bound, self._dtype))  # (G, P)
+                if self.bias:
+                    self.add_param(f"bias_ih_l{k}{sfx}", uniform_init(self.rng, (G,), bound, self._dtype))  # (G,)
+                    self.add_param(f"bias_hh_l{k}{sfx}", uniform_init(self.rng, (G,), bound, self._dtype))  # (G,)
+                if self.proj_size:
+                    self.add_param(f"weight_hr_l{k}{sfx}", uniform_init(self.rng, (P, H), bound, self._dtype))  # (P, H)
+        self._ctx = None
+        self.state = None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def out_size(self) -> int:
+        """P: the width of h (proj_size if set, else hidden_size)."""
+        return self.proj_size or self.hidden_size
+
+    def _suffixes(self):
+        return ("", "_reverse")[: self.num_directions]
+
+    def extra_repr(self):
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        for name, default in (("bias", True), ("batch_first", False), ("dropout", 0.0), ("bidirectional", False), ("proj_size", 0)):
+            if getattr(self, name) != default:
+                s += f", {name}={getattr(self, name)}"
+        return s
+
+    def _direction_params(self, k, d):
+        sfx = self._suffixes()[d]
+        p = self._own_params
+        return p[f"weight_ih_l{k}{sfx}"], p.get(f"bias_ih_l{k}{sfx}"), p[f"weight_hh_l{k}{sfx}"], p.get(f"bias_hh_l{k}{sfx}"), p.get(f"weight_hr_l{k}{sfx}")
+
+    def _direction_grads(self, k, d):
+        sfx = self._suffixes()[d]
+        g = self._own_grads
+        return g[f"weight_ih_l{k}{sfx}"], g.get(f"bias_ih_l{k}{sfx}"), g[f"weight_hh_l{k}{sfx}"], g.get(f"bias_hh_l{k}{sfx}"), g.get(f"weight_hr_l{k}{sfx}")
+
+    def _sequence_impl(self):
+        """(forward, backward) of the time loop: the compiled kernels or the readable reference."""
+        if self.backend != "reference":
+            from bptt import kernels
+
+            impl = kernels.sequence_impl(self.mode, self._dtype, required=self.backend == "fused")
+            if impl is not None:
+                return impl
+        return recurrence.sequence_forward, recurrence.sequence_backward
+
+    def _check_input(self, x):
+        x = as_float_array(x, self._dtype, "input")
+        name = type(self).__name__
+        if x.ndim == 2:
+            batched = False
+            x = x[:, None, :]
+        elif x.ndim == 3:
+            batched = True
+            if self.batch_first:
+                x = x.transpose(1, 0, 2)
+        else:
+            layout = "(N, T, D)" if self.batch_first else "(T, N, D)"
+            raise ValueError(f"{name} expects input of shape {layout} or (T, D), got {x.ndim}-d input of shape {x.shape}")
+        T, N, D = x.shape
+        if D != self.input_size:
+            raise ValueError(f"{name} expects {self.input_size} input features, got {D} (input shape {x.shape})")
+        if T == 0 or N == 0:
+            raise ValueError(f"{name} needs at least one time step and one batch item, got T={T}, N={N}")
+        return np.ascontiguousarray(x), batched
+
+    def _check_state(self, s, N, batched, width, name):
+        LK = self.num_layers * self.num_directions
+        if s is None:
+            return np.zeros((LK, N, width), self._dtype)
+        s = as_float_array(s, self._dtype, name)
+        want = (LK, N, width) if batched else (LK, width)
+        if s.shape != want:
+            raise ValueError(f"{type(self).__name__}: {name} must have shape {want}, got {s.shape}")
+        return np.ascontiguousarray(s.reshape(LK, N, width))
+
+    def _initial_state(self, state, N, batched):
+        if self.mode == "lstm":
+            if state is None:
+                state = (None, None)
+            if not isinstance(state, (tuple, list)) or len(state) != 2:
+                raise ValueError("LSTM state must be a tuple (h_0, c_0)")
+            return (
+                self._check_state(state[0], N, batched, self.out_size, "h_0"),
+                self._check_state(state[1], N, batched, self.hidden_size, "c_0"),
+            )
+        if isinstance(state, (tuple, list)):
+            raise ValueError(f"{type(self).__name__} state must be one array h_0, not a tuple")
+        return self._check_state(state, N, batched, self.out_size, "h_0"), None
+
+    def _pack_state(self, h, c, batched):
+        if not batched:
+            h = h[:, 0]
+            c = None if c is None else c[:, 0]
+        return (h, c) if self.mode == "lstm" else h
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x, state=None, lengths=None):
+        x, batched = self._check_input(x)
+        T, N, _ = x.shape
+        if lengths is not None and not batched:
+            raise ValueError("lengths needs batched input (T, N, D)")
+        mask = lengths_to_mask(lengths, T, N)
+        h0, c0 = self._initial_state(state, N, batched)
+        seq_forward, _ = self._sequence_impl()
+        K, P = self.num_directions, self.out_size
+        h_n = np.empty_like(h0)
+        c_n = None if c0 is None else np.empty_like(c0)
+        layers = []
+        layer_in = x
+        for k in range(self.num_layers):
+            drop = None
+            if k > 0 and self.training and self.dropout > 0:
+                drop = dropout_mask(layer_in.shape, self.dropout, self.rng, self._dtype)
+                layer_in = layer_in * drop
+            out = np.empty((T, N, K * P), self._dtype)
+            caches = []
+            for d in range(K):
+                W_ih, b_ih, W_hh, b_hh, W_hr = self._direction_params(k, d)
+                gx = layer_in @ W_ih.T  # (T, N, G): the input projection of every step at once
+                if b_ih is not None:
+                    gx += b_ih
+                if b_hh is not None and self.mode != "gru":
+                    gx += b_hh  # RNN/LSTM: b_hh adds to the same sum, fold it in once
+                    b_hh = None
+                idx = k * K + d
+                y, h_n[idx], c_last, cache = seq_forward(
+                    self.mode, gx, h0[idx], None if c0 is None else c0[idx],
+                    recurrence.Weights(W_hh, b_hh, W_hr), mask, reverse=d == 1,
+                )
+                if c_n is not None:
+                    c_n[idx] = c_last
+                out[:, :, d * P : (d + 1) * P] = y
+                caches.append(cache)
+            layers.append(_LayerCache(layer_in, drop, caches))
+            layer_in = out
+        output = layer_in
+        self._ctx = _Context(layers, batched, output.shape)
+        if not batched:
+            output = output[:, 0]
+        elif self.batch_first:
+            output = output.transpose(1, 0, 2)
+        return output, self._pack_state(h_n, c_n, batched)
+
+    # ------------------------------------------------------------------ backward
+    def backward(self, doutput, dstate=None):
+        ctx = self._saved(self._ctx)
+        dy = as_float_array(doutput, self._dtype, "doutput")
+        T, N, KP = ctx.out_shape
+        if not ctx.batched:
+            dy = dy.reshape(T, 1, KP) if dy.shape == (T, KP) else dy
+        elif self.batch_first and dy.ndim == 3:
+            dy = dy.transpose(1, 0, 2)
+        if dy.shape != (T, N, KP):
+            raise ValueError(f"doutput must have the shape of the output, got {np.shape(doutput)}")
+        dh_n, dc_n = (dstate, None) if self.mode != "lstm" else (dstate or (None, None))
+        dh_n = None if dh_n is None else self._check_state(dh_n, N, ctx.batched, self.out_size, "dh_n")
+        dc_n = None if dc_n is None else self._check_state(dc_n, N, ctx.batched, self.hidden_size, "dc_n")
+        _, seq_backward = self._sequence_impl()
+        K, P = self.num_directions, self.out_size
+        dh0 = np.zeros((self.num_layers * K, N, P), self._dtype)
+        dc0 = np.zeros((self.num_layers * K, N, self.hidden_size), self._dtype) if self.mode == "lstm" else None
+        for k in reversed(range(self.num_layers)):
+            layer = ctx.layers[k]
+            X2 = layer.x.reshape(T * N, -1)
+            dx = None
+            for d in range(K):
+                W_ih, _, W_hh, _, W_hr = self._direction_params(k, d)
+                gW_ih, gb_ih, gW_hh, gb_hh, gW_hr = self._direction_grads(k, d)
+                cache = layer.directions[d]
+                b_hh = self._direction_params(k, d)[3] if self.mode == "gru" else None
+                idx = k * K + d
+                dgx, dgh, dh0[idx], dc_first, dW_hr = seq_backward(
+                    np.ascontiguousarray(dy[:, :, d * P : (d + 1) * P]),
+                    None if dh_n is None else dh_n[idx],
+                    None if dc_n is None else dc_n[idx],
+                    cache,
+                    recurrence.Weights(W_hh, b_hh, W_hr),
+                )
+                if dc0 is not None:
+                    dc0[idx] = dc_first
+                G = dgx.shape[2]
+                dgx2, dgh2 = dgx.reshape(T * N, G), dgh.reshape(T * N, G)
+                # weight gradients of all T steps: one matrix product each
+                gW_ih += dgx2.T @ X2
+                gW_hh += dgh2.T @ cache.h_prev.reshape(T * N, -1)
+                if gb_ih is not None:
+                    gb_ih += dgx2.sum(axis=0)
+                    gb_hh += dgh2.sum(axis=0)
+                if gW_hr is not None:
+                    gW_hr += dW_hr
+                contrib = dgx @ W_ih  # backprop into this layer's input
+                dx = contrib if dx is None else dx + contrib
+            if layer.drop is not None:
+                dx *= layer.drop
+            dy = dx
+        if not ctx.batched:
+            dx_out = dy[:, 0]
+        elif self.batch_first:
+            dx_out = dy.transpose(1, 0, 2)
+        else:
+            dx_out = dy
+        return dx_out, self._pack_state(dh0, dc0, ctx.batched)
+
+    # ------------------------------------------------------------------ stateful stepping
+    def reset_state(self):
+        """Forget the state kept by :meth:`step`."""
+        self.state = None
+
+    def step(self, x):
+        """One time step from the kept state, for streaming and sampling: ``y = rnn.step(x)``.
+
+        x (N, D) or (D,) → y (N, P) or (P,); the new state is kept until :meth:`reset_state`.
+        """
+        if self.bidirectional:
+            raise ValueError("step() needs a unidirectional layer: the reverse direction reads the future")
+        x = as_float_array(x, self._dtype, "input")
+        if x.ndim not in (1, 2):
+            raise ValueError(f"step() expects input (N, {self.input_size}) or ({self.input_size},), got {x.shape}")
+        seq = x[None] if not self.batch_first or x.ndim == 1 else x[:, None]
+        out, self.state = self.forward(seq, self.state)
+        self._ctx = None  # no backward through streaming steps
+        return out[0] if (x.ndim == 1 or not self.batch_first) else out[:, 0]
+
+
+class RNN(RNNBase):
+    """Elman RNN:  h_t = φ(x_t W_ihᵀ + b_ih + h_{t−1} W_hhᵀ + b_hh),  φ = tanh or relu.
+
+    ``RNN(input_size, hidden_size, num_layers=1, nonlinearity='tanh', bias=True,
+    batch_first=False, dropout=0.0, bidirectional=False, dtype=np.float32, rng=None)``;
+    see :class:`RNNBase` for inputs, outputs and ``backward``.
+    """
+
+    gate_count = 1
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, dtype=np.float32, rng=None):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.mode = "rnn_" + nonlinearity
+        self.nonlinearity = nonlinearity
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0, dtype, rng)
+
+
+class LSTM(RNNBase):
+    """Long short-term memory, gates i, f, g, o as in PyTorch:
+
+        [a_i a_f a_g a_o] = x_t W_ihᵀ + b_ih + h_{t−1} W_hhᵀ + b_hh
+        c_t = σ(a_f) ⊙ c_{t−1} + σ(a_i) ⊙ tanh(a_g)
+        h_t = σ(a_o) ⊙ tanh(c_t)               (with proj_size: h_t = (σ(a_o) ⊙ tanh(c_t)) W_hrᵀ)
+
+    State is ``(h, c)``; see :class:`RNNBase` for inputs, outputs and ``backward``.
+    """
+
+    mode = "lstm"
+    gate_count = 4
+
+
+class GRU(RNNBase):
+    """Gated recurrent unit, gates r, z, n, PyTorch's reset-after form:
+
+        r = σ(x W_irᵀ + b_ir + h W_hrᵀ + b_hr),  z = σ(x W_izᵀ + b_iz + h W_hzᵀ + b_hz)
+        n = tanh(x W_inᵀ + b_in + r ⊙ (h W_hnᵀ + b_hn)),  h' = (1 − z) ⊙ n + z ⊙ h
+
+    See :class:`RNNBase` for inputs, outputs and ``backward``.
+    """
+
+    mode = "gru"
+    gate_count = 3
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, dtype=np.float32, rng=None):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0, dtype, rng)
