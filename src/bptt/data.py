@@ -21,10 +21,12 @@ message.  Nothing here imports torch.
 from __future__ import annotations
 
 import codecs
+import math
 import os
 import sys
 import sysconfig
 from collections.abc import Iterable, Iterator
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -372,8 +374,8 @@ def split_corpus(ids: np.ndarray, val_frac: float = 0.1, test_frac: float = 0.0)
     """Contiguous ``(train, val, test)`` views of ``ids``: train first, then val, then test.
 
     With the defaults the last 10% is validation, as nanoGPT splits
-    tinyshakespeare.  Boundaries are ``int(L * (1 - val - test))`` and
-    ``int(L * (1 - test))``.  Views, not copies, so a memmap stays a memmap.
+    tinyshakespeare.  Boundaries are ``floor(L * (1 - val - test))`` and
+    ``floor(L * (1 - test))``, computed exactly on the decimal fractions.  Views, not copies, so a memmap stays a memmap.
     """
     for name, f in (("val_frac", val_frac), ("test_frac", test_frac)):
         if not isinstance(f, (int, float, np.integer, np.floating)) or not np.isfinite(f) or f < 0:
@@ -383,8 +385,10 @@ def split_corpus(ids: np.ndarray, val_frac: float = 0.1, test_frac: float = 0.0)
             f"val_frac + test_frac must be < 1 to leave training data, got {val_frac} + {test_frac} = {val_frac + test_frac}"
         )
     n = len(ids)
-    train_end = int(n * (1 - val_frac - test_frac))
-    val_end = max(train_end, int(n * (1 - test_frac)))
+    # exact decimal arithmetic: in floats 1 - 0.05 - 0.15 < 0.8 would shift a boundary by one
+    val_q, test_q = Fraction(repr(float(val_frac))), Fraction(repr(float(test_frac)))
+    train_end = math.floor(n * (1 - val_q - test_q))
+    val_end = math.floor(n * (1 - test_q))
     return ids[:train_end], ids[train_end:val_end], ids[val_end:]
 
 
