@@ -83,10 +83,12 @@ class Vocab:
         if len(set(chars)) != len(chars):
             raise DataError("a vocabulary must not contain the same character twice")
         self._chars = list(chars)
-        # (V,) code point of each id, plus a sorted copy for vectorised lookup
-        self._cp = _codepoints("".join(chars)) if chars else np.zeros(0, dtype="<u4")
-        self._order = np.argsort(self._cp, kind="stable")
-        self._sorted_cp = self._cp[self._order]
+        self._cp = _codepoints("".join(chars))  # (V,) code point of each id
+        # dense code point -> id table (-1: not in the vocabulary); the extra last -1 catches
+        # every larger code point via np.take(mode="clip").  At most 4.5 MB, usually a few KB.
+        size = int(self._cp.max()) + 2 if len(chars) else 1
+        self._table = np.full(size, -1, dtype=np.int32)
+        self._table[self._cp] = np.arange(len(chars), dtype=np.int32)
 
     @classmethod
     def from_json(cls, chars: object) -> Vocab:
@@ -109,7 +111,7 @@ class Vocab:
         return len(self._chars)
 
     def __contains__(self, ch: object) -> bool:
-        return isinstance(ch, str) and len(ch) == 1 and bool(self._lookup(_codepoints(ch))[1].all())
+        return isinstance(ch, str) and len(ch) == 1 and bool(self._lookup(_codepoints(ch))[0] >= 0)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Vocab) and self._chars == other._chars
@@ -125,14 +127,9 @@ class Vocab:
                 return np.dtype(dt)
         raise AssertionError("unreachable: Unicode has fewer than 2**32 characters")
 
-    def _lookup(self, cp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, found) for an array of code points."""
-        if len(self) == 0:
-            return np.zeros(cp.shape, dtype=np.intp), np.zeros(cp.shape, dtype=bool)
-        pos = np.searchsorted(self._sorted_cp, cp)
-        pos = np.minimum(pos, len(self) - 1)
-        found = self._sorted_cp[pos] == cp
-        return self._order[pos], found
+    def _lookup(self, cp: np.ndarray) -> np.ndarray:
+        """Ids of an array of code points, -1 where a character is not in the vocabulary."""
+        return np.take(self._table, cp, mode="clip")
 
     def encode(self, text: str, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> np.ndarray:
         """(L,) ids of ``text`` in :attr:`dtype`; DataError for characters outside the vocabulary.
@@ -142,8 +139,8 @@ class Vocab:
         out = np.empty(len(text), dtype=self.dtype)
         for start in range(0, len(text), chunk_chars):
             piece = text[start : start + chunk_chars]
-            ids, found = self._lookup(_codepoints(piece))
-            if not found.all():
+            ids = self._lookup(_codepoints(piece))
+            if (ids < 0).any():
                 unknown = self.unknown(text)
                 raise DataError(
                     f"text contains {len(unknown)} character(s) not in the vocabulary "
@@ -288,12 +285,12 @@ def encode_file(
         raise DataError(f"chunk_chars must be positive, got {chunk_chars}")
     p = _check_file(path)
 
-    chars: set[str] = set()
+    seen = np.zeros(0x110000, dtype=bool)  # one flag per Unicode code point: faster than a set of str
     total = 0
     for text in _iter_decoded(p, encoding, chunk_chars):
-        chars.update(text)
+        seen[_codepoints(text)] = True
         total += len(text)
-    vocab = Vocab(chars)
+    vocab = Vocab(map(chr, np.flatnonzero(seen).tolist()))
 
     out = Path(out_path)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
