@@ -1,0 +1,125 @@
+"""Cells against torch.nn.RNNCell/LSTMCell/GRUCell, and float64 gradient checks."""
+
+import numpy as np
+import pytest
+
+import bptt
+from bptt.gradcheck import gradcheck, rel_error
+
+CELLS = {"rnn": bptt.RNNCell, "lstm": bptt.LSTMCell, "gru": bptt.GRUCell}
+
+
+@pytest.mark.parametrize("kind", ["rnn_tanh", "rnn_relu", "lstm", "gru"])
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cell_parity_with_torch(torch, kind, batched, bias):
+    rng = np.random.default_rng(0)
+    base = kind.split("_")[0]
+    kw = {"nonlinearity": kind[4:]} if base == "rnn" else {}
+    tcell = {"rnn": torch.nn.RNNCell, "lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell}[base](4, 5, bias=bias, **kw).double()
+    cell = CELLS[base](4, 5, bias=bias, dtype=np.float64, **kw)
+    cell.load_state_dict(tcell.state_dict())
+    shape = (3, 4) if batched else (4,)
+    sshape = (3, 5) if batched else (5,)
+    x, h, c = rng.standard_normal(shape), rng.standard_normal(sshape), rng.standard_normal(sshape)
+    xt, ht, ct = (torch.tensor(a, requires_grad=True) for a in (x, h, c))
+    dh, dc = rng.standard_normal(sshape), rng.standard_normal(sshape)
+    if base == "lstm":
+        th, tc = tcell(xt, (ht, ct))
+        ((th * torch.tensor(dh)).sum() + (tc * torch.tensor(dc)).sum()).backward()
+        h1, c1 = cell(x, (h, c))
+        dx, (dh0, dc0) = cell.backward(dh, dc)
+        assert rel_error(c1, tc.detach().numpy()) < 1e-12
+        assert rel_error(dc0, ct.grad.numpy()) < 1e-12
+    else:
+        th = tcell(xt, ht)
+        (th * torch.tensor(dh)).sum().backward()
+        h1 = cell(x, h)
+        dx, dh0 = cell.backward(dh)
+    assert h1.shape == sshape and dx.shape == shape
+    assert rel_error(h1, th.detach().numpy()) < 1e-12
+    assert rel_error(dx, xt.grad.numpy()) < 1e-12
+    assert rel_error(dh0, ht.grad.numpy()) < 1e-12
+    for name, p in tcell.named_parameters():
+        assert rel_error(cell.grads[name], p.grad.numpy()) < 1e-12, name
+
+
+@pytest.mark.parametrize("kind", ["rnn", "lstm", "gru"])
+def test_cell_gradcheck(kind):
+    rng = np.random.default_rng(1)
+    cell = CELLS[kind](3, 4, dtype=np.float64, rng=0)
+    x, h, c = rng.standard_normal((2, 3)), rng.standard_normal((2, 4)), rng.standard_normal((2, 4))
+    dh, dc = rng.standard_normal((2, 4)), rng.standard_normal((2, 4))
+
+    def loss():
+        if kind == "lstm":
+            h1, c1 = cell(x, (h, c))
+            return float(np.sum(h1 * dh) + np.sum(c1 * dc))
+        return float(np.sum(cell(x, h) * dh))
+
+    loss()
+    cell.zero_grad()
+    if kind == "lstm":
+        dx, (dh0, dc0) = cell.backward(dh, dc)
+        analytic = dict(cell.grads, x=dx, h=dh0, c=dc0)
+        wrt = dict(cell.params, x=x, h=h, c=c)
+    else:
+        dx, dh0 = cell.backward(dh)
+        analytic = dict(cell.grads, x=dx, h=dh0)
+        wrt = dict(cell.params, x=x, h=h)
+    assert max(gradcheck(loss, wrt, analytic, tol=1e-8).values()) < 1e-8
+
+
+def test_cell_step_keeps_state_until_reset():
+    cell = bptt.GRUCell(2, 3, dtype=np.float64, rng=0)
+    x = np.random.default_rng(2).standard_normal((4, 2))
+    h = None
+    for t in range(4):
+        h = cell(x[t], h)
+        assert np.allclose(cell.step(x[t]), h)
+    cell.reset_state()
+    assert np.allclose(cell.step(x[0]), cell(x[0]))
+
+
+def test_linear_and_embedding_gradcheck():
+    rng = np.random.default_rng(3)
+    lin = bptt.Linear(3, 4, dtype=np.float64, rng=0)
+    emb = bptt.Embedding(5, 3, dtype=np.float64, rng=0)
+    ids = np.array([[0, 4, 4], [2, 0, 1]])  # repeated ids must accumulate
+    dy = rng.standard_normal((2, 3, 4))
+
+    def loss():
+        return float(np.sum(lin(emb(ids)) * dy))
+
+    loss()
+    lin.zero_grad()
+    emb.zero_grad()
+    dx = lin.backward(dy)
+    assert emb.backward(dx) is None
+    wrt = {"lin." + k: v for k, v in lin.params.items()} | {"emb." + k: v for k, v in emb.params.items()}
+    analytic = {"lin." + k: v for k, v in lin.grads.items()} | {"emb." + k: v for k, v in emb.grads.items()}
+    assert max(gradcheck(loss, wrt, analytic, tol=1e-8).values()) < 1e-8
+
+
+def test_linear_matches_torch(torch):
+    tl = torch.nn.Linear(3, 2).double()
+    bl = bptt.Linear(3, 2, dtype=np.float64)
+    bl.load_state_dict(tl.state_dict())
+    x = np.random.default_rng(4).standard_normal((5, 3))
+    assert rel_error(bl(x), tl(torch.tensor(x)).detach().numpy()) < 1e-13
+
+
+def test_dropout_train_and_eval():
+    d = bptt.Dropout(0.25, rng=0)
+    x = np.ones((400, 50))
+    y = d(x)
+    kept = y != 0
+    assert abs(kept.mean() - 0.75) < 0.01 and np.allclose(y[kept], 1 / 0.75)
+    np.testing.assert_array_equal(d.backward(np.ones_like(x)), y)
+    d.eval()
+    assert d(x) is x
+
+
+def test_embedding_rejects_out_of_range_ids():
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        bptt.Embedding(5, 2)(np.array([1, 5]))
