@@ -102,8 +102,46 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _new_temp(final: Path) -> Path:
-    """Create an empty temporary file next to ``final`` (same filesystem, so the rename is atomic)."""
+def _remove_stale_temps(final: Path) -> None:
+    """Delete temporary files of ``final`` left by writers that were killed mid-save.
+
+    Only names this module creates (``.<name>.<pid>.<hex>.tmp``) whose pid is no
+    longer running; a recycled pid merely keeps a stale file.  POSIX only, since
+    ``os.kill(pid, 0)`` is a liveness probe there but not on Windows.
+    """
+    if os.name != "posix":
+        return
+    prefix = f".{final.name}."
+    try:
+        names = os.listdir(final.parent)
+    except OSError:
+        return
+    for name in names:
+        parts = name[len(prefix) :].split(".")
+        if not (name.startswith(prefix) and len(parts) == 3 and parts[2] == "tmp" and parts[0].isdigit()):
+            continue
+        pid = int(parts[0])
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # still running: possibly saving right now
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue  # exists but not ours to signal
+        try:
+            os.unlink(final.parent / name)
+        except OSError:
+            pass
+
+
+def _atomic_write(final: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``final``, fsync, rename, fsync the directory.
+
+    The temporary file is on the same filesystem, so the rename is atomic: a kill
+    at any moment leaves either the old or the new file at ``final``.
+    """
     directory = final.parent
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -112,11 +150,13 @@ def _new_temp(final: Path) -> Path:
             f"cannot write checkpoint {final}: cannot create directory {directory} ({e.strerror or e}); "
             "expected a writable directory"
         ) from None
+    _remove_stale_temps(final)
     while True:
         tmp = directory / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
             # 0o666 minus the umask, the permissions of an ordinary new file (mkstemp would give 0600)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
         except FileExistsError:
             continue
         except OSError as e:
@@ -124,22 +164,11 @@ def _new_temp(final: Path) -> Path:
                 f"cannot write checkpoint {final}: directory {directory} is not writable ({e.strerror or e}); "
                 "expected a writable directory"
             ) from None
-        os.close(fd)
-        return tmp
-
-
-def _atomic_write(final: Path, write) -> None:
-    """``write(tmp_path)``, fsync, rename onto ``final``, fsync the directory; no torn file ever."""
-    tmp = _new_temp(final)
     try:
-        mode = tmp.stat().st_mode & 0o777  # 0o666 minus the umask
-        write(tmp)
-        os.chmod(tmp, mode)  # safetensors recreates the file as 0600; give it ordinary permissions
-        fd = os.open(tmp, os.O_RDWR)  # fsync is per file, so a new descriptor flushes what write() wrote
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
         os.replace(tmp, final)
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}") from None
@@ -149,7 +178,7 @@ def _atomic_write(final: Path, write) -> None:
                 tmp.unlink()
             except OSError:
                 pass
-    _fsync_dir(final.parent)
+    _fsync_dir(directory)  # the rename itself survives a power loss
 
 
 # ---------------------------------------------------------------------------- save / load
@@ -166,7 +195,7 @@ def save_checkpoint(
     JSON-serialisable (NumPy scalars and arrays are converted); tuples come back
     as lists.  CheckpointError if the directory is not writable.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     final = Path(path)
     flat = _flatten(tensors)
@@ -174,10 +203,11 @@ def save_checkpoint(
     # ASCII-escaped so that any str (even a lone surrogate in a vocab) survives the UTF-8 header
     meta_json = json.dumps(full_meta, default=_json_default)
 
-    _atomic_write(final, lambda tmp: save_file(flat, str(tmp), metadata={_META_KEY: meta_json}))
+    # serialised in memory (one extra copy of the tensors) so that we own the only temporary file
+    _atomic_write(final, save(flat, metadata={_META_KEY: meta_json}))
 
     pretty = json.dumps(full_meta, default=_json_default, ensure_ascii=False, indent=2) + "\n"
-    _atomic_write(sidecar_path(final), lambda tmp: tmp.write_text(pretty, encoding="utf-8", errors="backslashreplace"))
+    _atomic_write(sidecar_path(final), pretty.encode("utf-8", "backslashreplace"))
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, np.ndarray]], dict]:

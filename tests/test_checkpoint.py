@@ -1,0 +1,327 @@
+"""Checkpoints: bit-exact round trips, clear errors, atomic replacement under SIGKILL."""
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from bptt.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    load_checkpoint,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+    sidecar_path,
+)
+
+
+def _tensors(rng):
+    return {
+        "model": {
+            "encoder.weight": rng.standard_normal((7, 5)).astype(np.float32),
+            "decoder.bias": rng.standard_normal(5),  # float64
+            "emb": rng.integers(-5, 5, (3, 2)).astype(np.int64),
+            "empty": np.zeros((0, 4), dtype=np.float32),
+        },
+        "optim": {
+            "m.encoder.weight": rng.standard_normal((7, 5)).astype(np.float32),
+            "step_mask": np.array([True, False, True]),
+            "counts": np.arange(6, dtype=np.uint16).reshape(2, 3),
+        },
+        "extra": {"noise": rng.standard_normal(4).astype(np.float16)},
+    }
+
+
+def _meta(rng):
+    return {
+        "kind": "char_lm",
+        "config": {"cell": "lstm", "hidden": 128, "layers": 2, "dropout": 0.25},
+        "vocab": list("\n !abcé日🙂"),
+        "step": 1234,
+        "best_val_loss": 1.4375,
+        "optimizer": {"name": "adam", "lr": 2e-3, "betas": [0.9, 0.999]},
+        "rng": rng_state(rng),
+    }
+
+
+def _assert_same_tensors(got, want):
+    assert got.keys() == want.keys()
+    for ns in want:
+        assert got[ns].keys() == want[ns].keys()
+        for name, arr in want[ns].items():
+            out = got[ns][name]
+            assert out.dtype == arr.dtype and out.shape == arr.shape, (ns, name)
+            assert out.tobytes() == arr.tobytes(), (ns, name)  # bit-exact, NaN payloads included
+
+
+def test_round_trip(tmp_path, rng):
+    tensors, meta = _tensors(rng), _meta(rng)
+    tensors["model"]["decoder.bias"][0] = np.nan
+    path = tmp_path / "run" / "ckpt.safetensors"  # the directory is created
+    save_checkpoint(path, tensors, meta)
+    got, got_meta = load_checkpoint(path)
+    _assert_same_tensors(got, tensors)
+    assert got_meta == {"format_version": FORMAT_VERSION, **meta}
+    # only the checkpoint and its sidecar: no temporary files left behind
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ckpt.json", "ckpt.safetensors"]
+
+
+def test_sidecar_is_readable_json_with_same_meta(tmp_path, rng):
+    meta = _meta(rng)
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(path, {"model": {"w": np.ones(2)}}, meta)
+    assert sidecar_path(path) == tmp_path / "ckpt.json"
+    side = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
+    assert side == {"format_version": FORMAT_VERSION, **meta}
+    assert "日" in sidecar_path(path).read_text(encoding="utf-8")  # unescaped, for people
+    # the sidecar is never read back: deleting or breaking it changes nothing
+    sidecar_path(path).write_text("garbage")
+    assert load_checkpoint(path)[1]["step"] == 1234
+    # a checkpoint not named *.safetensors never collides with its sidecar
+    assert sidecar_path(tmp_path / "x.json") == tmp_path / "x.json.json"
+
+
+def test_flat_tensors_go_under_model_and_numpy_meta(tmp_path):
+    path = tmp_path / "flat.safetensors"
+    w = np.arange(6, dtype=np.float64).reshape(2, 3)
+    save_checkpoint(path, {"w": w, "rnn.bias": np.zeros(3)}, {"step": np.int64(7), "lr": np.float32(0.5), "a": np.arange(3)})
+    tensors, meta = load_checkpoint(path)
+    assert list(tensors) == ["model"] and set(tensors["model"]) == {"w", "rnn.bias"}
+    np.testing.assert_array_equal(tensors["model"]["w"], w)
+    assert meta == {"format_version": FORMAT_VERSION, "step": 7, "lr": 0.5, "a": [0, 1, 2]}
+
+
+def test_overwrite_replaces_and_keeps_permissions(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(path, {"model": {"w": np.zeros(3)}}, {"step": 1})
+    save_checkpoint(path, {"model": {"w": np.ones(3)}}, {"step": 2})
+    tensors, meta = load_checkpoint(path)
+    assert meta["step"] == 2 and tensors["model"]["w"].tolist() == [1, 1, 1]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_rng_continues_identically(tmp_path, rng):
+    rng.standard_normal(17)
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(path, {"model": {"w": np.zeros(1)}}, {"rng": rng_state(rng)})
+    restored = restore_rng(load_checkpoint(path)[1]["rng"])
+    np.testing.assert_array_equal(restored.standard_normal(50), rng.standard_normal(50))
+    np.testing.assert_array_equal(restored.integers(0, 2**63, 20), rng.integers(0, 2**63, 20))
+    assert restored.random() == rng.random()
+
+
+@pytest.mark.parametrize("name", ["PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64"])
+def test_rng_state_every_bit_generator(name):
+    gen = np.random.Generator(getattr(np.random, name)(42))
+    gen.integers(0, 10, 3, dtype=np.uint32)  # leaves a buffered half-word in some generators
+    state = json.loads(json.dumps(rng_state(gen)))
+    twin = restore_rng(state)
+    np.testing.assert_array_equal(twin.integers(0, 1000, 100, dtype=np.uint32), gen.integers(0, 1000, 100, dtype=np.uint32))
+    np.testing.assert_array_equal(twin.random(100), gen.random(100))
+
+
+@pytest.mark.parametrize("state", [{}, {"bit_generator": "os.system"}, {"bit_generator": "PCG64", "state": "x"}, [1]])
+def test_restore_rng_rejects_invalid(state):
+    with pytest.raises(CheckpointError, match="RNG state"):
+        restore_rng(state)
+
+
+# ---------------------------------------------------------------------------- bad files
+def _one_line(exc):
+    msg = str(exc.value)
+    assert msg and "\n" not in msg
+    return msg
+
+
+@pytest.fixture
+def good_file(tmp_path, rng):
+    path = tmp_path / "good.safetensors"
+    save_checkpoint(path, _tensors(rng), _meta(rng))
+    return path
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="not found") as exc:
+        load_checkpoint(tmp_path / "nope.safetensors")
+    _one_line(exc)
+
+
+def test_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="directory"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("keep", [0, 4, 8, 100, -1])
+def test_truncated_file(tmp_path, good_file, keep):
+    data = good_file.read_bytes()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(data[:keep] if keep >= 0 else data[:-1])
+    with pytest.raises(CheckpointError, match="not a valid checkpoint") as exc:
+        load_checkpoint(bad)
+    _one_line(exc)
+
+
+def test_random_bytes(tmp_path):
+    bad = tmp_path / "random.safetensors"
+    for seed in range(5):
+        bad.write_bytes(np.random.default_rng(seed).bytes(5000))
+        with pytest.raises(CheckpointError) as exc:
+            load_checkpoint(bad)
+        _one_line(exc)
+
+
+def test_pickle_is_never_loaded(tmp_path):
+    import pickle
+
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(pickle.dumps({"w": [1.0, 2.0]}))
+    with pytest.raises(CheckpointError, match="not a valid checkpoint"):
+        load_checkpoint(bad)
+
+
+def _write_raw(path, meta_value, names=("model.w",)):
+    """A well-formed safetensors file with arbitrary bptt metadata (or none, if meta_value is None)."""
+    from safetensors.numpy import save_file
+
+    metadata = None if meta_value is None else {"bptt": meta_value}
+    save_file({n: np.zeros(2, dtype=np.float32) for n in names}, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    "meta_value, match",
+    [
+        (None, "without 'bptt' metadata"),
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"step": 3}', "format_version"),
+        ('{"format_version": "1"}', "format_version"),
+        ('{"format_version": 0}', "format_version"),
+    ],
+)
+def test_invalid_metadata(tmp_path, meta_value, match):
+    path = tmp_path / "x.safetensors"
+    _write_raw(path, meta_value)
+    with pytest.raises(CheckpointError, match=match) as exc:
+        load_checkpoint(path)
+    _one_line(exc)
+
+
+def test_other_metadata_key_is_rejected(tmp_path):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "x.safetensors"
+    save_file({"model.w": np.zeros(2)}, str(path), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="without 'bptt' metadata"):
+        load_checkpoint(path)
+
+
+def test_tensor_without_namespace(tmp_path):
+    path = tmp_path / "x.safetensors"
+    _write_raw(path, json.dumps({"format_version": 1}), names=("weight",))
+    with pytest.raises(CheckpointError, match="no namespace"):
+        load_checkpoint(path)
+
+
+def test_future_version(tmp_path):
+    path = tmp_path / "future.safetensors"
+    _write_raw(path, json.dumps({"format_version": FORMAT_VERSION + 1, "step": 1}))
+    with pytest.raises(CheckpointError, match="newer bptt") as exc:
+        load_checkpoint(path)
+    _one_line(exc)
+
+
+def test_corrupted_header(tmp_path, good_file):
+    data = bytearray(good_file.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    data[8 + n // 2] = ord("\\")  # break the JSON header in the middle
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(bad)
+
+
+# ---------------------------------------------------------------------------- writing
+def test_unwritable_directory(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("I am a file, not a directory")
+    with pytest.raises(CheckpointError, match="cannot") as exc:
+        save_checkpoint(blocker / "ckpt.safetensors", {"model": {"w": np.zeros(2)}}, {})
+    _one_line(exc)
+    with pytest.raises(CheckpointError):
+        save_checkpoint(blocker / "sub" / "ckpt.safetensors", {"model": {"w": np.zeros(2)}}, {})
+    assert blocker.read_text() == "I am a file, not a directory"
+
+
+def test_failed_save_keeps_old_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(path, {"model": {"w": np.ones(3)}}, {"step": 1})
+    with pytest.raises(TypeError):
+        save_checkpoint(path, {"model": {"w": np.ones(3)}}, {"step": object()})
+    with pytest.raises(TypeError):
+        save_checkpoint(path, {"model": {"w": np.array([object()])}}, {"step": 2})
+    assert load_checkpoint(path)[1]["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.json", "ckpt.safetensors"]
+
+
+_WRITER = r"""
+import sys
+import numpy as np
+from bptt.checkpoint import save_checkpoint
+
+path = sys.argv[1]
+start = int(sys.argv[2])
+n = 5_000_000  # 20 MB of float32
+for step in range(start, start + 10_000):
+    # every tensor and the meta encode the step, so a mix of two versions is detectable
+    save_checkpoint(path, {"model": {"a": np.full(n, step, np.float32)},
+                           "optim": {"b": np.full(1000, -step, np.int64)}},
+                    {"step": step, "check": [step] * 100})
+    print(step, flush=True)
+"""
+
+
+def test_sigkill_during_writes_never_tears_the_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    rng = np.random.default_rng(1)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    start = 0
+    for _ in range(5):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(path), str(start)], stdout=subprocess.PIPE, env=env, text=True
+        )
+        try:
+            first = proc.stdout.readline()  # one complete save, so the process is in its write loop
+            assert first.strip() == str(start), "writer failed to start"
+            time.sleep(rng.uniform(0.0, 0.3))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        done = [int(line) for line in [first, *proc.stdout.read().split()] if line.strip()]
+        proc.stdout.close()
+
+        tensors, meta = load_checkpoint(path)  # must never raise
+        step = meta["step"]
+        # the newest finished save, or the one whose rename landed just before the kill
+        assert done[-1] <= step <= done[-1] + 1
+        assert meta["check"] == [step] * 100
+        a, b = tensors["model"]["a"], tensors["optim"]["b"]
+        assert a.shape == (5_000_000,) and (a == step).all()
+        assert (b == -step).all()
+        start = step + 1
+
+    # temporary files of killed writers are removed by the next save
+    save_checkpoint(path, {"model": {"a": np.zeros(1)}}, {"step": start})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.json", "ckpt.safetensors"]
+    assert load_checkpoint(path)[1]["step"] == start
