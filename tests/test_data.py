@@ -200,6 +200,14 @@ def test_encode_file_errors(tmp_path):
     p.write_bytes(b"\x00\x01\x02abc")
     with pytest.raises(DataError, match="binary"):
         encode_file(p, tmp_path / "ids.npy")
+    p = tmp_path / "t.txt"
+    p.write_text("some text")
+    with pytest.raises(DataError, match="overwrite"):
+        encode_file(p, p)
+    assert p.read_text() == "some text"
+    p.write_bytes(b"\xef\xbb\xbf")  # a byte-order mark and nothing else
+    with pytest.raises(DataError, match="no text"):
+        encode_file(p, tmp_path / "ids.npy", encoding="utf-8-sig")
 
 
 def test_encode_file_memory_is_bounded_by_chunk_not_file(tmp_path):

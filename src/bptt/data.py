@@ -284,15 +284,19 @@ def encode_file(
     if chunk_chars < 1:
         raise DataError(f"chunk_chars must be positive, got {chunk_chars}")
     p = _check_file(path)
+    out = Path(out_path)
+    if out.exists() and out.resolve() == p.resolve():
+        raise DataError(f"{out}: the encoded corpus would overwrite the text file; expected a different output path")
 
     seen = np.zeros(0x110000, dtype=bool)  # one flag per Unicode code point: faster than a set of str
     total = 0
     for text in _iter_decoded(p, encoding, chunk_chars):
         seen[_codepoints(text)] = True
         total += len(text)
+    if total == 0:  # e.g. nothing but a byte-order mark
+        raise DataError(f"{p}: no text after decoding as {encoding}; expected some text to train on")
     vocab = Vocab(map(chr, np.flatnonzero(seen).tolist()))
 
-    out = Path(out_path)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         ids = np.lib.format.open_memmap(tmp, mode="w+", dtype=vocab.dtype, shape=(total,))
