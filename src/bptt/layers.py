@@ -371,7 +371,12 @@ class RNNBase(Module):
         return output, self._pack_state(h_n, c_n, batched)
 
     # ------------------------------------------------------------------ backward
-    def backward(self, doutput, dstate=None):
+    def backward(self, doutput, dstate=None, need_input_grad=True):
+        """Backpropagate through the last forward; see the class docstring.
+
+        ``need_input_grad=False`` skips ∂L/∂x of the first layer (returned as None):
+        a one-hot input has no use for it, and it costs a (T·N, G)×(G, D) product.
+        """
         ctx = self._saved(self._ctx)
         dy = as_float_array(doutput, self._dtype, "doutput")
         T, N, KP = ctx.out_shape
@@ -417,12 +422,18 @@ class RNNBase(Module):
                     gb_hh += dgh2.sum(axis=0)
                 if gW_hr is not None:
                     gW_hr += dW_hr
+                if k == 0 and not need_input_grad:
+                    continue
                 contrib = dgx @ W_ih  # backprop into this layer's input
                 dx = contrib if dx is None else dx + contrib
+            if dx is None:
+                break
             if layer.drop is not None:
                 dx *= layer.drop
             dy = dx
-        if not ctx.batched:
+        if dx is None:
+            dx_out = None
+        elif not ctx.batched:
             dx_out = dy[:, 0]
         elif self.batch_first:
             dx_out = dy.transpose(1, 0, 2)

@@ -1,0 +1,162 @@
+"""A character-level language model (char-rnn): input → stacked RNN/LSTM/GRU → dropout → linear → softmax.
+
+Shape legend: T time steps, N batch streams, V vocabulary, E embedding size
+(E = V for one-hot input), H hidden units, L layers.
+
+Forward, for ids x (T, N) and targets y (T, N)::
+
+    e      = onehot(x) or Embedding(x)                      (T, N, E)
+    h, s   = RNN(e, s₀)                                     (T, N, H), final state s
+    z      = dropout(h) W_decᵀ + b_dec                      (T, N, V)   logits
+    loss   = −mean log softmax(z)[y]                        nats per character
+
+and backward the same read upwards: ∂L/∂z = (ŷ − onehot(y)) / (T·N), then the
+decoder, the dropout mask, the recurrent layer (BPTT) and the embedding.
+With truncated BPTT the final state ``s`` becomes the next window's ``s₀``
+but no gradient flows back through it.
+
+Parameter names follow PyTorch module names (``embed.weight``,
+``rnn.weight_ih_l0``, ``decoder.weight``...), so a PyTorch model built of
+``nn.Embedding`` / ``nn.LSTM`` / ``nn.Linear`` with those attribute names loads
+with ``load_state_dict`` unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from bptt.cells import resolve_rng
+from bptt.layers import GRU, LSTM, RNN, Dropout, Embedding, Linear
+from bptt.losses import cross_entropy
+from bptt.module import Module
+
+__all__ = ["CharLMConfig", "CharLM"]
+
+
+@dataclass
+class CharLMConfig:
+    """Everything needed to rebuild a CharLM (saved in every checkpoint)."""
+
+    vocab_size: int
+    model: str = "lstm"  # lstm | gru | rnn (tanh)
+    hidden: int = 128
+    layers: int = 2
+    dropout: float = 0.0  # between recurrent layers and before the decoder (char-rnn's placement)
+    embedding: int = 0  # 0 = one-hot input (char-rnn), else a learned embedding of this size
+    init: str = "torch"  # torch: U(±1/√H) | charrnn: U(±0.08)
+    forget_bias: float = 0.0  # added to the LSTM forget-gate biases after init (char-rnn uses 1)
+    dtype: str = "float32"
+
+    def validate(self) -> CharLMConfig:
+        problems = []
+        if self.model not in ("lstm", "gru", "rnn"):
+            problems.append(f"model must be lstm, gru or rnn, got {self.model!r}")
+        for name in ("vocab_size", "hidden", "layers"):
+            if not isinstance(getattr(self, name), (int, np.integer)) or getattr(self, name) < 1:
+                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.embedding, (int, np.integer)) or self.embedding < 0:
+            problems.append(f"embedding must be >= 0 (0 = one-hot), got {self.embedding!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in ("torch", "charrnn"):
+            problems.append(f"init must be torch or charrnn, got {self.init!r}")
+        if self.dtype not in ("float32", "float64"):
+            problems.append(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CharLMConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known}).validate()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CharLM(Module):
+    """Character language model with hand-written backward through every piece.
+
+    ``forward(x, state=None)`` → ``(logits (T, N, V), final state)``;
+    ``loss(x, y, state)`` → ``(loss, final state)`` and saves ``∂L/∂logits``;
+    ``backward(dlogits=None)`` pushes the gradient down to every parameter;
+    ``step(ids)`` → logits (N, V) for sampling, keeping the state between calls.
+    """
+
+    def __init__(self, config: CharLMConfig, rng=None):
+        super().__init__()
+        self.config = config.validate()
+        dtype = np.dtype(config.dtype)
+        self.rng = resolve_rng(rng)  # one generator for init and every dropout mask (saved for resume)
+        V, H = config.vocab_size, config.hidden
+        E = config.embedding or V
+        self.embed = self.add_module("embed", Embedding(V, E, dtype=dtype, rng=self.rng)) if config.embedding else None
+        layer_cls = {"lstm": LSTM, "gru": GRU, "rnn": RNN}[config.model]
+        self.rnn = self.add_module("rnn", layer_cls(E, H, num_layers=config.layers, dropout=config.dropout,
+                                                    dtype=dtype, rng=self.rng))
+        self.drop = self.add_module("drop", Dropout(config.dropout, rng=self.rng))
+        self.decoder = self.add_module("decoder", Linear(H, V, dtype=dtype, rng=self.rng))
+        if config.init == "charrnn":
+            for _, p, _ in self.named_parameters():
+                p[...] = self.rng.uniform(-0.08, 0.08, size=p.shape)
+        if config.model == "lstm" and config.forget_bias:
+            for name, p, _ in self.rnn.named_parameters():
+                if name.startswith("bias_ih"):  # gates i, f, g, o: f is the second quarter
+                    p[H : 2 * H] += config.forget_bias
+        self._dlogits = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def extra_repr(self):
+        c = self.config
+        inp = f"embedding {c.embedding}" if c.embedding else "one-hot"
+        return f"{c.model} {c.layers}x{c.hidden}, V={c.vocab_size}, {inp}, dropout={c.dropout}"
+
+    def _inputs(self, ids):
+        if self.embed is not None:
+            return self.embed(ids)
+        onehot = np.zeros(ids.shape + (self.vocab_size,), self.dtype)
+        np.put_along_axis(onehot, ids[..., None], 1.0, axis=-1)
+        return onehot
+
+    def forward(self, ids, state=None):
+        """ids (T, N) integers in [0, V) → logits (T, N, V), final recurrent state."""
+        ids = np.asarray(ids)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"CharLM expects integer ids of shape (T, N), got {ids.dtype} {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"ids must be in [0, {self.vocab_size}), got [{ids.min()}, {ids.max()}]")
+        h, state = self.rnn(self._inputs(ids), state)
+        return self.decoder(self.drop(h)), state
+
+    def loss(self, ids, targets, state=None):
+        """Mean cross-entropy in nats per character; the gradient is kept for :meth:`backward`."""
+        logits, state = self.forward(ids, state)
+        loss, self._dlogits = cross_entropy(logits, targets)
+        return loss, state
+
+    def backward(self, dlogits=None):
+        """Backprop from ∂L/∂logits (default: the one saved by :meth:`loss`) into every parameter."""
+        if dlogits is None:
+            dlogits = self._saved(self._dlogits)
+            self._dlogits = None
+        dh = self.drop.backward(self.decoder.backward(dlogits))
+        # the final state's gradient is 0 (truncated BPTT); a one-hot input needs no gradient
+        de, _ = self.rnn.backward(dh, need_input_grad=self.embed is not None)
+        if self.embed is not None:
+            self.embed.backward(de)
+
+    # ------------------------------------------------------------------ generation
+    def reset_state(self):
+        self.rnn.reset_state()
+
+    def step(self, ids):
+        """One character per stream: ids (N,) → logits (N, V); the state is kept until reset."""
+        ids = np.asarray(ids).reshape(-1)
+        h = self.rnn.step(self._inputs(ids))  # (N, H)
+        return self.decoder(h)

@@ -1,0 +1,85 @@
+"""Sampling from a character language model, one character at a time.
+
+For logits z (V,) at temperature τ the next character is drawn from
+
+    p = softmax(z / τ)            (τ → 0: argmax;  τ = 1: the model's own distribution)
+
+optionally restricted to the k most likely characters (top-k).  The model runs
+through its stateful ``step`` API: the priming text is fed first, then each
+drawn character is fed back in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from bptt.data import DataError, Vocab
+from bptt.losses import softmax
+
+__all__ = ["next_char_distribution", "generate"]
+
+
+def next_char_distribution(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0) -> np.ndarray:
+    """p = softmax(z / τ), zeroed outside the top k (k = 0: no restriction).  logits (V,) → p (V,) float64."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    if top_k and top_k < z.size:
+        cutoff = np.partition(z, -top_k)[-top_k]
+        z = np.where(z >= cutoff, z, -np.inf)
+    return softmax(z)
+
+
+def generate(
+    model,
+    vocab: Vocab,
+    length: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    prime: str = "",
+    argmax: bool = False,
+    rng: np.random.Generator | None = None,
+    on_char: Callable[[str], None] | None = None,
+) -> str:
+    """Generate ``length`` characters after ``prime``; returns them (without the prime).
+
+    ``on_char`` is called with the prime, then with each character as soon as it is drawn (streaming).
+    An empty prime starts from a character drawn uniformly from the vocabulary, as char-rnn does.
+    """
+    if length < 0:
+        raise ValueError(f"length must be >= 0, got {length}")
+    if not argmax and not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top-k must be >= 0, got {top_k}")
+    unknown = vocab.unknown(prime)
+    if unknown:
+        shown = ", ".join(repr(c) for c in unknown[:10])
+        raise DataError(f"priming text has characters outside the model's vocabulary: {shown}")
+    rng = rng or np.random.default_rng()
+    if prime and on_char is not None:
+        on_char(prime)
+    was_training = model.training
+    model.eval()
+    model.reset_state()
+    try:
+        ids = vocab.encode(prime) if prime else np.array([rng.integers(len(vocab))])
+        logits = None
+        for i in ids:  # prime the state
+            logits = model.step(np.array([i]))[0]
+        out = []
+        for _ in range(length):
+            if argmax:
+                nxt = int(np.argmax(logits))
+            else:
+                p = next_char_distribution(logits, temperature, top_k)
+                nxt = int(rng.choice(p.size, p=p))
+            ch = vocab.decode([nxt])
+            out.append(ch)
+            if on_char is not None:
+                on_char(ch)
+            logits = model.step(np.array([nxt]))[0]
+        return "".join(out)
+    finally:
+        model.reset_state()
+        model.train(was_training)
