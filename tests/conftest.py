@@ -27,3 +27,11 @@ def torch():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# In CI, hypothesis draws the same examples every run (no flaky landings); locally it explores.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
