@@ -330,7 +330,7 @@ class Seq2Seq(Module):
                     break
         finally:
             self.train(was_training)
-        return _collect(np.stack(out, 1), total, weights if return_attention else None, src_len)
+        return _collect(np.stack(out, 1), total, weights if return_attention and self.use_attention else None, src_len)
 
     def beam_search(self, src, src_len, beam: int, max_len: int, alpha: float = 0.0,
                     return_attention=False) -> DecodeResult:
