@@ -1,12 +1,611 @@
-"""Compiled whole-sequence kernels (placeholder until the fused loops land).
+"""Compiled whole-sequence kernels: the time loop of :mod:`bptt.recurrence`, fused.
 
-``sequence_impl(mode, dtype, required)`` returns a ``(forward, backward)`` pair
-with the contract of :func:`bptt.recurrence.sequence_forward` /
-:func:`bptt.recurrence.sequence_backward`, or None to use the reference loop.
+Shape legend: T time steps, N batch, H hidden units, G = g·H stacked gate
+pre-activations (g = 1 RNN, 4 LSTM, 3 GRU), P the width of h (P = H unless an
+LSTM has a projection), D input features, s the step counter (s-th step run).
+
+``sequence_impl(mode, dtype, required)`` returns ``(forward, backward)`` with the
+contract of :func:`bptt.recurrence.sequence_forward` /
+:func:`bptt.recurrence.sequence_backward`, or None (use the reference loop) when
+Numba is missing or fails to compile and ``required`` is False.
+
+How a step is computed
+----------------------
+Every time step is (1) one matrix product with the recurrent weights and (2) the
+element-wise gate maths.  (2) is one Numba loop per step that reads each
+pre-activation once and writes the activated gates, the new state and the
+output in the same pass, with no temporaries.  Its transcendental functions
+are the vectorisable ``_exp_neg`` / ``_tanh`` / ``_sigmoid`` below (a
+polynomial exp in float64, accurate to a few ulp), because a call to libm's
+``tanh`` per element would cost ~20 ns and dominate the step.
+
+(1) is done in one of two ways, chosen by size (``_SMALL_MACS``):
+
+* small steps (e.g. N = 1, H = 100): the whole sequence runs inside one Numba
+  function, the products as hand loops shaped as ``axpy`` over contiguous rows
+  (``out[n, :] += h[n, p] · Wᵀ[p, :]``), which vectorise without reordering sums.
+  No Python per step at all.
+* larger steps: a Python loop over t, calling BLAS through ``np.matmul(...,
+  out=buffer)`` into preallocated buffers, then the fused Numba step.  The
+  Python overhead is a few µs per step, small against the product.  (Numba's
+  own ``np.dot`` would need SciPy's BLAS bindings; we do without.)
+
+States live in (T+1, N, P) arrays ``hs`` (and ``cs`` for the LSTM cell) in time
+order: the state entering step t is ``hs[t + rev]`` and the one leaving it is
+``hs[t + 1 − rev]`` (rev = 1 for the reverse direction).  So ``h_prev`` — the
+(T, N, P) rows of ∂L/∂W_hh that the layer reads — is the contiguous view
+``hs[rev : T + rev]`` and is never copied.
+
+Masks (variable lengths), as in :mod:`bptt.recurrence`: a padded step keeps its
+state and outputs zero; backwards, the carried gradient passes it unchanged.
 """
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = ["sequence_impl", "sequence_forward", "sequence_backward", "KernelCache", "available"]
+
+try:  # Numba is a dependency, but the reference loop must work without it
+    import numba
+    from llvmlite import ir as _ir
+    from numba import njit, types
+    from numba.extending import intrinsic
+except Exception:  # pragma: no cover - exercised only without numba
+    numba = None
+
+# Below this many multiply-adds per recurrent product, the whole sequence runs in
+# one Numba function with hand-written products (no Python or BLAS call per step).
+_SMALL_MACS = int(os.environ.get("BPTT_SMALL_MACS", 48_000))
+
+_MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+
+
+class KernelCache(NamedTuple):
+    """What the fused backward needs.  Arrays are in time order (index t = step t)."""
+
+    mode: str
+    reverse: bool
+    mask: np.ndarray | None  # (T, N) bool or None
+    h_prev: np.ndarray  # (T, N, P) state entering step t (a view of hs)
+    hs: np.ndarray  # (T+1, N, P) all states, see the module docstring
+    cs: np.ndarray | None  # (T+1, N, H) LSTM cell states, same layout
+    gates: np.ndarray  # (T, N, G) activated gates; RNN: h̃_t (T, N, H)
+    aux: np.ndarray | None  # LSTM: tanh(c_t) (T, N, H); GRU: gh_n (T, N, H)
+    m: np.ndarray | None  # LSTM with projection: m_t = o ⊙ tanh(c_t) (T, N, H)
+    small: bool  # whether the compiled-loop path ran (backward uses the same)
+
+
+if numba is not None:
+    _jit = dict(cache=True, nogil=True, error_model="numpy")  # numpy error model: no checks, loops vectorise
+
+    # ======================================================================== scalar maths
+    @intrinsic
+    def _i64_as_f64(typingctx, i):
+        """Reinterpret the bits of an int64 as a float64 (for building 2^k)."""
+        sig = types.float64(types.int64)
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], _ir.DoubleType())
+
+        return sig, codegen
+
+    _LOG2E = 1.4426950408889634
+    _LN2_HI = 6.93147180369123816490e-01  # ln 2 split in two so k·ln2 is exact
+    _LN2_LO = 1.90821492927058770002e-10
+    _E2, _E3, _E4, _E5, _E6, _E7, _E8, _E9, _E10, _E11, _E12 = (1.0 / math.factorial(k) for k in range(2, 13))
+
+    @njit(inline="always", **_jit)
+    def _exp_neg(x):
+        """e^x for x ≤ 0 in float64, branch-free so loops around it vectorise.
+
+        x = k ln2 + r with |r| ≤ ln2/2; e^r by its Taylor series to r¹² (error
+        < 2e-16); 2^k by writing k into the exponent bits.
+        """
+        if x < -700.0:
+            x = -700.0
+        k = math.floor(x * _LOG2E + 0.5)
+        r = (x - k * _LN2_HI) - k * _LN2_LO
+        p = _E12
+        p = p * r + _E11
+        p = p * r + _E10
+        p = p * r + _E9
+        p = p * r + _E8
+        p = p * r + _E7
+        p = p * r + _E6
+        p = p * r + _E5
+        p = p * r + _E4
+        p = p * r + _E3
+        p = p * r + _E2
+        p = p * r + 1.0
+        p = p * r + 1.0
+        return p * _i64_as_f64((np.int64(k) + 1023) << 52)
+
+    @njit(inline="always", **_jit)
+    def _tanh(x):
+        """tanh(x) = sign(x) (1 − e^{−2|x|}) / (1 + e^{−2|x|}), in float64."""
+        x = float(x)
+        e = _exp_neg(-2.0 * abs(x))
+        t = (1.0 - e) / (1.0 + e)
+        return t if x >= 0.0 else -t
+
+    @njit(inline="always", **_jit)
+    def _sigmoid(x):
+        """σ(x) = 1 / (1 + e^{−x}), via e^{−|x|} so nothing overflows."""
+        x = float(x)
+        e = _exp_neg(-abs(x))
+        s = 1.0 / (1.0 + e)
+        return s if x >= 0.0 else 1.0 - s
+
+    # ======================================================================== small products
+    @njit(**_jit)
+    def _mm_acc(A, Bt, out, zero):
+        """out (N, K) (=|+=) A (N, M) · Bt (M, K): rows of Bt added as axpys (vectorised)."""
+        N, M = A.shape
+        K = Bt.shape[1]
+        for n in range(N):
+            if zero:
+                for k in range(K):
+                    out[n, k] = 0.0
+            for j in range(M):
+                a = A[n, j]
+                if a != 0.0:
+                    for k in range(K):
+                        out[n, k] += a * Bt[j, k]
+
+    # ======================================================================== forward steps
+    # Shared arguments: t the time index, hs (T+1, N, P) states with entering state
+    # hs[t+rev] and leaving state hs[t+1−rev]; mask (T, N) (ignored unless has_mask);
+    # y (T, N, P) outputs.
+
+    @njit(**_jit)
+    def _rnn_fw_step(t, rev, a, gx, hs, y, gates, mask, has_mask, relu):
+        """a_t = gx_t + h_{t−1} W_hhᵀ (in ``a``);  h̃_t = φ(a_t);  y_t = m_t h̃_t;  h_t = m_t ? h̃_t : h_{t−1}."""
+        N, H = a.shape
+        hp, hn = hs[t + rev], hs[t + 1 - rev]
+        for n in range(N):
+            keep = has_mask and not mask[t, n]
+            for j in range(H):
+                v = a[n, j] + gx[t, n, j]
+                if relu:
+                    v = v if v > 0.0 else 0.0
+                else:
+                    v = _tanh(v)
+                gates[t, n, j] = v
+                if keep:
+                    y[t, n, j] = 0.0
+                    hn[n, j] = hp[n, j]
+                else:
+                    y[t, n, j] = v
+                    hn[n, j] = v
+
+    @njit(**_jit)
+    def _lstm_fw_step(t, rev, a, gx, hs, cs, y, gates, tanh_c, m_all, mask, has_mask, proj):
+        """One LSTM step after the product a = h_{t−1} W_hhᵀ:
+
+            [a_i a_f a_g a_o] = gx_t + a
+            i = σ(a_i)  f = σ(a_f)  g = tanh(a_g)  o = σ(a_o)
+            c̃_t = f ⊙ c_{t−1} + i ⊙ g      m_t = o ⊙ tanh(c̃_t)
+            c_t = mask ? c̃_t : c_{t−1};  without projection h̃_t = m_t (y_t, h_t as for the RNN);
+            with one, m_t is stored and h̃_t = m_t W_hrᵀ follows (``_merge_step``).
+        """
+        N = a.shape[0]
+        H = cs.shape[2]
+        hp, hn = hs[t + rev], hs[t + 1 - rev]
+        cp, cn = cs[t + rev], cs[t + 1 - rev]
+        for n in range(N):
+            keep = has_mask and not mask[t, n]
+            for j in range(H):
+                i = _sigmoid(a[n, j] + gx[t, n, j])
+                f = _sigmoid(a[n, H + j] + gx[t, n, H + j])
+                g = _tanh(a[n, 2 * H + j] + gx[t, n, 2 * H + j])
+                o = _sigmoid(a[n, 3 * H + j] + gx[t, n, 3 * H + j])
+                gates[t, n, j] = i
+                gates[t, n, H + j] = f
+                gates[t, n, 2 * H + j] = g
+                gates[t, n, 3 * H + j] = o
+                c = f * cp[n, j] + i * g
+                tc = _tanh(c)
+                tanh_c[t, n, j] = tc
+                mv = o * tc
+                cn[n, j] = cp[n, j] if keep else c
+                if proj:
+                    m_all[t, n, j] = mv
+                elif keep:
+                    y[t, n, j] = 0.0
+                    hn[n, j] = hp[n, j]
+                else:
+                    y[t, n, j] = mv
+                    hn[n, j] = mv
+
+    @njit(**_jit)
+    def _merge_step(t, rev, h_new, hs, y, mask, has_mask):
+        """y_t = m_t h̃_t;  h_t = m_t ? h̃_t : h_{t−1}   (after the LSTM projection)."""
+        N, P = h_new.shape
+        hp, hn = hs[t + rev], hs[t + 1 - rev]
+        for n in range(N):
+            keep = has_mask and not mask[t, n]
+            for j in range(P):
+                if keep:
+                    y[t, n, j] = 0.0
+                    hn[n, j] = hp[n, j]
+                else:
+                    y[t, n, j] = h_new[n, j]
+                    hn[n, j] = h_new[n, j]
+
+    @njit(**_jit)
+    def _gru_fw_step(t, rev, a, gx, b_hh, hs, y, gates, gh_n, mask, has_mask):
+        """One GRU step after the product a = h_{t−1} W_hhᵀ (gh = a + b_hh):
+
+            r = σ(gx_r + gh_r)   z = σ(gx_z + gh_z)   n = tanh(gx_n + r ⊙ gh_n)
+            h̃_t = (1 − z) ⊙ n + z ⊙ h_{t−1}
+        """
+        N, P = hs.shape[1], hs.shape[2]
+        H = P
+        hp, hn = hs[t + rev], hs[t + 1 - rev]
+        for n in range(N):
+            keep = has_mask and not mask[t, n]
+            for j in range(H):
+                r = _sigmoid(gx[t, n, j] + (a[n, j] + b_hh[j]))
+                z = _sigmoid(gx[t, n, H + j] + (a[n, H + j] + b_hh[H + j]))
+                ghn = a[n, 2 * H + j] + b_hh[2 * H + j]
+                nn = _tanh(gx[t, n, 2 * H + j] + r * ghn)
+                gates[t, n, j] = r
+                gates[t, n, H + j] = z
+                gates[t, n, 2 * H + j] = nn
+                gh_n[t, n, j] = ghn
+                h = nn + z * (hp[n, j] - nn)
+                if keep:
+                    y[t, n, j] = 0.0
+                    hn[n, j] = hp[n, j]
+                else:
+                    y[t, n, j] = h
+                    hn[n, j] = h
+
+    # ======================================================================== backward steps
+    # dh (N, P) is the carried ∂L/∂h_t from step t+1 (updated in place to ∂L/∂h_{t−1});
+    # dc (N, H) likewise for the LSTM cell.
+
+    @njit(**_jit)
+    def _rnn_bw_step(t, dy, dh, gates, dgx, mask, has_mask, relu):
+        """dh̃ = m_t (dh + dy_t);  da = dh̃ ⊙ φ'(a) with φ' = 1 − h̃² (tanh) or [h̃ > 0] (relu)."""
+        N, H = dh.shape
+        for n in range(N):
+            if has_mask and not mask[t, n]:
+                for j in range(H):
+                    dgx[t, n, j] = 0.0
+                continue
+            for j in range(H):
+                d = dh[n, j] + dy[t, n, j]
+                h = gates[t, n, j]
+                if relu:
+                    dgx[t, n, j] = d if h > 0.0 else 0.0
+                else:
+                    dgx[t, n, j] = d * (1.0 - h * h)
+
+    @njit(**_jit)
+    def _lstm_bw_step(t, rev, dy, dh, dc, dm_in, cs, gates, tanh_c, dgx, mask, has_mask, proj):
+        """Backward of one LSTM step, the forward read bottom to top:
+
+            dm = m_t (dh + dy_t)      (with a projection: dm = (m_t dh̃) W_hr, given as dm_in)
+            do = dm ⊙ tanh(c_t)       dc̃ = dm ⊙ o ⊙ (1 − tanh²(c_t)) + m_t dc
+            da_i = dc̃ ⊙ g ⊙ i(1−i)    da_f = dc̃ ⊙ c_{t−1} ⊙ f(1−f)
+            da_g = dc̃ ⊙ i ⊙ (1−g²)    da_o = do ⊙ o(1−o)
+            dc ← m_t ? dc̃ ⊙ f : dc    (the constant error carousel)
+        """
+        N = dh.shape[0]
+        H = dc.shape[1]
+        cp = cs[t + rev]
+        for n in range(N):
+            if has_mask and not mask[t, n]:
+                for j in range(4 * H):
+                    dgx[t, n, j] = 0.0
+                continue
+            for j in range(H):
+                if proj:
+                    dm = dm_in[n, j]
+                else:
+                    dm = dh[n, j] + dy[t, n, j]
+                i = gates[t, n, j]
+                f = gates[t, n, H + j]
+                g = gates[t, n, 2 * H + j]
+                o = gates[t, n, 3 * H + j]
+                tc = tanh_c[t, n, j]
+                dcs = dm * o * (1.0 - tc * tc) + dc[n, j]
+                dgx[t, n, j] = dcs * g * (i * (1.0 - i))
+                dgx[t, n, H + j] = dcs * cp[n, j] * (f * (1.0 - f))
+                dgx[t, n, 2 * H + j] = dcs * i * (1.0 - g * g)
+                dgx[t, n, 3 * H + j] = dm * tc * (o * (1.0 - o))
+                dc[n, j] = dcs * f
+
+    @njit(**_jit)
+    def _masked_sum(t, dh, dy, out, mask, has_mask):
+        """out = m_t (dh + dy_t): the gradient reaching h̃_t (LSTM projection input)."""
+        N, P = dh.shape
+        for n in range(N):
+            keep = has_mask and not mask[t, n]
+            for j in range(P):
+                out[t, n, j] = 0.0 if keep else dh[n, j] + dy[t, n, j]
+
+    @njit(**_jit)
+    def _gru_bw_step(t, rev, dy, dh, hs, gates, gh_n, dgx, dgh, mask, has_mask):
+        """Backward of one GRU step:
+
+            dh̃ = m_t (dh + dy_t)
+            da_n = dh̃ ⊙ (1 − z) ⊙ (1 − n²)     da_r = da_n ⊙ gh_n ⊙ r(1−r)
+            da_z = dh̃ ⊙ (h_{t−1} − n) ⊙ z(1−z)
+            dgx = [da_r, da_z, da_n],  dgh = [da_r, da_z, da_n ⊙ r]
+            dh ← m_t ? dh̃ ⊙ z (+ dgh W_hh, added by ``_merge_grad``) : dh
+        """
+        N, H = dh.shape
+        hp = hs[t + rev]
+        for n in range(N):
+            if has_mask and not mask[t, n]:
+                for j in range(3 * H):
+                    dgx[t, n, j] = 0.0
+                    dgh[t, n, j] = 0.0
+                continue
+            for j in range(H):
+                d = dh[n, j] + dy[t, n, j]
+                r = gates[t, n, j]
+                z = gates[t, n, H + j]
+                nn = gates[t, n, 2 * H + j]
+                da_n = d * (1.0 - z) * (1.0 - nn * nn)
+                da_r = da_n * gh_n[t, n, j] * (r * (1.0 - r))
+                da_z = d * (hp[n, j] - nn) * (z * (1.0 - z))
+                dgx[t, n, j] = da_r
+                dgx[t, n, H + j] = da_z
+                dgx[t, n, 2 * H + j] = da_n
+                dgh[t, n, j] = da_r
+                dgh[t, n, H + j] = da_z
+                dgh[t, n, 2 * H + j] = da_n * r
+                dh[n, j] = d * z
+
+    @njit(**_jit)
+    def _merge_grad(t, prod, dh, mask, has_mask, add):
+        """dh ← m_t ? prod (+ dh if add) : dh — the carried gradient after the product with W_hh."""
+        N, P = dh.shape
+        for n in range(N):
+            if has_mask and not mask[t, n]:
+                continue
+            for j in range(P):
+                dh[n, j] = prod[n, j] + dh[n, j] if add else prod[n, j]
+
+    # ======================================================================== whole sequence, compiled
+    @njit(**_jit)
+    def _forward_small(kind, rev, gx, WhhT, b_hh, WhrT, hs, cs, y, gates, aux, m_all, mask, has_mask, proj):
+        """The whole forward loop in Numba (kind 0 tanh, 1 relu, 2 LSTM, 3 GRU), products by hand."""
+        T, N, G = gx.shape
+        a = np.empty((N, G), gx.dtype)
+        h_new = np.empty((N, hs.shape[2]), gx.dtype)
+        for s in range(T):
+            t = T - 1 - s if rev else s
+            _mm_acc(hs[t + rev], WhhT, a, True)  # a = h_{t−1} W_hhᵀ
+            if kind == 2:
+                _lstm_fw_step(t, rev, a, gx, hs, cs, y, gates, aux, m_all, mask, has_mask, proj)
+                if proj:
+                    _mm_acc(m_all[t], WhrT, h_new, True)  # h̃_t = m_t W_hrᵀ
+                    _merge_step(t, rev, h_new, hs, y, mask, has_mask)
+            elif kind == 3:
+                _gru_fw_step(t, rev, a, gx, b_hh, hs, y, gates, aux, mask, has_mask)
+            else:
+                _rnn_fw_step(t, rev, a, gx, hs, y, gates, mask, has_mask, kind == 1)
+
+    @njit(**_jit)
+    def _backward_small(kind, rev, dy, dh, dc, W_hh, W_hr, hs, cs, gates, aux, dgx, dgh, dh_all, mask, has_mask, proj):
+        """The whole backward loop in Numba, products by hand (dh, dc updated in place)."""
+        T, N, P = dy.shape
+        H = gates.shape[2] // (4 if kind == 2 else 3 if kind == 3 else 1)
+        prod = np.empty((N, P), dy.dtype)
+        dm = np.empty((N, H), dy.dtype)
+        for s in range(T):
+            t = s if rev else T - 1 - s  # the forward order, read backwards
+            if kind == 2:
+                if proj:
+                    _masked_sum(t, dh, dy, dh_all, mask, has_mask)
+                    _mm_acc(dh_all[t], W_hr, dm, True)  # dm = dh̃ W_hr
+                _lstm_bw_step(t, rev, dy, dh, dc, dm, cs, gates, aux, dgx, mask, has_mask, proj)
+                _mm_acc(dgx[t], W_hh, prod, True)  # da W_hh
+                _merge_grad(t, prod, dh, mask, has_mask, False)
+            elif kind == 3:
+                _gru_bw_step(t, rev, dy, dh, hs, gates, aux, dgx, dgh, mask, has_mask)
+                _mm_acc(dgh[t], W_hh, prod, True)
+                _merge_grad(t, prod, dh, mask, has_mask, True)
+            else:
+                _rnn_bw_step(t, dy, dh, gates, dgx, mask, has_mask, kind == 1)
+                _mm_acc(dgx[t], W_hh, prod, True)
+                _merge_grad(t, prod, dh, mask, has_mask, False)
+
+
+_KIND = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
+_NO_MASK = np.ones((1, 1), dtype=np.bool_)
+
+
+# ============================================================================ Python drivers
+def _prepare(mode, gx, weights, dtype):
+    gx = np.ascontiguousarray(gx, dtype=dtype)
+    W_hh = np.ascontiguousarray(weights.W_hh, dtype=dtype)
+    b_hh = weights.b_hh
+    if b_hh is not None and mode != "gru":
+        gx = gx + b_hh.astype(dtype)  # RNN/LSTM: b_hh joins the same sum (layers fold it already)
+        b_hh = None
+    return gx, W_hh, b_hh
+
+
+def sequence_forward(mode, gx, h0, c0, weights, mask=None, reverse=False):
+    """Fused :func:`bptt.recurrence.sequence_forward`: same arguments, same results."""
+    dtype = np.asarray(gx).dtype
+    gx, W_hh, b_hh = _prepare(mode, gx, weights, dtype)
+    T, N, G = gx.shape
+    P = W_hh.shape[1]
+    kind = _KIND[mode]
+    H = G // (4 if kind == 2 else 3 if kind == 3 else 1)
+    rev = int(bool(reverse))
+    proj = weights.W_hr is not None
+    W_hr = None if not proj else np.ascontiguousarray(weights.W_hr, dtype=dtype)
+    has_mask = mask is not None
+    mask_arr = np.ascontiguousarray(mask, dtype=np.bool_) if has_mask else _NO_MASK
+
+    hs = np.empty((T + 1, N, P), dtype)  # states, time order (see module docstring)
+    hs[T if rev else 0] = h0
+    cs = None
+    if kind == 2:
+        cs = np.empty((T + 1, N, H), dtype)
+        cs[T if rev else 0] = c0
+    y = np.empty((T, N, P), dtype)
+    gates = np.empty((T, N, G), dtype)
+    aux = np.empty((T, N, H), dtype) if kind >= 2 else None
+    m_all = np.empty((T, N, H), dtype) if proj else None
+    if kind == 3:
+        b = np.zeros(G, dtype) if b_hh is None else np.ascontiguousarray(b_hh, dtype=dtype)
+
+    small = N * G * P <= _SMALL_MACS
+    if small:
+        dummy = gates[:0, :0, :0]
+        _forward_small(
+            kind, rev, gx, np.ascontiguousarray(W_hh.T), b if kind == 3 else gates[0, 0, :0],
+            np.ascontiguousarray(W_hr.T) if proj else gates[0, :0, :0], hs,
+            cs if cs is not None else dummy, y, gates, aux if aux is not None else dummy,
+            m_all if proj else dummy, mask_arr, has_mask, proj,
+        )
+    else:
+        a = np.empty((N, G), dtype)
+        WhhT = W_hh.T
+        h_new = np.empty((N, P), dtype) if proj else None
+        WhrT = W_hr.T if proj else None
+        for s in range(T):
+            t = T - 1 - s if rev else s
+            np.matmul(hs[t + rev], WhhT, out=a)  # a = h_{t−1} W_hhᵀ  (BLAS)
+            if kind == 2:
+                _lstm_fw_step(t, rev, a, gx, hs, cs, y, gates, aux, m_all if proj else aux, mask_arr, has_mask, proj)
+                if proj:
+                    np.matmul(m_all[t], WhrT, out=h_new)  # h̃_t = m_t W_hrᵀ
+                    _merge_step(t, rev, h_new, hs, y, mask_arr, has_mask)
+            elif kind == 3:
+                _gru_fw_step(t, rev, a, gx, b, hs, y, gates, aux, mask_arr, has_mask)
+            else:
+                _rnn_fw_step(t, rev, a, gx, hs, y, gates, mask_arr, has_mask, kind == 1)
+
+    h_n = hs[0] if rev else hs[T]
+    c_n = None if cs is None else (cs[0] if rev else cs[T])
+    cache = KernelCache(mode, bool(reverse), mask_arr if has_mask else None, hs[rev : T + rev], hs, cs, gates, aux, m_all, small)
+    return y, h_n, c_n, cache
+
+
+def sequence_backward(dy, dh_n, dc_n, cache: KernelCache, weights):
+    """Fused :func:`bptt.recurrence.sequence_backward`: same arguments, same results."""
+    dtype = cache.gates.dtype
+    dy = np.ascontiguousarray(dy, dtype=dtype)
+    T, N, P = dy.shape
+    kind = _KIND[cache.mode]
+    W_hh = np.ascontiguousarray(weights.W_hh, dtype=dtype)
+    G = W_hh.shape[0]
+    H = G // (4 if kind == 2 else 3 if kind == 3 else 1)
+    rev = int(cache.reverse)
+    proj = weights.W_hr is not None
+    W_hr = np.ascontiguousarray(weights.W_hr, dtype=dtype) if proj else None
+    has_mask = cache.mask is not None
+    mask_arr = cache.mask if has_mask else _NO_MASK
+
+    dh = np.zeros((N, P), dtype) if dh_n is None else np.array(dh_n, dtype=dtype)  # a copy we update in place
+    dc = None
+    if kind == 2:
+        dc = np.zeros((N, H), dtype) if dc_n is None else np.array(dc_n, dtype=dtype)
+    dgx = np.empty((T, N, G), dtype)
+    dgh = np.empty((T, N, G), dtype) if kind == 3 else dgx
+    dh_all = np.empty((T, N, P), dtype) if proj else None
+
+    if cache.small:
+        dummy = dgx[:0, :0, :0]
+        _backward_small(
+            kind, rev, dy, dh, dc if dc is not None else dgx[0, :0, :0], W_hh,
+            W_hr if proj else dgx[0, :0, :0], cache.hs, cache.cs if cache.cs is not None else dummy,
+            cache.gates, cache.aux if cache.aux is not None else dummy, dgx, dgh,
+            dh_all if proj else dummy, mask_arr, has_mask, proj,
+        )
+    else:
+        prod = np.empty((N, P), dtype)
+        dm = np.empty((N, H), dtype) if proj else dh
+        for s in range(T):
+            t = s if rev else T - 1 - s  # the forward order, read backwards
+            if kind == 2:
+                if proj:
+                    _masked_sum(t, dh, dy, dh_all, mask_arr, has_mask)
+                    np.matmul(dh_all[t], W_hr, out=dm)  # dm = dh̃ W_hr
+                _lstm_bw_step(t, rev, dy, dh, dc, dm, cache.cs, cache.gates, cache.aux, dgx, mask_arr, has_mask, proj)
+                _product_into_dh(t, dgx[t], W_hh, dh, prod, mask_arr, has_mask, False)
+            elif kind == 3:
+                _gru_bw_step(t, rev, dy, dh, cache.hs, cache.gates, cache.aux, dgx, dgh, mask_arr, has_mask)
+                np.matmul(dgh[t], W_hh, out=prod)
+                _merge_grad(t, prod, dh, mask_arr, has_mask, True)
+            else:
+                _rnn_bw_step(t, dy, dh, cache.gates, dgx, mask_arr, has_mask, kind == 1)
+                _product_into_dh(t, dgx[t], W_hh, dh, prod, mask_arr, has_mask, False)
+
+    dW_hr = None
+    if proj:  # ∂L/∂W_hr = Σ_t dh̃_tᵀ m_t, one product over all steps
+        dW_hr = dh_all.reshape(-1, P).T @ cache.m.reshape(-1, H)
+    return dgx, dgh, dh, dc, dW_hr
+
+
+def _product_into_dh(t, da, W_hh, dh, prod, mask_arr, has_mask, add):
+    """dh ← m_t ? da W_hh : dh.  Without a mask the product goes straight into dh."""
+    if has_mask:
+        np.matmul(da, W_hh, out=prod)
+        _merge_grad(t, prod, dh, mask_arr, has_mask, add)
+    else:
+        np.matmul(da, W_hh, out=dh)
+
+
+# ============================================================================ availability
+_STATE: dict = {}  # (mode, dtype) -> None when ready, else the reason it is not
+
+
+def _warm_up(mode, dtype):
+    """Compile (or load from Numba's on-disk cache) the kernels of one mode and dtype."""
+    from bptt.recurrence import Weights
+
+    rng = np.random.default_rng(0)
+    g = 4 if mode == "lstm" else 3 if mode == "gru" else 1
+    for N, H in ((1, 2), (64, 32)):  # the compiled-loop path, then the BLAS-loop path
+        P = H
+        W = Weights(rng.standard_normal((g * H, P)).astype(dtype), rng.standard_normal(g * H).astype(dtype),
+                    rng.standard_normal((P, H)).astype(dtype) if mode == "lstm" else None)
+        gx = rng.standard_normal((2, N, g * H)).astype(dtype)
+        c0 = np.zeros((N, H), dtype) if mode == "lstm" else None
+        y, _, _, cache = sequence_forward(mode, gx, np.zeros((N, P), dtype), c0, W, np.ones((2, N), bool), False)
+        sequence_backward(np.ones_like(y), None, None, cache, W)
+
+
+def available(mode="lstm", dtype=np.float32) -> bool:
+    """True when the fused kernels of ``mode``/``dtype`` compile (the first call compiles or loads the cache)."""
+    key = (mode, np.dtype(dtype))
+    if key not in _STATE:
+        if numba is None:
+            _STATE[key] = "numba is not installed"
+        elif mode not in _MODES or key[1] not in (np.float32, np.float64):
+            _STATE[key] = f"no fused kernel for mode={mode!r}, dtype={key[1]}"
+        else:
+            try:
+                _warm_up(mode, key[1])
+                _STATE[key] = None
+            except Exception as exc:  # compilation failed: fall back to the reference loop
+                _STATE[key] = f"{type(exc).__name__}: {exc}"
+    return _STATE[key] is None
 
 
 def sequence_impl(mode, dtype, required=False):
+    """``(sequence_forward, sequence_backward)`` for ``mode`` and ``dtype``, or None.
+
+    None means "use bptt.recurrence" (Numba missing or failing to compile); with
+    ``required=True`` that raises RuntimeError instead.
+    """
+    if available(mode, dtype):
+        return sequence_forward, sequence_backward
     if required:
-        raise RuntimeError("fused kernels are not available in this build")
+        raise RuntimeError(f"fused kernels are not available: {_STATE[(mode, np.dtype(dtype))]}")
     return None
