@@ -1,0 +1,65 @@
+"""Compare training runs from their log.jsonl files: minutes to reach validation
+thresholds, best validation loss, training throughput; and one plot of the
+validation curves against wall-clock time.
+
+    python benchmarks/charlm_report.py runs/bptt_default runs/torch_default --png docs/img/charlm_curves.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+THRESHOLDS = (1.70, 1.60, 1.56, 1.50, 1.47)
+
+
+def load(run: Path):
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    val = [(r["time"] / 60, r["iter"], r["val_loss"]) for r in records if "val_loss" in r]
+    cps = [r["chars_per_sec"] for r in records if "chars_per_sec" in r]
+    return val, cps
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--png", type=Path)
+    a = p.parse_args()
+    header = "| run | best val (nats/char) | at minute | " + " | ".join(f"min to {t}" for t in THRESHOLDS) + " | median chars/s |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    curves = {}
+    for run in a.runs:
+        val, cps = load(run)
+        curves[run.name] = val
+        best = min(val, key=lambda v: v[2])
+        reach = []
+        for t in THRESHOLDS:
+            hit = next((m for m, _, v in val if v <= t), None)
+            reach.append(f"{hit:.1f}" if hit is not None else "—")
+        print(f"| {run.name} | {best[2]:.4f} | {best[0]:.1f} | " + " | ".join(reach) +
+              f" | {statistics.median(cps):,.0f} |")
+    if a.png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+        for name, val in curves.items():
+            ax.plot([m for m, _, _ in val], [v for _, _, v in val], "-", lw=1.5, label=name)
+        for t in THRESHOLDS[:3]:
+            ax.axhline(t, color="grey", lw=0.5, ls=":")
+        ax.set_xlabel("wall-clock minutes (2 cores)")
+        ax.set_ylabel("validation loss (nats/char)")
+        ax.set_ylim(1.3, 2.2)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(a.png)
+
+
+if __name__ == "__main__":
+    main()
