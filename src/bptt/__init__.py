@@ -1,8 +1,32 @@
-"""bptt: recurrent neural networks with hand-derived backpropagation through time."""
+"""bptt: recurrent neural networks with hand-derived backpropagation through time.
+
+The layers (``RNN``, ``LSTM``, ``GRU`` and their cells) take PyTorch's
+constructor arguments, shapes and parameter names; every module has
+``forward`` and a hand-written ``backward`` that accumulates into ``.grads``.
+"""
 
 from bptt.cells import GRUCell, LSTMCell, RNNCell
 from bptt.gradcheck import GradcheckError, gradcheck, numerical_gradient, rel_error
 from bptt.layers import GRU, LSTM, RNN, Dropout, Embedding, Linear
+from bptt.losses import cross_entropy, log_softmax, mse, softmax
 from bptt.module import Module, StateDictError
+from bptt.optim import (
+    SGD,
+    Adagrad,
+    Adam,
+    AdamW,
+    RMSprop,
+    clip_grad_norm,
+    clip_grad_value,
+    make_optimizer,
+    make_schedule,
+)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "Linear", "Embedding", "Dropout", "Module",
+    "StateDictError", "cross_entropy", "mse", "softmax", "log_softmax", "SGD", "Adagrad", "RMSprop", "Adam",
+    "AdamW", "clip_grad_norm", "clip_grad_value", "make_optimizer", "make_schedule", "gradcheck",
+    "numerical_gradient", "rel_error", "GradcheckError",
+]
