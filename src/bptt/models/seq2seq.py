@@ -153,6 +153,7 @@ class _FwdCache(NamedTuple):
     h_dec: np.ndarray | None  # (N, T, H) decoder outputs (batch-first), attention only
     h_tilde: np.ndarray | None  # (N, T, H) tanh(W_comb [c; h]), attention only
     h0: np.ndarray  # (N, L·H) bridged h_0 after tanh, for its derivative
+    enc_state: object  # encoder (h_n[, c_n]): shapes for the gradient handed back to it
 
 
 class Seq2Seq(Module):
@@ -241,16 +242,14 @@ class Seq2Seq(Module):
         state0, h0 = self._bridge_forward(enc_state)
         h, _ = self.decoder(self.tgt_embed(tgt_in), state0)  # (T, N, H)
         if not self.use_attention:
-            self._ctx = _FwdCache((S, T, N), None, None, h0)
-            self._enc_state = enc_state
+            self._ctx = _FwdCache((S, T, N), None, None, h0, enc_state)
             return self.out(h)
         q = h.transpose(1, 0, 2)  # (N, T, H)
         mask = np.arange(S)[None, :] < np.asarray(src_len)[:, None]  # (N, S)
         context, _ = self.attention(q, mem.transpose(1, 0, 2), mask)  # (N, T, C)
         h_tilde = np.tanh(self.combine(np.concatenate([context, q], axis=2)))  # (N, T, H)
         logits = self.out(h_tilde)  # (N, T, V)
-        self._ctx = _FwdCache((S, T, N), q, h_tilde, h0)
-        self._enc_state = enc_state
+        self._ctx = _FwdCache((S, T, N), q, h_tilde, h0, enc_state)
         return logits.transpose(1, 0, 2)
 
     def backward(self, dlogits):
@@ -269,7 +268,7 @@ class Seq2Seq(Module):
             dmem = dm.transpose(1, 0, 2)  # (S, N, C)
         demb_t, dstate0 = self.decoder.backward(dh)
         self.tgt_embed.backward(demb_t)
-        denc_state = self._bridge_backward(dstate0, ctx.h0, self._enc_state)
+        denc_state = self._bridge_backward(dstate0, ctx.h0, ctx.enc_state)
         demb_s, _ = self.encoder.backward(dmem, denc_state)
         self.src_embed.backward(demb_s)
         self._ctx = None
