@@ -160,28 +160,42 @@ if numba is not None:
     # ======================================================================== forward steps
     # Shared arguments: t the time index, hs (T+1, N, P) states with entering state
     # hs[t+rev] and leaving state hs[t+1−rev]; mask (T, N) (ignored unless has_mask);
-    # y (T, N, P) outputs.
+    # y (T, N, P) outputs.  Each batch row is a few short loops over 1-d row views
+    # that LLVM vectorises (one long loop touching every array would not: too many
+    # possible aliases); padded rows are fixed up afterwards by ``_keep_row``.
+
+    @njit(inline="always", **_jit)
+    def _keep_row(yr, hnr, hpr):
+        """A padded step: y_t = 0, h_t = h_{t−1}."""
+        for j in range(hnr.shape[0]):
+            yr[j] = 0.0
+            hnr[j] = hpr[j]
+
+    @njit(inline="always", **_jit)
+    def _emit_row(v, yr, hnr):
+        """y_t = h_t = h̃_t."""
+        for j in range(hnr.shape[0]):
+            yr[j] = v[j]
+            hnr[j] = v[j]
 
     @njit(**_jit)
     def _rnn_fw_step(t, rev, a, gx, hs, y, gates, mask, has_mask, relu):
-        """a_t = gx_t + h_{t−1} W_hhᵀ (in ``a``);  h̃_t = φ(a_t);  y_t = m_t h̃_t;  h_t = m_t ? h̃_t : h_{t−1}."""
+        """a_t = gx_t + h_{t−1} W_hhᵀ (``a`` holds the product);  h̃_t = φ(a_t) (kept in ``gates``)."""
         N, H = a.shape
         hp, hn = hs[t + rev], hs[t + 1 - rev]
         for n in range(N):
-            keep = has_mask and not mask[t, n]
-            for j in range(H):
-                v = a[n, j] + gx[t, n, j]
-                if relu:
-                    v = v if v > 0.0 else 0.0
-                else:
-                    v = _tanh(v)
-                gates[t, n, j] = v
-                if keep:
-                    y[t, n, j] = 0.0
-                    hn[n, j] = hp[n, j]
-                else:
-                    y[t, n, j] = v
-                    hn[n, j] = v
+            ar, xr, hr = a[n], gx[t, n], gates[t, n]
+            if relu:
+                for j in range(H):
+                    v = ar[j] + xr[j]
+                    hr[j] = v if v > 0.0 else 0.0
+            else:
+                for j in range(H):
+                    hr[j] = _tanh(ar[j] + xr[j])
+            if has_mask and not mask[t, n]:
+                _keep_row(y[t, n], hn[n], hp[n])
+            else:
+                _emit_row(hr, y[t, n], hn[n])
 
     @njit(**_jit)
     def _lstm_fw_step(t, rev, a, gx, hs, cs, y, gates, tanh_c, m_all, mask, has_mask, proj):
@@ -198,44 +212,42 @@ if numba is not None:
         hp, hn = hs[t + rev], hs[t + 1 - rev]
         cp, cn = cs[t + rev], cs[t + 1 - rev]
         for n in range(N):
-            keep = has_mask and not mask[t, n]
+            ar, xr, gr = a[n], gx[t, n], gates[t, n]
+            for j in range(2 * H):  # i, f
+                gr[j] = _sigmoid(ar[j] + xr[j])
+            for j in range(2 * H, 3 * H):  # g
+                gr[j] = _tanh(ar[j] + xr[j])
+            for j in range(3 * H, 4 * H):  # o
+                gr[j] = _sigmoid(ar[j] + xr[j])
+            cpr, cnr, tcr = cp[n], cn[n], tanh_c[t, n]
+            for j in range(H):  # c̃ = f ⊙ c_{t−1} + i ⊙ g
+                cnr[j] = gr[H + j] * cpr[j] + gr[j] * gr[2 * H + j]
             for j in range(H):
-                i = _sigmoid(a[n, j] + gx[t, n, j])
-                f = _sigmoid(a[n, H + j] + gx[t, n, H + j])
-                g = _tanh(a[n, 2 * H + j] + gx[t, n, 2 * H + j])
-                o = _sigmoid(a[n, 3 * H + j] + gx[t, n, 3 * H + j])
-                gates[t, n, j] = i
-                gates[t, n, H + j] = f
-                gates[t, n, 2 * H + j] = g
-                gates[t, n, 3 * H + j] = o
-                c = f * cp[n, j] + i * g
-                tc = _tanh(c)
-                tanh_c[t, n, j] = tc
-                mv = o * tc
-                cn[n, j] = cp[n, j] if keep else c
-                if proj:
-                    m_all[t, n, j] = mv
-                elif keep:
-                    y[t, n, j] = 0.0
-                    hn[n, j] = hp[n, j]
+                tcr[j] = _tanh(cnr[j])
+            mr = m_all[t, n] if proj else y[t, n]  # m_t, or directly h̃_t = y_t
+            for j in range(H):
+                mr[j] = gr[3 * H + j] * tcr[j]
+            keep = has_mask and not mask[t, n]
+            if keep:
+                for j in range(H):
+                    cnr[j] = cpr[j]
+            if not proj:
+                if keep:
+                    _keep_row(y[t, n], hn[n], hp[n])
                 else:
-                    y[t, n, j] = mv
-                    hn[n, j] = mv
+                    hnr = hn[n]
+                    for j in range(H):
+                        hnr[j] = mr[j]
 
     @njit(**_jit)
     def _merge_step(t, rev, h_new, hs, y, mask, has_mask):
         """y_t = m_t h̃_t;  h_t = m_t ? h̃_t : h_{t−1}   (after the LSTM projection)."""
-        N, P = h_new.shape
         hp, hn = hs[t + rev], hs[t + 1 - rev]
-        for n in range(N):
-            keep = has_mask and not mask[t, n]
-            for j in range(P):
-                if keep:
-                    y[t, n, j] = 0.0
-                    hn[n, j] = hp[n, j]
-                else:
-                    y[t, n, j] = h_new[n, j]
-                    hn[n, j] = h_new[n, j]
+        for n in range(h_new.shape[0]):
+            if has_mask and not mask[t, n]:
+                _keep_row(y[t, n], hn[n], hp[n])
+            else:
+                _emit_row(h_new[n], y[t, n], hn[n])
 
     @njit(**_jit)
     def _gru_fw_step(t, rev, a, gx, b_hh, hs, y, gates, gh_n, mask, has_mask):
@@ -244,48 +256,48 @@ if numba is not None:
             r = σ(gx_r + gh_r)   z = σ(gx_z + gh_z)   n = tanh(gx_n + r ⊙ gh_n)
             h̃_t = (1 − z) ⊙ n + z ⊙ h_{t−1}
         """
-        N, P = hs.shape[1], hs.shape[2]
-        H = P
+        N, H = hs.shape[1], hs.shape[2]
         hp, hn = hs[t + rev], hs[t + 1 - rev]
         for n in range(N):
-            keep = has_mask and not mask[t, n]
+            ar, xr, gr, ghr = a[n], gx[t, n], gates[t, n], gh_n[t, n]
+            for j in range(2 * H):  # r, z
+                gr[j] = _sigmoid(xr[j] + (ar[j] + b_hh[j]))
             for j in range(H):
-                r = _sigmoid(gx[t, n, j] + (a[n, j] + b_hh[j]))
-                z = _sigmoid(gx[t, n, H + j] + (a[n, H + j] + b_hh[H + j]))
-                ghn = a[n, 2 * H + j] + b_hh[2 * H + j]
-                nn = _tanh(gx[t, n, 2 * H + j] + r * ghn)
-                gates[t, n, j] = r
-                gates[t, n, H + j] = z
-                gates[t, n, 2 * H + j] = nn
-                gh_n[t, n, j] = ghn
-                h = nn + z * (hp[n, j] - nn)
-                if keep:
-                    y[t, n, j] = 0.0
-                    hn[n, j] = hp[n, j]
-                else:
-                    y[t, n, j] = h
-                    hn[n, j] = h
+                ghr[j] = ar[2 * H + j] + b_hh[2 * H + j]
+            for j in range(H):  # n
+                gr[2 * H + j] = _tanh(xr[2 * H + j] + gr[j] * ghr[j])
+            if has_mask and not mask[t, n]:
+                _keep_row(y[t, n], hn[n], hp[n])
+            else:
+                yr, hpr, hnr = y[t, n], hp[n], hn[n]
+                for j in range(H):
+                    nn = gr[2 * H + j]
+                    yr[j] = nn + gr[H + j] * (hpr[j] - nn)
+                for j in range(H):
+                    hnr[j] = yr[j]
 
     # ======================================================================== backward steps
     # dh (N, P) is the carried ∂L/∂h_t from step t+1 (updated in place to ∂L/∂h_{t−1});
-    # dc (N, H) likewise for the LSTM cell.
+    # dc (N, H) likewise for the LSTM cell.  Padded rows get zero pre-activation
+    # gradients and leave the carries untouched.
 
     @njit(**_jit)
     def _rnn_bw_step(t, dy, dh, gates, dgx, mask, has_mask, relu):
         """dh̃ = m_t (dh + dy_t);  da = dh̃ ⊙ φ'(a) with φ' = 1 − h̃² (tanh) or [h̃ > 0] (relu)."""
         N, H = dh.shape
         for n in range(N):
+            dr = dgx[t, n]
             if has_mask and not mask[t, n]:
-                for j in range(H):
-                    dgx[t, n, j] = 0.0
+                dr[:] = 0.0
                 continue
-            for j in range(H):
-                d = dh[n, j] + dy[t, n, j]
-                h = gates[t, n, j]
-                if relu:
-                    dgx[t, n, j] = d if h > 0.0 else 0.0
-                else:
-                    dgx[t, n, j] = d * (1.0 - h * h)
+            dhr, dyr, hr = dh[n], dy[t, n], gates[t, n]
+            if relu:
+                for j in range(H):
+                    d = dhr[j] + dyr[j]
+                    dr[j] = d if hr[j] > 0.0 else 0.0
+            else:
+                for j in range(H):
+                    dr[j] = (dhr[j] + dyr[j]) * (1.0 - hr[j] * hr[j])
 
     @njit(**_jit)
     def _lstm_bw_step(t, rev, dy, dh, dc, dm_in, cs, gates, tanh_c, dgx, mask, has_mask, proj):
@@ -301,35 +313,43 @@ if numba is not None:
         H = dc.shape[1]
         cp = cs[t + rev]
         for n in range(N):
+            dr = dgx[t, n]
             if has_mask and not mask[t, n]:
-                for j in range(4 * H):
-                    dgx[t, n, j] = 0.0
+                dr[:] = 0.0
                 continue
+            gr, tcr, dcr, cpr = gates[t, n], tanh_c[t, n], dc[n], cp[n]
+            if proj:
+                dmr = dm_in[n]
+                for j in range(H):
+                    o, tc = gr[3 * H + j], tcr[j]
+                    dr[3 * H + j] = dmr[j] * tc * (o * (1.0 - o))  # da_o
+                    dcr[j] = dmr[j] * o * (1.0 - tc * tc) + dcr[j]  # dc̃
+            else:
+                dhr, dyr = dh[n], dy[t, n]
+                for j in range(H):
+                    dm = dhr[j] + dyr[j]
+                    o, tc = gr[3 * H + j], tcr[j]
+                    dr[3 * H + j] = dm * tc * (o * (1.0 - o))  # da_o
+                    dcr[j] = dm * o * (1.0 - tc * tc) + dcr[j]  # dc̃
             for j in range(H):
-                if proj:
-                    dm = dm_in[n, j]
-                else:
-                    dm = dh[n, j] + dy[t, n, j]
-                i = gates[t, n, j]
-                f = gates[t, n, H + j]
-                g = gates[t, n, 2 * H + j]
-                o = gates[t, n, 3 * H + j]
-                tc = tanh_c[t, n, j]
-                dcs = dm * o * (1.0 - tc * tc) + dc[n, j]
-                dgx[t, n, j] = dcs * g * (i * (1.0 - i))
-                dgx[t, n, H + j] = dcs * cp[n, j] * (f * (1.0 - f))
-                dgx[t, n, 2 * H + j] = dcs * i * (1.0 - g * g)
-                dgx[t, n, 3 * H + j] = dm * tc * (o * (1.0 - o))
-                dc[n, j] = dcs * f
+                i, f, g, dcs = gr[j], gr[H + j], gr[2 * H + j], dcr[j]
+                dr[j] = dcs * g * (i * (1.0 - i))
+                dr[H + j] = dcs * cpr[j] * (f * (1.0 - f))
+                dr[2 * H + j] = dcs * i * (1.0 - g * g)
+                dcr[j] = dcs * f
 
     @njit(**_jit)
     def _masked_sum(t, dh, dy, out, mask, has_mask):
-        """out = m_t (dh + dy_t): the gradient reaching h̃_t (LSTM projection input)."""
+        """out_t = m_t (dh + dy_t): the gradient reaching h̃_t (the LSTM projection's output)."""
         N, P = dh.shape
         for n in range(N):
-            keep = has_mask and not mask[t, n]
-            for j in range(P):
-                out[t, n, j] = 0.0 if keep else dh[n, j] + dy[t, n, j]
+            o = out[t, n]
+            if has_mask and not mask[t, n]:
+                o[:] = 0.0
+            else:
+                dhr, dyr = dh[n], dy[t, n]
+                for j in range(P):
+                    o[j] = dhr[j] + dyr[j]
 
     @njit(**_jit)
     def _gru_bw_step(t, rev, dy, dh, hs, gates, gh_n, dgx, dgh, mask, has_mask):
@@ -344,26 +364,23 @@ if numba is not None:
         N, H = dh.shape
         hp = hs[t + rev]
         for n in range(N):
+            xr, hr = dgx[t, n], dgh[t, n]
             if has_mask and not mask[t, n]:
-                for j in range(3 * H):
-                    dgx[t, n, j] = 0.0
-                    dgh[t, n, j] = 0.0
+                xr[:] = 0.0
+                hr[:] = 0.0
                 continue
+            dhr, dyr, gr, ghr, hpr = dh[n], dy[t, n], gates[t, n], gh_n[t, n], hp[n]
             for j in range(H):
-                d = dh[n, j] + dy[t, n, j]
-                r = gates[t, n, j]
-                z = gates[t, n, H + j]
-                nn = gates[t, n, 2 * H + j]
+                d = dhr[j] + dyr[j]
+                r, z, nn = gr[j], gr[H + j], gr[2 * H + j]
                 da_n = d * (1.0 - z) * (1.0 - nn * nn)
-                da_r = da_n * gh_n[t, n, j] * (r * (1.0 - r))
-                da_z = d * (hp[n, j] - nn) * (z * (1.0 - z))
-                dgx[t, n, j] = da_r
-                dgx[t, n, H + j] = da_z
-                dgx[t, n, 2 * H + j] = da_n
-                dgh[t, n, j] = da_r
-                dgh[t, n, H + j] = da_z
-                dgh[t, n, 2 * H + j] = da_n * r
-                dh[n, j] = d * z
+                xr[j] = da_n * ghr[j] * (r * (1.0 - r))  # da_r
+                xr[H + j] = d * (hpr[j] - nn) * (z * (1.0 - z))  # da_z
+                xr[2 * H + j] = da_n
+                hr[2 * H + j] = da_n * r
+                dhr[j] = d * z
+            for j in range(2 * H):
+                hr[j] = xr[j]
 
     @njit(**_jit)
     def _merge_grad(t, prod, dh, mask, has_mask, add):
@@ -372,8 +389,13 @@ if numba is not None:
         for n in range(N):
             if has_mask and not mask[t, n]:
                 continue
-            for j in range(P):
-                dh[n, j] = prod[n, j] + dh[n, j] if add else prod[n, j]
+            dhr, pr = dh[n], prod[n]
+            if add:
+                for j in range(P):
+                    dhr[j] += pr[j]
+            else:
+                for j in range(P):
+                    dhr[j] = pr[j]
 
     # ======================================================================== whole sequence, compiled
     @njit(**_jit)

@@ -1,0 +1,275 @@
+"""bptt vs PyTorch on CPU: training step, inference, per-character sampling, peak memory.
+
+    python benchmarks/bench_layers.py [--quick] [--threads 2] [--repeat 7] [--out FILE]
+
+Method
+------
+* Both libraries run in this one process, on the same shapes, the same weights
+  (bptt's parameters are copied into the torch module), float32, with the same
+  thread count: threadpoolctl limits OpenBLAS (numpy) and torch.set_num_threads
+  limits torch (MKL / OpenMP).
+* The two sides alternate (bptt, torch, bptt, torch, ...) so that drift in the
+  machine's load hits both alike; each number is the median of ``--repeat``
+  timed runs after one untimed warm-up run.
+* train = forward + backward of ``(out · dout).sum()`` with the gradient of the
+  input (torch: ``x.requires_grad_()``, ``.backward()``; bptt: ``forward`` then
+  ``backward(dout)``).  infer = forward only (torch under ``no_grad``).
+* GFLOP/s counts the multiply-adds of the matrix products only (2 flops each):
+  forward T·N·G·(D + P) per layer and direction, training 3× that; the
+  element-wise work is not counted.  "% peak" divides by the float32 GEMM rate
+  of numpy measured in the same run (a 2048³ sgemm).
+* sampling: one character at a time, batch 1, a 2-layer LSTM of 512 units over
+  a one-hot input of V = 65; bptt's ``LSTM.step`` vs ``torch.nn.LSTM`` called on
+  a (1, 1, V) input with the carried state, under ``no_grad``.
+* peak memory of one training step is measured in a fresh subprocess per side
+  and configuration: the growth of the peak resident set (``ru_maxrss``) over
+  the one after building the model and the inputs, so both sides are measured
+  the same way (tracemalloc would miss torch's allocator).  Allocator caching
+  and page reuse make these numbers approximate (± a few MB).
+* torch's default CPU path for nn.LSTM/GRU/RNN goes through oneDNN (mkldnn);
+  ``--torch-mkldnn off`` disables it to compare with torch's native kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+GRID = [(25, 1, 65, 100, 1), (50, 50, 65, 128, 2), (50, 50, 128, 256, 2), (50, 50, 512, 512, 2), (100, 64, 1024, 1024, 1)]
+QUICK_GRID = [(25, 1, 65, 100, 1), (50, 50, 128, 256, 2)]
+MODES = ("lstm", "gru", "rnn")
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def build(mode, D, H, L, seed=0):
+    """A bptt layer and a torch layer with the same weights."""
+    import torch
+
+    import bptt
+
+    cls = {"lstm": bptt.LSTM, "gru": bptt.GRU, "rnn": bptt.RNN}[mode]
+    ours = cls(D, H, L, rng=seed)
+    theirs = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[mode](D, H, L)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            p.copy_(torch.from_numpy(ours.params[name]))
+    return ours, theirs
+
+
+def make_runners(mode, T, N, D, H, L):
+    import torch
+
+    ours, theirs = build(mode, D, H, L)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((T, N, D)).astype(np.float32)
+    dout = rng.standard_normal((T, N, H)).astype(np.float32)
+    xt = torch.from_numpy(x.copy()).requires_grad_()
+    dt = torch.from_numpy(dout.copy())
+
+    def ours_train():
+        ours.zero_grad()
+        ours.forward(x)
+        ours.backward(dout)
+
+    def ours_infer():
+        ours.forward(x)
+
+    def torch_train():
+        theirs.zero_grad()
+        xt.grad = None
+        out, _ = theirs(xt)
+        (out * dt).sum().backward()
+
+    def torch_infer():
+        with torch.no_grad():
+            theirs(xt)
+
+    return ours_train, torch_train, ours_infer, torch_infer
+
+
+def alternate(f, g, repeat):
+    """Median seconds of f and g, timed alternately after one warm-up call each."""
+    f()
+    g()
+    tf, tg = [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        f()
+        tf.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        g()
+        tg.append(time.perf_counter() - t)
+    return statistics.median(tf), statistics.median(tg)
+
+
+def matmul_flops(T, N, D, H, L, mode):
+    G = GATES[mode] * H
+    total = 0
+    for k in range(L):
+        Dk = D if k == 0 else H
+        total += 2 * T * N * G * (Dk + H)
+    return total
+
+
+def sgemm_peak(repeat=5):
+    n = 2048
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    b = a.copy()
+    c = np.empty_like(a)
+    np.matmul(a, b, out=c)
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        np.matmul(a, b, out=c)
+        ts.append(time.perf_counter() - t)
+    return 2 * n**3 / min(ts) / 1e9
+
+
+def sampling(repeat_chars, V=65, H=512, L=2):
+    import torch
+
+    ours, theirs = build("lstm", V, H, L)
+    ours.eval()
+    eye = np.eye(V, dtype=np.float32)
+    ids = np.random.default_rng(2).integers(0, V, repeat_chars)
+    xs_t = [torch.from_numpy(eye[i][None, None].copy()) for i in ids]
+
+    def run_ours():
+        ours.reset_state()
+        for i in ids:
+            ours.step(eye[i])
+
+    def run_torch():
+        state = None
+        with torch.no_grad():
+            for xt in xs_t:
+                _, state = theirs(xt, state)
+
+    a, b = alternate(run_ours, run_torch, 5)
+    return a / repeat_chars, b / repeat_chars
+
+
+# ---------------------------------------------------------------------------- memory (subprocess)
+MEM_CHILD = r"""
+import json, resource, sys
+import numpy as np
+side, mode, T, N, D, H, L, threads = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
+from threadpoolctl import threadpool_limits
+threadpool_limits(threads)
+import torch
+torch.set_num_threads(threads)
+sys.path.insert(0, sys.argv[0].rsplit("/", 1)[0] if "/" in sys.argv[0] else ".")
+from bench_layers import make_runners
+ours_train, torch_train, _, _ = make_runners(mode, T, N, D, H, L)
+step = ours_train if side == "bptt" else torch_train
+import gc; gc.collect()
+if side == "bptt":
+    import bptt.kernels as K
+    K.available(mode if mode != "rnn" else "rnn_tanh", np.float32)  # compile / load kernels first
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+step()
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"mb": (after - before) / 1024}))
+"""
+
+
+def peak_memory(side, mode, cfg, threads):
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = os.path.join(here, "_mem_child.py")
+    with open(script, "w") as f:
+        f.write(MEM_CHILD)
+    try:
+        out = subprocess.run([sys.executable, script, side, mode, *map(str, cfg), str(threads)],
+                             capture_output=True, text=True, check=True, cwd=here)
+        return json.loads(out.stdout.strip().splitlines()[-1])["mb"]
+    finally:
+        if os.path.exists(script):
+            os.remove(script)
+
+
+# ---------------------------------------------------------------------------- main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a short grid (2 shapes) and fewer repeats")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=None, help="timed runs per measurement (default 7, quick 3)")
+    ap.add_argument("--modes", default="lstm,gru,rnn")
+    ap.add_argument("--torch-mkldnn", choices=("on", "off"), default="on")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--no-sampling", action="store_true")
+    ap.add_argument("--out", default=None, help="also write the markdown here")
+    args = ap.parse_args(argv)
+
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.backends.mkldnn.enabled = args.torch_mkldnn == "on"
+    import bptt.kernels as K
+
+    repeat = args.repeat or (3 if args.quick else 7)
+    grid = QUICK_GRID if args.quick else GRID
+    modes = args.modes.split(",")
+    lines = []
+
+    def emit(s=""):
+        print(s, flush=True)
+        lines.append(s)
+
+    peak = sgemm_peak()
+    emit(f"# bptt vs PyTorch {torch.__version__} (CPU, float32, {args.threads} threads, mkldnn {args.torch_mkldnn})")
+    emit()
+    emit(f"numpy float32 GEMM peak measured in this run: {peak:.1f} GFLOP/s.  Median of {repeat} alternating runs.")
+    emit()
+    emit("| config (T, N, D, H, L) | mode | pass | ms bptt | ms torch | speed-up torch/bptt | GFLOP/s bptt | % peak |")
+    emit("|---|---|---|---:|---:|---:|---:|---:|")
+    for cfg in grid:
+        for mode in modes:
+            for m in (mode if mode != "rnn" else "rnn_tanh",):
+                K.available(m, np.float32)  # compile outside the timing
+            ot, tt, oi, ti = make_runners(mode, *cfg)
+            fl = matmul_flops(*cfg, mode)
+            for name, f, g, mult in (("train", ot, tt, 3), ("infer", oi, ti, 1)):
+                a, b = alternate(f, g, repeat)
+                gf = mult * fl / a / 1e9
+                emit(f"| {cfg} | {mode} | {name} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f}× | {gf:.1f} | {100 * gf / peak:.0f}% |")
+
+    if not args.no_sampling:
+        emit()
+        emit("## Sampling, one character at a time (N = 1, 2×512 LSTM, V = 65)")
+        emit()
+        chars = 50 if args.quick else 200
+        a, b = sampling(chars)
+        emit("| | µs/char bptt | µs/char torch | speed-up |")
+        emit("|---|---:|---:|---:|")
+        emit(f"| LSTM.step vs nn.LSTM(x_t, state) | {a * 1e6:.0f} | {b * 1e6:.0f} | {b / a:.2f}× |")
+
+    if not args.no_memory:
+        emit()
+        emit("## Peak memory of one training step (growth of peak RSS in a fresh subprocess, MB)")
+        emit()
+        emit("| config | mode | MB bptt | MB torch |")
+        emit("|---|---|---:|---:|")
+        mem_grid = grid[1:] if not args.quick else grid[-1:]
+        for cfg in mem_grid:
+            for mode in ("lstm",) if args.quick else modes:
+                mo = peak_memory("bptt", mode, cfg, args.threads)
+                mt = peak_memory("torch", mode, cfg, args.threads)
+                emit(f"| {cfg} | {mode} | {mo:.1f} | {mt:.1f} |")
+
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
