@@ -1,0 +1,164 @@
+"""The fused kernels (bptt.kernels) equal the reference loop (bptt.recurrence).
+
+Every case runs the same layer twice, ``backend = "reference"`` and ``"fused"``,
+and compares outputs, final states, input and state gradients and every
+parameter gradient.  Shapes are small so this stays fast; both kernel paths are
+covered (the compiled loop for tiny products, the BLAS loop for larger ones)
+by moving the size threshold.
+"""
+
+import numpy as np
+import pytest
+
+import bptt
+from bptt import kernels, recurrence
+
+pytest.importorskip("numba")
+
+TOL = {np.float64: 1e-12, np.float32: 1e-5}
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
+
+
+def make(mode, D, H, L, bidir, proj, dtype, seed):
+    if mode == "lstm":
+        return bptt.LSTM(D, H, L, bidirectional=bidir, proj_size=proj, dtype=dtype, rng=seed)
+    if mode == "gru":
+        return bptt.GRU(D, H, L, bidirectional=bidir, dtype=dtype, rng=seed)
+    return bptt.RNN(D, H, L, nonlinearity=mode[4:], bidirectional=bidir, dtype=dtype, rng=seed)
+
+
+def run(layer, backend, x, state, lengths, dout, dstate):
+    layer.backend = backend
+    layer.zero_grad()
+    out, st = layer.forward(x, state, lengths=lengths)
+    dx, dst = layer.backward(dout, dstate)
+    grads = {k: v.copy() for k, v in layer.grads.items()}
+    return out, st, dx, dst, grads
+
+
+def flat(s):
+    return list(s) if isinstance(s, tuple) else [s]
+
+
+def random_case(rng, mode, dtype, T, N, D, H, L, bidir, proj, with_lengths, with_state):
+    layer = make(mode, D, H, L, bidir, proj, dtype, int(rng.integers(1 << 30)))
+    K, P = 2 if bidir else 1, proj or H
+    x = rng.standard_normal((T, N, D)).astype(dtype)
+    lengths = rng.integers(1, T + 1, N) if with_lengths else None
+    if with_lengths:
+        lengths[0] = T  # at least one full-length sequence
+    h0 = rng.standard_normal((L * K, N, P)).astype(dtype) if with_state else None
+    c0 = rng.standard_normal((L * K, N, H)).astype(dtype) if with_state else None
+    state = (h0, c0) if (mode == "lstm" and with_state) else h0
+    dout = rng.standard_normal((T, N, K * P)).astype(dtype)
+    dh = rng.standard_normal((L * K, N, P)).astype(dtype)
+    dstate = (dh, rng.standard_normal((L * K, N, H)).astype(dtype)) if mode == "lstm" else dh
+    return layer, x, state, lengths, dout, dstate
+
+
+def assert_same(layer, x, state, lengths, dout, dstate, tol):
+    ref = run(layer, "reference", x, state, lengths, dout, dstate)
+    fus = run(layer, "fused", x, state, lengths, dout, dstate)
+    assert rel(fus[0], ref[0]) < tol, "output"
+    for a, b in zip(flat(fus[1]), flat(ref[1])):
+        assert rel(a, b) < tol, "final state"
+    assert rel(fus[2], ref[2]) < tol, "dx"
+    for a, b in zip(flat(fus[3]), flat(ref[3])):
+        assert rel(a, b) < tol, "d initial state"
+    assert ref[4].keys() == fus[4].keys()
+    for k in ref[4]:
+        assert rel(fus[4][k], ref[4][k]) < tol, k
+
+
+@pytest.fixture(params=["compiled", "blas"])
+def path(request, monkeypatch):
+    """Both kernel paths: everything through the compiled loop, or everything through BLAS."""
+    monkeypatch.setattr(kernels, "_SMALL_MACS", 1 << 40 if request.param == "compiled" else -1)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("mode", ["rnn_tanh", "rnn_relu", "lstm", "gru"])
+def test_fused_equals_reference_random(mode, dtype, path):
+    rng = np.random.default_rng(hash((mode, np.dtype(dtype).name, path)) % (1 << 32))
+    for _ in range(4):
+        T, N = int(rng.integers(1, 7)), int(rng.integers(1, 5))
+        D, H = int(rng.integers(1, 6)), int(rng.integers(2, 7))
+        L, bidir = int(rng.integers(1, 3)), bool(rng.integers(2))
+        proj = int(rng.integers(0, H)) if mode == "lstm" else 0
+        case = random_case(rng, mode, dtype, T, N, D, H, L, bidir, proj,
+                           with_lengths=bool(rng.integers(2)) and N > 1, with_state=bool(rng.integers(2)))
+        assert_same(*case, TOL[dtype])
+
+
+@pytest.mark.parametrize("mode", ["rnn_tanh", "lstm", "gru"])
+def test_fused_equals_reference_all_features(mode, path):
+    """Bidirectional, 2 layers, variable lengths, initial state, projection: all at once."""
+    rng = np.random.default_rng(7)
+    case = random_case(rng, mode, np.float64, 6, 4, 3, 5, 2, True, 3 if mode == "lstm" else 0, True, True)
+    assert_same(*case, 1e-12)
+
+
+def test_large_values_saturate_like_reference():
+    """Pre-activations of ±50 (tanh/σ saturated) and exact zeros match too."""
+    layer = bptt.LSTM(3, 4, dtype=np.float64, rng=0)
+    x = np.array([[[50.0, -50.0, 0.0]], [[0.0, 0.0, 0.0]], [[-80.0, 80.0, 1e-8]]])
+    dout = np.ones((3, 1, 4))
+    assert_same(layer, x, None, None, dout, None, 1e-12)
+
+
+def test_sequence_level_contract():
+    """kernels.sequence_forward/backward against recurrence's, including b_hh passed separately."""
+    rng = np.random.default_rng(3)
+    for mode, g in (("rnn_tanh", 1), ("lstm", 4), ("gru", 3)):
+        T, N, H = 5, 3, 4
+        W = recurrence.Weights(rng.standard_normal((g * H, H)), rng.standard_normal(g * H))
+        gx = rng.standard_normal((T, N, g * H))
+        h0 = rng.standard_normal((N, H))
+        c0 = rng.standard_normal((N, H)) if mode == "lstm" else None
+        mask = np.arange(T)[:, None] < np.array([5, 2, 4])[None]
+        for reverse in (False, True):
+            r = recurrence.sequence_forward(mode, gx, h0, c0, W, mask, reverse)
+            k = kernels.sequence_forward(mode, gx, h0, c0, W, mask, reverse)
+            for a, b in zip(k[:3], r[:3]):
+                if b is None:
+                    assert a is None
+                else:
+                    assert rel(a, b) < 1e-12
+            assert k[3].h_prev.shape == (T, N, H) and rel(k[3].h_prev, r[3].h_prev) < 1e-12
+            dy = rng.standard_normal((T, N, H))
+            rb = recurrence.sequence_backward(dy, None, None, r[3], W)
+            kb = kernels.sequence_backward(dy, None, None, k[3], W)
+            for a, b in zip(kb, rb):
+                if b is None:
+                    assert a is None
+                else:
+                    assert rel(a, b) < 1e-12
+
+
+def test_sequence_impl_contract():
+    fw, bw = kernels.sequence_impl("lstm", np.float32)
+    assert fw is kernels.sequence_forward and bw is kernels.sequence_backward
+    assert kernels.sequence_impl("nope", np.float32) is None
+    with pytest.raises(RuntimeError):
+        kernels.sequence_impl("nope", np.float32, required=True)
+
+
+def test_step_matches_forward():
+    """RNNBase.step (the fast path) equals running forward one step at a time."""
+    rng = np.random.default_rng(5)
+    for cls, kw in ((bptt.LSTM, {}), (bptt.LSTM, {"proj_size": 2}), (bptt.GRU, {}), (bptt.RNN, {"nonlinearity": "relu"})):
+        layer = cls(3, 4, 2, rng=1, dtype=np.float64, **kw)
+        layer.eval()
+        xs = rng.standard_normal((5, 2, 3))
+        ref, _ = layer.forward(xs)
+        layer.reset_state()
+        got = np.stack([layer.step(x) for x in xs])
+        assert rel(got, ref) < 1e-12
+        layer.reset_state()
+        got1 = np.stack([layer.step(x) for x in xs[:, 0]])  # unbatched (D,) input
+        assert rel(got1, ref[:, 0]) < 1e-12
