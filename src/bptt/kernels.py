@@ -631,3 +631,59 @@ def sequence_impl(mode, dtype, required=False):
     if required:
         raise RuntimeError(f"fused kernels are not available: {_STATE[(mode, np.dtype(dtype))]}")
     return None
+
+
+# ============================================================================ one step of a stacked layer
+def layer_step(mode, params, x, h0, c0):
+    """One time step through every layer of a unidirectional stack, for sampling.
+
+    params: per layer (W_ih (G, D_k), b_ih, W_hh (G, P), b_hh, W_hr or None);
+    x (N, D); h0 (L, N, P); c0 (L, N, H) or None.
+    Returns y (N, P), h_n (L, N, P), c_n (L, N, H) or None — what
+    ``RNNBase.forward`` returns for a one-step sequence, without its bookkeeping:
+    per layer two BLAS products (x W_ihᵀ, h W_hhᵀ) and one fused step, T = 1.
+    """
+    kind = _KIND[mode]
+    dtype = x.dtype
+    N = x.shape[0]
+    L, _, P = h0.shape
+    h_n = np.empty_like(h0)
+    c_n = None if c0 is None else np.empty_like(c0)
+    inp = x
+    for k in range(L):
+        W_ih, b_ih, W_hh, b_hh, W_hr = params[k]
+        G = W_hh.shape[0]
+        gx = np.empty((1, N, G), dtype)
+        np.matmul(inp, W_ih.T, out=gx[0])  # x W_ihᵀ
+        if b_ih is not None:
+            gx[0] += b_ih
+        a = np.empty((N, G), dtype)
+        np.matmul(h0[k], W_hh.T, out=a)  # h_{t−1} W_hhᵀ
+        hs = np.empty((2, N, P), dtype)
+        hs[0] = h0[k]
+        y = np.empty((1, N, P), dtype)
+        if kind == 3:
+            b = np.zeros(G, dtype) if b_hh is None else b_hh
+            gates, aux = np.empty((1, N, G), dtype), np.empty((1, N, P), dtype)
+            _gru_fw_step(0, 0, a, gx, b, hs, y, gates, aux, _NO_MASK, False)
+        else:
+            if b_hh is not None:
+                gx[0] += b_hh
+            gates = np.empty((1, N, G), dtype)
+            if kind == 2:
+                H = c0.shape[2]
+                cs = np.empty((2, N, H), dtype)
+                cs[0] = c0[k]
+                aux = np.empty((1, N, H), dtype)
+                proj = W_hr is not None
+                m = np.empty((1, N, H), dtype) if proj else aux
+                _lstm_fw_step(0, 0, a, gx, hs, cs, y, gates, aux, m, _NO_MASK, False, proj)
+                if proj:
+                    np.matmul(m[0], W_hr.T, out=hs[1])  # h̃ = m W_hrᵀ
+                    y[0] = hs[1]
+                c_n[k] = cs[1]
+            else:
+                _rnn_fw_step(0, 0, a, gx, hs, y, gates, _NO_MASK, False, kind == 1)
+        h_n[k] = hs[1]
+        inp = y[0]
+    return inp, h_n, c_n

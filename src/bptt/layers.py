@@ -456,10 +456,32 @@ class RNNBase(Module):
         x = as_float_array(x, self._dtype, "input")
         if x.ndim not in (1, 2):
             raise ValueError(f"step() expects input (N, {self.input_size}) or ({self.input_size},), got {x.shape}")
+        fast = self._fast_step(x)
+        if fast is not None:
+            return fast
         seq = x[None] if not self.batch_first or x.ndim == 1 else x[:, None]
         out, self.state = self.forward(seq, self.state)
         self._ctx = None  # no backward through streaming steps
         return out[0] if (x.ndim == 1 or not self.batch_first) else out[:, 0]
+
+
+    def _fast_step(self, x):
+        """step() through :func:`bptt.kernels.layer_step`: the results of ``forward`` on a
+        one-step sequence without its per-call bookkeeping.  None → take the general path."""
+        if self.backend == "reference" or (self.training and self.dropout > 0) or x.shape[-1] != self.input_size:
+            return None
+        from bptt import kernels
+
+        if not kernels.available(self.mode, self._dtype):
+            return None
+        batched = x.ndim == 2
+        x2 = np.ascontiguousarray(x.reshape(-1, self.input_size))
+        h0, c0 = self._initial_state(self.state, x2.shape[0], batched)
+        params = [self._direction_params(k, 0) for k in range(self.num_layers)]
+        y, h_n, c_n = kernels.layer_step(self.mode, params, x2, h0, c0)
+        self.state = self._pack_state(h_n, c_n, batched)
+        self._ctx = None
+        return y if batched else y[0]
 
 
 class RNN(RNNBase):
