@@ -464,7 +464,6 @@ class RNNBase(Module):
         self._ctx = None  # no backward through streaming steps
         return out[0] if (x.ndim == 1 or not self.batch_first) else out[:, 0]
 
-
     def _fast_step(self, x):
         """step() through :func:`bptt.kernels.layer_step`: the results of ``forward`` on a
         one-step sequence without its per-call bookkeeping.  None → take the general path."""
