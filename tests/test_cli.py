@@ -75,8 +75,9 @@ def _spawn_train(out, corpus, *extra):
 
 
 def _wait_for(path, proc, seconds=60):
+    """Until ``path`` exists and has content (the process must stay alive meanwhile)."""
     deadline = time.time() + seconds
-    while not path.exists():
+    while not (path.exists() and path.stat().st_size > 0):
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline
         time.sleep(0.05)
@@ -97,8 +98,7 @@ def test_kill_during_training_leaves_a_loadable_checkpoint(tmp_path, corpus):
 def test_ctrl_c_saves_and_exits_130(tmp_path, corpus):
     out = tmp_path / "run"
     proc = _spawn_train(out, corpus, "--eval-every", "1000")
-    _wait_for(out / "log.jsonl", proc)
-    time.sleep(0.5)
+    _wait_for(out / "log.jsonl", proc)  # one step logged (--log-every 1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -164,6 +164,15 @@ def test_exploding_loss_stops_and_keeps_last_checkpoint(tmp_path, corpus):
     assert r.returncode == 1 and ("exploding" in r.stderr or "loss is nan" in r.stderr), r.stderr
     assert "Traceback" not in r.stderr and "the last checkpoint is kept" in r.stderr
     assert (out / "last.safetensors").read_bytes() == before
+
+
+def test_log_hidden_stats(tmp_path, corpus):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(corpus), "--out", str(out), "--max-iters", "10", *SMALL,
+                 "--log-hidden-stats", "5"]) == 0
+    stats = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "h_var_l1" in r]
+    assert [r["iter"] for r in stats] == [5, 10]
+    assert all(r["h_var_l0"] > 0 and -1 < r["h_mean_l1"] < 1 for r in stats)
 
 
 def test_default_corpus_run_is_described(tmp_path):

@@ -79,12 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_eval)
 
-    for optional in ("seq2seq_cli", "introspect"):
-        try:
-            module = __import__(f"bptt.{optional}", fromlist=["register"])
-        except ImportError:  # pragma: no cover - a partial install
-            continue
-        module.register(sub)
+    from bptt import introspect, seq2seq_cli
+
+    seq2seq_cli.register(sub)
+    introspect.register(sub)
     return parser
 
 

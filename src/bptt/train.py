@@ -27,6 +27,7 @@ import numpy as np
 
 from bptt import checkpoint as ckpt
 from bptt.data import DataError, TBPTTBatches, Vocab, default_corpus, encode_file, encode_text, split_corpus
+from bptt.introspect import hidden_stats
 from bptt.losses import cross_entropy
 from bptt.models.charlm import CharLM, CharLMConfig
 from bptt.optim import clip_grad_norm, clip_grad_value, make_optimizer, make_schedule
@@ -82,6 +83,7 @@ class TrainConfig:
     eval_windows: int = field(default=0, metadata={"help": "validation windows per evaluation (0 = the whole split)"})
     sample_length: int = field(default=200, metadata={"help": "characters of the sample shown at each evaluation (0 = none)"})
     log_every: int = field(default=10, metadata={"help": "steps between log lines"})
+    log_hidden_stats: int = field(default=0, metadata={"help": "every K steps, log the mean and variance of h per layer (0 = off)"})
     seed: int = field(default=123, metadata={"help": "random seed (init, dropout)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from last.safetensors"})
     init_from: str | None = field(default=None, metadata={"help": "start from the weights of this checkpoint (new optimizer)"})
@@ -96,7 +98,7 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "eval_every", "log_every"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_iters", "eval_windows", "warmup_iters", "sample_length", "lr_decay_after"):
+        for name in ("max_iters", "eval_windows", "warmup_iters", "sample_length", "lr_decay_after", "log_hidden_stats"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "grad_clip", "max_epochs", "max_time", "weight_decay", "momentum", "min_lr"):
@@ -411,6 +413,9 @@ def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None) -> dict:
             optimizer.step()
             run.state = new_state
             run.iteration += 1
+            if cfg.log_hidden_stats and run.iteration % cfg.log_hidden_stats == 0:
+                # mean and variance of h per layer, read from this step's forward cache
+                log_file.write(json.dumps({"iter": run.iteration, **hidden_stats(model)}) + "\n")
 
             window_loss += loss
             window_chars += y.size
