@@ -162,6 +162,19 @@ def test_beam_scores_are_model_logprobs(cfg):
             np.testing.assert_allclose(r.logprob[ended], want, rtol=1e-10)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_beam_never_scores_below_greedy(alpha):
+    """On its own objective (log p, or log p / lp(|y|)), wider beams never lose to greedy."""
+    for seed in range(4):
+        model = tiny_model(*CONFIGS[seed % len(CONFIGS)], seed=seed)
+        b = make_batch([np.random.default_rng(seed).integers(3, 8, k) for k in (5, 1, 3, 4, 2, 6)])
+        g = model.greedy(b.src, b.src_len, 7)
+        for beam in (2, 3, 5):
+            r = model.beam_search(b.src, b.src_len, beam, 7, alpha=alpha)
+            lp = lambda res: np.array([((5.0 + min(len(t) + 1, 7)) / 6.0) ** alpha for t in res.tokens])
+            assert np.all(r.logprob / lp(r) >= g.logprob / lp(g) - 1e-12)
+
+
 def test_scheduled_sampling_step_runs_and_full_forcing_is_plain_loss():
     model, b = tiny_model(*CONFIGS[1]), tiny_batch()
     model.zero_grad()

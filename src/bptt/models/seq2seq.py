@@ -339,7 +339,9 @@ class Seq2Seq(Module):
         at zero cost) and keeps its slot; search stops when every slot is frozen
         or after max_len tokens.  The answer is the slot maximising
         log p / lp(|y|) with GNMT's lp(n) = ((5 + n) / 6)^α (α = 0: plain log p).
-        Width 1 takes the argmax at every step, which is greedy decoding exactly.
+        Width 1 takes the argmax at every step, which is greedy decoding exactly; for
+        wider beams greedy's answer is kept as a candidate, so the result never
+        scores below greedy on the same objective.
         """
         if int(beam) < 1:
             raise ValueError(f"beam width must be at least 1, got {beam}")
@@ -390,8 +392,23 @@ class Seq2Seq(Module):
                 weights.append(atts[t][np.arange(N), slot])
             slot = backs[t][np.arange(N), slot]
         out = np.stack(seq[::-1], axis=1)
-        logprob = np.take_along_axis(scores, np.argmax(final, axis=1)[:, None], axis=1)[:, 0]
-        return _collect(out, logprob, weights[::-1] if (return_attention and weights) else None, src_len)
+        best = np.argmax(final, axis=1)[:, None]
+        logprob = np.take_along_axis(scores, best, axis=1)[:, 0]
+        result = _collect(out, logprob, weights[::-1] if (return_attention and weights) else None, src_len)
+        if B == 1:
+            return result
+        # A beam can lose greedy's path (seen on 1 of 2000 reversal inputs without attention),
+        # so greedy's answer is one more candidate: the result never scores below greedy's.
+        greedy = self.greedy(src, src_len, max_len, return_attention)
+        beam_obj = np.take_along_axis(final, best, axis=1)[:, 0]
+        g_len = np.array([min(len(sq) + 1, max_len) for sq in greedy.tokens], np.float64)  # </s> counts
+        g_obj = greedy.logprob / (((5.0 + g_len) / 6.0) ** alpha) if alpha else greedy.logprob
+        for n in np.flatnonzero(g_obj > beam_obj):
+            result.tokens[n] = greedy.tokens[n]
+            result.logprob[n] = greedy.logprob[n]
+            if result.attention is not None and greedy.attention is not None:
+                result.attention[n] = greedy.attention[n]
+        return result
 
     def translate(self, src, src_len, max_len: int, beam: int = 1, alpha: float = 0.0, return_attention=False):
         """Greedy for beam ≤ 1, else beam search."""
