@@ -22,10 +22,19 @@ Method
   a one-hot input of V = 65; bptt's ``LSTM.step`` vs ``torch.nn.LSTM`` called on
   a (1, 1, V) input with the carried state, under ``no_grad``.
 * peak memory of one training step is measured in a fresh subprocess per side
-  and configuration: the growth of the peak resident set (``ru_maxrss``) over
-  the one after building the model and the inputs, so both sides are measured
-  the same way (tracemalloc would miss torch's allocator).  Allocator caching
-  and page reuse make these numbers approximate (± a few MB).
+  and configuration (Linux): after building the model and inputs (and, for
+  bptt, loading the compiled kernels), the peak resident set is reset
+  (``/proc/self/clear_refs`` ← 5), one training step runs, and the growth of the
+  peak (``VmHWM``) over the resident set before the step is reported.  Both sides
+  are measured the same way (tracemalloc would miss torch's allocator).  Memory
+  already mapped and reused by an allocator is not counted, so these are
+  approximate (± a few MB).
+* Thread pools: with two libraries in one process on 2 cores, torch's OpenMP
+  threads busy-wait after each parallel region and starve OpenBLAS's (and the
+  reverse), which on this machine made a 0.7 ms bptt step take 35 ms right after
+  a torch call.  So the script sets ``OMP_WAIT_POLICY=PASSIVE`` before importing
+  torch (``--omp-active`` keeps libgomp's default).  OpenBLAS's own threads are
+  left as numpy ships them.
 * torch's default CPU path for nn.LSTM/GRU/RNN goes through oneDNN (mkldnn);
   ``--torch-mkldnn off`` disables it to compare with torch's native kernels.
 """
@@ -158,7 +167,7 @@ def sampling(repeat_chars, V=65, H=512, L=2):
 
 # ---------------------------------------------------------------------------- memory (subprocess)
 MEM_CHILD = r"""
-import json, resource, sys
+import json, sys
 import numpy as np
 side, mode, T, N, D, H, L, threads = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
 from threadpoolctl import threadpool_limits
@@ -173,9 +182,15 @@ import gc; gc.collect()
 if side == "bptt":
     import bptt.kernels as K
     K.available(mode if mode != "rnn" else "rnn_tanh", np.float32)  # compile / load kernels first
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def rss_kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak resident set (VmHWM) to the current one
+before = rss_kb("VmRSS:")
 step()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = rss_kb("VmHWM:")
 print(json.dumps({"mb": (after - before) / 1024}))
 """
 
@@ -199,13 +214,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a short grid (2 shapes) and fewer repeats")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=None, help="timed runs per measurement (default 7, quick 3)")
+    ap.add_argument("--repeat", type=int, default=None, help="timed runs per measurement (default 5, quick 3)")
     ap.add_argument("--modes", default="lstm,gru,rnn")
     ap.add_argument("--torch-mkldnn", choices=("on", "off"), default="on")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-sampling", action="store_true")
+    ap.add_argument("--omp-active", action="store_true", help="keep libgomp's busy-waiting threads (see Method)")
     ap.add_argument("--out", default=None, help="also write the markdown here")
     args = ap.parse_args(argv)
+    if not args.omp_active:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by libgomp when torch loads it
 
     from threadpoolctl import threadpool_limits
 
@@ -216,7 +234,7 @@ def main(argv=None):
     torch.backends.mkldnn.enabled = args.torch_mkldnn == "on"
     import bptt.kernels as K
 
-    repeat = args.repeat or (3 if args.quick else 7)
+    repeat = args.repeat or (3 if args.quick else 5)
     grid = QUICK_GRID if args.quick else GRID
     modes = args.modes.split(",")
     lines = []
@@ -228,7 +246,8 @@ def main(argv=None):
     peak = sgemm_peak()
     emit(f"# bptt vs PyTorch {torch.__version__} (CPU, float32, {args.threads} threads, mkldnn {args.torch_mkldnn})")
     emit()
-    emit(f"numpy float32 GEMM peak measured in this run: {peak:.1f} GFLOP/s.  Median of {repeat} alternating runs.")
+    emit(f"numpy float32 GEMM peak measured in this run: {peak:.1f} GFLOP/s.  Median of {repeat} alternating runs.  "
+         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}.")
     emit()
     emit("| config (T, N, D, H, L) | mode | pass | ms bptt | ms torch | speed-up torch/bptt | GFLOP/s bptt | % peak |")
     emit("|---|---|---|---:|---:|---:|---:|---:|")

@@ -42,6 +42,7 @@ state and outputs zero; backwards, the carried gradient passes it unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import NamedTuple
@@ -63,6 +64,33 @@ except Exception:  # pragma: no cover - exercised only without numba
 _SMALL_MACS = int(os.environ.get("BPTT_SMALL_MACS", 48_000))
 
 _MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+
+# Per-step products below this many multiply-adds run with one BLAS thread.  A
+# sequence makes 2T small BLAS calls in a row; with two OpenBLAS threads each call
+# waits for the other thread, which on a shared 2-core machine (measured: a
+# 50×1024×256 step product, other processes running) made a training step 5×
+# slower than with one thread.  Above the threshold the product is long enough
+# for threads to pay.  Needs threadpoolctl (optional); BPTT_STEP_THREADS_MACS=0
+# turns the limit off.
+_ONE_THREAD_MACS = int(os.environ.get("BPTT_STEP_THREADS_MACS", 16_000_000))
+_BLAS = {}
+
+
+def _step_blas_limit(macs):
+    """A context manager limiting BLAS to one thread for per-step products of ``macs``, or a no-op."""
+    if macs >= _ONE_THREAD_MACS:
+        return contextlib.nullcontext()
+    if "libs" not in _BLAS:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS["libs"] = ThreadpoolController().select(user_api="blas")
+        except Exception:  # threadpoolctl missing or failing: leave the threads alone
+            _BLAS["libs"] = None
+    libs = _BLAS["libs"]
+    if libs is None or all(c.num_threads == 1 for c in libs.lib_controllers):
+        return contextlib.nullcontext()
+    return libs.limit(limits=1)
 
 
 class KernelCache(NamedTuple):
@@ -495,27 +523,34 @@ def sequence_forward(mode, gx, h0, c0, weights, mask=None, reverse=False):
             m_all if proj else dummy, mask_arr, has_mask, proj,
         )
     else:
-        a = np.empty((N, G), dtype)
-        WhhT = W_hh.T
-        h_new = np.empty((N, P), dtype) if proj else None
-        WhrT = W_hr.T if proj else None
-        for s in range(T):
-            t = T - 1 - s if rev else s
-            np.matmul(hs[t + rev], WhhT, out=a)  # a = h_{t−1} W_hhᵀ  (BLAS)
-            if kind == 2:
-                _lstm_fw_step(t, rev, a, gx, hs, cs, y, gates, aux, m_all if proj else aux, mask_arr, has_mask, proj)
-                if proj:
-                    np.matmul(m_all[t], WhrT, out=h_new)  # h̃_t = m_t W_hrᵀ
-                    _merge_step(t, rev, h_new, hs, y, mask_arr, has_mask)
-            elif kind == 3:
-                _gru_fw_step(t, rev, a, gx, b, hs, y, gates, aux, mask_arr, has_mask)
-            else:
-                _rnn_fw_step(t, rev, a, gx, hs, y, gates, mask_arr, has_mask, kind == 1)
+        with _step_blas_limit(N * G * P):
+            _forward_blas(kind, rev, T, N, G, P, gx, W_hh, b if kind == 3 else None, W_hr, hs, cs, y, gates, aux, m_all,
+                          mask_arr, has_mask, proj, dtype)
 
     h_n = hs[0] if rev else hs[T]
     c_n = None if cs is None else (cs[0] if rev else cs[T])
     cache = KernelCache(mode, bool(reverse), mask_arr if has_mask else None, hs[rev : T + rev], hs, cs, gates, aux, m_all, small)
     return y, h_n, c_n, cache
+
+
+def _forward_blas(kind, rev, T, N, G, P, gx, W_hh, b, W_hr, hs, cs, y, gates, aux, m_all, mask_arr, has_mask, proj, dtype):
+    """The forward loop in Python: BLAS product into a buffer, then the fused step."""
+    a = np.empty((N, G), dtype)
+    WhhT = W_hh.T
+    h_new = np.empty((N, P), dtype) if proj else None
+    WhrT = W_hr.T if proj else None
+    for s in range(T):
+        t = T - 1 - s if rev else s
+        np.matmul(hs[t + rev], WhhT, out=a)  # a = h_{t−1} W_hhᵀ  (BLAS)
+        if kind == 2:
+            _lstm_fw_step(t, rev, a, gx, hs, cs, y, gates, aux, m_all if proj else aux, mask_arr, has_mask, proj)
+            if proj:
+                np.matmul(m_all[t], WhrT, out=h_new)  # h̃_t = m_t W_hrᵀ
+                _merge_step(t, rev, h_new, hs, y, mask_arr, has_mask)
+        elif kind == 3:
+            _gru_fw_step(t, rev, a, gx, b, hs, y, gates, aux, mask_arr, has_mask)
+        else:
+            _rnn_fw_step(t, rev, a, gx, hs, y, gates, mask_arr, has_mask, kind == 1)
 
 
 def sequence_backward(dy, dh_n, dc_n, cache: KernelCache, weights):
@@ -550,28 +585,35 @@ def sequence_backward(dy, dh_n, dc_n, cache: KernelCache, weights):
             dh_all if proj else dummy, mask_arr, has_mask, proj,
         )
     else:
-        prod = np.empty((N, P), dtype)
-        dm = np.empty((N, H), dtype) if proj else dh
-        for s in range(T):
-            t = s if rev else T - 1 - s  # the forward order, read backwards
-            if kind == 2:
-                if proj:
-                    _masked_sum(t, dh, dy, dh_all, mask_arr, has_mask)
-                    np.matmul(dh_all[t], W_hr, out=dm)  # dm = dh̃ W_hr
-                _lstm_bw_step(t, rev, dy, dh, dc, dm, cache.cs, cache.gates, cache.aux, dgx, mask_arr, has_mask, proj)
-                _product_into_dh(t, dgx[t], W_hh, dh, prod, mask_arr, has_mask, False)
-            elif kind == 3:
-                _gru_bw_step(t, rev, dy, dh, cache.hs, cache.gates, cache.aux, dgx, dgh, mask_arr, has_mask)
-                np.matmul(dgh[t], W_hh, out=prod)
-                _merge_grad(t, prod, dh, mask_arr, has_mask, True)
-            else:
-                _rnn_bw_step(t, dy, dh, cache.gates, dgx, mask_arr, has_mask, kind == 1)
-                _product_into_dh(t, dgx[t], W_hh, dh, prod, mask_arr, has_mask, False)
+        with _step_blas_limit(N * G * P):
+            _backward_blas(kind, rev, T, N, H, P, dy, dh, dc, W_hh, W_hr, cache, dgx, dgh, dh_all, mask_arr, has_mask,
+                           proj, dtype)
 
     dW_hr = None
     if proj:  # ∂L/∂W_hr = Σ_t dh̃_tᵀ m_t, one product over all steps
         dW_hr = dh_all.reshape(-1, P).T @ cache.m.reshape(-1, H)
     return dgx, dgh, dh, dc, dW_hr
+
+
+def _backward_blas(kind, rev, T, N, H, P, dy, dh, dc, W_hh, W_hr, cache, dgx, dgh, dh_all, mask_arr, has_mask, proj, dtype):
+    """The backward loop in Python: the fused step, then the BLAS product da W_hh."""
+    prod = np.empty((N, P), dtype)
+    dm = np.empty((N, H), dtype) if proj else dh
+    for s in range(T):
+        t = s if rev else T - 1 - s  # the forward order, read backwards
+        if kind == 2:
+            if proj:
+                _masked_sum(t, dh, dy, dh_all, mask_arr, has_mask)
+                np.matmul(dh_all[t], W_hr, out=dm)  # dm = dh̃ W_hr
+            _lstm_bw_step(t, rev, dy, dh, dc, dm, cache.cs, cache.gates, cache.aux, dgx, mask_arr, has_mask, proj)
+            _product_into_dh(t, dgx[t], W_hh, dh, prod, mask_arr, has_mask, False)
+        elif kind == 3:
+            _gru_bw_step(t, rev, dy, dh, cache.hs, cache.gates, cache.aux, dgx, dgh, mask_arr, has_mask)
+            np.matmul(dgh[t], W_hh, out=prod)
+            _merge_grad(t, prod, dh, mask_arr, has_mask, True)
+        else:
+            _rnn_bw_step(t, dy, dh, cache.gates, dgx, mask_arr, has_mask, kind == 1)
+            _product_into_dh(t, dgx[t], W_hh, dh, prod, mask_arr, has_mask, False)
 
 
 def _product_into_dh(t, da, W_hh, dh, prod, mask_arr, has_mask, add):
@@ -649,6 +691,11 @@ def layer_step(mode, params, x, h0, c0):
     L, _, P = h0.shape
     h_n = np.empty_like(h0)
     c_n = None if c0 is None else np.empty_like(c0)
+    with _step_blas_limit(N * params[-1][2].shape[0] * P):
+        return _layer_step(kind, params, x, h0, c0, h_n, c_n, dtype, N, L, P)
+
+
+def _layer_step(kind, params, x, h0, c0, h_n, c_n, dtype, N, L, P):
     inp = x
     for k in range(L):
         W_ih, b_ih, W_hh, b_hh, W_hr = params[k]
