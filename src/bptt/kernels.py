@@ -70,7 +70,7 @@ _MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 # waits for the other thread, which on a shared 2-core machine (measured: a
 # 50×1024×256 step product, other processes running) made a training step 5×
 # slower than with one thread.  Above the threshold the product is long enough
-# for threads to pay.  Needs threadpoolctl (optional); BPTT_STEP_THREADS_MACS=0
+# for threads to pay.  Uses threadpoolctl (a dependency); BPTT_STEP_THREADS_MACS=0
 # turns the limit off.
 _ONE_THREAD_MACS = int(os.environ.get("BPTT_STEP_THREADS_MACS", 16_000_000))
 _BLAS = {}
