@@ -52,7 +52,7 @@ def main():
             ax.plot([m for m, _, _ in val], [v for _, _, v in val], "-", lw=1.5, label=name)
         for t in THRESHOLDS[:3]:
             ax.axhline(t, color="grey", lw=0.5, ls=":")
-        ax.set_xlabel("wall-clock minutes (2 cores)")
+        ax.set_xlabel("wall-clock minutes, evaluation included")
         ax.set_ylabel("validation loss (nats/char)")
         ax.set_ylim(1.3, 2.2)
         ax.grid(alpha=0.3)
