@@ -128,8 +128,10 @@ def cmd_eval(args) -> int:
         print(json.dumps(result))
     else:
         if result["unknown_chars"]:
-            shown = ", ".join(repr(c) for c in result["unknown_chars"][:10])
-            print(f"note: {result['unknown_count']} characters outside the vocabulary were left out: {shown}", file=sys.stderr)
+            from bptt.data import show_chars
+
+            print(f"note: {result['unknown_count']} characters outside the vocabulary were left out: "
+                  f"{show_chars(result['unknown_chars'])}", file=sys.stderr)
         print(f"{result['loss']:.4f} nats/char, {result['bits_per_char']:.4f} bits/char, "
               f"perplexity {result['perplexity']:.3f} over {result['characters']:,} predicted characters")
     return 0

@@ -40,6 +40,7 @@ __all__ = [
     "encode_file",
     "split_corpus",
     "TBPTTBatches",
+    "show_chars",
 ]
 
 #: Characters per chunk when streaming a file (a few MB of temporaries per chunk).
@@ -59,7 +60,8 @@ def _codepoints(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
 
 
-def _show_chars(chars: Iterable[str], limit: int = 10) -> str:
+def show_chars(chars: Iterable[str], limit: int = 10) -> str:
+    """Characters for an error message: their reprs, the first ``limit`` of them."""
     chars = list(chars)
     shown = ", ".join(repr(c) for c in chars[:limit])
     return shown + (f", ... ({len(chars)} in all)" if len(chars) > limit else "")
@@ -144,7 +146,7 @@ class Vocab:
                 unknown = self.unknown(text)
                 raise DataError(
                     f"text contains {len(unknown)} character(s) not in the vocabulary "
-                    f"({_show_chars(unknown)}); expected only the {len(self)} characters of the training corpus"
+                    f"({show_chars(unknown)}); expected only the {len(self)} characters of the training corpus"
                 )
             out[start : start + len(piece)] = ids
         return out

@@ -45,7 +45,7 @@ from typing import NamedTuple
 import numpy as np
 
 from bptt.cells import gru_step_backward, lstm_step_backward, rnn_step_backward
-from bptt.data import DataError, Vocab, default_corpus, read_text
+from bptt.data import DataError, Vocab, default_corpus, read_text, show_chars
 from bptt.losses import softmax
 
 __all__ = [
@@ -651,11 +651,6 @@ def hidden_stats(model) -> dict[str, float]:
 # ============================================================================ the command
 
 
-def _show_chars(chars, limit=10):
-    shown = ", ".join(repr(c) for c in chars[:limit])
-    return shown + (f" and {len(chars) - limit} more" if len(chars) > limit else "")
-
-
 def _load_text(path, encoding="utf-8", start=0, max_chars=0) -> tuple[str, str]:
     """(text, description): a file, or the built-in corpus when path is None; cut to [start, start + max_chars)."""
     if path is None:
@@ -677,7 +672,7 @@ def _encode_known(vocab: Vocab, text: str, what: str, model_name: str) -> np.nda
     if unknown:
         count = sum(text.count(c) for c in unknown)
         raise DataError(f"{what} has {count} characters outside the vocabulary of {model_name} "
-                        f"({len(unknown)} distinct: {_show_chars(unknown)})")
+                        f"({len(unknown)} distinct: {show_chars(unknown)})")
     return vocab.encode(text).astype(np.int64)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bptt.data import DataError, Vocab
+from bptt.data import DataError, Vocab, show_chars
 from bptt.losses import softmax
 
 __all__ = ["next_char_distribution", "generate"]
@@ -54,8 +54,7 @@ def generate(
         raise ValueError(f"top-k must be >= 0, got {top_k}")
     unknown = vocab.unknown(prime)
     if unknown:
-        shown = ", ".join(repr(c) for c in unknown[:10])
-        raise DataError(f"priming text has characters outside the model's vocabulary: {shown}")
+        raise DataError(f"priming text has characters outside the model's vocabulary: {show_chars(unknown)}")
     rng = rng or np.random.default_rng()
     if prime and on_char is not None:
         on_char(prime)

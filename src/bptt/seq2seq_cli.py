@@ -291,11 +291,9 @@ def cmd_translate(args) -> int:
 
 def save_attention_png(weights, src_tokens, out_tokens, path):
     """Heatmap of the attention weights: source tokens on x, output tokens on y."""
-    import matplotlib
+    from bptt.viz import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     T, S = weights.shape
     fig, ax = plt.subplots(figsize=(max(4, 0.32 * S + 1.5), max(3, 0.32 * T + 1.2)))
     im = ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")

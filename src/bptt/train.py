@@ -26,7 +26,16 @@ from pathlib import Path
 import numpy as np
 
 from bptt import checkpoint as ckpt
-from bptt.data import DataError, TBPTTBatches, Vocab, default_corpus, encode_file, encode_text, split_corpus
+from bptt.data import (
+    DataError,
+    TBPTTBatches,
+    Vocab,
+    default_corpus,
+    encode_file,
+    encode_text,
+    show_chars,
+    split_corpus,
+)
 from bptt.introspect import hidden_stats
 from bptt.losses import cross_entropy
 from bptt.models.charlm import CharLM, CharLMConfig
@@ -141,20 +150,15 @@ def load_corpus(cfg: TrainConfig, out_dir: Path, vocab: Vocab | None, log):
         return ids, vocab
     missing = [c for c in corpus_vocab.chars if c not in set(vocab.chars)]
     if missing:
-        raise DataError(f"{cfg.data} has characters the checkpoint's vocabulary lacks: {_show(missing)}")
+        raise DataError(f"{cfg.data} has characters the checkpoint's vocabulary lacks: {show_chars(missing)}")
     remap = vocab.encode("".join(corpus_vocab.chars)).astype(vocab.dtype)
     return remap[np.asarray(ids)], vocab  # same characters, different ids: translate (in memory)
-
-
-def _show(chars, limit=10):
-    shown = ", ".join(repr(c) for c in chars[:limit])
-    return shown + (f" and {len(chars) - limit} more" if len(chars) > limit else "")
 
 
 def _check_known(vocab: Vocab, text: str, what: str):
     unknown = vocab.unknown(text)
     if unknown:
-        raise DataError(f"{what} has characters outside the model's vocabulary: {_show(unknown)}")
+        raise DataError(f"{what} has characters outside the model's vocabulary: {show_chars(unknown)}")
 
 
 # ============================================================================ evaluation
