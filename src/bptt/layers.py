@@ -398,10 +398,11 @@ class RNNBase(Module):
             X2 = layer.x.reshape(T * N, -1)
             dx = None
             for d in range(K):
-                W_ih, _, W_hh, _, W_hr = self._direction_params(k, d)
+                W_ih, _, W_hh, b_hh, W_hr = self._direction_params(k, d)
+                if self.mode != "gru":
+                    b_hh = None  # folded into gx in the forward pass
                 gW_ih, gb_ih, gW_hh, gb_hh, gW_hr = self._direction_grads(k, d)
                 cache = layer.directions[d]
-                b_hh = self._direction_params(k, d)[3] if self.mode == "gru" else None
                 idx = k * K + d
                 dgx, dgh, dh0[idx], dc_first, dW_hr = seq_backward(
                     np.ascontiguousarray(dy[:, :, d * P : (d + 1) * P]),
