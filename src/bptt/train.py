@@ -245,6 +245,7 @@ class _Run:
         self.model, self.optimizer, self.vocab, self.cfg = model, optimizer, vocab, cfg
         self.iteration, self.best_val, self.state = iteration, best_val, state
         self.first_loss = None
+        self.last_plot = -math.inf  # time.time() of the last loss.png
 
     def save(self, path: Path, val_loss=None):
         arrays, opt_meta = self.optimizer.state_dict()
@@ -446,6 +447,7 @@ def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None) -> dict:
         if bar is not None:
             bar.close()
         log_file.close()
+        _plot(run, out_dir, force=True)
     if stop_reason != "finished":
         run.save(last_path)  # every step above is complete, so this state resumes exactly
         log(f"{stop_reason}: saved {last_path} at step {run.iteration}")
@@ -491,12 +493,21 @@ def _evaluate_and_save(run, val_batches, last_path, best_path, log_file, out_dir
 
         text = generate(model, run.vocab, cfg.sample_length, temperature=0.8, rng=np.random.default_rng(run.iteration))
         _print(bar, log, "sample: " + text.replace("\n", "\n        "))
-    try:
-        from bptt.viz import plot_training_log
+    _plot(run, out_dir)
 
-        plot_training_log(out_dir / "log.jsonl", out_dir / "loss.png")
-    except ImportError:  # matplotlib missing: the log still has the numbers
-        pass
+
+# Redrawing loss.png costs about a second (matplotlib); with frequent evaluations that
+# would dominate the wall clock, so it is redrawn at most this often, and at the end.
+PLOT_EVERY_SECONDS = 30.0
+
+
+def _plot(run, out_dir, force=False):
+    if not force and time.time() - run.last_plot < PLOT_EVERY_SECONDS:
+        return
+    from bptt.viz import plot_training_log
+
+    plot_training_log(out_dir / "log.jsonl", out_dir / "loss.png")
+    run.last_plot = time.time()
 
 
 def _print(bar, log, msg):
