@@ -217,11 +217,17 @@ def evaluate_text(model: CharLM, vocab: Vocab, text: str, window: int = 100, str
             "characters": int(len(ids) - 1), "unknown_count": unknown_count, "unknown_chars": unknown}
 
 
-def load_model(path, dtype: str | None = None):
-    """(model, vocab, meta) from a checkpoint written by ``bptt train``."""
+def _load_charlm_checkpoint(path):
+    """(tensors, meta) of a checkpoint, which must have been written by ``bptt train``."""
     tensors, meta = ckpt.load_checkpoint(path)
     if meta.get("kind") != CHECKPOINT_KIND:
         raise ckpt.CheckpointError(f"{path} holds a {meta.get('kind')!r} model, not a character language model")
+    return tensors, meta
+
+
+def load_model(path, dtype: str | None = None):
+    """(model, vocab, meta) from a checkpoint written by ``bptt train``."""
+    tensors, meta = _load_charlm_checkpoint(path)
     try:
         config = CharLMConfig.from_dict(meta["model_config"])
         if dtype:
@@ -322,9 +328,7 @@ def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None) -> dict:
     if cfg.resume:
         if not last_path.exists():
             raise DataError(f"--resume: no checkpoint to resume in {out_dir} (expected {last_path.name})")
-        tensors, meta = ckpt.load_checkpoint(last_path)
-        if meta.get("kind") != CHECKPOINT_KIND:
-            raise ckpt.CheckpointError(f"{last_path} is not a character-LM checkpoint")
+        tensors, meta = _load_charlm_checkpoint(last_path)
         saved = TrainConfig.from_dict(meta["train_config"])
         fixed = [n for n in _FIXED_ON_RESUME if n in (explicit or ()) and getattr(cfg, n) != getattr(saved, n)]
         if fixed:
