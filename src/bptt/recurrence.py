@@ -155,8 +155,7 @@ def sequence_backward(dy, dh_n, dc_n, cache: SequenceCache, weights: Weights):
             if mode == "lstm":
                 dc = np.where(m, dc_prev, dc)
     dW_hr = None
-    if dh_all is not None:  # m_t = o ⊙ tanh(c_t) was the projection's input
-        H = steps[0].c_prev.shape[1]
+    if dh_all is not None:  # m_t = o ⊙ tanh(c_t) was the projection's input (H set above: LSTM only)
         m_all = np.stack([s.gates[:, 3 * H :] * s.tanh_c for s in steps])  # (T, N, H)
         dW_hr = dh_all.reshape(-1, P).T @ m_all.reshape(-1, H)
     return dgx, dgh, dh, dc, dW_hr
