@@ -50,7 +50,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["sequence_impl", "sequence_forward", "sequence_backward", "KernelCache", "available"]
+__all__ = ["sequence_impl", "sequence_forward", "sequence_backward", "ForwardRun", "BackwardRun", "KernelCache",
+           "available", "blas_threads", "single_thread_blas", "scatter_add_rows"]
 
 try:  # Numba is a dependency, but the reference loop must work without it
     import numba
@@ -77,21 +78,39 @@ _ONE_THREAD_MACS = int(os.environ.get("BPTT_STEP_THREADS_MACS", 16_000_000))
 _BLAS = {}
 
 
-def _step_blas_limit(macs):
-    """A context manager limiting BLAS to one thread for per-step products of ``macs``, or a no-op."""
-    if macs >= _ONE_THREAD_MACS:
-        return contextlib.nullcontext()
+def _blas_controllers():
+    """threadpoolctl's controller of NumPy's BLAS, or None (threadpoolctl missing or failing)."""
     if "libs" not in _BLAS:
         try:
             from threadpoolctl import ThreadpoolController
 
             _BLAS["libs"] = ThreadpoolController().select(user_api="blas")
-        except Exception:  # threadpoolctl missing or failing: leave the threads alone
+        except Exception:  # leave the threads alone
             _BLAS["libs"] = None
-    libs = _BLAS["libs"]
+    return _BLAS["libs"]
+
+
+def blas_threads() -> int:
+    """How many threads NumPy's BLAS may use now (1 if unknown): the cores bptt may keep busy."""
+    libs = _blas_controllers()
+    if libs is None or not libs.lib_controllers:
+        return 1
+    return max(1, max(c.num_threads for c in libs.lib_controllers))
+
+
+def single_thread_blas():
+    """A context manager limiting BLAS to one thread (a no-op when it already is)."""
+    libs = _blas_controllers()
     if libs is None or all(c.num_threads == 1 for c in libs.lib_controllers):
         return contextlib.nullcontext()
     return libs.limit(limits=1)
+
+
+def _step_blas_limit(macs):
+    """A context manager limiting BLAS to one thread for per-step products of ``macs``, or a no-op."""
+    if macs >= _ONE_THREAD_MACS:
+        return contextlib.nullcontext()
+    return single_thread_blas()
 
 
 class KernelCache(NamedTuple):
@@ -258,6 +277,14 @@ if numba is not None:
                     for k in range(K):
                         out[n, k] += a * Bt[j, k]
 
+    @njit(**_jit)
+    def _scatter_add_rows(out, ids, rows):
+        """out[ids[i], :] += rows[i, :] for every i, in order (repeated ids accumulate)."""
+        for i in range(ids.shape[0]):
+            o, r = out[ids[i]], rows[i]
+            for j in range(o.shape[0]):
+                o[j] += r[j]
+
     # ======================================================================== forward steps
     # Shared arguments: t the time index, hs (T+1, N, P) states with entering state
     # hs[t+rev] and leaving state hs[t+1−rev]; mask (T, N) (ignored unless has_mask);
@@ -316,18 +343,21 @@ if numba is not None:
             ar, xr, gr = a[n], gx[t, n], gates[t, n]
             for j in range(2 * H):  # i, f
                 gr[j] = _act_sigmoid(ar[j] + xr[j])
-            for j in range(2 * H, 3 * H):  # g
-                gr[j] = _act_tanh(ar[j] + xr[j])
-            for j in range(3 * H, 4 * H):  # o
-                gr[j] = _act_sigmoid(ar[j] + xr[j])
+            ag, xg, g = ar[2 * H : 3 * H], xr[2 * H : 3 * H], gr[2 * H : 3 * H]
+            for j in range(H):
+                g[j] = _act_tanh(ag[j] + xg[j])
+            ao, xo, o = ar[3 * H :], xr[3 * H :], gr[3 * H :]
+            for j in range(H):
+                o[j] = _act_sigmoid(ao[j] + xo[j])
+            i, f = gr[:H], gr[H : 2 * H]
             cpr, cnr, tcr = cp[n], cn[n], tanh_c[t, n]
             for j in range(H):  # c̃ = f ⊙ c_{t−1} + i ⊙ g
-                cnr[j] = gr[H + j] * cpr[j] + gr[j] * gr[2 * H + j]
+                cnr[j] = f[j] * cpr[j] + i[j] * g[j]
             for j in range(H):
                 tcr[j] = _act_tanh(cnr[j])
             mr = m_all[t, n] if proj else y[t, n]  # m_t, or directly h̃_t = y_t
             for j in range(H):
-                mr[j] = gr[3 * H + j] * tcr[j]
+                mr[j] = o[j] * tcr[j]
             keep = has_mask and not mask[t, n]
             if keep:
                 for j in range(H):
@@ -363,17 +393,18 @@ if numba is not None:
             ar, xr, gr, ghr = a[n], gx[t, n], gates[t, n], gh_n[t, n]
             for j in range(2 * H):  # r, z
                 gr[j] = _act_sigmoid(xr[j] + (ar[j] + b_hh[j]))
+            an, bn = ar[2 * H :], b_hh[2 * H :]
             for j in range(H):
-                ghr[j] = ar[2 * H + j] + b_hh[2 * H + j]
+                ghr[j] = an[j] + bn[j]
+            r, z, nr, xn = gr[:H], gr[H : 2 * H], gr[2 * H :], xr[2 * H :]
             for j in range(H):  # n
-                gr[2 * H + j] = _act_tanh(xr[2 * H + j] + gr[j] * ghr[j])
+                nr[j] = _act_tanh(xn[j] + r[j] * ghr[j])
             if has_mask and not mask[t, n]:
                 _keep_row(y[t, n], hn[n], hp[n])
             else:
                 yr, hpr, hnr = y[t, n], hp[n], hn[n]
                 for j in range(H):
-                    nn = gr[2 * H + j]
-                    yr[j] = nn + gr[H + j] * (hpr[j] - nn)
+                    yr[j] = nr[j] + z[j] * (hpr[j] - nr[j])
                 for j in range(H):
                     hnr[j] = yr[j]
 
@@ -419,25 +450,24 @@ if numba is not None:
                 dr[:] = 0.0
                 continue
             gr, tcr, dcr, cpr = gates[t, n], tanh_c[t, n], dc[n], cp[n]
-            if proj:
-                dmr = dm_in[n]
+            # one view per gate, so every loop runs from 0 (LLVM vectorises those, not offset ranges)
+            i, f, g, o = gr[:H], gr[H : 2 * H], gr[2 * H : 3 * H], gr[3 * H :]
+            da_i, da_f, da_g, da_o = dr[:H], dr[H : 2 * H], dr[2 * H : 3 * H], dr[3 * H :]
+            dmr = dm_in[n] if proj else dh[n]
+            if not proj:
+                dyr = dy[t, n]
                 for j in range(H):
-                    o, tc = gr[3 * H + j], tcr[j]
-                    dr[3 * H + j] = dmr[j] * tc * (o * (1.0 - o))  # da_o
-                    dcr[j] = dmr[j] * o * (1.0 - tc * tc) + dcr[j]  # dc̃
-            else:
-                dhr, dyr = dh[n], dy[t, n]
-                for j in range(H):
-                    dm = dhr[j] + dyr[j]
-                    o, tc = gr[3 * H + j], tcr[j]
-                    dr[3 * H + j] = dm * tc * (o * (1.0 - o))  # da_o
-                    dcr[j] = dm * o * (1.0 - tc * tc) + dcr[j]  # dc̃
+                    dmr[j] += dyr[j]  # dm = dh + dy_t (dh is overwritten by the product afterwards)
             for j in range(H):
-                i, f, g, dcs = gr[j], gr[H + j], gr[2 * H + j], dcr[j]
-                dr[j] = dcs * g * (i * (1.0 - i))
-                dr[H + j] = dcs * cpr[j] * (f * (1.0 - f))
-                dr[2 * H + j] = dcs * i * (1.0 - g * g)
-                dcr[j] = dcs * f
+                tc = tcr[j]
+                da_o[j] = dmr[j] * tc * (o[j] * (1.0 - o[j]))
+                dcr[j] = dmr[j] * o[j] * (1.0 - tc * tc) + dcr[j]  # dc̃
+            for j in range(H):
+                dcs = dcr[j]
+                da_i[j] = dcs * g[j] * (i[j] * (1.0 - i[j]))
+                da_f[j] = dcs * cpr[j] * (f[j] * (1.0 - f[j]))
+                da_g[j] = dcs * i[j] * (1.0 - g[j] * g[j])
+                dcr[j] = dcs * f[j]
 
     @njit(**_jit)
     def _masked_sum(t, dh, dy, out, mask, has_mask):
@@ -471,15 +501,16 @@ if numba is not None:
                 hr[:] = 0.0
                 continue
             dhr, dyr, gr, ghr, hpr = dh[n], dy[t, n], gates[t, n], gh_n[t, n], hp[n]
+            r, z, nn = gr[:H], gr[H : 2 * H], gr[2 * H :]  # views: loops from 0 vectorise
+            da_r, da_z, da_n, dgh_n = xr[:H], xr[H : 2 * H], xr[2 * H :], hr[2 * H :]
             for j in range(H):
                 d = dhr[j] + dyr[j]
-                r, z, nn = gr[j], gr[H + j], gr[2 * H + j]
-                da_n = d * (1.0 - z) * (1.0 - nn * nn)
-                xr[j] = da_n * ghr[j] * (r * (1.0 - r))  # da_r
-                xr[H + j] = d * (hpr[j] - nn) * (z * (1.0 - z))  # da_z
-                xr[2 * H + j] = da_n
-                hr[2 * H + j] = da_n * r
-                dhr[j] = d * z
+                dn = d * (1.0 - z[j]) * (1.0 - nn[j] * nn[j])
+                da_r[j] = dn * ghr[j] * (r[j] * (1.0 - r[j]))
+                da_z[j] = d * (hpr[j] - nn[j]) * (z[j] * (1.0 - z[j]))
+                da_n[j] = dn
+                dgh_n[j] = dn * r[j]
+                dhr[j] = d * z[j]
             for j in range(2 * H):
                 hr[j] = xr[j]
 
@@ -500,13 +531,13 @@ if numba is not None:
 
     # ======================================================================== whole sequence, compiled
     @njit(**_jit)
-    def _forward_small(kind, rev, gx, WhhT, b_hh, WhrT, hs, cs, y, gates, aux, m_all, mask, has_mask, proj):
-        """The whole forward loop in Numba (kind 0 tanh, 1 relu, 2 LSTM, 3 GRU), products by hand."""
-        T, N, G = gx.shape
+    def _forward_small(kind, rev, t0, t1, gx, WhhT, b_hh, WhrT, hs, cs, y, gates, aux, m_all, mask, has_mask, proj):
+        """The forward loop over times [t0, t1) in Numba (kind 0 tanh, 1 relu, 2 LSTM, 3 GRU), products by hand."""
+        N, G = gx.shape[1], gx.shape[2]
         a = np.empty((N, G), gx.dtype)
         h_new = np.empty((N, hs.shape[2]), gx.dtype)
-        for s in range(T):
-            t = T - 1 - s if rev else s
+        for s in range(t1 - t0):
+            t = t1 - 1 - s if rev else t0 + s
             _mm_acc(hs[t + rev], WhhT, a, True)  # a = h_{t−1} W_hhᵀ
             if kind == 2:
                 _lstm_fw_step(t, rev, a, gx, hs, cs, y, gates, aux, m_all, mask, has_mask, proj)
@@ -519,14 +550,15 @@ if numba is not None:
                 _rnn_fw_step(t, rev, a, gx, hs, y, gates, mask, has_mask, kind == 1)
 
     @njit(**_jit)
-    def _backward_small(kind, rev, dy, dh, dc, W_hh, W_hr, hs, cs, gates, aux, dgx, dgh, dh_all, mask, has_mask, proj):
-        """The whole backward loop in Numba, products by hand (dh, dc updated in place)."""
-        T, N, P = dy.shape
+    def _backward_small(kind, rev, t0, t1, dy, dh, dc, W_hh, W_hr, hs, cs, gates, aux, dgx, dgh, dh_all, mask, has_mask,
+                        proj):
+        """The backward loop over times [t0, t1) in Numba, products by hand (dh, dc updated in place)."""
+        N, P = dy.shape[1], dy.shape[2]
         H = gates.shape[2] // (4 if kind == 2 else 3 if kind == 3 else 1)
         prod = np.empty((N, P), dy.dtype)
         dm = np.empty((N, H), dy.dtype)
-        for s in range(T):
-            t = s if rev else T - 1 - s  # the forward order, read backwards
+        for s in range(t1 - t0):
+            t = t0 + s if rev else t1 - 1 - s  # the forward order, read backwards
             if kind == 2:
                 if proj:
                     _masked_sum(t, dh, dy, dh_all, mask, has_mask)
@@ -551,142 +583,185 @@ _NO_MASK = np.ones((1, 1), dtype=np.bool_)
 # ============================================================================ Python drivers
 def _prepare(mode, gx, weights, dtype):
     gx = np.ascontiguousarray(gx, dtype=dtype)
-    W_hh = np.ascontiguousarray(weights.W_hh, dtype=dtype)
     b_hh = weights.b_hh
     if b_hh is not None and mode != "gru":
         gx = gx + b_hh.astype(dtype)  # RNN/LSTM: b_hh joins the same sum (layers fold it already)
         b_hh = None
-    return gx, W_hh, b_hh
+    return gx, b_hh
+
+
+class ForwardRun:
+    """The fused forward of one layer direction, run a range of time steps at a time.
+
+    ``run = ForwardRun(mode, h0, c0, weights, gx, mask, reverse)`` takes the
+    input projections gx (T, N, G) (b_hh folded in, except for the GRU), which
+    the caller may fill chunk by chunk: ``run.steps(t0, t1)`` needs gx[t0:t1]
+    and runs times [t0, t1) (in reverse order for the reverse direction), after
+    the chunks before them.  ``run.result()`` → ``(y, h_n, c_n, cache)`` as
+    :func:`sequence_forward`.  Chunks let :mod:`bptt.layers` start layer k+1 on
+    the first steps of layer k's output while layer k goes on.
+    """
+
+    def __init__(self, mode, h0, c0, weights, gx, mask=None, reverse=False):
+        self.mode, self.kind, self.gx = mode, _KIND[mode], gx
+        T, N, G = gx.shape
+        dtype = gx.dtype
+        self.W_hh = np.ascontiguousarray(weights.W_hh, dtype=dtype)
+        P = self.W_hh.shape[1]
+        self.H = H = G // (4 if self.kind == 2 else 3 if self.kind == 3 else 1)
+        self.rev = rev = int(bool(reverse))
+        self.proj = weights.W_hr is not None
+        self.W_hr = np.ascontiguousarray(weights.W_hr, dtype=dtype) if self.proj else None
+        self.has_mask = mask is not None
+        self.mask = np.ascontiguousarray(mask, dtype=np.bool_) if self.has_mask else _NO_MASK
+        self.b = None
+        if self.kind == 3:
+            self.b = np.zeros(G, dtype) if weights.b_hh is None else np.ascontiguousarray(weights.b_hh, dtype=dtype)
+
+        self.hs = np.empty((T + 1, N, P), dtype)  # states, time order (see module docstring)
+        self.hs[T if rev else 0] = h0
+        self.cs = None
+        if self.kind == 2:
+            self.cs = np.empty((T + 1, N, H), dtype)
+            self.cs[T if rev else 0] = c0
+        self.y = np.empty((T, N, P), dtype)
+        self.gates = np.empty((T, N, G), dtype)
+        self.aux = np.empty((T, N, H), dtype) if self.kind >= 2 else None
+        self.m_all = np.empty((T, N, H), dtype) if self.proj else None
+        self.small = N * G * P <= _SMALL_MACS
+        self.macs = N * G * P
+
+    def steps(self, t0, t1):
+        """Run times [t0, t1) (t1−1 down to t0 in the reverse direction)."""
+        kind, rev, proj, dtype = self.kind, self.rev, self.proj, self.gx.dtype
+        if self.small:
+            dummy = self.gates[:0, :0, :0]
+            _forward_small(
+                kind, rev, t0, t1, self.gx, np.ascontiguousarray(self.W_hh.T),
+                self.b if kind == 3 else self.gates[0, 0, :0],
+                np.ascontiguousarray(self.W_hr.T) if proj else self.gates[0, :0, :0], self.hs,
+                self.cs if self.cs is not None else dummy, self.y, self.gates,
+                self.aux if self.aux is not None else dummy, self.m_all if proj else dummy,
+                self.mask, self.has_mask, proj,
+            )
+            return
+        with _step_blas_limit(self.macs):
+            N, G = self.gx.shape[1], self.gx.shape[2]
+            a = np.empty((N, G), dtype)
+            WhhT = self.W_hh.T
+            h_new = np.empty((N, self.hs.shape[2]), dtype) if proj else None
+            hs, cs, y, gx, gates, aux, mask, has_mask = self.hs, self.cs, self.y, self.gx, self.gates, self.aux, self.mask, self.has_mask
+            for t in (range(t1 - 1, t0 - 1, -1) if rev else range(t0, t1)):
+                np.matmul(hs[t + rev], WhhT, out=a)  # a = h_{t−1} W_hhᵀ  (BLAS)
+                if kind == 2:
+                    _lstm_fw_step(t, rev, a, gx, hs, cs, y, gates, aux, self.m_all if proj else aux, mask, has_mask, proj)
+                    if proj:
+                        np.matmul(self.m_all[t], self.W_hr.T, out=h_new)  # h̃_t = m_t W_hrᵀ
+                        _merge_step(t, rev, h_new, hs, y, mask, has_mask)
+                elif kind == 3:
+                    _gru_fw_step(t, rev, a, gx, self.b, hs, y, gates, aux, mask, has_mask)
+                else:
+                    _rnn_fw_step(t, rev, a, gx, hs, y, gates, mask, has_mask, kind == 1)
+
+    def result(self):
+        T, rev = self.y.shape[0], self.rev
+        h_n = self.hs[0] if rev else self.hs[T]
+        c_n = None if self.cs is None else (self.cs[0] if rev else self.cs[T])
+        cache = KernelCache(self.mode, bool(rev), self.mask if self.has_mask else None, self.hs[rev : T + rev],
+                            self.hs, self.cs, self.gates, self.aux, self.m_all, self.small)
+        return self.y, h_n, c_n, cache
 
 
 def sequence_forward(mode, gx, h0, c0, weights, mask=None, reverse=False):
     """Fused :func:`bptt.recurrence.sequence_forward`: same arguments, same results."""
     dtype = np.asarray(gx).dtype
-    gx, W_hh, b_hh = _prepare(mode, gx, weights, dtype)
-    T, N, G = gx.shape
-    P = W_hh.shape[1]
-    kind = _KIND[mode]
-    H = G // (4 if kind == 2 else 3 if kind == 3 else 1)
-    rev = int(bool(reverse))
-    proj = weights.W_hr is not None
-    W_hr = None if not proj else np.ascontiguousarray(weights.W_hr, dtype=dtype)
-    has_mask = mask is not None
-    mask_arr = np.ascontiguousarray(mask, dtype=np.bool_) if has_mask else _NO_MASK
-
-    hs = np.empty((T + 1, N, P), dtype)  # states, time order (see module docstring)
-    hs[T if rev else 0] = h0
-    cs = None
-    if kind == 2:
-        cs = np.empty((T + 1, N, H), dtype)
-        cs[T if rev else 0] = c0
-    y = np.empty((T, N, P), dtype)
-    gates = np.empty((T, N, G), dtype)
-    aux = np.empty((T, N, H), dtype) if kind >= 2 else None
-    m_all = np.empty((T, N, H), dtype) if proj else None
-    if kind == 3:
-        b = np.zeros(G, dtype) if b_hh is None else np.ascontiguousarray(b_hh, dtype=dtype)
-
-    small = N * G * P <= _SMALL_MACS
-    if small:
-        dummy = gates[:0, :0, :0]
-        _forward_small(
-            kind, rev, gx, np.ascontiguousarray(W_hh.T), b if kind == 3 else gates[0, 0, :0],
-            np.ascontiguousarray(W_hr.T) if proj else gates[0, :0, :0], hs,
-            cs if cs is not None else dummy, y, gates, aux if aux is not None else dummy,
-            m_all if proj else dummy, mask_arr, has_mask, proj,
-        )
-    else:
-        with _step_blas_limit(N * G * P):
-            _forward_blas(kind, rev, T, N, G, P, gx, W_hh, b if kind == 3 else None, W_hr, hs, cs, y, gates, aux, m_all,
-                          mask_arr, has_mask, proj, dtype)
-
-    h_n = hs[0] if rev else hs[T]
-    c_n = None if cs is None else (cs[0] if rev else cs[T])
-    cache = KernelCache(mode, bool(reverse), mask_arr if has_mask else None, hs[rev : T + rev], hs, cs, gates, aux, m_all, small)
-    return y, h_n, c_n, cache
+    gx, b_hh = _prepare(mode, gx, weights, dtype)
+    run = ForwardRun(mode, h0, c0, weights._replace(b_hh=b_hh), gx, mask, reverse)
+    run.steps(0, gx.shape[0])
+    return run.result()
 
 
-def _forward_blas(kind, rev, T, N, G, P, gx, W_hh, b, W_hr, hs, cs, y, gates, aux, m_all, mask_arr, has_mask, proj, dtype):
-    """The forward loop in Python: BLAS product into a buffer, then the fused step."""
-    a = np.empty((N, G), dtype)
-    WhhT = W_hh.T
-    h_new = np.empty((N, P), dtype) if proj else None
-    WhrT = W_hr.T if proj else None
-    for s in range(T):
-        t = T - 1 - s if rev else s
-        np.matmul(hs[t + rev], WhhT, out=a)  # a = h_{t−1} W_hhᵀ  (BLAS)
+class BackwardRun:
+    """The fused backward of one layer direction, a range of time steps at a time.
+
+    ``run = BackwardRun(dy, dh_n, dc_n, cache, weights)``; the caller may fill
+    dy (T, N, P) chunk by chunk: ``run.steps(t0, t1)`` needs dy[t0:t1] and runs
+    times t1−1 down to t0 (t0 up to t1−1 in the reverse direction), after the
+    chunks that come before them in that order.  ``run.result()`` →
+    ``(dgx, dgh, dh_0, dc_0, dW_hr)`` as :func:`sequence_backward`.
+    """
+
+    def __init__(self, dy, dh_n, dc_n, cache: KernelCache, weights):
+        self.cache = cache
+        self.dtype = dtype = cache.gates.dtype
+        self.dy = dy
+        T, N, P = dy.shape
+        self.kind = kind = _KIND[cache.mode]
+        self.W_hh = np.ascontiguousarray(weights.W_hh, dtype=dtype)
+        G = self.W_hh.shape[0]
+        self.H = H = G // (4 if kind == 2 else 3 if kind == 3 else 1)
+        self.rev = int(cache.reverse)
+        self.proj = weights.W_hr is not None
+        self.W_hr = np.ascontiguousarray(weights.W_hr, dtype=dtype) if self.proj else None
+        self.has_mask = cache.mask is not None
+        self.mask = cache.mask if self.has_mask else _NO_MASK
+        self.dh = np.zeros((N, P), dtype) if dh_n is None else np.array(dh_n, dtype=dtype)  # a copy updated in place
+        self.dc = None
         if kind == 2:
-            _lstm_fw_step(t, rev, a, gx, hs, cs, y, gates, aux, m_all if proj else aux, mask_arr, has_mask, proj)
-            if proj:
-                np.matmul(m_all[t], WhrT, out=h_new)  # h̃_t = m_t W_hrᵀ
-                _merge_step(t, rev, h_new, hs, y, mask_arr, has_mask)
-        elif kind == 3:
-            _gru_fw_step(t, rev, a, gx, b, hs, y, gates, aux, mask_arr, has_mask)
-        else:
-            _rnn_fw_step(t, rev, a, gx, hs, y, gates, mask_arr, has_mask, kind == 1)
+            self.dc = np.zeros((N, H), dtype) if dc_n is None else np.array(dc_n, dtype=dtype)
+        self.dgx = np.empty((T, N, G), dtype)
+        self.dgh = np.empty((T, N, G), dtype) if kind == 3 else self.dgx
+        self.dh_all = np.empty((T, N, P), dtype) if self.proj else None
+        self.macs = N * G * P
+
+    def steps(self, t0, t1):
+        """Run times t1−1 down to t0 (t0 up to t1−1 in the reverse direction)."""
+        c, kind, rev, proj = self.cache, self.kind, self.rev, self.proj
+        dy, dh, dc, dgx, dgh, dh_all, mask, has_mask = (self.dy, self.dh, self.dc, self.dgx, self.dgh, self.dh_all,
+                                                        self.mask, self.has_mask)
+        if c.small:
+            dummy = dgx[:0, :0, :0]
+            _backward_small(
+                kind, rev, t0, t1, dy, dh, dc if dc is not None else dgx[0, :0, :0], self.W_hh,
+                self.W_hr if proj else dgx[0, :0, :0], c.hs, c.cs if c.cs is not None else dummy,
+                c.gates, c.aux if c.aux is not None else dummy, dgx, dgh,
+                dh_all if proj else dummy, mask, has_mask, proj,
+            )
+            return
+        with _step_blas_limit(self.macs):
+            N, P = dh.shape
+            prod = np.empty((N, P), self.dtype)
+            dm = np.empty((N, self.H), self.dtype) if proj else dh
+            W_hh = self.W_hh
+            for t in (range(t0, t1) if rev else range(t1 - 1, t0 - 1, -1)):  # the forward order, read backwards
+                if kind == 2:
+                    if proj:
+                        _masked_sum(t, dh, dy, dh_all, mask, has_mask)
+                        np.matmul(dh_all[t], self.W_hr, out=dm)  # dm = dh̃ W_hr
+                    _lstm_bw_step(t, rev, dy, dh, dc, dm, c.cs, c.gates, c.aux, dgx, mask, has_mask, proj)
+                    _product_into_dh(t, dgx[t], W_hh, dh, prod, mask, has_mask, False)
+                elif kind == 3:
+                    _gru_bw_step(t, rev, dy, dh, c.hs, c.gates, c.aux, dgx, dgh, mask, has_mask)
+                    np.matmul(dgh[t], W_hh, out=prod)
+                    _merge_grad(t, prod, dh, mask, has_mask, True)
+                else:
+                    _rnn_bw_step(t, dy, dh, c.gates, dgx, mask, has_mask, kind == 1)
+                    _product_into_dh(t, dgx[t], W_hh, dh, prod, mask, has_mask, False)
+
+    def result(self):
+        dW_hr = None
+        if self.proj:  # ∂L/∂W_hr = Σ_t dh̃_tᵀ m_t, one product over all steps
+            P = self.dh.shape[1]
+            dW_hr = self.dh_all.reshape(-1, P).T @ self.cache.m.reshape(-1, self.H)
+        return self.dgx, self.dgh, self.dh, self.dc, dW_hr
 
 
 def sequence_backward(dy, dh_n, dc_n, cache: KernelCache, weights):
     """Fused :func:`bptt.recurrence.sequence_backward`: same arguments, same results."""
-    dtype = cache.gates.dtype
-    dy = np.ascontiguousarray(dy, dtype=dtype)
-    T, N, P = dy.shape
-    kind = _KIND[cache.mode]
-    W_hh = np.ascontiguousarray(weights.W_hh, dtype=dtype)
-    G = W_hh.shape[0]
-    H = G // (4 if kind == 2 else 3 if kind == 3 else 1)
-    rev = int(cache.reverse)
-    proj = weights.W_hr is not None
-    W_hr = np.ascontiguousarray(weights.W_hr, dtype=dtype) if proj else None
-    has_mask = cache.mask is not None
-    mask_arr = cache.mask if has_mask else _NO_MASK
-
-    dh = np.zeros((N, P), dtype) if dh_n is None else np.array(dh_n, dtype=dtype)  # a copy we update in place
-    dc = None
-    if kind == 2:
-        dc = np.zeros((N, H), dtype) if dc_n is None else np.array(dc_n, dtype=dtype)
-    dgx = np.empty((T, N, G), dtype)
-    dgh = np.empty((T, N, G), dtype) if kind == 3 else dgx
-    dh_all = np.empty((T, N, P), dtype) if proj else None
-
-    if cache.small:
-        dummy = dgx[:0, :0, :0]
-        _backward_small(
-            kind, rev, dy, dh, dc if dc is not None else dgx[0, :0, :0], W_hh,
-            W_hr if proj else dgx[0, :0, :0], cache.hs, cache.cs if cache.cs is not None else dummy,
-            cache.gates, cache.aux if cache.aux is not None else dummy, dgx, dgh,
-            dh_all if proj else dummy, mask_arr, has_mask, proj,
-        )
-    else:
-        with _step_blas_limit(N * G * P):
-            _backward_blas(kind, rev, T, N, H, P, dy, dh, dc, W_hh, W_hr, cache, dgx, dgh, dh_all, mask_arr, has_mask,
-                           proj, dtype)
-
-    dW_hr = None
-    if proj:  # ∂L/∂W_hr = Σ_t dh̃_tᵀ m_t, one product over all steps
-        dW_hr = dh_all.reshape(-1, P).T @ cache.m.reshape(-1, H)
-    return dgx, dgh, dh, dc, dW_hr
-
-
-def _backward_blas(kind, rev, T, N, H, P, dy, dh, dc, W_hh, W_hr, cache, dgx, dgh, dh_all, mask_arr, has_mask, proj, dtype):
-    """The backward loop in Python: the fused step, then the BLAS product da W_hh."""
-    prod = np.empty((N, P), dtype)
-    dm = np.empty((N, H), dtype) if proj else dh
-    for s in range(T):
-        t = s if rev else T - 1 - s  # the forward order, read backwards
-        if kind == 2:
-            if proj:
-                _masked_sum(t, dh, dy, dh_all, mask_arr, has_mask)
-                np.matmul(dh_all[t], W_hr, out=dm)  # dm = dh̃ W_hr
-            _lstm_bw_step(t, rev, dy, dh, dc, dm, cache.cs, cache.gates, cache.aux, dgx, mask_arr, has_mask, proj)
-            _product_into_dh(t, dgx[t], W_hh, dh, prod, mask_arr, has_mask, False)
-        elif kind == 3:
-            _gru_bw_step(t, rev, dy, dh, cache.hs, cache.gates, cache.aux, dgx, dgh, mask_arr, has_mask)
-            np.matmul(dgh[t], W_hh, out=prod)
-            _merge_grad(t, prod, dh, mask_arr, has_mask, True)
-        else:
-            _rnn_bw_step(t, dy, dh, cache.gates, dgx, mask_arr, has_mask, kind == 1)
-            _product_into_dh(t, dgx[t], W_hh, dh, prod, mask_arr, has_mask, False)
+    dy = np.ascontiguousarray(dy, dtype=cache.gates.dtype)
+    run = BackwardRun(dy, dh_n, dc_n, cache, weights)
+    run.steps(0, dy.shape[0])
+    return run.result()
 
 
 def _product_into_dh(t, da, W_hh, dh, prod, mask_arr, has_mask, add):
@@ -696,6 +771,21 @@ def _product_into_dh(t, da, W_hh, dh, prod, mask_arr, has_mask, add):
         _merge_grad(t, prod, dh, mask_arr, has_mask, add)
     else:
         np.matmul(da, W_hh, out=dh)
+
+
+def scatter_add_rows(out, ids, rows):
+    """out[ids[i]] += rows[i] for i = 0 … M−1 (repeated ids accumulate).   out (V, E), ids (M,), rows (M, E).
+
+    What ``np.add.at(out, ids, rows)`` does, compiled: measured 0.2 ms against
+    NumPy's 9 ms for 2,500 rows of 512.  Falls back to ``np.add.at`` without Numba.
+    """
+    if numba is not None and out.flags.c_contiguous and out.dtype == rows.dtype and out.dtype in (np.float32, np.float64):
+        try:
+            _scatter_add_rows(out, np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(rows))
+            return
+        except Exception:  # pragma: no cover - compilation failure: the NumPy way below
+            pass
+    np.add.at(out, ids, rows)
 
 
 # ============================================================================ availability

@@ -21,6 +21,7 @@ and its backward, the same read upwards::
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import numpy as np
@@ -34,6 +35,7 @@ from bptt.ops import (
     dropout_mask,
     embedding_backward,
     embedding_forward,
+    scatter_add_rows,
 )
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNBase", "Linear", "Embedding", "Dropout", "lengths_to_mask"]
@@ -156,15 +158,41 @@ def lengths_to_mask(lengths, T: int, N: int):
 
 
 class _LayerCache(NamedTuple):
-    x: np.ndarray  # (T, N, D_k) this layer's input, after dropout
+    x: np.ndarray  # (T, N, D_k) this layer's input, after dropout (layer 0 with one_hot: the indices (T, N))
     drop: np.ndarray | None  # (T, N, D_k) the dropout mask applied to it, if any
-    directions: list  # one recurrence.SequenceCache per direction
+    directions: list  # one recurrence.SequenceCache (or kernels.KernelCache) per direction
 
 
 class _Context(NamedTuple):
     layers: list
     batched: bool
     out_shape: tuple
+    one_hot: bool  # the input was indices (see forward)
+    chunks: list  # [(t0, t1)]: the time chunks the forward ran in (bptt.wavefront)
+    threads: int
+
+
+class _WholeSequence:
+    """The run interface of :class:`bptt.kernels.ForwardRun` / ``BackwardRun``
+    (``steps(t0, t1)``, ``result()``) over a function of the whole sequence:
+    the readable loops of :mod:`bptt.recurrence`, which run in one chunk."""
+
+    def __init__(self, T, gx, compute):
+        self.T, self.gx, self._compute, self._result = T, gx, compute, None
+
+    def steps(self, t0, t1):
+        if (t0, t1) != (0, self.T):
+            raise RuntimeError("the reference loop runs whole sequences only")
+        self._result = self._compute()
+
+    def result(self):
+        return self._result
+
+    @property
+    def y(self):  # forward: the output;  backward: dgx
+        return self._result[0]
+
+    dgx = y
 
 
 class RNNBase(Module):
@@ -262,19 +290,54 @@ class RNNBase(Module):
         g = self._own_grads
         return g[f"weight_ih_l{k}{sfx}"], g.get(f"bias_ih_l{k}{sfx}"), g[f"weight_hh_l{k}{sfx}"], g.get(f"bias_hh_l{k}{sfx}"), g.get(f"weight_hr_l{k}{sfx}")
 
-    def _sequence_impl(self):
-        """(forward, backward) of the time loop: the compiled kernels or the readable reference."""
-        if self.backend != "reference":
-            from bptt import kernels
+    def _kernels(self):
+        """The fused-kernel module when this layer runs on it, else None (the readable reference loop)."""
+        if self.backend == "reference":
+            return None
+        from bptt import kernels
 
-            impl = kernels.sequence_impl(self.mode, self._dtype, required=self.backend == "fused")
-            if impl is not None:
-                return impl
-        return recurrence.sequence_forward, recurrence.sequence_backward
+        if kernels.sequence_impl(self.mode, self._dtype, required=self.backend == "fused") is None:
+            return None
+        return kernels
 
-    def _check_input(self, x):
-        x = as_float_array(x, self._dtype, "input")
+    def _schedule(self, T, N, kernels):
+        """Time chunks and threads for :func:`bptt.wavefront.run_wavefront`.
+
+        One chunk and one thread (layer after layer) unless this is a
+        unidirectional stack on the fused kernels' BLAS path and BLAS may use
+        more than one thread: then 8 chunks, so the pipeline fills after 1/8 of
+        a layer's steps.  Bidirectional stacks need a layer's whole output
+        before the next layer's reverse direction can start.
+        """
+        whole = [(0, T)], 1
+        if kernels is None or self.num_layers < 2 or self.bidirectional or T < 2:
+            return whole
+        if N * self.gate_count * self.hidden_size * self.out_size <= kernels._SMALL_MACS:
+            return whole  # compiled-loop sizes: a step takes µs, less than handing a chunk over
+        threads = kernels.blas_threads()
+        if threads < 2:
+            return whole
+        bounds = [round(T * i / min(T, 8)) for i in range(min(T, 8) + 1)]
+        return list(zip(bounds[:-1], bounds[1:])), threads
+
+    def _check_input(self, x, one_hot=False):
         name = type(self).__name__
+        if one_hot:
+            ids = np.asarray(x)
+            if not np.issubdtype(ids.dtype, np.integer):
+                raise ValueError(f"{name}: one_hot=True expects integer indices, got dtype {ids.dtype}")
+            if ids.ndim not in (1, 2):
+                layout = "(N, T)" if self.batch_first else "(T, N)"
+                raise ValueError(f"{name}: one_hot=True expects indices of shape {layout} or (T,), got {ids.shape}")
+            batched = ids.ndim == 2
+            ids = ids.T if batched and self.batch_first else ids.reshape(len(ids), -1)
+            if ids.size == 0:
+                raise ValueError(f"{name} needs at least one time step and one batch item, got shape {ids.shape}")
+            if ids.min() < 0 or ids.max() >= self.input_size:
+                raise ValueError(f"{name}: one-hot indices must be in [0, {self.input_size}), "
+                                 f"got [{ids.min()}, {ids.max()}]")
+            return np.ascontiguousarray(ids, dtype=np.intp), batched
+        x = as_float_array(x, self._dtype, "input")
         if x.ndim == 2:
             batched = False
             x = x[:, None, :]
@@ -323,52 +386,101 @@ class RNNBase(Module):
         return (h, c) if self.mode == "lstm" else h
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x, state=None, lengths=None):
-        x, batched = self._check_input(x)
-        T, N, _ = x.shape
+    def forward(self, x, state=None, lengths=None, *, one_hot=False):
+        """See the class docstring.  ``one_hot=True``: x holds integer indices, (T, N)
+        ((N, T) with batch_first, (T,) unbatched), standing for one-hot vectors of
+        input_size features: the same results as passing the one-hot array, but
+        the first layer's input product x W_ihᵀ becomes a row gather of W_ihᵀ."""
+        x, batched = self._check_input(x, one_hot)
+        T, N = x.shape[:2]
         if lengths is not None and not batched:
             raise ValueError("lengths needs batched input (T, N, D)")
         mask = lengths_to_mask(lengths, T, N)
         h0, c0 = self._initial_state(state, N, batched)
-        seq_forward, _ = self._sequence_impl()
-        K, P = self.num_directions, self.out_size
+        kernels = self._kernels()
+        chunks, threads = self._schedule(T, N, kernels)
+        L, K, P = self.num_layers, self.num_directions, self.out_size
+        # dropout masks drawn up front, in layer order: the same draws as layer by layer
+        drops = [None] + [dropout_mask((T, N, K * P), self.dropout, self.rng, self._dtype)
+                          if self.training and self.dropout > 0 else None for _ in range(1, L)]
+        inputs = [x] + [None if m is None else np.empty((T, N, K * P), self._dtype) for m in drops[1:]]  # after dropout
+        outputs = [np.empty((T, N, K * P), self._dtype) if K == 2 else None for _ in range(L)]  # K = 1: the run's y
+        runs = [None] * L
+
+        def layer_output(k):
+            return outputs[k] if K == 2 else runs[k][0].y
+
+        def layer_chunk(k, j):  # layer k, times [t0, t1): input product, then the time loop
+            t0, t1 = chunks[j]
+            if j == 0:
+                runs[k] = [self._start_forward(k, d, T, N, h0, c0, mask, kernels) for d in range(K)]
+            if k == 0:
+                inp = x[t0:t1]
+            else:
+                inp = layer_output(k - 1)[t0:t1]
+                if drops[k] is not None:
+                    inp = np.multiply(inp, drops[k][t0:t1], out=inputs[k][t0:t1])
+            for d, run in enumerate(runs[k]):
+                self._input_product(k, d, inp, run.gx[t0:t1], one_hot and k == 0)
+                run.steps(t0, t1)
+                if K == 2:
+                    outputs[k][t0:t1, :, d * P : (d + 1) * P] = run.y[t0:t1]
+
+        from bptt.wavefront import run_wavefront
+
+        with kernels.single_thread_blas() if threads > 1 else contextlib.nullcontext():
+            run_wavefront(L, len(chunks), layer_chunk, threads)  # each layer's thread uses one BLAS thread
+
         h_n = np.empty_like(h0)
         c_n = None if c0 is None else np.empty_like(c0)
         layers = []
-        layer_in = x
-        for k in range(self.num_layers):
-            drop = None
-            if k > 0 and self.training and self.dropout > 0:
-                drop = dropout_mask(layer_in.shape, self.dropout, self.rng, self._dtype)
-                layer_in = layer_in * drop
-            out = np.empty((T, N, K * P), self._dtype)
+        for k in range(L):
             caches = []
-            for d in range(K):
-                W_ih, b_ih, W_hh, b_hh, W_hr = self._direction_params(k, d)
-                gx = layer_in @ W_ih.T  # (T, N, G): the input projection of every step at once
-                if b_ih is not None:
-                    gx += b_ih
-                if b_hh is not None and self.mode != "gru":
-                    gx += b_hh  # RNN/LSTM: b_hh adds to the same sum, fold it in once
-                    b_hh = None
-                idx = k * K + d
-                y, h_n[idx], c_last, cache = seq_forward(
-                    self.mode, gx, h0[idx], None if c0 is None else c0[idx],
-                    recurrence.Weights(W_hh, b_hh, W_hr), mask, reverse=d == 1,
-                )
+            for d, run in enumerate(runs[k]):
+                _, h_n[k * K + d], c_last, cache = run.result()
                 if c_n is not None:
-                    c_n[idx] = c_last
-                out[:, :, d * P : (d + 1) * P] = y
+                    c_n[k * K + d] = c_last
                 caches.append(cache)
-            layers.append(_LayerCache(layer_in, drop, caches))
-            layer_in = out
-        output = layer_in
-        self._ctx = _Context(layers, batched, output.shape)
+            layer_in = inputs[k] if inputs[k] is not None else layer_output(k - 1)
+            layers.append(_LayerCache(layer_in, drops[k], caches))
+        output = layer_output(L - 1)
+        self._ctx = _Context(layers, batched, output.shape, one_hot, chunks, threads)
         if not batched:
             output = output[:, 0]
         elif self.batch_first:
             output = output.transpose(1, 0, 2)
         return output, self._pack_state(h_n, c_n, batched)
+
+    def _start_forward(self, k, d, T, N, h0, c0, mask, kernels):
+        """The time loop of layer k, direction d, ready to run chunk by chunk (gx filled by the caller)."""
+        _, _, W_hh, b_hh, W_hr = self._direction_params(k, d)
+        if self.mode != "gru":
+            b_hh = None  # RNN/LSTM: folded into gx by _input_product
+        idx = k * self.num_directions + d
+        args = (self.mode, h0[idx], None if c0 is None else c0[idx], recurrence.Weights(W_hh, b_hh, W_hr))
+        gx = np.empty((T, N, self.gate_count * self.hidden_size), self._dtype)
+        if kernels is not None:
+            return kernels.ForwardRun(*args, gx, mask, reverse=d == 1)
+        return _WholeSequence(T, gx, lambda: recurrence.sequence_forward(args[0], gx, *args[1:], mask, reverse=d == 1))
+
+    def _input_product(self, k, d, inp, gx, one_hot):
+        """gx = inp W_ihᵀ + b_ih (+ b_hh for RNN/LSTM, whose b_hh adds to the same sum), into gx.
+
+        inp (t, N, D_k) → gx (t, N, G), as one (t·N, D_k)×(D_k, G) product; for a
+        one-hot input (indices (t, N)) the product picks rows of W_ihᵀ (+ bias).
+        """
+        W_ih, b_ih, _, b_hh, _ = self._direction_params(k, d)
+        bias = b_ih
+        if b_hh is not None and self.mode != "gru":
+            bias = b_ih + b_hh
+        G = gx.shape[2]
+        if one_hot:
+            table = np.ascontiguousarray(W_ih.T) if bias is None else np.add(W_ih.T, bias, order="C")  # (D, G)
+            np.take(table, inp.reshape(-1), axis=0, out=gx.reshape(-1, G))
+            return
+        np.matmul(inp.reshape(-1, inp.shape[2]), W_ih.T, out=gx.reshape(-1, G))
+        if bias is not None:
+            gx += bias
 
     # ------------------------------------------------------------------ backward
     def backward(self, doutput, dstate=None, need_input_grad=True):
@@ -376,6 +488,7 @@ class RNNBase(Module):
 
         ``need_input_grad=False`` skips ∂L/∂x of the first layer (returned as None):
         a one-hot input has no use for it, and it costs a (T·N, G)×(G, D) product.
+        After ``forward(..., one_hot=True)`` there is no input gradient either.
         """
         ctx = self._saved(self._ctx)
         dy = as_float_array(doutput, self._dtype, "doutput")
@@ -386,61 +499,92 @@ class RNNBase(Module):
             dy = dy.transpose(1, 0, 2)
         if dy.shape != (T, N, KP):
             raise ValueError(f"doutput must have the shape of the output, got {np.shape(doutput)}")
+        dy = np.ascontiguousarray(dy)
         dh_n, dc_n = (dstate, None) if self.mode != "lstm" else (dstate or (None, None))
         dh_n = None if dh_n is None else self._check_state(dh_n, N, ctx.batched, self.out_size, "dh_n")
         dc_n = None if dc_n is None else self._check_state(dc_n, N, ctx.batched, self.hidden_size, "dc_n")
-        _, seq_backward = self._sequence_impl()
-        K, P = self.num_directions, self.out_size
-        dh0 = np.zeros((self.num_layers * K, N, P), self._dtype)
-        dc0 = np.zeros((self.num_layers * K, N, self.hidden_size), self._dtype) if self.mode == "lstm" else None
-        for k in reversed(range(self.num_layers)):
+        kernels = self._kernels()
+        L, K, P = self.num_layers, self.num_directions, self.out_size
+        chunks, threads = ctx.chunks, ctx.threads
+        need_dx0 = need_input_grad and not ctx.one_hot
+        # dxs[k] = ∂L/∂(layer k's input); for k ≥ 1 that is the gradient the layer below
+        # receives (after the dropout mask), filled chunk by chunk
+        dxs = [np.empty((T, N, self.input_size if k == 0 else K * P), self._dtype) if k > 0 or need_dx0 else None
+               for k in range(L)]
+        runs = [None] * L
+
+        def layer_chunk(i, j):  # the i-th layer from the top, the j-th chunk from the end
+            k = L - 1 - i
+            t0, t1 = chunks[len(chunks) - 1 - j]
             layer = ctx.layers[k]
-            X2 = layer.x.reshape(T * N, -1)
-            dx = None
-            for d in range(K):
-                W_ih, _, W_hh, b_hh, W_hr = self._direction_params(k, d)
-                if self.mode != "gru":
-                    b_hh = None  # folded into gx in the forward pass
-                gW_ih, gb_ih, gW_hh, gb_hh, gW_hr = self._direction_grads(k, d)
-                cache = layer.directions[d]
+            if j == 0:
+                dy_k = dy if k == L - 1 else dxs[k + 1]
+                runs[k] = [self._start_backward(k, d, dy_k, dh_n, dc_n, layer.directions[d], kernels) for d in range(K)]
+            for d, run in enumerate(runs[k]):
+                run.steps(t0, t1)
+                if dxs[k] is not None:  # backprop into this layer's input: dx = Σ_d dgx W_ih, one product
+                    W_ih = self._direction_params(k, d)[0]
+                    dgx = run.dgx[t0:t1].reshape(-1, W_ih.shape[0])
+                    dx = dxs[k][t0:t1].reshape(-1, W_ih.shape[1])
+                    if d == 0:
+                        np.matmul(dgx, W_ih, out=dx)
+                    else:
+                        dx += dgx @ W_ih
+            if dxs[k] is not None and layer.drop is not None:
+                dxs[k][t0:t1] *= layer.drop[t0:t1]
+
+        from bptt.wavefront import run_wavefront
+
+        with kernels.single_thread_blas() if threads > 1 else contextlib.nullcontext():
+            run_wavefront(L, len(chunks), layer_chunk, threads)
+
+        # weight gradients of all T steps: one matrix product each (with every BLAS thread)
+        dh0 = np.zeros((L * K, N, P), self._dtype)
+        dc0 = np.zeros((L * K, N, self.hidden_size), self._dtype) if self.mode == "lstm" else None
+        for k in range(L):
+            layer = ctx.layers[k]
+            for d, run in enumerate(runs[k]):
                 idx = k * K + d
-                dgx, dgh, dh0[idx], dc_first, dW_hr = seq_backward(
-                    np.ascontiguousarray(dy[:, :, d * P : (d + 1) * P]),
-                    None if dh_n is None else dh_n[idx],
-                    None if dc_n is None else dc_n[idx],
-                    cache,
-                    recurrence.Weights(W_hh, b_hh, W_hr),
-                )
+                dgx, dgh, dh0[idx], dc_first, dW_hr = run.result()
                 if dc0 is not None:
                     dc0[idx] = dc_first
+                gW_ih, gb_ih, gW_hh, gb_hh, gW_hr = self._direction_grads(k, d)
                 G = dgx.shape[2]
                 dgx2, dgh2 = dgx.reshape(T * N, G), dgh.reshape(T * N, G)
-                # weight gradients of all T steps: one matrix product each
-                gW_ih += dgx2.T @ X2
-                gW_hh += dgh2.T @ cache.h_prev.reshape(T * N, -1)
+                if k == 0 and ctx.one_hot:  # ∂L/∂W_ih[:, v] = Σ of dgx over the steps whose input is v
+                    dW_ihT = np.zeros((self.input_size, G), self._dtype)
+                    scatter_add_rows(dW_ihT, layer.x.reshape(-1), dgx2)
+                    gW_ih += dW_ihT.T
+                else:
+                    gW_ih += dgx2.T @ layer.x.reshape(T * N, -1)
+                gW_hh += dgh2.T @ layer.directions[d].h_prev.reshape(T * N, -1)
                 if gb_ih is not None:
                     gb_ih += dgx2.sum(axis=0)
                     gb_hh += dgh2.sum(axis=0)
                 if gW_hr is not None:
                     gW_hr += dW_hr
-                if k == 0 and not need_input_grad:
-                    continue
-                contrib = dgx @ W_ih  # backprop into this layer's input
-                dx = contrib if dx is None else dx + contrib
-            if dx is None:
-                break
-            if layer.drop is not None:
-                dx *= layer.drop
-            dy = dx
-        if dx is None:
-            dx_out = None
-        elif not ctx.batched:
-            dx_out = dy[:, 0]
-        elif self.batch_first:
-            dx_out = dy.transpose(1, 0, 2)
-        else:
-            dx_out = dy
-        return dx_out, self._pack_state(dh0, dc0, ctx.batched)
+        dx = dxs[0]
+        if dx is not None:
+            dx = dx[:, 0] if not ctx.batched else dx.transpose(1, 0, 2) if self.batch_first else dx
+        return dx, self._pack_state(dh0, dc0, ctx.batched)
+
+    def _start_backward(self, k, d, dy_k, dh_n, dc_n, cache, kernels):
+        """The backward time loop of layer k, direction d, ready to run chunk by chunk.
+
+        dy_k (T, N, K·P) is ∂L/∂(layer k's output), filled by the caller chunk by
+        chunk; with two directions (one chunk) each takes its contiguous half now.
+        """
+        W_hh, b_hh, W_hr = self._direction_params(k, d)[2:]
+        if self.mode != "gru":
+            b_hh = None  # folded into gx in the forward pass
+        P, idx = self.out_size, k * self.num_directions + d
+        if self.num_directions == 2:
+            dy_k = np.ascontiguousarray(dy_k[:, :, d * P : (d + 1) * P])
+        args = (dy_k, None if dh_n is None else dh_n[idx], None if dc_n is None else dc_n[idx], cache,
+                recurrence.Weights(W_hh, b_hh, W_hr))
+        if kernels is not None:
+            return kernels.BackwardRun(*args)
+        return _WholeSequence(dy_k.shape[0], None, lambda: recurrence.sequence_backward(*args))
 
     # ------------------------------------------------------------------ stateful stepping
     def reset_state(self):

@@ -21,7 +21,7 @@ __all__ = [
 
 def affine_forward(x, W, b):
     """y = x Wᵀ + b.   x (..., D), W (K, D), b (K,) or None → y (..., K)."""
-    y = x @ W.T
+    y = (x.reshape(-1, W.shape[1]) @ W.T).reshape(*x.shape[:-1], W.shape[0])  # one 2-d product, not a stack
     if b is not None:
         y += b
     return y
@@ -34,7 +34,7 @@ def affine_backward(dy, x, W, dW, db):
     dW += dy2.T @ x2
     if db is not None:
         db += dy2.sum(axis=0)
-    return dy @ W
+    return (dy2 @ W).reshape(*dy.shape[:-1], D)
 
 
 def embedding_forward(ids, W):
@@ -45,7 +45,14 @@ def embedding_forward(ids, W):
 def embedding_backward(dy, ids, dW):
     """Scatter-add: dW[v] += Σ_{positions with ids = v} dy (repeated ids accumulate)."""
     E = dW.shape[1]
-    np.add.at(dW, ids.reshape(-1), dy.reshape(-1, E))
+    scatter_add_rows(dW, ids.reshape(-1), dy.reshape(-1, E))
+
+
+def scatter_add_rows(out, ids, rows):
+    """out[ids[i]] += rows[i] for every i (repeated ids accumulate): ``np.add.at``, compiled."""
+    from bptt import kernels  # lazily: importing Numba is slow
+
+    kernels.scatter_add_rows(out, ids, rows)
 
 
 def dropout_mask(shape, p, rng: np.random.Generator, dtype):

@@ -1,0 +1,79 @@
+"""Run a stack of recurrent layers as a wavefront, one thread per layer.
+
+A stacked RNN looks sequential twice over: in time, and in depth.  But layer
+k+1 at time t needs only layer k's output up to t, not all of it.  Cut the T
+steps into chunks; then chunk j of layer k depends on exactly two things:
+
+    (k − 1, j)   its input: the layer below has produced these steps
+    (k, j − 1)   its state: it has run the steps before
+
+so while layer k runs chunk j, layer k+1 can run chunk j − 1.  On a machine with
+several cores each layer gets its own thread doing single-threaded matrix
+products, where the one-layer-at-a-time order would leave all but one core idle
+(a per-step product of a 2×128 LSTM, 50×128 by 128×512, is too small for two
+BLAS threads to pay).  The backward pass is the same picture upside down: layer
+k's gradient for chunk j comes from layer k+1's chunk j, read from the last chunk.
+
+The chunk tasks are supplied by the caller (:mod:`bptt.layers`); this module only
+orders them.  The numbers do not depend on the schedule: each task does the same
+arithmetic whichever thread runs it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+__all__ = ["run_wavefront"]
+
+
+def run_wavefront(num_layers: int, num_chunks: int, task, threads: int = 1) -> None:
+    """Call ``task(k, j)`` for every layer k < num_layers and chunk j < num_chunks,
+    each after ``task(k − 1, j)`` and ``task(k, j − 1)`` have returned.
+
+    threads ≤ 1: layer by layer, in order.  Otherwise layer 0 runs in the calling
+    thread and every other layer in a thread of its own, handing over chunk by
+    chunk.  The first exception raised by any task (or a KeyboardInterrupt in the
+    calling thread) stops all layers at their next chunk and is re-raised here.
+    """
+    if threads <= 1 or num_layers == 1 or num_chunks == 1:
+        for k in range(num_layers):
+            for j in range(num_chunks):
+                task(k, j)
+        return
+
+    done = [0] * num_layers  # chunks finished, per layer
+    failed: list[BaseException] = []
+    cond = threading.Condition()
+
+    def chain(k):
+        try:
+            for j in range(num_chunks):
+                if k > 0:
+                    with cond:
+                        cond.wait_for(lambda: done[k - 1] > j or failed)
+                if failed:
+                    return
+                task(k, j)
+                with cond:
+                    done[k] += 1
+                    cond.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            with cond:
+                failed.append(exc)
+                cond.notify_all()
+
+    workers = [threading.Thread(target=chain, args=(k,), name=f"bptt-layer-{k}", daemon=True)
+               for k in range(1, num_layers)]
+    for w in workers:
+        w.start()
+    chain(0)
+    try:
+        for w in workers:
+            w.join()
+    except BaseException as exc:  # e.g. Ctrl-C while waiting: stop the other layers too
+        with cond:
+            failed.append(exc)
+            cond.notify_all()
+        raise
+    if failed:
+        raise failed[0]
