@@ -90,20 +90,40 @@ def _blas_controllers():
     return _BLAS["libs"]
 
 
+_OUTER_THREADS: list[int] = []  # BLAS thread counts in force before single_thread_blas() limited them
+
+
 def blas_threads() -> int:
-    """How many threads NumPy's BLAS may use now (1 if unknown): the cores bptt may keep busy."""
+    """The cores bptt may keep busy: how many threads NumPy's BLAS may use (1 if unknown),
+    counted outside :func:`single_thread_blas` (which lowers BLAS's count, not the budget)."""
+    if _OUTER_THREADS:
+        return _OUTER_THREADS[-1]
     libs = _blas_controllers()
     if libs is None or not libs.lib_controllers:
         return 1
     return max(1, max(c.num_threads for c in libs.lib_controllers))
 
 
+@contextlib.contextmanager
 def single_thread_blas():
-    """A context manager limiting BLAS to one thread (a no-op when it already is)."""
+    """Limit BLAS to one thread inside the block (a no-op when it already is).
+
+    Why bptt does this: OpenBLAS's idle worker threads busy-wait for a while
+    (~0.1 s) after each multi-threaded product.  While bptt runs one thread
+    per layer (:mod:`bptt.wavefront`), a spinning worker takes a core from
+    them: measured 2.2 ms chunks taking 6-7 ms.  So every product of a
+    wavefront step, and of a model step around it, is single-threaded.
+    """
     libs = _blas_controllers()
     if libs is None or all(c.num_threads == 1 for c in libs.lib_controllers):
-        return contextlib.nullcontext()
-    return libs.limit(limits=1)
+        yield
+        return
+    _OUTER_THREADS.append(blas_threads())
+    try:
+        with libs.limit(limits=1):
+            yield
+    finally:
+        _OUTER_THREADS.pop()
 
 
 def _step_blas_limit(macs):
@@ -529,20 +549,51 @@ if numba is not None:
                 for j in range(P):
                     dhr[j] = pr[j]
 
-    # ======================================================================== whole sequence, compiled
+    # ======================================================================== products inside the loops
+    # ``gemm`` is NumPy's own BLAS ?gemm as a ctypes function (see _gemm_function),
+    # or None for small sizes, where hand loops beat a BLAS call; Numba compiles
+    # the branch for None away.  Calling BLAS from compiled code keeps the time
+    # loop free of Python, and of the GIL, which matters when one thread per
+    # layer runs (bptt.wavefront).
+    _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+
+    @njit(inline="always", **_jit)
+    def _times_t(gemm, one, zero, A, B, Bt, out):
+        """out = A Bᵀ.   A (M, K), B (N', K), Bt = Bᵀ (K, N') contiguous (read by the hand loops)."""
+        if gemm is None:
+            _mm_acc(A, Bt, out, True)
+        else:
+            M, K = A.shape
+            n = B.shape[0]
+            gemm(_ROW_MAJOR, _NO_TRANS, _TRANS, M, n, K, one, A.ctypes.data, K, B.ctypes.data, K, zero, out.ctypes.data, n)
+
+    @njit(inline="always", **_jit)
+    def _times(gemm, one, zero, A, B, out):
+        """out = A B.   A (M, K), B (K, N')."""
+        if gemm is None:
+            _mm_acc(A, B, out, True)
+        else:
+            M, K = A.shape
+            n = B.shape[1]
+            gemm(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, M, n, K, one, A.ctypes.data, K, B.ctypes.data, n, zero,
+                 out.ctypes.data, n)
+
+    # ======================================================================== the time loops, compiled
     @njit(**_jit)
-    def _forward_small(kind, rev, t0, t1, gx, WhhT, b_hh, WhrT, hs, cs, y, gates, aux, m_all, mask, has_mask, proj):
-        """The forward loop over times [t0, t1) in Numba (kind 0 tanh, 1 relu, 2 LSTM, 3 GRU), products by hand."""
+    def _forward_loop(kind, rev, t0, t1, gemm, one, zero, gx, W_hh, WhhT, b_hh, W_hr, WhrT, hs, cs, y, gates, aux, m_all,
+                      mask, has_mask, proj):
+        """The forward loop over times [t0, t1) (kind 0 tanh, 1 relu, 2 LSTM, 3 GRU): per step the
+        product a = h_{t−1} W_hhᵀ, then the fused step."""
         N, G = gx.shape[1], gx.shape[2]
         a = np.empty((N, G), gx.dtype)
         h_new = np.empty((N, hs.shape[2]), gx.dtype)
         for s in range(t1 - t0):
             t = t1 - 1 - s if rev else t0 + s
-            _mm_acc(hs[t + rev], WhhT, a, True)  # a = h_{t−1} W_hhᵀ
+            _times_t(gemm, one, zero, hs[t + rev], W_hh, WhhT, a)  # a = h_{t−1} W_hhᵀ
             if kind == 2:
                 _lstm_fw_step(t, rev, a, gx, hs, cs, y, gates, aux, m_all, mask, has_mask, proj)
                 if proj:
-                    _mm_acc(m_all[t], WhrT, h_new, True)  # h̃_t = m_t W_hrᵀ
+                    _times_t(gemm, one, zero, m_all[t], W_hr, WhrT, h_new)  # h̃_t = m_t W_hrᵀ
                     _merge_step(t, rev, h_new, hs, y, mask, has_mask)
             elif kind == 3:
                 _gru_fw_step(t, rev, a, gx, b_hh, hs, y, gates, aux, mask, has_mask)
@@ -550,9 +601,10 @@ if numba is not None:
                 _rnn_fw_step(t, rev, a, gx, hs, y, gates, mask, has_mask, kind == 1)
 
     @njit(**_jit)
-    def _backward_small(kind, rev, t0, t1, dy, dh, dc, W_hh, W_hr, hs, cs, gates, aux, dgx, dgh, dh_all, mask, has_mask,
-                        proj):
-        """The backward loop over times [t0, t1) in Numba, products by hand (dh, dc updated in place)."""
+    def _backward_loop(kind, rev, t0, t1, gemm, one, zero, dy, dh, dc, W_hh, W_hr, hs, cs, gates, aux, dgx, dgh, dh_all,
+                       mask, has_mask, proj):
+        """The backward loop over times [t0, t1), read backwards (dh, dc updated in place):
+        per step the fused step, then the product with W_hh carrying dh to step t−1."""
         N, P = dy.shape[1], dy.shape[2]
         H = gates.shape[2] // (4 if kind == 2 else 3 if kind == 3 else 1)
         prod = np.empty((N, P), dy.dtype)
@@ -562,18 +614,17 @@ if numba is not None:
             if kind == 2:
                 if proj:
                     _masked_sum(t, dh, dy, dh_all, mask, has_mask)
-                    _mm_acc(dh_all[t], W_hr, dm, True)  # dm = dh̃ W_hr
+                    _times(gemm, one, zero, dh_all[t], W_hr, dm)  # dm = dh̃ W_hr
                 _lstm_bw_step(t, rev, dy, dh, dc, dm, cs, gates, aux, dgx, mask, has_mask, proj)
-                _mm_acc(dgx[t], W_hh, prod, True)  # da W_hh
-                _merge_grad(t, prod, dh, mask, has_mask, False)
             elif kind == 3:
                 _gru_bw_step(t, rev, dy, dh, hs, gates, aux, dgx, dgh, mask, has_mask)
-                _mm_acc(dgh[t], W_hh, prod, True)
-                _merge_grad(t, prod, dh, mask, has_mask, True)
             else:
                 _rnn_bw_step(t, dy, dh, gates, dgx, mask, has_mask, kind == 1)
-                _mm_acc(dgx[t], W_hh, prod, True)
-                _merge_grad(t, prod, dh, mask, has_mask, False)
+            if kind == 3 or has_mask:  # GRU: dh += dgh W_hh;  padded rows keep their dh
+                _times(gemm, one, zero, dgh[t], W_hh, prod)
+                _merge_grad(t, prod, dh, mask, has_mask, kind == 3)
+            else:
+                _times(gemm, one, zero, dgx[t], W_hh, dh)  # dh = da W_hh
 
 
 _KIND = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
@@ -634,17 +685,21 @@ class ForwardRun:
     def steps(self, t0, t1):
         """Run times [t0, t1) (t1−1 down to t0 in the reverse direction)."""
         kind, rev, proj, dtype = self.kind, self.rev, self.proj, self.gx.dtype
-        if self.small:
-            dummy = self.gates[:0, :0, :0]
-            _forward_small(
-                kind, rev, t0, t1, self.gx, np.ascontiguousarray(self.W_hh.T),
-                self.b if kind == 3 else self.gates[0, 0, :0],
-                np.ascontiguousarray(self.W_hr.T) if proj else self.gates[0, :0, :0], self.hs,
-                self.cs if self.cs is not None else dummy, self.y, self.gates,
-                self.aux if self.aux is not None else dummy, self.m_all if proj else dummy,
-                self.mask, self.has_mask, proj,
-            )
+        gemm = None if self.small else _gemm_function(dtype)
+        if self.small or gemm is not None:
+            W_hh, W_hr = self.W_hh, self.W_hr if proj else self.gates[0, :0, :0]
+            with _step_blas_limit(self.macs):
+                _forward_loop(
+                    kind, rev, t0, t1, gemm, dtype.type(1), dtype.type(0), self.gx,
+                    W_hh, np.ascontiguousarray(W_hh.T) if self.small else W_hh,
+                    self.b if kind == 3 else self.gates[0, 0, :0],
+                    W_hr, np.ascontiguousarray(W_hr.T) if self.small else W_hr, self.hs,
+                    self.cs if self.cs is not None else self.gates[:0, :0, :0], self.y, self.gates,
+                    self.aux if self.aux is not None else self.gates[:0, :0, :0],
+                    self.m_all if proj else self.gates[:0, :0, :0], self.mask, self.has_mask, proj,
+                )
             return
+        # no BLAS callable from compiled code: the loop in Python, BLAS through NumPy
         with _step_blas_limit(self.macs):
             N, G = self.gx.shape[1], self.gx.shape[2]
             a = np.empty((N, G), dtype)
@@ -719,15 +774,18 @@ class BackwardRun:
         c, kind, rev, proj = self.cache, self.kind, self.rev, self.proj
         dy, dh, dc, dgx, dgh, dh_all, mask, has_mask = (self.dy, self.dh, self.dc, self.dgx, self.dgh, self.dh_all,
                                                         self.mask, self.has_mask)
-        if c.small:
+        gemm = None if c.small else _gemm_function(self.dtype)
+        if c.small or gemm is not None:
             dummy = dgx[:0, :0, :0]
-            _backward_small(
-                kind, rev, t0, t1, dy, dh, dc if dc is not None else dgx[0, :0, :0], self.W_hh,
-                self.W_hr if proj else dgx[0, :0, :0], c.hs, c.cs if c.cs is not None else dummy,
-                c.gates, c.aux if c.aux is not None else dummy, dgx, dgh,
-                dh_all if proj else dummy, mask, has_mask, proj,
-            )
+            with _step_blas_limit(self.macs):
+                _backward_loop(
+                    kind, rev, t0, t1, gemm, self.dtype.type(1), self.dtype.type(0), dy, dh,
+                    dc if dc is not None else dgx[0, :0, :0], self.W_hh, self.W_hr if proj else dgx[0, :0, :0], c.hs,
+                    c.cs if c.cs is not None else dummy, c.gates, c.aux if c.aux is not None else dummy, dgx, dgh,
+                    dh_all if proj else dummy, mask, has_mask, proj,
+                )
             return
+        # no BLAS callable from compiled code: the loop in Python, BLAS through NumPy
         with _step_blas_limit(self.macs):
             N, P = dh.shape
             prod = np.empty((N, P), self.dtype)
@@ -786,6 +844,58 @@ def scatter_add_rows(out, ids, rows):
         except Exception:  # pragma: no cover - compilation failure: the NumPy way below
             pass
     np.add.at(out, ids, rows)
+
+
+# ============================================================================ BLAS for compiled code
+_GEMM: dict = {}  # dtype char -> ctypes ?gemm function or None
+
+
+def _gemm_function(dtype):
+    """NumPy's own BLAS ``cblas_?gemm`` as a ctypes function the compiled loops can call, or None.
+
+    Found through threadpoolctl (the library file NumPy loaded) under the names
+    NumPy's wheels (``scipy_cblas_sgemm64_``, 64-bit integers) and other builds
+    (``cblas_sgemm64_``, ``cblas_sgemm``) use, and checked on a small product
+    before use.  None (BPTT_KERNEL_BLAS=0, or nothing found) keeps the time loop
+    in Python with ``np.matmul`` per step.
+    """
+    key = np.dtype(dtype).char
+    if key not in _GEMM:
+        fn = None
+        if numba is not None and os.environ.get("BPTT_KERNEL_BLAS", "1") != "0":
+            try:
+                fn = _load_gemm(key)
+            except Exception:  # any surprise: keep the NumPy route
+                fn = None
+        _GEMM[key] = fn
+    return _GEMM[key]
+
+
+def _load_gemm(key):
+    import ctypes
+
+    libs = _blas_controllers()
+    if libs is None:
+        return None
+    t, real = ("s", ctypes.c_float) if key == "f" else ("d", ctypes.c_double)
+    dtype = np.dtype(key)
+    for controller in libs.lib_controllers:
+        lib = ctypes.CDLL(controller.filepath)
+        for name in (f"scipy_cblas_{t}gemm64_", f"cblas_{t}gemm64_", f"cblas_{t}gemm"):
+            fn = getattr(lib, name, None)
+            if fn is None:
+                continue
+            integer = ctypes.c_int64 if name.endswith("64_") else ctypes.c_int
+            fn.restype = None
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer, integer, real, ctypes.c_void_p,
+                           integer, ctypes.c_void_p, integer, real, ctypes.c_void_p, integer]
+            rng = np.random.default_rng(0)
+            A, B = rng.standard_normal((3, 5)).astype(dtype), rng.standard_normal((4, 5)).astype(dtype)
+            out = np.zeros((3, 4), dtype)
+            _times_t(fn, dtype.type(1), dtype.type(0), A, B, np.ascontiguousarray(B.T), out)  # compiled, as used
+            if np.allclose(out, A @ B.T, rtol=1e-5, atol=1e-5):
+                return fn
+    return None
 
 
 # ============================================================================ availability

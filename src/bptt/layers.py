@@ -300,6 +300,18 @@ class RNNBase(Module):
             return None
         return kernels
 
+    def blas_scope(self, T, N):
+        """The context to run a model step around this layer in, for input (T, N, ·).
+
+        When the layer runs as a wavefront (one thread per layer), every BLAS
+        product of the step should be single-threaded, the model's own too (see
+        :func:`bptt.kernels.single_thread_blas`); otherwise this does nothing.
+        """
+        kernels = self._kernels()
+        if self._schedule(T, N, kernels)[1] > 1:
+            return kernels.single_thread_blas()
+        return contextlib.nullcontext()
+
     def _schedule(self, T, N, kernels):
         """Time chunks and threads for :func:`bptt.wavefront.run_wavefront`.
 
@@ -533,40 +545,47 @@ class RNNBase(Module):
             if dxs[k] is not None and layer.drop is not None:
                 dxs[k][t0:t1] *= layer.drop[t0:t1]
 
+        def finish(i):  # after layer k's last chunk: its weight gradients, in its own thread
+            k = L - 1 - i
+            for d, run in enumerate(runs[k]):
+                dh0[k * K + d], dc_first = self._weight_grads(k, d, run, ctx.layers[k], ctx.one_hot)
+                if dc0 is not None:
+                    dc0[k * K + d] = dc_first
+
         from bptt.wavefront import run_wavefront
 
-        with kernels.single_thread_blas() if threads > 1 else contextlib.nullcontext():
-            run_wavefront(L, len(chunks), layer_chunk, threads)
-
-        # weight gradients of all T steps: one matrix product each (with every BLAS thread)
         dh0 = np.zeros((L * K, N, P), self._dtype)
         dc0 = np.zeros((L * K, N, self.hidden_size), self._dtype) if self.mode == "lstm" else None
-        for k in range(L):
-            layer = ctx.layers[k]
-            for d, run in enumerate(runs[k]):
-                idx = k * K + d
-                dgx, dgh, dh0[idx], dc_first, dW_hr = run.result()
-                if dc0 is not None:
-                    dc0[idx] = dc_first
-                gW_ih, gb_ih, gW_hh, gb_hh, gW_hr = self._direction_grads(k, d)
-                G = dgx.shape[2]
-                dgx2, dgh2 = dgx.reshape(T * N, G), dgh.reshape(T * N, G)
-                if k == 0 and ctx.one_hot:  # ∂L/∂W_ih[:, v] = Σ of dgx over the steps whose input is v
-                    dW_ihT = np.zeros((self.input_size, G), self._dtype)
-                    scatter_add_rows(dW_ihT, layer.x.reshape(-1), dgx2)
-                    gW_ih += dW_ihT.T
-                else:
-                    gW_ih += dgx2.T @ layer.x.reshape(T * N, -1)
-                gW_hh += dgh2.T @ layer.directions[d].h_prev.reshape(T * N, -1)
-                if gb_ih is not None:
-                    gb_ih += dgx2.sum(axis=0)
-                    gb_hh += dgh2.sum(axis=0)
-                if gW_hr is not None:
-                    gW_hr += dW_hr
+        with kernels.single_thread_blas() if threads > 1 else contextlib.nullcontext():
+            run_wavefront(L, len(chunks), layer_chunk, threads, finish)
         dx = dxs[0]
         if dx is not None:
             dx = dx[:, 0] if not ctx.batched else dx.transpose(1, 0, 2) if self.batch_first else dx
         return dx, self._pack_state(dh0, dc0, ctx.batched)
+
+    def _weight_grads(self, k, d, run, layer, one_hot):
+        """Accumulate layer k, direction d's parameter gradients from its finished backward run;
+        returns (dh_0, dc_0).  Each is one matrix product over all T·N rows:
+
+            ∂L/∂W_ih = dgxᵀ X_k    ∂L/∂W_hh = dghᵀ H_prev    ∂L/∂b_ih = Σ dgx    ∂L/∂b_hh = Σ dgh
+        """
+        dgx, dgh, dh0, dc0, dW_hr = run.result()
+        T, N, G = dgx.shape
+        gW_ih, gb_ih, gW_hh, gb_hh, gW_hr = self._direction_grads(k, d)
+        dgx2, dgh2 = dgx.reshape(T * N, G), dgh.reshape(T * N, G)
+        if k == 0 and one_hot:  # ∂L/∂W_ih[:, v] = Σ of dgx over the steps whose input is v
+            dW_ihT = np.zeros((self.input_size, G), self._dtype)
+            scatter_add_rows(dW_ihT, layer.x.reshape(-1), dgx2)
+            gW_ih += dW_ihT.T
+        else:
+            gW_ih += dgx2.T @ layer.x.reshape(T * N, -1)
+        gW_hh += dgh2.T @ layer.directions[d].h_prev.reshape(T * N, -1)
+        if gb_ih is not None:
+            gb_ih += dgx2.sum(axis=0)
+            gb_hh += dgh2.sum(axis=0)
+        if gW_hr is not None:
+            gW_hr += dW_hr
+        return dh0, dc0
 
     def _start_backward(self, k, d, dy_k, dh_n, dc_n, cache, kernels):
         """The backward time loop of layer k, direction d, ready to run chunk by chunk.

@@ -172,8 +172,9 @@ def evaluate(model: CharLM, batches: TBPTTBatches, max_windows: int = 0) -> floa
     n = len(batches) if not max_windows else min(max_windows, len(batches))
     for k in range(n):
         x, y = batches.batch(k)
-        logits, state = model.forward(x, state)
-        loss, _ = cross_entropy(logits, y, reduction="sum")
+        with model.blas_scope(*x.shape):
+            logits, state = model.forward(x, state)
+            loss, _ = cross_entropy(logits, y, reduction="sum")
         total += loss
         count += y.size
     model.train(was_training)
@@ -209,8 +210,9 @@ def evaluate_text(model: CharLM, vocab: Vocab, text: str, window: int = 100, str
     model.eval()
     state, total = None, 0.0
     for t0 in range(0, S, window):
-        logits, state = model.forward(x[t0 : t0 + window], state)
-        loss, _ = cross_entropy(logits, y[t0 : t0 + window], mask=valid[t0 : t0 + window], reduction="sum")
+        with model.blas_scope(*x[t0 : t0 + window].shape):
+            logits, state = model.forward(x[t0 : t0 + window], state)
+            loss, _ = cross_entropy(logits, y[t0 : t0 + window], mask=valid[t0 : t0 + window], reduction="sum")
         total += loss
     nats = total / len(ids[1:])
     return {"loss": nats, "bits_per_char": nats / math.log(2), "perplexity": math.exp(nats),
@@ -404,22 +406,23 @@ def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None) -> dict:
             x, y = batches.batch(k)
             optimizer.lr = schedule(it)
 
-            loss, new_state = model.loss(x, y, run.state)
-            if not math.isfinite(loss):
-                raise TrainingError(f"loss is {loss} at step {it}; stopping (the last checkpoint is kept)")
-            if run.first_loss is None:
-                run.first_loss = loss
-            elif loss > 3 * run.first_loss:
-                raise TrainingError(f"loss is exploding ({loss:.3f} > 3 x the first loss {run.first_loss:.3f}) "
-                                    f"at step {it}; stopping (the last checkpoint is kept). Try a lower --lr")
-            model.zero_grad()
-            model.backward()
-            if cfg.grad_clip:
-                if cfg.clip_mode == "norm":
-                    clip_grad_norm(model, cfg.grad_clip)
-                else:
-                    clip_grad_value(model, cfg.grad_clip)
-            optimizer.step()
+            with model.blas_scope(*x.shape):
+                loss, new_state = model.loss(x, y, run.state)
+                if not math.isfinite(loss):
+                    raise TrainingError(f"loss is {loss} at step {it}; stopping (the last checkpoint is kept)")
+                if run.first_loss is None:
+                    run.first_loss = loss
+                elif loss > 3 * run.first_loss:
+                    raise TrainingError(f"loss is exploding ({loss:.3f} > 3 x the first loss {run.first_loss:.3f}) "
+                                        f"at step {it}; stopping (the last checkpoint is kept). Try a lower --lr")
+                model.zero_grad()
+                model.backward()
+                if cfg.grad_clip:
+                    if cfg.clip_mode == "norm":
+                        clip_grad_norm(model, cfg.grad_clip)
+                    else:
+                        clip_grad_value(model, cfg.grad_clip)
+                optimizer.step()
             run.state = new_state
             run.iteration += 1
             if cfg.log_hidden_stats and run.iteration % cfg.log_hidden_stats == 0:

@@ -118,11 +118,18 @@ class CharLM(Module):
         return f"{c.model} {c.layers}x{c.hidden}, V={c.vocab_size}, {inp}, dropout={c.dropout}"
 
     def _inputs(self, ids):
+        """The recurrent layer's input: embeddings, or one-hot vectors (T, N, V) built explicitly."""
         if self.embed is not None:
             return self.embed(ids)
         onehot = np.zeros(ids.shape + (self.vocab_size,), self.dtype)
         np.put_along_axis(onehot, ids[..., None], 1.0, axis=-1)
         return onehot
+
+    def blas_scope(self, T, N):
+        """Run each training or evaluation step on a (T, N) batch inside this context
+        (single-threaded BLAS when the recurrent layers run as a wavefront; see
+        :meth:`bptt.layers.RNNBase.blas_scope`)."""
+        return self.rnn.blas_scope(T, N)
 
     def forward(self, ids, state=None):
         """ids (T, N) integers in [0, V) → logits (T, N, V), final recurrent state."""
@@ -131,7 +138,10 @@ class CharLM(Module):
             raise ValueError(f"CharLM expects integer ids of shape (T, N), got {ids.dtype} {ids.shape}")
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise ValueError(f"ids must be in [0, {self.vocab_size}), got [{ids.min()}, {ids.max()}]")
-        h, state = self.rnn(self._inputs(ids), state)
+        if self.embed is not None:
+            h, state = self.rnn(self.embed(ids), state)
+        else:  # one-hot: the layer takes the indices and gathers rows of W_ih instead of multiplying
+            h, state = self.rnn(ids, state, one_hot=True)
         return self.decoder(self.drop(h)), state
 
     def loss(self, ids, targets, state=None):
