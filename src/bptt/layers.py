@@ -418,6 +418,7 @@ class RNNBase(Module):
         inputs = [x] + [None if m is None else np.empty((T, N, K * P), self._dtype) for m in drops[1:]]  # after dropout
         outputs = [np.empty((T, N, K * P), self._dtype) if K == 2 else None for _ in range(L)]  # K = 1: the run's y
         runs = [None] * L
+        W_ihT = [None] * L  # per layer and direction: W_ihᵀ, made once per call (see _input_table)
 
         def layer_output(k):
             return outputs[k] if K == 2 else runs[k][0].y
@@ -426,6 +427,7 @@ class RNNBase(Module):
             t0, t1 = chunks[j]
             if j == 0:
                 runs[k] = [self._start_forward(k, d, T, N, h0, c0, mask, kernels) for d in range(K)]
+                W_ihT[k] = [self._input_table(k, d, one_hot and k == 0) for d in range(K)]
             if k == 0:
                 inp = x[t0:t1]
             else:
@@ -433,7 +435,7 @@ class RNNBase(Module):
                 if drops[k] is not None:
                     inp = np.multiply(inp, drops[k][t0:t1], out=inputs[k][t0:t1])
             for d, run in enumerate(runs[k]):
-                self._input_product(k, d, inp, run.gx[t0:t1], one_hot and k == 0)
+                self._input_product(k, d, inp, run.gx[t0:t1], one_hot and k == 0, W_ihT)
                 run.steps(t0, t1)
                 if K == 2:
                     outputs[k][t0:t1, :, d * P : (d + 1) * P] = run.y[t0:t1]
@@ -475,22 +477,40 @@ class RNNBase(Module):
             return kernels.ForwardRun(*args, gx, mask, reverse=d == 1)
         return _WholeSequence(T, gx, lambda: recurrence.sequence_forward(args[0], gx, *args[1:], mask, reverse=d == 1))
 
-    def _input_product(self, k, d, inp, gx, one_hot):
-        """gx = inp W_ihᵀ + b_ih (+ b_hh for RNN/LSTM, whose b_hh adds to the same sum), into gx.
+    def _input_table(self, k, d, one_hot):
+        """W_ihᵀ (D_k, G), contiguous, with the biases added when the input is one-hot.
+
+        A product x W_ihᵀ reads W_ihᵀ untransposed faster (measured 198 against
+        217 µs for a 300×128 by 128×512 chunk); a one-hot x picks rows of
+        W_ihᵀ + b_ih (+ b_hh), so the bias is folded into the table.
+        """
+        W_ih = self._direction_params(k, d)[0]
+        if not one_hot:
+            return np.ascontiguousarray(W_ih.T)
+        bias = self._input_bias(k, d)
+        return np.ascontiguousarray(W_ih.T) if bias is None else np.add(W_ih.T, bias, order="C")
+
+    def _input_bias(self, k, d):
+        """b_ih, plus b_hh for RNN/LSTM, whose b_hh adds to the same sum (the GRU keeps b_hh apart)."""
+        _, b_ih, _, b_hh, _ = self._direction_params(k, d)
+        if b_hh is not None and self.mode != "gru":
+            return b_ih + b_hh
+        return b_ih
+
+    def _input_product(self, k, d, inp, gx, one_hot, W_ihT):
+        """gx = inp W_ihᵀ + b_ih (+ b_hh for RNN/LSTM), into gx.
 
         inp (t, N, D_k) → gx (t, N, G), as one (t·N, D_k)×(D_k, G) product; for a
-        one-hot input (indices (t, N)) the product picks rows of W_ihᵀ (+ bias).
+        one-hot input (indices (t, N)) the product picks rows of W_ihᵀ + bias.
+        W_ihT[k][d] is the table from :meth:`_input_table`.
         """
-        W_ih, b_ih, _, b_hh, _ = self._direction_params(k, d)
-        bias = b_ih
-        if b_hh is not None and self.mode != "gru":
-            bias = b_ih + b_hh
+        table = W_ihT[k][d]
         G = gx.shape[2]
         if one_hot:
-            table = np.ascontiguousarray(W_ih.T) if bias is None else np.add(W_ih.T, bias, order="C")  # (D, G)
             np.take(table, inp.reshape(-1), axis=0, out=gx.reshape(-1, G))
             return
-        np.matmul(inp.reshape(-1, inp.shape[2]), W_ih.T, out=gx.reshape(-1, G))
+        np.matmul(inp.reshape(-1, inp.shape[2]), table, out=gx.reshape(-1, G))
+        bias = self._input_bias(k, d)
         if bias is not None:
             gx += bias
 
