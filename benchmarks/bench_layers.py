@@ -29,12 +29,18 @@ Method
   are measured the same way (tracemalloc would miss torch's allocator).  Memory
   already mapped and reused by an allocator is not counted, so these are
   approximate (± a few MB).
-* Thread pools: with two libraries in one process on 2 cores, torch's OpenMP
-  threads busy-wait after each parallel region and starve OpenBLAS's (and the
-  reverse), which on this machine made a 0.7 ms bptt step take 35 ms right after
-  a torch call.  So the script sets ``OMP_WAIT_POLICY=PASSIVE`` before importing
-  torch (``--omp-active`` keeps libgomp's default).  OpenBLAS's own threads are
-  left as numpy ships them.
+* Thread pools: both libraries' worker threads busy-wait for a while after
+  each parallel region (libgomp's for torch, OpenBLAS's for numpy).  With the
+  two in one process on 2 cores, the spinning threads of one side starve the
+  other (a 0.7 ms bptt step took 35 ms right after a torch call).  So each
+  side's turn starts after ``--gap`` seconds (default 0.3) of idle, long
+  enough for the other side's threads to go to sleep, then makes one untimed
+  call and times 3 calls in a row (the steady state of a training loop); the
+  number reported is the median of those over all turns.  Both thread
+  pools as they ship: torch keeps libgomp's default (active) wait policy, which
+  is what makes its small parallel regions fast.  ``--omp-passive`` sets
+  ``OMP_WAIT_POLICY=PASSIVE`` instead (earlier versions of this script did; it
+  makes torch slower).
 * torch's default CPU path for nn.LSTM/GRU/RNN goes through oneDNN (mkldnn);
   ``--torch-mkldnn off`` disables it to compare with torch's native kernels.
 """
@@ -103,18 +109,22 @@ def make_runners(mode, T, N, D, H, L):
     return ours_train, torch_train, ours_infer, torch_infer
 
 
-def alternate(f, g, repeat):
-    """Median seconds of f and g, timed alternately after one warm-up call each."""
-    f()
-    g()
+GAP = [0.3]  # seconds of idle before each side's turn (--gap)
+
+
+def alternate(f, g, repeat, inner=3):
+    """Median seconds of f and g over ``repeat`` alternating turns: each turn idles
+    GAP seconds (see Method), makes one untimed call, then times ``inner`` calls
+    in a row — the steady state of a training loop, not a cold first call."""
     tf, tg = [], []
     for _ in range(repeat):
-        t = time.perf_counter()
-        f()
-        tf.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        g()
-        tg.append(time.perf_counter() - t)
+        for fn, times in ((f, tf), (g, tg)):
+            time.sleep(GAP[0])
+            fn()
+            for _ in range(inner):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
     return statistics.median(tf), statistics.median(tg)
 
 
@@ -219,11 +229,13 @@ def main(argv=None):
     ap.add_argument("--torch-mkldnn", choices=("on", "off"), default="on")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-sampling", action="store_true")
-    ap.add_argument("--omp-active", action="store_true", help="keep libgomp's busy-waiting threads (see Method)")
+    ap.add_argument("--omp-passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE for torch (see Method)")
+    ap.add_argument("--gap", type=float, default=0.3, help="idle seconds before each timed call (see Method)")
     ap.add_argument("--out", default=None, help="also write the markdown here")
     args = ap.parse_args(argv)
-    if not args.omp_active:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by libgomp when torch loads it
+    if args.omp_passive:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read by libgomp when torch loads it
+    GAP[0] = args.gap
 
     from threadpoolctl import threadpool_limits
 
@@ -247,7 +259,7 @@ def main(argv=None):
     emit(f"# bptt vs PyTorch {torch.__version__} (CPU, float32, {args.threads} threads, mkldnn {args.torch_mkldnn})")
     emit()
     emit(f"numpy float32 GEMM peak measured in this run: {peak:.1f} GFLOP/s.  Median of {repeat} alternating runs.  "
-         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}.")
+         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}, {GAP[0]} s idle before each side's turn.")
     emit()
     emit("| config (T, N, D, H, L) | mode | pass | ms bptt | ms torch | speed-up torch/bptt | GFLOP/s bptt | % peak |")
     emit("|---|---|---|---:|---:|---:|---:|---:|")

@@ -507,7 +507,9 @@ class RNNBase(Module):
         table = W_ihT[k][d]
         G = gx.shape[2]
         if one_hot:
-            np.take(table, inp.reshape(-1), axis=0, out=gx.reshape(-1, G))
+            # mode="clip": the indices were checked in _check_input, and the default mode="raise"
+            # writes through a buffer when given out= (measured 0.28 against 0.09 ms for 2,500 rows)
+            np.take(table, inp.reshape(-1), axis=0, out=gx.reshape(-1, G), mode="clip")
             return
         np.matmul(inp.reshape(-1, inp.shape[2]), table, out=gx.reshape(-1, G))
         bias = self._input_bias(k, d)
