@@ -74,11 +74,20 @@ def assert_same(layer, x, state, lengths, dout, dstate, tol):
         assert rel(fus[4][k], ref[4][k]) < tol, k
 
 
-@pytest.fixture(params=["compiled", "blas"])
+@pytest.fixture(params=["compiled", "blas", "python-loop"])
 def path(request, monkeypatch):
-    """Both kernel paths: everything through the compiled loop, or everything through BLAS."""
+    """Every kernel path: the compiled loop with hand-written products, the compiled loop
+    calling BLAS, and the fallback loop in Python with np.matmul (no cblas symbol found)."""
     monkeypatch.setattr(kernels, "_SMALL_MACS", 1 << 40 if request.param == "compiled" else -1)
+    if request.param == "python-loop":
+        monkeypatch.setattr(kernels, "_GEMM", {"f": None, "d": None})
     return request.param
+
+
+def test_blas_is_callable_from_compiled_code():
+    """NumPy's BLAS was found for both dtypes (else every large layer takes the slower Python loop)."""
+    assert kernels._gemm_function(np.float32) is not None
+    assert kernels._gemm_function(np.float64) is not None
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
