@@ -12,7 +12,8 @@ A recurrent layer's forward, per layer k and direction d::
     y, h_n = the time loop over gx             bptt.recurrence (or the fused kernel)
     X_{k+1} = dropout([y_forward, y_reverse])  features concatenated                 (T, N, K·P)
 
-and its backward, the same read upwards::
+(run chunk by chunk as a wavefront over the layers when there are cores to spare,
+see :mod:`bptt.wavefront`), and its backward, the same read upwards::
 
     dgx, dgh, dh_0 = the time loop backwards
     ∂L/∂W_ih = dgxᵀ X_k,  ∂L/∂W_hh = dghᵀ H_prev    one matrix product each over all T·N rows
@@ -198,12 +199,13 @@ class _WholeSequence:
 class RNNBase(Module):
     """Stacked, optionally bidirectional recurrent layer (the common part of RNN, LSTM, GRU).
 
-    ``forward(x, state=None, lengths=None)`` → ``(output, h_n)`` or, for the LSTM,
-    ``(output, (h_n, c_n))``:
+    ``forward(x, state=None, lengths=None, *, one_hot=False)`` → ``(output, h_n)`` or, for
+    the LSTM, ``(output, (h_n, c_n))``:
 
         x       (T, N, D), or (N, T, D) with batch_first, or unbatched (T, D)
         state   h_0 (L·K, N, P)  [LSTM: (h_0, c_0) with c_0 (L·K, N, H)]; zeros if None
         lengths (N,) valid steps per sequence, any order; outputs are zero past them
+        one_hot x is integer indices (T, N) standing for one-hot vectors (see forward)
         output  (T, N, K·P) (batch_first: (N, T, K·P); unbatched: (T, K·P))
         h_n     (L·K, N, P) taken at each sequence's last valid step
 
