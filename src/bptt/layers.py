@@ -529,6 +529,7 @@ class RNNBase(Module):
         ctx = self._saved(self._ctx)
         dy = as_float_array(doutput, self._dtype, "doutput")
         T, N, KP = ctx.out_shape
+        self._ctx = None  # consumed, as in PyTorch: each layer's cache is freed once its gradients are done
         if not ctx.batched:
             dy = dy.reshape(T, 1, KP) if dy.shape == (T, KP) else dy
         elif self.batch_first and dy.ndim == 3:
@@ -575,6 +576,7 @@ class RNNBase(Module):
                 dh0[k * K + d], dc_first = self._weight_grads(k, d, run, ctx.layers[k], ctx.one_hot)
                 if dc0 is not None:
                     dc0[k * K + d] = dc_first
+            runs[k] = ctx.layers[k] = None  # free this layer's buffers while the layers below still run
 
         from bptt.wavefront import run_wavefront
 

@@ -408,6 +408,9 @@ def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None) -> dict:
 
             with model.blas_scope(*x.shape):
                 loss, new_state = model.loss(x, y, run.state)
+                stats = None
+                if cfg.log_hidden_stats and (run.iteration + 1) % cfg.log_hidden_stats == 0:
+                    stats = hidden_stats(model)  # mean and variance of h per layer, from this forward's cache
                 if not math.isfinite(loss):
                     raise TrainingError(f"loss is {loss} at step {it}; stopping (the last checkpoint is kept)")
                 if run.first_loss is None:
@@ -425,9 +428,8 @@ def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None) -> dict:
                 optimizer.step()
             run.state = new_state
             run.iteration += 1
-            if cfg.log_hidden_stats and run.iteration % cfg.log_hidden_stats == 0:
-                # mean and variance of h per layer, read from this step's forward cache
-                log_file.write(json.dumps({"iter": run.iteration, **hidden_stats(model)}) + "\n")
+            if stats is not None:
+                log_file.write(json.dumps({"iter": run.iteration, **stats}) + "\n")
 
             window_loss += loss
             window_chars += y.size
