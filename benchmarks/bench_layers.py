@@ -228,6 +228,7 @@ def main(argv=None):
     ap.add_argument("--modes", default="lstm,gru,rnn")
     ap.add_argument("--torch-mkldnn", choices=("on", "off"), default="on")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--no-timing", action="store_true", help="skip the timing table (e.g. memory only)")
     ap.add_argument("--no-sampling", action="store_true")
     ap.add_argument("--omp-passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE for torch (see Method)")
     ap.add_argument("--gap", type=float, default=0.3, help="idle seconds before each timed call (see Method)")
@@ -263,7 +264,7 @@ def main(argv=None):
     emit()
     emit("| config (T, N, D, H, L) | mode | pass | ms bptt | ms torch | speed-up torch/bptt | GFLOP/s bptt | % peak |")
     emit("|---|---|---|---:|---:|---:|---:|---:|")
-    for cfg in grid:
+    for cfg in [] if args.no_timing else grid:
         for mode in modes:
             for m in (mode if mode != "rnn" else "rnn_tanh",):
                 K.available(m, np.float32)  # compile outside the timing

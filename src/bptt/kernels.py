@@ -478,16 +478,17 @@ if numba is not None:
                 dyr = dy[t, n]
                 for j in range(H):
                     dmr[j] += dyr[j]  # dm = dh + dy_t (dh is overwritten by the product afterwards)
+            # dgx may be the gates' own buffer (BackwardRun): every gate is read before its slot is written
             for j in range(H):
-                tc = tcr[j]
-                da_o[j] = dmr[j] * tc * (o[j] * (1.0 - o[j]))
-                dcr[j] = dmr[j] * o[j] * (1.0 - tc * tc) + dcr[j]  # dc̃
+                tc, oj = tcr[j], o[j]
+                da_o[j] = dmr[j] * tc * (oj * (1.0 - oj))
+                dcr[j] = dmr[j] * oj * (1.0 - tc * tc) + dcr[j]  # dc̃
             for j in range(H):
-                dcs = dcr[j]
-                da_i[j] = dcs * g[j] * (i[j] * (1.0 - i[j]))
-                da_f[j] = dcs * cpr[j] * (f[j] * (1.0 - f[j]))
-                da_g[j] = dcs * i[j] * (1.0 - g[j] * g[j])
-                dcr[j] = dcs * f[j]
+                dcs, ij, fj, gj = dcr[j], i[j], f[j], g[j]
+                da_i[j] = dcs * gj * (ij * (1.0 - ij))
+                da_f[j] = dcs * cpr[j] * (fj * (1.0 - fj))
+                da_g[j] = dcs * ij * (1.0 - gj * gj)
+                dcr[j] = dcs * fj
 
     @njit(**_jit)
     def _masked_sum(t, dh, dy, out, mask, has_mask):
@@ -523,14 +524,14 @@ if numba is not None:
             dhr, dyr, gr, ghr, hpr = dh[n], dy[t, n], gates[t, n], gh_n[t, n], hp[n]
             r, z, nn = gr[:H], gr[H : 2 * H], gr[2 * H :]  # views: loops from 0 vectorise
             da_r, da_z, da_n, dgh_n = xr[:H], xr[H : 2 * H], xr[2 * H :], hr[2 * H :]
-            for j in range(H):
-                d = dhr[j] + dyr[j]
-                dn = d * (1.0 - z[j]) * (1.0 - nn[j] * nn[j])
-                da_r[j] = dn * ghr[j] * (r[j] * (1.0 - r[j]))
-                da_z[j] = d * (hpr[j] - nn[j]) * (z[j] * (1.0 - z[j]))
+            for j in range(H):  # gates read before their slots are written (dgx may be the gates' buffer)
+                d, rj, zj, nj = dhr[j] + dyr[j], r[j], z[j], nn[j]
+                dn = d * (1.0 - zj) * (1.0 - nj * nj)
+                da_r[j] = dn * ghr[j] * (rj * (1.0 - rj))
+                da_z[j] = d * (hpr[j] - nj) * (zj * (1.0 - zj))
                 da_n[j] = dn
-                dgh_n[j] = dn * r[j]
-                dhr[j] = d * z[j]
+                dgh_n[j] = dn * rj
+                dhr[j] = d * zj
             for j in range(2 * H):
                 hr[j] = xr[j]
 
@@ -736,7 +737,8 @@ class BackwardRun:
     dy (T, N, P) chunk by chunk: ``run.steps(t0, t1)`` needs dy[t0:t1] and runs
     times t1−1 down to t0 (t0 up to t1−1 in the reverse direction), after the
     chunks that come before them in that order.  ``run.result()`` →
-    ``(dgx, dgh, dh_0, dc_0, dW_hr)`` as :func:`sequence_backward`.
+    ``(dgx, dgh, dh_0, dc_0, dW_hr)`` as :func:`sequence_backward`.  dgx is
+    written over ``cache.gates``: a cache serves one backward pass.
     """
 
     def __init__(self, dy, dh_n, dc_n, cache: KernelCache, weights):
@@ -757,7 +759,9 @@ class BackwardRun:
         self.dc = None
         if kind == 2:
             self.dc = np.zeros((N, H), dtype) if dc_n is None else np.array(dc_n, dtype=dtype)
-        self.dgx = np.empty((T, N, G), dtype)
+        # ∂L/∂a_t overwrites the activated gates of step t, which the backward step reads just
+        # before (the forward cache is consumed): one (T, N, G) buffer less at the peak
+        self.dgx = cache.gates
         self.dgh = np.empty((T, N, G), dtype) if kind == 3 else self.dgx
         self.dh_all = np.empty((T, N, P), dtype) if self.proj else None
         self.macs = N * G * P
@@ -808,7 +812,8 @@ class BackwardRun:
 
 
 def sequence_backward(dy, dh_n, dc_n, cache: KernelCache, weights):
-    """Fused :func:`bptt.recurrence.sequence_backward`: same arguments, same results."""
+    """Fused :func:`bptt.recurrence.sequence_backward`: same arguments, same results
+    (the cache's gate buffer becomes dgx, so a cache serves one backward pass)."""
     dy = np.ascontiguousarray(dy, dtype=cache.gates.dtype)
     run = BackwardRun(dy, dh_n, dc_n, cache, weights)
     run.steps(0, dy.shape[0])
