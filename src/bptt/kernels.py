@@ -19,16 +19,22 @@ are the vectorisable ``_exp_neg`` / ``_tanh`` / ``_sigmoid`` below (a
 polynomial exp in float64, accurate to a few ulp), because a call to libm's
 ``tanh`` per element would cost ~20 ns and dominate the step.
 
-(1) is done in one of two ways, chosen by size (``_SMALL_MACS``):
+The loop over a range of steps is one compiled function (``_forward_loop`` /
+``_backward_loop``, driven by :class:`ForwardRun` / :class:`BackwardRun`, which
+run a layer a chunk of steps at a time for :mod:`bptt.wavefront`).  It does (1)
+in one of two ways, chosen by size (``_SMALL_MACS``):
 
-* small steps (e.g. N = 1, H = 100): the whole sequence runs inside one Numba
-  function, the products as hand loops shaped as ``axpy`` over contiguous rows
-  (``out[n, :] += h[n, p] · Wᵀ[p, :]``), which vectorise without reordering sums.
-  No Python per step at all.
-* larger steps: a Python loop over t, calling BLAS through ``np.matmul(...,
-  out=buffer)`` into preallocated buffers, then the fused Numba step.  The
-  Python overhead is a few µs per step, small against the product.  (Numba's
-  own ``np.dot`` would need SciPy's BLAS bindings; we do without.)
+* small steps (e.g. N = 1, H = 100): hand loops shaped as ``axpy`` over
+  contiguous rows (``out[n, :] += h[n, p] · Wᵀ[p, :]``), which vectorise
+  without reordering sums; a BLAS call would cost more than the product.
+* larger steps: NumPy's own BLAS ``cblas_?gemm``, found through threadpoolctl
+  and called through ctypes from inside the compiled loop (``_gemm_function``),
+  so no Python runs per step and the GIL is not taken.  Where no such symbol is
+  found (other NumPy builds), a Python loop calls ``np.matmul`` per step instead.
+
+The gate loops index one view per gate, every loop running from 0: LLVM
+vectorised those, but not loops over offset ranges such as ``range(2H, 3H)``,
+which ran 2–4× slower.
 
 States live in (T+1, N, P) arrays ``hs`` (and ``cs`` for the LSTM cell) in time
 order: the state entering step t is ``hs[t + rev]`` and the one leaving it is
