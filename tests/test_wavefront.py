@@ -208,3 +208,23 @@ def test_scatter_add_rows_equals_add_at():
     got = np.zeros((5, 7), np.float32)
     scatter_add_rows(got, ids, rows)
     assert rel(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("L", [2, 3])
+def test_pipelined_one_hot_equals_layer_by_layer(L, monkeypatch):
+    """With one-hot input the lower layer's thread makes the products that connect it to the
+    layer above (forward and backward); the numbers must not change."""
+    rng = np.random.default_rng(L)
+    V, T, N = 11, 17, 8
+    layer = bptt.LSTM(V, 40, L, dropout=0.25, dtype=np.float64, rng=3)
+    ids = rng.integers(0, V, (T, N))
+    dout = rng.standard_normal((T, N, 40))
+    ref = layer_run(layer, ids, None, None, dout, None, 1, monkeypatch, one_hot=True)
+    got = layer_run(layer, ids, None, None, dout, None, 2, monkeypatch, one_hot=True)
+    assert ref[5] == 1 and got[5] == 8
+    assert ref[2] is None and got[2] is None
+    assert rel(got[0], ref[0]) < 1e-12
+    for a, b in zip(flat(got[1]) + flat(got[3]), flat(ref[1]) + flat(ref[3])):
+        assert rel(a, b) < 1e-12
+    for k in ref[4]:
+        assert rel(got[4][k], ref[4][k]) < 1e-12, k

@@ -419,17 +419,17 @@ class RNNBase(Module):
                           if self.training and self.dropout > 0 else None for _ in range(1, L)]
         inputs = [x] + [None if m is None else np.empty((T, N, K * P), self._dtype) for m in drops[1:]]  # after dropout
         outputs = [np.empty((T, N, K * P), self._dtype) if K == 2 else None for _ in range(L)]  # K = 1: the run's y
-        runs = [None] * L
-        W_ihT = [None] * L  # per layer and direction: W_ihᵀ, made once per call (see _input_table)
+        runs = [[self._start_forward(k, d, T, N, h0, c0, mask, kernels) for d in range(K)] for k in range(L)]
+        W_ihT = [[self._input_table(k, d, one_hot and k == 0) for d in range(K)] for k in range(L)]  # see _input_table
+        # With a one-hot input the bottom layer's input product is a cheap gather, so its thread
+        # also makes the product feeding the layer above: the threads then carry equal work
+        # (measured below in BENCHMARKS.md).  Backward does the mirror image.
+        shift = one_hot and threads > 1
 
         def layer_output(k):
             return outputs[k] if K == 2 else runs[k][0].y
 
-        def layer_chunk(k, j):  # layer k, times [t0, t1): input product, then the time loop
-            t0, t1 = chunks[j]
-            if j == 0:
-                runs[k] = [self._start_forward(k, d, T, N, h0, c0, mask, kernels) for d in range(K)]
-                W_ihT[k] = [self._input_table(k, d, one_hot and k == 0) for d in range(K)]
+        def input_products(k, t0, t1):  # gx of layer k for times [t0, t1), from its input after dropout
             if k == 0:
                 inp = x[t0:t1]
             else:
@@ -438,9 +438,17 @@ class RNNBase(Module):
                     inp = np.multiply(inp, drops[k][t0:t1], out=inputs[k][t0:t1])
             for d, run in enumerate(runs[k]):
                 self._input_product(k, d, inp, run.gx[t0:t1], one_hot and k == 0, W_ihT)
+
+        def layer_chunk(k, j):  # layer k, times [t0, t1): input product, then the time loop
+            t0, t1 = chunks[j]
+            if k == 0 or not shift:
+                input_products(k, t0, t1)
+            for d, run in enumerate(runs[k]):
                 run.steps(t0, t1)
                 if K == 2:
                     outputs[k][t0:t1, :, d * P : (d + 1) * P] = run.y[t0:t1]
+            if shift and k + 1 < L:
+                input_products(k + 1, t0, t1)
 
         from bptt.wavefront import run_wavefront
 
@@ -549,26 +557,34 @@ class RNNBase(Module):
         dxs = [np.empty((T, N, self.input_size if k == 0 else K * P), self._dtype) if k > 0 or need_dx0 else None
                for k in range(L)]
         runs = [None] * L
+        drops = [layer.drop for layer in ctx.layers]
+        shift = ctx.one_hot and threads > 1  # layer k's input gradient made in layer k−1's thread (see forward)
+
+        def input_grad(k, t0, t1):  # backprop into layer k's input: dx = Σ_d dgx W_ih (one product), ⊙ mask
+            for d, run in enumerate(runs[k]):
+                W_ih = self._direction_params(k, d)[0]
+                dgx = run.dgx[t0:t1].reshape(-1, W_ih.shape[0])
+                dx = dxs[k][t0:t1].reshape(-1, W_ih.shape[1])
+                if d == 0:
+                    np.matmul(dgx, W_ih, out=dx)
+                else:
+                    dx += dgx @ W_ih
+            if drops[k] is not None:
+                dxs[k][t0:t1] *= drops[k][t0:t1]
 
         def layer_chunk(i, j):  # the i-th layer from the top, the j-th chunk from the end
             k = L - 1 - i
             t0, t1 = chunks[len(chunks) - 1 - j]
-            layer = ctx.layers[k]
             if j == 0:
                 dy_k = dy if k == L - 1 else dxs[k + 1]
-                runs[k] = [self._start_backward(k, d, dy_k, dh_n, dc_n, layer.directions[d], kernels) for d in range(K)]
-            for d, run in enumerate(runs[k]):
+                runs[k] = [self._start_backward(k, d, dy_k, dh_n, dc_n, ctx.layers[k].directions[d], kernels)
+                           for d in range(K)]
+            if shift and k + 1 < L:
+                input_grad(k + 1, t0, t1)  # this layer's dy for these steps
+            for run in runs[k]:
                 run.steps(t0, t1)
-                if dxs[k] is not None:  # backprop into this layer's input: dx = Σ_d dgx W_ih, one product
-                    W_ih = self._direction_params(k, d)[0]
-                    dgx = run.dgx[t0:t1].reshape(-1, W_ih.shape[0])
-                    dx = dxs[k][t0:t1].reshape(-1, W_ih.shape[1])
-                    if d == 0:
-                        np.matmul(dgx, W_ih, out=dx)
-                    else:
-                        dx += dgx @ W_ih
-            if dxs[k] is not None and layer.drop is not None:
-                dxs[k][t0:t1] *= layer.drop[t0:t1]
+            if dxs[k] is not None and not (shift and k > 0):
+                input_grad(k, t0, t1)
 
         def finish(i):  # after layer k's last chunk: its weight gradients, in its own thread
             k = L - 1 - i
@@ -576,7 +592,12 @@ class RNNBase(Module):
                 dh0[k * K + d], dc_first = self._weight_grads(k, d, run, ctx.layers[k], ctx.one_hot)
                 if dc0 is not None:
                     dc0[k * K + d] = dc_first
-            runs[k] = ctx.layers[k] = None  # free this layer's buffers while the layers below still run
+            # free buffers while the layers below still run (with shift, layer k−1 reads dgx of layer k)
+            ctx.layers[k] = None
+            if shift and k + 1 < L:
+                runs[k + 1] = None
+            if not shift:
+                runs[k] = None
 
         from bptt.wavefront import run_wavefront
 
