@@ -228,3 +228,13 @@ def test_pipelined_one_hot_equals_layer_by_layer(L, monkeypatch):
         assert rel(a, b) < 1e-12
     for k in ref[4]:
         assert rel(got[4][k], ref[4][k]) < 1e-12, k
+
+
+def test_backward_consumes_the_forward():
+    """The backward frees the forward's buffers (dgx is written over the gates), so a second
+    backward without a new forward is an error, as in PyTorch."""
+    layer = bptt.LSTM(3, 4, 2, rng=0)
+    out, _ = layer(np.ones((5, 2, 3), np.float32))
+    layer.backward(np.ones_like(out))
+    with pytest.raises(RuntimeError, match="without a preceding forward"):
+        layer.backward(np.ones_like(out))
