@@ -319,9 +319,11 @@ class RNNBase(Module):
 
         One chunk and one thread (layer after layer) unless this is a
         unidirectional stack on the fused kernels' BLAS path and BLAS may use
-        more than one thread: then 8 chunks, so the pipeline fills after 1/8 of
-        a layer's steps.  Bidirectional stacks need a layer's whole output
-        before the next layer's reverse direction can start.
+        more than one thread: then 8 chunks (fewer if T < 8), so the pipeline
+        fills after 1/8 of a layer's steps (4, 8, 12 and 16 chunks measured
+        alike, within noise, for a 2×128 LSTM training step at T = 50).
+        Bidirectional stacks need a layer's whole output before the next
+        layer's reverse direction can start.
         """
         whole = [(0, T)], 1
         if kernels is None or self.num_layers < 2 or self.bidirectional or T < 2:
