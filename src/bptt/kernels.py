@@ -680,16 +680,15 @@ class ForwardRun:
         self.m_all = np.empty((T, N, H), dtype) if self.proj else None
         self.small = N * G * P <= _SMALL_MACS
         self.macs = N * G * P
-        self.WhhT = self.WhrT = None
+        # transposed once per sequence: the products read them untransposed (faster in BLAS)
+        self.WhhT = np.ascontiguousarray(self.W_hh.T)
+        self.WhrT = np.ascontiguousarray(self.W_hr.T) if self.proj else self.gates[0, :0, :0]
 
     def steps(self, t0, t1):
         """Run times [t0, t1) (t1−1 down to t0 in the reverse direction)."""
         kind, rev, proj, dtype = self.kind, self.rev, self.proj, self.gx.dtype
         gemm = None if self.small else _gemm_function(dtype)
         if self.small or gemm is not None:
-            if self.WhhT is None:  # transposed once per sequence, not per chunk
-                self.WhhT = np.ascontiguousarray(self.W_hh.T)
-                self.WhrT = np.ascontiguousarray(self.W_hr.T) if proj else self.gates[0, :0, :0]
             with _step_blas_limit(self.macs):
                 _forward_loop(
                     kind, rev, t0, t1, gemm, dtype.type(1), dtype.type(0), self.gx, self.WhhT,
@@ -703,7 +702,7 @@ class ForwardRun:
         with _step_blas_limit(self.macs):
             N, G = self.gx.shape[1], self.gx.shape[2]
             a = np.empty((N, G), dtype)
-            WhhT = np.ascontiguousarray(self.W_hh.T)  # BLAS reads an untransposed B faster
+            WhhT = self.WhhT
             h_new = np.empty((N, self.hs.shape[2]), dtype) if proj else None
             hs, cs, y, gx, gates, aux, mask, has_mask = self.hs, self.cs, self.y, self.gx, self.gates, self.aux, self.mask, self.has_mask
             for t in (range(t1 - 1, t0 - 1, -1) if rev else range(t0, t1)):
@@ -711,7 +710,7 @@ class ForwardRun:
                 if kind == 2:
                     _lstm_fw_step(t, rev, a, gx, hs, cs, y, gates, aux, self.m_all if proj else aux, mask, has_mask, proj)
                     if proj:
-                        np.matmul(self.m_all[t], self.W_hr.T, out=h_new)  # h̃_t = m_t W_hrᵀ
+                        np.matmul(self.m_all[t], self.WhrT, out=h_new)  # h̃_t = m_t W_hrᵀ
                         _merge_step(t, rev, h_new, hs, y, mask, has_mask)
                 elif kind == 3:
                     _gru_fw_step(t, rev, a, gx, self.b, hs, y, gates, aux, mask, has_mask)
