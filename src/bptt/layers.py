@@ -630,8 +630,9 @@ class RNNBase(Module):
             gW_ih += dgx2.T @ layer.x.reshape(T * N, -1)
         gW_hh += dgh2.T @ layer.directions[d].h_prev.reshape(T * N, -1)
         if gb_ih is not None:
-            gb_ih += dgx2.sum(axis=0)
-            gb_hh += dgh2.sum(axis=0)
+            db = dgx2.sum(axis=0)
+            gb_ih += db
+            gb_hh += db if self.mode != "gru" else dgh2.sum(axis=0)  # dgh is dgx but in the GRU
         if gW_hr is not None:
             gW_hr += dW_hr
         return dh0, dc0
