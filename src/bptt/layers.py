@@ -23,6 +23,8 @@ see :mod:`bptt.wavefront`), and its backward, the same read upwards::
 from __future__ import annotations
 
 import contextlib
+import functools
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -194,6 +196,10 @@ class _WholeSequence:
         return self._result[0]
 
     dgx = y
+
+    @property
+    def dgh(self):  # backward only
+        return self._result[1]
 
 
 class RNNBase(Module):
@@ -588,18 +594,45 @@ class RNNBase(Module):
             if dxs[k] is not None and not (shift and k > 0):
                 input_grad(k, t0, t1)
 
-        def finish(i):  # after layer k's last chunk: its weight gradients, in its own thread
-            k = L - 1 - i
-            for d, run in enumerate(runs[k]):
-                dh0[k * K + d], dc_first = self._weight_grads(k, d, run, ctx.layers[k], ctx.one_hot)
-                if dc0 is not None:
-                    dc0[k * K + d] = dc_first
-            # free buffers while the layers below still run (with shift, layer k−1 reads dgx of layer k)
-            ctx.layers[k] = None
-            if shift and k + 1 < L:
-                runs[k + 1] = None
-            if not shift:
+        # A layer's buffers are freed while the layers below still run, once nothing reads them:
+        # runs[k] is read by layer k's weight-gradient jobs and, with shift, by layer k−1's
+        # chunks (input_grad(k)); whichever of the two ends last frees it.
+        readers = [1 + (shift and k > 0) for k in range(L)]
+        lock = threading.Lock()
+
+        def release(k):
+            with lock:
+                readers[k] -= 1
+                free = readers[k] == 0
+            if free:
                 runs[k] = None
+
+        # Each layer's weight gradients are tail jobs (bptt.wavefront): a product per direction,
+        # cut in two halves of gate rows when two threads run, so that a thread whose layer is
+        # done takes halves of the others' (at 2×512 the bottom layer's 80 ms tail ran on one
+        # core while the other waited).
+        def finish(i):
+            k = L - 1 - i
+            if shift and k + 1 < L:
+                release(k + 1)  # layer k's chunks are done reading layer k+1's dgx
+            G = self.gate_count * self.hidden_size
+            parts = [slice(0, G // 2), slice(G // 2, G)] if threads > 1 else [slice(0, G)]
+            left = [K * len(parts)]
+
+            def job(d, rows):
+                self._weight_grads(k, d, runs[k][d], ctx.layers[k], ctx.one_hot, rows, rows.stop == G)
+                with lock:
+                    left[0] -= 1
+                    last = left[0] == 0
+                if last:  # every part of layer k is in: its initial-state gradients, then free it
+                    for dd, run in enumerate(runs[k]):
+                        dh0[k * K + dd], dc_first = self._final_grads(k, dd, run)
+                        if dc0 is not None:
+                            dc0[k * K + dd] = dc_first
+                    ctx.layers[k] = None
+                    release(k)
+
+            return [functools.partial(job, d, rows) for d in range(K) for rows in parts]
 
         from bptt.wavefront import run_wavefront
 
@@ -612,27 +645,38 @@ class RNNBase(Module):
             dx = dx[:, 0] if not ctx.batched else dx.transpose(1, 0, 2) if self.batch_first else dx
         return dx, self._pack_state(dh0, dc0, ctx.batched)
 
-    def _weight_grads(self, k, d, run, layer, one_hot):
-        """Accumulate layer k, direction d's parameter gradients from its finished backward run;
-        returns (dh_0, dc_0).  Each is one matrix product over all T·N rows:
+    def _weight_grads(self, k, d, run, layer, one_hot, rows, scatter):
+        """Accumulate layer k, direction d's weight and bias gradients from its finished
+        backward run, for the gate rows ``rows`` (a slice of 0 … G−1; two slices can run
+        in two threads).  Each is one matrix product over all T·N steps and batch rows:
 
             ∂L/∂W_ih = dgxᵀ X_k    ∂L/∂W_hh = dghᵀ H_prev    ∂L/∂b_ih = Σ dgx    ∂L/∂b_hh = Σ dgh
+
+        With one-hot input, ∂L/∂W_ih of layer 0 is a scatter-add instead, done (for all
+        rows) by the call with ``scatter`` set.
         """
-        dgx, dgh, dh0, dc0, dW_hr = run.result()
-        T, N, G = dgx.shape
-        gW_ih, gb_ih, gW_hh, gb_hh, gW_hr = self._direction_grads(k, d)
-        dgx2, dgh2 = dgx.reshape(T * N, G), dgh.reshape(T * N, G)
+        T, N, G = run.dgx.shape
+        gW_ih, gb_ih, gW_hh, gb_hh, _ = self._direction_grads(k, d)
+        dgx = run.dgx.reshape(T * N, G)[:, rows]  # strided column blocks: BLAS reads them in place
+        dgh = dgx if self.mode != "gru" else run.dgh.reshape(T * N, G)[:, rows]  # dgh is dgx but in the GRU
         if k == 0 and one_hot:  # ∂L/∂W_ih[:, v] = Σ of dgx over the steps whose input is v
-            dW_ihT = np.zeros((self.input_size, G), self._dtype)
-            scatter_add_rows(dW_ihT, layer.x.reshape(-1), dgx2)
-            gW_ih += dW_ihT.T
+            if scatter:
+                dW_ihT = np.zeros((self.input_size, G), self._dtype)
+                scatter_add_rows(dW_ihT, layer.x.reshape(-1), run.dgx.reshape(T * N, G))
+                gW_ih += dW_ihT.T
         else:
-            gW_ih += dgx2.T @ layer.x.reshape(T * N, -1)
-        gW_hh += dgh2.T @ layer.directions[d].h_prev.reshape(T * N, -1)
+            gW_ih[rows] += dgx.T @ layer.x.reshape(T * N, -1)
+        gW_hh[rows] += dgh.T @ layer.directions[d].h_prev.reshape(T * N, -1)
         if gb_ih is not None:
-            db = dgx2.sum(axis=0)
-            gb_ih += db
-            gb_hh += db if self.mode != "gru" else dgh2.sum(axis=0)  # dgh is dgx but in the GRU
+            db = dgx.sum(axis=0)
+            gb_ih[rows] += db
+            gb_hh[rows] += db if dgh is dgx else dgh.sum(axis=0)
+
+    def _final_grads(self, k, d, run):
+        """After the weight gradients: ∂L/∂W_hr of a projected LSTM (one product over all
+        steps, made by the run) and the gradients of the initial state, (dh_0, dc_0)."""
+        _, _, dh0, dc0, dW_hr = run.result()
+        gW_hr = self._direction_grads(k, d)[4]
         if gW_hr is not None:
             gW_hr += dW_hr
         return dh0, dc0

@@ -40,24 +40,41 @@ def run_wavefront(num_layers: int, num_chunks: int, task, threads: int = 1, fini
     """Call ``task(k, j)`` for every layer k < num_layers and chunk j < num_chunks,
     each after ``task(k − 1, j)`` and ``task(k, j − 1)`` have returned; then
     ``finish(k)`` (if given) after layer k's last chunk, without holding up
-    layer k + 1 (in the backward pass: the weight gradients of a finished layer).
+    layer k + 1.  ``finish(k)`` may return a list of *tail jobs*: zero-argument
+    callables that need nothing but layer k's finished chunks (in the backward
+    pass: halves of the weight-gradient products).  Each thread whose chunks
+    are done takes queued tail jobs until the queue is empty and every layer
+    has finished, so a thread that ends its layer early helps with the others'
+    tails instead of waiting.
 
-    threads ≤ 1: layer by layer, in order.  Otherwise layer 0 runs in the calling
-    thread and every other layer in a thread of its own, handing over chunk by
-    chunk.  The first exception raised by any task (or a KeyboardInterrupt in the
-    calling thread) stops all layers at their next chunk and is re-raised here.
+    threads ≤ 1: layer by layer, in order, each layer's tail jobs after it.
+    Otherwise layer 0 runs in the calling thread and every other layer in a
+    thread of its own, handing over chunk by chunk.  The first exception raised
+    by any task or job (or a KeyboardInterrupt in the calling thread) stops all
+    layers at their next chunk and is re-raised here.
     """
     if threads <= 1 or num_layers == 1 or num_chunks == 1:
         for k in range(num_layers):
             for j in range(num_chunks):
                 task(k, j)
-            if finish is not None:
-                finish(k)
+            for job in (finish(k) if finish is not None else None) or ():
+                job()
         return
 
     done = [0] * num_layers  # chunks finished, per layer
+    jobs: list = []  # queued tail jobs
+    finished = [0]  # layers whose finish(k) has run
     failed: list[BaseException] = []
     cond = threading.Condition()
+
+    def take_jobs():  # run queued tail jobs until there are none and none can come
+        while True:
+            with cond:
+                cond.wait_for(lambda: jobs or finished[0] == num_layers or failed)
+                if failed or not jobs:
+                    return
+                job = jobs.pop(0)
+            job()
 
     def chain(k):
         try:
@@ -71,8 +88,12 @@ def run_wavefront(num_layers: int, num_chunks: int, task, threads: int = 1, fini
                 with cond:
                     done[k] += 1
                     cond.notify_all()
-            if finish is not None:
-                finish(k)
+            tail = (finish(k) if finish is not None else None) or ()
+            with cond:
+                jobs.extend(tail)
+                finished[0] += 1
+                cond.notify_all()
+            take_jobs()
         except BaseException as exc:  # noqa: BLE001 - handed to the caller below
             with cond:
                 failed.append(exc)
