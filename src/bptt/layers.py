@@ -431,9 +431,13 @@ class RNNBase(Module):
         # (W_ihᵀ, bias) per layer and direction, see _input_table
         W_ihT = [[self._input_table(k, d, one_hot and k == 0) for d in range(K)] for k in range(L)]
         # With a one-hot input the bottom layer's input product is a cheap gather, so its thread
-        # also makes the product feeding the layer above: the threads then carry equal work
-        # (measured below in BENCHMARKS.md).  Backward does the mirror image.
+        # also makes the product feeding the layer above, for every other chunk: the threads then
+        # carry about equal work (every chunk overloaded the lower thread once the gate loops got
+        # faster: 1.6 against 1.1 ms a chunk at 2×128).  Backward does the mirror image.
         shift = one_hot and threads > 1
+
+        def shifted(j):  # chunk j of layer k+1's input product is made in layer k's thread
+            return shift and j % 2 == 0
 
         def layer_output(k):
             return outputs[k] if K == 2 else runs[k][0].y
@@ -450,13 +454,13 @@ class RNNBase(Module):
 
         def layer_chunk(k, j):  # layer k, times [t0, t1): input product, then the time loop
             t0, t1 = chunks[j]
-            if k == 0 or not shift:
+            if k == 0 or not shifted(j):
                 input_products(k, t0, t1)
             for d, run in enumerate(runs[k]):
                 run.steps(t0, t1)
                 if K == 2:
                     outputs[k][t0:t1, :, d * P : (d + 1) * P] = run.y[t0:t1]
-            if shift and k + 1 < L:
+            if shifted(j) and k + 1 < L:
                 input_products(k + 1, t0, t1)
 
         from bptt.wavefront import run_wavefront
@@ -568,6 +572,9 @@ class RNNBase(Module):
         drops = [layer.drop for layer in ctx.layers]
         shift = ctx.one_hot and threads > 1  # layer k's input gradient made in layer k−1's thread (see forward)
 
+        def shifted(j):  # for every other chunk
+            return shift and j % 2 == 0
+
         def input_grad(k, t0, t1):  # backprop into layer k's input: dx = Σ_d dgx W_ih (one product), ⊙ mask
             for d, run in enumerate(runs[k]):
                 W_ih = self._direction_params(k, d)[0]
@@ -587,11 +594,11 @@ class RNNBase(Module):
                 dy_k = dy if k == L - 1 else dxs[k + 1]
                 runs[k] = [self._start_backward(k, d, dy_k, dh_n, dc_n, ctx.layers[k].directions[d], kernels)
                            for d in range(K)]
-            if shift and k + 1 < L:
+            if shifted(j) and k + 1 < L:
                 input_grad(k + 1, t0, t1)  # this layer's dy for these steps
             for run in runs[k]:
                 run.steps(t0, t1)
-            if dxs[k] is not None and not (shift and k > 0):
+            if dxs[k] is not None and not (shifted(j) and k > 0):
                 input_grad(k, t0, t1)
 
         # A layer's buffers are freed while the layers below still run, once nothing reads them:
