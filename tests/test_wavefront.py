@@ -51,6 +51,41 @@ def test_wavefront_respects_dependencies(threads):
         assert pos[("task", k, C - 1)] < pos[("finish", k, None)]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tail_jobs_run_once_after_their_layer(threads):
+    """finish(k) may return jobs: each runs exactly once, after layer k's last chunk,
+    and the run ends only when all have (any thread may take them)."""
+    L, C = 3, 4
+    log, lock = [], threading.Lock()
+
+    def task(k, j):
+        with lock:
+            log.append(("task", k, j))
+
+    def finish(k):
+        def job(n):
+            with lock:
+                log.append(("job", k, n))
+        return [lambda n=n: job(n) for n in range(3)]
+
+    run_wavefront(L, C, task, threads, finish)
+    jobs = [e for e in log if e[0] == "job"]
+    assert sorted(jobs) == [("job", k, n) for k in range(L) for n in range(3)]
+    pos = {e: i for i, e in enumerate(log)}
+    for k in range(L):
+        assert all(pos[("task", k, C - 1)] < pos[("job", k, n)] for n in range(3))
+
+
+def test_tail_job_errors_are_reraised():
+    def finish(k):
+        def boom():
+            raise RuntimeError(f"job of layer {k}")
+        return [boom] if k == 1 else []
+
+    with pytest.raises(RuntimeError, match="job of layer 1"):
+        run_wavefront(2, 3, lambda k, j: None, threads=2, finish=finish)
+
+
 def test_wavefront_overlaps_layers():
     """With threads, layer 1 starts before layer 0 has finished (else there is no pipeline)."""
     started_1 = threading.Event()

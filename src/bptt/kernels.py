@@ -34,7 +34,14 @@ in one of two ways, chosen by size (``_SMALL_MACS``):
 
 The gate loops index one view per gate, every loop running from 0: LLVM
 vectorised those, but not loops over offset ranges such as ``range(2H, 3H)``,
-which ran 2–4× slower.
+which ran 2–4× slower.  Three more things keep them vectorised and fast (each
+measured, see the comments where they apply): a backward step reads its gate
+row from a scratch copy, because it writes dgx over that same row
+(``_ALIASED_ROWS``); a loop writes one output row, because LLVM gives up on a
+loop that needs more than 8 run-time overlap checks; and the constants have the
+array's dtype, because a float64 ``1.0`` turns float32 arithmetic into float64.
+Every kernel may contract a·b + c into a fused multiply-add and asks for 512-bit
+vectors where the CPU has them (``_wide_vectors``).
 
 States live in (T+1, N, P) arrays ``hs`` (and ``cs`` for the LSTM cell) in time
 order: the state entering step t is ``hs[t + rev]`` and the one leaving it is
