@@ -53,6 +53,21 @@ def test_train_sample_eval(tmp_path, corpus, capsys):
     assert result["characters"] == len(corpus.read_text()) - 1 and result["loss"] < np.log(len(set(corpus.read_text())))
 
 
+def test_time_limit_before_the_first_evaluation_still_evaluates(tmp_path, corpus):
+    """A run cut short by --max-time ends with an evaluation of the steps since the last one,
+    so best.safetensors exists even when the limit came before --eval-every steps."""
+    out = tmp_path / "run"
+    args = ["train", "--data", str(corpus), "--out", str(out), *SMALL, "--eval-every", "1000000", "--max-time", "0.03"]
+    assert main(args) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = max(r["iter"] for r in log)
+    assert 0 < steps < 1000000
+    evals = [r for r in log if "val_loss" in r]
+    assert len(evals) == 1 and evals[0]["iter"] == steps
+    _, meta = load_checkpoint(out / "best.safetensors")
+    assert meta["iteration"] == steps
+
+
 @pytest.mark.parametrize("dropout", ["0.0", "0.3"])
 def test_resume_equals_uninterrupted(tmp_path, corpus, dropout):
     common = ["--data", str(corpus), *SMALL, "--dropout", dropout, "--optimizer", "adam", "--lr", "3e-3"]

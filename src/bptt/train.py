@@ -398,6 +398,10 @@ def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None) -> dict:
         while run.iteration < max_iters:
             if time.time() >= deadline:
                 stop_reason = "time limit"
+                if run.iteration % cfg.eval_every:  # steps since the last evaluation: evaluate them too, so
+                    # that a run shorter than --eval-every still leaves best.safetensors and a sample
+                    _evaluate_and_save(run, val_batches, last_path, best_path, log_file, out_dir, log, bar,
+                                       start_time, steps_per_epoch)
                 break
             it = run.iteration
             k = it % steps_per_epoch
