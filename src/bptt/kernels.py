@@ -1036,8 +1036,10 @@ def layer_step(mode, params, x, h0, c0):
     c_n = None if c0 is None else np.empty_like(c0)
     W_hh = params[-1][2]
     if W_hh.nbytes >= _STEP_THREADS_BYTES:  # memory-bound products: more cores, more bandwidth
-        return _layer_step(kind, params, x, h0, c0, h_n, c_n, dtype, N, L, P)
-    with _step_blas_limit(N * W_hh.shape[0] * P):
+        limit = contextlib.nullcontext()
+    else:
+        limit = _step_blas_limit(N * W_hh.shape[0] * P)
+    with limit:
         return _layer_step(kind, params, x, h0, c0, h_n, c_n, dtype, N, L, P)
 
 

@@ -175,6 +175,12 @@ class _Context(NamedTuple):
     threads: int
 
 
+def _shifted(shift, j):
+    """Whether chunk j's product for layer k+1 is made in layer k's thread: on every other
+    chunk when the layers run shifted (one-hot input, see RNNBase.forward)."""
+    return shift and j % 2 == 0
+
+
 class _WholeSequence:
     """The run interface of :class:`bptt.kernels.ForwardRun` / ``BackwardRun``
     (``steps(t0, t1)``, ``result()``) over a function of the whole sequence:
@@ -435,9 +441,7 @@ class RNNBase(Module):
         # carry about equal work (every chunk overloaded the lower thread once the gate loops got
         # faster: 1.6 against 1.1 ms a chunk at 2×128).  Backward does the mirror image.
         shift = one_hot and threads > 1
-
-        def shifted(j):  # chunk j of layer k+1's input product is made in layer k's thread
-            return shift and j % 2 == 0
+        shifted = functools.partial(_shifted, shift)  # chunk j of layer k+1's input product made in layer k's thread
 
         def layer_output(k):
             return outputs[k] if K == 2 else runs[k][0].y
@@ -571,9 +575,7 @@ class RNNBase(Module):
         runs = [None] * L
         drops = [layer.drop for layer in ctx.layers]
         shift = ctx.one_hot and threads > 1  # layer k's input gradient made in layer k−1's thread (see forward)
-
-        def shifted(j):  # for every other chunk
-            return shift and j % 2 == 0
+        shifted = functools.partial(_shifted, shift)
 
         def input_grad(k, t0, t1):  # backprop into layer k's input: dx = Σ_d dgx W_ih (one product), ⊙ mask
             for d, run in enumerate(runs[k]):

@@ -394,14 +394,18 @@ def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None) -> dict:
     stop_reason = "finished"
     window_loss, window_chars, window_start = 0.0, 0, time.time()
     model.train()
+
+    def evaluate_and_save():
+        _evaluate_and_save(run, val_batches, last_path, best_path, log_file, out_dir, log, bar, start_time,
+                           steps_per_epoch)
+
     try:
         while run.iteration < max_iters:
             if time.time() >= deadline:
                 stop_reason = "time limit"
                 if run.iteration % cfg.eval_every:  # steps since the last evaluation: evaluate them too, so
                     # that a run shorter than --eval-every still leaves best.safetensors and a sample
-                    _evaluate_and_save(run, val_batches, last_path, best_path, log_file, out_dir, log, bar,
-                                       start_time, steps_per_epoch)
+                    evaluate_and_save()
                 break
             it = run.iteration
             k = it % steps_per_epoch
@@ -451,8 +455,7 @@ def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None) -> dict:
             if bar is not None:
                 bar.update(1)
             if run.iteration % cfg.eval_every == 0 or run.iteration == max_iters:
-                _evaluate_and_save(run, val_batches, last_path, best_path, log_file, out_dir, log, bar,
-                                   start_time, steps_per_epoch)
+                evaluate_and_save()
                 window_start = time.time()  # characters per second count training time only
     except KeyboardInterrupt:
         stop_reason = "interrupted"

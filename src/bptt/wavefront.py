@@ -36,6 +36,11 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL[0]
 
 
+def _tail_jobs(finish, k) -> list:
+    """finish(k)'s tail jobs (none without a finish, or when it returns None)."""
+    return list((finish(k) if finish is not None else None) or ())
+
+
 def run_wavefront(num_layers: int, num_chunks: int, task, threads: int = 1, finish=None) -> None:
     """Call ``task(k, j)`` for every layer k < num_layers and chunk j < num_chunks,
     each after ``task(k − 1, j)`` and ``task(k, j − 1)`` have returned; then
@@ -57,7 +62,7 @@ def run_wavefront(num_layers: int, num_chunks: int, task, threads: int = 1, fini
         for k in range(num_layers):
             for j in range(num_chunks):
                 task(k, j)
-            for job in (finish(k) if finish is not None else None) or ():
+            for job in _tail_jobs(finish, k):
                 job()
         return
 
@@ -88,7 +93,7 @@ def run_wavefront(num_layers: int, num_chunks: int, task, threads: int = 1, fini
                 with cond:
                     done[k] += 1
                     cond.notify_all()
-            tail = (finish(k) if finish is not None else None) or ()
+            tail = _tail_jobs(finish, k)
             with cond:
                 jobs.extend(tail)
                 finished[0] += 1
