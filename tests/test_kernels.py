@@ -7,6 +7,8 @@ covered (the compiled loop for tiny products, the BLAS loop for larger ones)
 by moving the size threshold.
 """
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -74,13 +76,17 @@ def assert_same(layer, x, state, lengths, dout, dstate, tol):
         assert rel(fus[4][k], ref[4][k]) < tol, k
 
 
-@pytest.fixture(params=["compiled", "blas", "python-loop"])
+@pytest.fixture(params=["compiled", "blas", "python-loop", "batch-split"])
 def path(request, monkeypatch):
     """Every kernel path: the compiled loop with hand-written products, the compiled loop
-    calling BLAS, and the fallback loop in Python with np.matmul (no cblas symbol found)."""
+    calling BLAS, the fallback loop in Python with np.matmul (no cblas symbol found), and
+    the BLAS loop with the batch cut in slices run in two threads (any N ≥ 2 here)."""
     monkeypatch.setattr(kernels, "_SMALL_MACS", 1 << 40 if request.param == "compiled" else -1)
     if request.param == "python-loop":
         monkeypatch.setattr(kernels, "_GEMM", {"f": None, "d": None})
+    if request.param == "batch-split":
+        monkeypatch.setattr(kernels, "_SPLIT_MIN_ROWS", 1)
+        monkeypatch.setattr(kernels, "blas_threads", lambda: 2)
     return request.param
 
 
@@ -93,7 +99,8 @@ def test_blas_is_callable_from_compiled_code():
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("mode", ["rnn_tanh", "rnn_relu", "lstm", "gru"])
 def test_fused_equals_reference_random(mode, dtype, path):
-    rng = np.random.default_rng(hash((mode, np.dtype(dtype).name, path)) % (1 << 32))
+    # zlib.crc32, not hash(): str hashes change from process to process, and so did these cases
+    rng = np.random.default_rng(zlib.crc32(f"{mode} {np.dtype(dtype).name} {path}".encode()))
     for _ in range(4):
         T, N = int(rng.integers(1, 7)), int(rng.integers(1, 5))
         D, H = int(rng.integers(1, 6)), int(rng.integers(2, 7))
@@ -171,3 +178,32 @@ def test_step_matches_forward():
         layer.reset_state()
         got1 = np.stack([layer.step(x) for x in xs[:, 0]])  # unbatched (D,) input
         assert rel(got1, ref[:, 0]) < 1e-12
+
+
+@pytest.mark.parametrize("mode", ["rnn_tanh", "lstm", "gru"])
+def test_batch_split_equals_whole_batch(mode, monkeypatch):
+    """A batch cut in slices run in threads (RNNBase._batch_parts) gives the whole batch's
+    numbers: same dropout masks, outputs, states, input and parameter gradients."""
+    monkeypatch.setattr(kernels, "blas_threads", lambda: 2)
+    monkeypatch.setattr(kernels, "_SMALL_MACS", -1)  # the BLAS loop, as at the sizes that split
+    rng = np.random.default_rng(11)
+    T, N, D, H = 7, 19, 5, 6  # an odd N: slices of 10 and 9 rows
+    x = rng.standard_normal((T, N, D))
+    lengths = rng.integers(1, T + 1, N)
+    dout = rng.standard_normal((T, N, H))
+    results = []
+    for min_rows in (8, 1 << 62):  # split in two, then not at all
+        monkeypatch.setattr(kernels, "_SPLIT_MIN_ROWS", min_rows)
+        cls = {"rnn_tanh": bptt.RNN, "lstm": bptt.LSTM, "gru": bptt.GRU}[mode]
+        layer = cls(D, H, 2, dropout=0.4, dtype=np.float64, rng=3)
+        layer.backend = "fused"
+        out, state = layer(x, lengths=lengths)
+        parts = [s for s, _ in layer._ctx.parts]
+        dx, dstate = layer.backward(dout)
+        arrays = [out, *flat(state), dx, *flat(dstate), *(layer.grads[k].copy() for k in sorted(layer.grads))]
+        results.append((parts, arrays))
+    (parts, split), (whole_parts, whole) = results
+    assert parts == [slice(0, 10), slice(10, 19)] and whole_parts == []
+    assert len(split) == len(whole)
+    for a, b in zip(split, whole):
+        assert rel(a, b) < 1e-12

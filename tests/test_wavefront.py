@@ -170,9 +170,13 @@ def test_bidirectional_and_small_stay_layer_by_layer(monkeypatch):
     assert len(tiny._ctx.chunks) == 1
 
 
-def test_pipelined_matches_torch(torch, monkeypatch):
-    """The pipelined path against PyTorch directly (float32 at training-like sizes)."""
+@pytest.mark.parametrize("schedule", ["wavefront", "batch-split"])
+def test_pipelined_matches_torch(torch, monkeypatch, schedule):
+    """The pipelined path, and the batch cut in slices run in threads, against PyTorch
+    directly (float32 at training-like sizes)."""
     monkeypatch.setattr(kernels, "blas_threads", lambda: 2)
+    if schedule == "wavefront":
+        monkeypatch.setattr(kernels, "_SPLIT_MIN_ROWS", 1 << 62)
     ours = bptt.LSTM(20, 48, 2, rng=0)
     theirs = torch.nn.LSTM(20, 48, 2)
     with torch.no_grad():
@@ -180,7 +184,10 @@ def test_pipelined_matches_torch(torch, monkeypatch):
             p.copy_(torch.from_numpy(ours.params[name]))
     x = np.random.default_rng(0).standard_normal((30, 16, 20)).astype(np.float32)
     out, _ = ours(x)
-    assert len(ours._ctx.chunks) == 8
+    if schedule == "wavefront":
+        assert len(ours._ctx.chunks) == 8
+    else:
+        assert [s for s, _ in ours._ctx.parts] == [slice(0, 8), slice(8, 16)]
     xt = torch.from_numpy(x).requires_grad_()
     out_t, _ = theirs(xt)
     assert rel(out, out_t.detach().numpy()) < 1e-5

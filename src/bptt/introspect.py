@@ -641,8 +641,9 @@ def hidden_stats(model) -> dict[str, float]:
     if ctx is None:
         raise ValueError("hidden_stats needs a forward pass first (the layer has no cache)")
     out = {}
-    for k, layer in enumerate(ctx.layers):
-        h = np.concatenate([d.h_prev for d in layer.directions], axis=-1)
+    parts = [sub for _, sub in ctx.parts] or [ctx]  # batch slices run in threads: their rows, in order
+    for k in range(len(parts[0].layers)):
+        h = np.concatenate([np.concatenate([d.h_prev for d in p.layers[k].directions], axis=-1) for p in parts], axis=1)
         out[f"h_mean_l{k}"] = float(h.mean())
         out[f"h_var_l{k}"] = float(h.var())
     return out

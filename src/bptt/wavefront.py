@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["run_wavefront"]
+__all__ = ["run_wavefront", "run_parallel"]
 
 _POOL: list[ThreadPoolExecutor] = []
 
@@ -34,6 +34,23 @@ def _pool() -> ThreadPoolExecutor:
     if not _POOL:
         _POOL.append(ThreadPoolExecutor(max_workers=16, thread_name_prefix="bptt-layer"))
     return _POOL[0]
+
+
+def run_parallel(jobs) -> list:
+    """Call every zero-argument job at once, one thread each (the first in the calling
+    thread), and return their results in order; the first exception is re-raised
+    after all have returned.  :mod:`bptt.layers` runs batch slices this way."""
+    futures = [_pool().submit(job) for job in jobs[1:]]
+    results, failed = [], []
+    for job in [jobs[0]] + [f.result for f in futures]:
+        try:
+            results.append(job())
+        except BaseException as exc:  # noqa: BLE001 - wait for the others, then re-raise
+            failed.append(exc)
+            results.append(None)
+    if failed:
+        raise failed[0]
+    return results
 
 
 def _tail_jobs(finish, k) -> list:
