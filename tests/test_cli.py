@@ -66,6 +66,8 @@ def test_time_limit_before_the_first_evaluation_still_evaluates(tmp_path, corpus
     assert len(evals) == 1 and evals[0]["iter"] == steps
     _, meta = load_checkpoint(out / "best.safetensors")
     assert meta["iteration"] == steps
+    _, last = load_checkpoint(out / "last.safetensors")  # written once, by that evaluation, with its loss
+    assert last["iteration"] == steps and last["val_loss"] == evals[0]["val_loss"]
 
 
 @pytest.mark.parametrize("dropout", ["0.0", "0.3"])

@@ -254,6 +254,7 @@ class _Run:
         self.iteration, self.best_val, self.state = iteration, best_val, state
         self.first_loss = None
         self.last_plot = -math.inf  # time.time() of the last loss.png
+        self.saved_at: dict[Path, int] = {}  # checkpoint path -> the iteration it holds, once written
 
     def save(self, path: Path, val_loss=None):
         arrays, opt_meta = self.optimizer.state_dict()
@@ -275,6 +276,7 @@ class _Run:
             "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         ckpt.save_checkpoint(path, tensors, meta)
+        self.saved_at[path] = self.iteration
 
 
 def _make_schedule(cfg: TrainConfig, steps_per_epoch: int, total_steps: int):
@@ -465,7 +467,8 @@ def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None) -> dict:
         log_file.close()
         _plot(run, out_dir, force=True)
     if stop_reason != "finished":
-        run.save(last_path)  # every step above is complete, so this state resumes exactly
+        if run.saved_at.get(last_path) != run.iteration:  # not already written by the evaluation at this step
+            run.save(last_path)  # every step above is complete, so this state resumes exactly
         log(f"{stop_reason}: saved {last_path} at step {run.iteration}")
     best = None if not math.isfinite(run.best_val) else run.best_val
     summary = {"iterations": run.iteration, "best_val_loss": best, "stop_reason": stop_reason,
