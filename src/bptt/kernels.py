@@ -227,12 +227,17 @@ if numba is not None:
 
     # ======================================================================== scalar maths
     @intrinsic
-    def _i64_as_f64(typingctx, i):
-        """Reinterpret the bits of an int64 as a float64 (for building 2^k)."""
-        sig = types.float64(types.int64)
+    def _bits_as_float(typingctx, i):
+        """Reinterpret the bits of an int64 as a float64, of an int32 as a float32 (for building 2^k)."""
+        if i == types.int64:
+            sig, float_type = types.float64(types.int64), _ir.DoubleType()
+        elif i == types.int32:
+            sig, float_type = types.float32(types.int32), _ir.FloatType()
+        else:
+            return None
 
         def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], _ir.DoubleType())
+            return builder.bitcast(args[0], float_type)
 
         return sig, codegen
 
@@ -265,7 +270,7 @@ if numba is not None:
         p = p * r + _E2
         p = p * r + 1.0
         p = p * r + 1.0
-        return p * _i64_as_f64((np.int64(k) + 1023) << 52)
+        return p * _bits_as_float((np.int64(k) + 1023) << 52)
 
     @njit(inline="always", **_jit)
     def _tanh(x):
@@ -294,16 +299,6 @@ if numba is not None:
     _MIN_EXP_32, _TWO_32, _SMALL_32 = _F32(-87.0), _F32(2.0), _F32(0.0625)
     _T3, _T5, _T7 = _F32(-1.0 / 3.0), _F32(2.0 / 15.0), _F32(-17.0 / 315.0)
 
-    @intrinsic
-    def _i32_as_f32(typingctx, i):
-        """Reinterpret the bits of an int32 as a float32 (for building 2^k)."""
-        sig = types.float32(types.int32)
-
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], _ir.FloatType())
-
-        return sig, codegen
-
     @njit(inline="always", **_jit)
     def _exp_neg32(x):
         """e^x for float32 x ≤ 0: x = k ln2 + r, e^r to r⁷, 2^k from the exponent bits."""
@@ -319,7 +314,7 @@ if numba is not None:
         p = p * r + _C2
         p = p * r + _ONE_32
         p = p * r + _ONE_32
-        return p * _i32_as_f32(np.int32((np.int32(kf) + 127) << 23))
+        return p * _bits_as_float(np.int32((np.int32(kf) + 127) << 23))
 
     @njit(inline="always", **_jit)
     def _tanh32(x):
