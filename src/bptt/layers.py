@@ -13,7 +13,8 @@ A recurrent layer's forward, per layer k and direction d::
     X_{k+1} = dropout([y_forward, y_reverse])  features concatenated                 (T, N, K·P)
 
 (run chunk by chunk as a wavefront over the layers when there are cores to spare,
-see :mod:`bptt.wavefront`), and its backward, the same read upwards::
+see :mod:`bptt.wavefront`, or on slices of the batch, one thread each, see
+``RNNBase._batch_parts``), and its backward, the same read upwards::
 
     dgx, dgh, dh_0 = the time loop backwards
     ∂L/∂W_ih = dgxᵀ X_k,  ∂L/∂W_hh = dghᵀ H_prev    one matrix product each over all T·N rows
@@ -318,7 +319,8 @@ class RNNBase(Module):
     def blas_scope(self, T, N):
         """The context to run a model step around this layer in, for input (T, N, ·).
 
-        When the layer runs as a wavefront (one thread per layer), every BLAS
+        When the layer runs in threads of its own (a wavefront, one thread per
+        layer, or slices of the batch, see :meth:`_batch_parts`), every BLAS
         product of the step should be single-threaded, the model's own too (see
         :func:`bptt.kernels.single_thread_blas`); otherwise this does nothing.
         """
@@ -331,22 +333,23 @@ class RNNBase(Module):
         """The batch slices to run in parallel threads, each through the whole stack: one per
         core when every slice keeps at least ``kernels._SPLIT_MIN_ROWS`` rows, else [0:N].
 
-        A per-step product of N rows is too small for BLAS threads (below
-        ``kernels._ONE_THREAD_MACS``), so a layer's time loop keeps one core busy; the
-        wavefront gives the other core the next layer, with a pipeline to fill and
-        drain and work to balance.  Slices of the batch are independent through every
-        step of every layer, bidirectional and one-layer stacks too; only the weight
-        gradients are summed.  Measured on 2 cores against the wavefront, training
-        step (T = 50): 1.05-1.21× at N = 50 for 2×128 and 2×256, 1.20× and 1.26× at
-        N = 32 and 16 (2×128 LSTM), neutral at 2×512, where the wavefront stays;
-        one-layer stacks, which had no wavefront, 1.9× (1×128 LSTM).
+        A per-step product of N rows is too small for BLAS threads, so a layer's time
+        loop keeps one core busy; the wavefront gives the other core the next layer,
+        with a pipeline to fill and drain and work to balance.  Slices of the batch are
+        independent through every step of every layer, bidirectional and one-layer
+        stacks too; only the weight gradients are summed.  Against the wavefront, same
+        process, alternating (2 cores, T = 50, training step): 2×128 at N = 50 1.03-1.24×
+        (LSTM), 0.93-1.21× (GRU), 1.09-1.21× (RNN) over three runs; 2×128 LSTM at N = 32
+        and 16 1.20× and 1.26×; one-layer stacks, which have no wavefront, 1.24-1.44×.
+        Products of 12 M multiply-adds and more stay with the wavefront (see
+        ``kernels._SPLIT_MAX_MACS``).
         """
         whole = [slice(0, N)]
         if kernels is None or N < 2 * kernels._SPLIT_MIN_ROWS:
             return whole
         macs = N * self.gate_count * self.hidden_size * self.out_size
-        if macs <= kernels._SMALL_MACS or macs >= kernels._ONE_THREAD_MACS:
-            return whole  # a step of µs (compiled loops), or products long enough for BLAS threads
+        if macs <= kernels._SMALL_MACS or macs >= kernels._SPLIT_MAX_MACS:
+            return whole  # a step of µs (compiled loops), or products for the wavefront (see _SPLIT_MAX_MACS)
         n = min(kernels.blas_threads(), N // kernels._SPLIT_MIN_ROWS)
         if n < 2:
             return whole
@@ -475,8 +478,6 @@ class RNNBase(Module):
             self._ctx = _Context([], batched, output.shape, one_hot, [(0, T)], 1, [(s, r[3]) for s, r in zip(parts, results)])
         else:
             chunks, threads = self._schedule(T, N, kernels)
-            if threads > 1:
-                kernels.keep_freed_memory()
             output, h_n, c_n, ctx = self._forward_stack(x, h0, c0, mask, drops, one_hot, kernels, chunks, threads)
             self._ctx = ctx._replace(batched=batched)
         if not batched:
@@ -624,7 +625,7 @@ class RNNBase(Module):
 
             def part(i, s, sub):
                 grads = self._own_grads if i == 0 else {name: np.zeros_like(g) for name, g in self._own_grads.items()}
-                return self._backward_stack(sub, np.ascontiguousarray(dy[:, s]), None if dh_n is None else dh_n[:, s],
+                return self._backward_stack(sub, dy[:, s], None if dh_n is None else dh_n[:, s],
                                             None if dc_n is None else dc_n[:, s], need_input_grad, kernels, grads) + (grads,)
 
             with kernels.single_thread_blas():
@@ -777,7 +778,8 @@ class RNNBase(Module):
             b_hh = None  # folded into gx in the forward pass
         P, idx = self.out_size, k * self.num_directions + d
         if self.num_directions == 2:
-            dy_k = np.ascontiguousarray(dy_k[:, :, d * P : (d + 1) * P])
+            dy_k = dy_k[:, :, d * P : (d + 1) * P]
+        dy_k = np.ascontiguousarray(dy_k)  # a batch slice's copy lives as long as this run, no longer
         args = (dy_k, None if dh_n is None else dh_n[idx], None if dc_n is None else dc_n[idx], cache,
                 recurrence.Weights(W_hh, b_hh, W_hr))
         if kernels is not None:
