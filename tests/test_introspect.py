@@ -203,12 +203,20 @@ def test_gate_saturation_fractions():
     np.testing.assert_allclose(sat["output"]["left"] + sat["output"]["right"], [0.0, 0.0])
 
 
-def test_hidden_stats_read_the_last_forward():
+@pytest.mark.parametrize("split", [False, True])
+def test_hidden_stats_read_the_last_forward(split, monkeypatch):
     model = tiny_model("gru", L=2)
     with pytest.raises(ValueError, match="forward pass first"):
         introspect.hidden_stats(model)
+    if split:  # the batch run as slices in threads: the stats read every slice's cache
+        from bptt import kernels
+
+        monkeypatch.setattr(kernels, "_SPLIT_MIN_ROWS", 1)
+        monkeypatch.setattr(kernels, "_SMALL_MACS", -1)
+        monkeypatch.setattr(kernels, "blas_threads", lambda: 2)
     ids = np.random.default_rng(0).integers(0, 7, size=(6, 2))
     model.forward(ids)
+    assert len(model.rnn._ctx.parts) == (2 if split else 0)
     stats = introspect.hidden_stats(model)
     _, traces = introspect.trace(model, ids)
     for k, t in enumerate(traces):
