@@ -126,8 +126,9 @@ def keep_freed_memory() -> bool:
     character model took 43 ms against 26 ms with this setting.  Blocks up to
     32 MB are then taken from the heap (the largest mmap threshold glibc allows),
     and up to 128 MB of free heap is kept instead of trimmed.  A process-wide
-    setting, so it is made only when bptt runs layers in threads, on glibc, and
-    not at all with BPTT_KEEP_FREED_MEMORY=0.
+    setting, so it is made only when bptt runs batch slices in threads (the
+    wavefront did not need it, and its peak memory grew with it: GRU 2×512 102 →
+    120 MB), on glibc, and not at all with BPTT_KEEP_FREED_MEMORY=0.
     """
     if not _MALLOC_TUNED:
         ok = False
@@ -140,7 +141,7 @@ def keep_freed_memory() -> bool:
                 if mallopt is not None and hasattr(libc, "gnu_get_libc_version"):  # glibc's meaning of the options
                     ok = all(mallopt(option, value) == 1 for option, value in _MALLOPT.items())
             except (OSError, AttributeError):  # no C library to ask: leave malloc alone
-                ok = False
+                pass
         _MALLOC_TUNED.append(ok)
     return _MALLOC_TUNED[0]
 

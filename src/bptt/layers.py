@@ -183,6 +183,18 @@ def _shifted(shift, j):
     return shift and j % 2 == 0
 
 
+def _run_slices(kernels, jobs):
+    """Run one job per batch slice, each in a thread with one BLAS thread (see
+    RNNBase._batch_parts) → (their results, and the first three fields of the
+    results joined along the batch axis, None where the slices have None)."""
+    from bptt.wavefront import run_parallel
+
+    with kernels.single_thread_blas():
+        results = run_parallel(jobs)
+    joined = tuple(None if results[0][i] is None else np.concatenate([r[i] for r in results], axis=1) for i in range(3))
+    return results, joined
+
+
 class _WholeSequence:
     """The run interface of :class:`bptt.kernels.ForwardRun` / ``BackwardRun``
     (``steps(t0, t1)``, ``result()``) over a function of the whole sequence:
@@ -301,9 +313,9 @@ class RNNBase(Module):
         p = self._own_params
         return p[f"weight_ih_l{k}{sfx}"], p.get(f"bias_ih_l{k}{sfx}"), p[f"weight_hh_l{k}{sfx}"], p.get(f"bias_hh_l{k}{sfx}"), p.get(f"weight_hr_l{k}{sfx}")
 
-    def _direction_grads(self, k, d, grads=None):
+    def _direction_grads(self, k, d, g):
+        """Layer k, direction d's entries of the gradient dict g (self._own_grads, or a batch slice's own)."""
         sfx = self._suffixes()[d]
-        g = self._own_grads if grads is None else grads
         return g[f"weight_ih_l{k}{sfx}"], g.get(f"bias_ih_l{k}{sfx}"), g[f"weight_hh_l{k}{sfx}"], g.get(f"bias_hh_l{k}{sfx}"), g.get(f"weight_hr_l{k}{sfx}")
 
     def _kernels(self):
@@ -462,8 +474,6 @@ class RNNBase(Module):
                           if self.training and self.dropout > 0 else None for _ in range(1, L)]
         parts = self._batch_parts(N, kernels)
         if len(parts) > 1:  # batch slices in parallel threads, each the whole stack (see _batch_parts)
-            from bptt.wavefront import run_parallel
-
             kernels.keep_freed_memory()  # else each step's caches are new pages (see there)
 
             def part(s):
@@ -471,10 +481,7 @@ class RNNBase(Module):
                                            None if mask is None else mask[:, s],
                                            [None if m is None else m[:, s] for m in drops], one_hot, kernels, [(0, T)], 1)
 
-            with kernels.single_thread_blas():
-                results = run_parallel([functools.partial(part, s) for s in parts])
-            output, h_n, c_n = (None if results[0][i] is None else np.concatenate([r[i] for r in results], axis=1)
-                                for i in range(3))
+            results, (output, h_n, c_n) = _run_slices(kernels, [functools.partial(part, s) for s in parts])
             self._ctx = _Context([], batched, output.shape, one_hot, [(0, T)], 1, [(s, r[3]) for s, r in zip(parts, results)])
         else:
             chunks, threads = self._schedule(T, N, kernels)
@@ -621,20 +628,16 @@ class RNNBase(Module):
         dc_n = None if dc_n is None else self._check_state(dc_n, N, ctx.batched, self.hidden_size, "dc_n")
         kernels = self._kernels()
         if ctx.parts:  # the forward ran batch slices in threads: so does the backward, each into its own grads
-            from bptt.wavefront import run_parallel
-
             def part(i, s, sub):
                 grads = self._own_grads if i == 0 else {name: np.zeros_like(g) for name, g in self._own_grads.items()}
                 return self._backward_stack(sub, dy[:, s], None if dh_n is None else dh_n[:, s],
                                             None if dc_n is None else dc_n[:, s], need_input_grad, kernels, grads) + (grads,)
 
-            with kernels.single_thread_blas():
-                results = run_parallel([functools.partial(part, i, s, sub) for i, (s, sub) in enumerate(ctx.parts)])
+            jobs = [functools.partial(part, i, s, sub) for i, (s, sub) in enumerate(ctx.parts)]
+            results, (dx, dh0, dc0) = _run_slices(kernels, jobs)
             for r in results[1:]:
                 for name, g in r[3].items():
                     self._own_grads[name] += g
-            dx, dh0, dc0 = (None if results[0][i] is None else np.concatenate([r[i] for r in results], axis=1)
-                            for i in range(3))
         else:
             dx, dh0, dc0 = self._backward_stack(ctx, dy, dh_n, dc_n, need_input_grad, kernels, self._own_grads)
         if dx is not None:
