@@ -76,12 +76,16 @@ def assert_same(layer, x, state, lengths, dout, dstate, tol):
         assert rel(fus[4][k], ref[4][k]) < tol, k
 
 
-@pytest.fixture(params=["compiled", "blas", "python-loop", "batch-split"])
+@pytest.fixture(params=["compiled", "panels", "blas", "python-loop", "batch-split"])
 def path(request, monkeypatch):
     """Every kernel path: the compiled loop with hand-written products, the compiled loop
-    calling BLAS, the fallback loop in Python with np.matmul (no cblas symbol found), and
-    the BLAS loop with the batch cut in slices run in two threads (any N ≥ 2 here)."""
+    with register-blocked products on packed weights (where the CPU has them), the
+    compiled loop calling BLAS, the fallback loop in Python with np.matmul (no cblas
+    symbol found), and the panel loop with the batch cut in slices run in two threads
+    (any N ≥ 2 here)."""
     monkeypatch.setattr(kernels, "_SMALL_MACS", 1 << 40 if request.param == "compiled" else -1)
+    if request.param in ("blas", "python-loop"):
+        monkeypatch.setattr(kernels, "_PANEL_PRODUCTS", False)
     if request.param == "python-loop":
         monkeypatch.setattr(kernels, "_GEMM", {"f": None, "d": None})
     if request.param == "batch-split":
@@ -94,6 +98,43 @@ def test_blas_is_callable_from_compiled_code():
     """NumPy's BLAS was found for both dtypes (else every large layer takes the slower Python loop)."""
     assert kernels._gemm_function(np.float32) is not None
     assert kernels._gemm_function(np.float64) is not None
+
+
+needs_panels = pytest.mark.skipif(not kernels._PANEL_PRODUCTS, reason="no register-blocked products on this CPU")
+
+
+@needs_panels
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_panel_products_equal_matmul(dtype):
+    """``_panel_times`` against a float64 product: whole and partial panels (n not a
+    multiple of the panel width), 1 to 13 rows (every block height), rows of A and of
+    the output farther apart than their length, and the per-step shapes it is for."""
+    rng = np.random.default_rng(zlib.crc32(np.dtype(dtype).name.encode()))
+    PW = kernels._PANEL_VECTORS * kernels._VECTOR_BYTES // np.dtype(dtype).itemsize
+    shapes = [(25, 128, 512), (50, 512, 128), (1, 1, 1), (6, 3, PW), (7, 5, PW + 1), (13, 64, 2 * PW - 3)]
+    shapes += [(int(rng.integers(1, 14)), int(rng.integers(1, 200)), int(rng.integers(1, 300))) for _ in range(20)]
+    for M, K, n in shapes:
+        A = rng.standard_normal((M, K + 3)).astype(dtype)[:, :K]  # rows K + 3 apart
+        B = rng.standard_normal((K, n)).astype(dtype)
+        out = np.full((M, n + 5), np.nan, dtype)
+        kernels._panel_times(A, kernels.pack_panels(B), out[:, :n], np.empty((6, PW), dtype))
+        want = A.astype(np.float64) @ B.astype(np.float64)
+        scale = np.abs(A).astype(np.float64) @ np.abs(B).astype(np.float64)  # the size of the rounding
+        assert np.all(np.abs(out[:, :n] - want) <= 4 * K * np.finfo(dtype).eps * scale), (M, K, n)
+        assert np.isnan(out[:, n:]).all(), "wrote past the output's columns"
+
+
+@needs_panels
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("mode", ["rnn_tanh", "lstm", "gru"])
+def test_fused_equals_reference_whole_panels(mode, dtype, monkeypatch):
+    """Layers wide enough that the step products fill whole panels (the random cases
+    above are narrower than one), with lengths, both directions and a projection."""
+    monkeypatch.setattr(kernels, "_SMALL_MACS", -1)
+    rng = np.random.default_rng(zlib.crc32(f"panels {mode} {np.dtype(dtype).name}".encode()))
+    H = kernels._PANEL_VECTORS * kernels._VECTOR_BYTES // np.dtype(dtype).itemsize // 2 + 3
+    case = random_case(rng, mode, dtype, 5, 9, 4, H, 2, True, H - 5 if mode == "lstm" else 0, True, True)
+    assert_same(*case, TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

@@ -22,12 +22,18 @@ polynomial exp in float64, accurate to a few ulp), because a call to libm's
 The loop over a range of steps is one compiled function (``_forward_loop`` /
 ``_backward_loop``, driven by :class:`ForwardRun` / :class:`BackwardRun`, which
 run a layer a chunk of steps at a time for :mod:`bptt.wavefront`).  It does (1)
-in one of two ways, chosen by size (``_SMALL_MACS``):
+in one of three ways, chosen by size (``_SMALL_MACS``, ``_ONE_THREAD_MACS``):
 
 * small steps (e.g. N = 1, H = 100): hand loops shaped as ``axpy`` over
   contiguous rows (``out[n, :] += h[n, p] · Wᵀ[p, :]``), which vectorise
   without reordering sums; a BLAS call would cost more than the product.
-* larger steps: NumPy's own BLAS ``cblas_?gemm``, found through threadpoolctl
+* larger steps run on one core: register-blocked products (``_panel_times``)
+  on weights packed once per sequence into column panels (``pack_panels``).
+  The weights are the same for all T steps, so packing them per call, as BLAS
+  must, is wasted; a block of the product stays in vector registers for the
+  whole sum over k.  x86 with FMA only (``_panel_vectors``).
+* steps long enough for several BLAS threads, or any step where the panels are
+  not available: NumPy's own BLAS ``cblas_?gemm``, found through threadpoolctl
   and called through ctypes from inside the compiled loop (``_gemm_function``),
   so no Python runs per step and the GIL is not taken.  Where no such symbol is
   found (other NumPy builds), a Python loop calls ``np.matmul`` per step instead.
@@ -96,6 +102,30 @@ _ONE_THREAD_MACS = int(os.environ.get("BPTT_STEP_THREADS_MACS", 16_000_000))
 _SPLIT_MIN_ROWS = int(os.environ.get("BPTT_SPLIT_MIN_ROWS", 8)) or 1 << 62
 _SPLIT_MAX_MACS = 12_000_000
 _BLAS = {}
+
+
+def _panel_vectors():
+    """(bytes per vector register, vectors per panel row) for the register-blocked step products
+    (``_panel_times``), or (0, 0) where they are not used (no Numba, no FMA, not x86, or
+    BPTT_PANEL_PRODUCTS=0).  A block of 6 rows × _PANEL_VECTORS vectors of accumulators must
+    fit the register file: 24 of AVX-512's 32 registers, 12 of AVX2's 16."""
+    if numba is None or os.environ.get("BPTT_PANEL_PRODUCTS", "1") == "0":
+        return 0, 0
+    try:
+        from llvmlite import binding
+
+        features = binding.get_host_cpu_features()
+    except Exception:  # pragma: no cover - no feature list (not x86): BLAS for every product
+        return 0, 0
+    if features.get("avx512f") and features.get("fma"):
+        return 64, 4
+    if features.get("avx2") and features.get("fma"):
+        return 32, 2
+    return 0, 0
+
+
+_VECTOR_BYTES, _PANEL_VECTORS = _panel_vectors()
+_PANEL_PRODUCTS = _VECTOR_BYTES > 0  # read at run time (tests turn it off to cover the BLAS route)
 
 
 def _blas_controllers():
@@ -380,6 +410,126 @@ if numba is not None:
             o, r = out[ids[i]], rows[i]
             for j in range(o.shape[0]):
                 o[j] += r[j]
+
+    # ======================================================================== register-blocked products
+    # A per-step product h_{t−1} W_hhᵀ is small (25×128 by 128×512 per batch slice) and
+    # its weights stay the same for all T steps.  BLAS packs both operands on every call
+    # and ran such products at 58–90 GFLOP/s on one core here, below its 92–96 on a
+    # large product.  These kernels take the weights packed once per sequence
+    # (``pack_panels``) and keep a block of C in vector registers for the whole sum
+    # over k: 103–110 GFLOP/s on the same products (1.4–1.9× OpenBLAS, same run).
+    def _panel_block_kernel(R):
+        """An intrinsic ``block(zero, a, lda, b, c, ldc, K)``: C[0:R, 0:PW] = A[0:R, 0:K] · B_panel.
+
+        a, c: addresses of A and C (rows lda, ldc elements apart); b: a packed panel,
+        K rows of PW = _PANEL_VECTORS·w contiguous elements (w = lanes of a vector of
+        the dtype of ``zero``).  The R·_PANEL_VECTORS accumulators are SSA values,
+        so LLVM keeps them in registers: per k, _PANEL_VECTORS vector loads of B and
+        R broadcasts of A feed R·_PANEL_VECTORS fused multiply-adds.  K ≥ 1.
+        """
+
+        @intrinsic
+        def block(typingctx, zero, a, lda, b, c, ldc, K):
+            if zero not in (types.float32, types.float64):
+                return None
+            sig = types.void(zero, types.intp, types.intp, types.intp, types.intp, types.intp, types.intp)
+            item = 4 if zero == types.float32 else 8
+            fp = _ir.FloatType() if item == 4 else _ir.DoubleType()
+            lanes = _VECTOR_BYTES // item
+
+            def codegen(context, builder, signature, args):
+                _, a_i, lda_i, b_i, c_i, ldc_i, K_i = args
+                i64, vec = _ir.IntType(64), _ir.VectorType(fp, lanes)
+                A, B, C = (builder.inttoptr(p, fp.as_pointer()) for p in (a_i, b_i, c_i))
+
+                def const(v):
+                    return _ir.Constant(i64, v)
+
+                def vector_at(base, offset):
+                    return builder.bitcast(builder.gep(base, [offset]), vec.as_pointer())
+
+                name = f"llvm.fma.v{lanes}f{8 * item}"
+                fma = builder.module.globals.get(name) or _ir.Function(
+                    builder.module, _ir.FunctionType(vec, [vec, vec, vec]), name)
+                V = _PANEL_VECTORS
+                entry = builder.block
+                loop, done = builder.append_basic_block("panel.k"), builder.append_basic_block("panel.done")
+                builder.branch(loop)
+                builder.position_at_end(loop)
+                k = builder.phi(i64)
+                acc = [[builder.phi(vec) for _ in range(V)] for _ in range(R)]
+                b_row = builder.mul(k, const(V * lanes))  # B_panel[k, :]
+                bv = [builder.load(vector_at(B, builder.add(b_row, const(v * lanes))), align=item) for v in range(V)]
+                splat = _ir.Constant(_ir.VectorType(_ir.IntType(32), lanes), [0] * lanes)
+                new = []
+                for r in range(R):  # acc[r][v] += A[r, k] · B_panel[k, v·w : (v+1)·w]
+                    x = builder.load(builder.gep(A, [builder.add(builder.mul(const(r), lda_i), k)]))
+                    xv = builder.insert_element(_ir.Constant(vec, _ir.Undefined), x, _ir.Constant(_ir.IntType(32), 0))
+                    xv = builder.shuffle_vector(xv, _ir.Constant(vec, _ir.Undefined), splat)
+                    new.append([builder.call(fma, [xv, bv[v], acc[r][v]]) for v in range(V)])
+                k_next = builder.add(k, const(1))
+                k.add_incoming(const(0), entry)
+                k.add_incoming(k_next, loop)
+                for r in range(R):
+                    for v in range(V):
+                        acc[r][v].add_incoming(_ir.Constant(vec, [0.0] * lanes), entry)
+                        acc[r][v].add_incoming(new[r][v], loop)
+                builder.cbranch(builder.icmp_signed("<", k_next, K_i), loop, done)
+                builder.position_at_end(done)
+                for r in range(R):
+                    for v in range(V):
+                        offset = builder.add(builder.mul(const(r), ldc_i), const(v * lanes))
+                        builder.store(new[r][v], vector_at(C, offset), align=item)
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+        return block
+
+    _block1, _block2, _block3, _block4, _block5, _block6 = (_panel_block_kernel(r) for r in range(1, 7))
+
+    @njit(**_jit)
+    def _panel_times(A, Bp, out, tmp):
+        """out (M, n) = A (M, K) B, with B packed by :func:`pack_panels` as Bp (n_panels, K, PW).
+
+        Rows go in blocks of at most 6, as even as possible (25 rows: five blocks of 5,
+        not four of 6 and one of 1, which would use a fifth of the registers); a last
+        panel narrower than PW is computed into ``tmp`` (6, PW) and its columns copied.
+        Rows of A and out must be contiguous.
+        """
+        _wide_vectors()
+        M, K = A.shape
+        n = out.shape[1]
+        n_panels, PW = Bp.shape[0], Bp.shape[2]
+        size = A.itemsize
+        zero = A.dtype.type(0)
+        blocks = (M + 5) // 6
+        lda, ldc = A.strides[0] // size, out.strides[0] // size
+        for jp in range(n_panels):
+            j0 = jp * PW
+            width = min(PW, n - j0)
+            b = Bp[jp].ctypes.data
+            for blk in range(blocks):
+                i0, i1 = M * blk // blocks, M * (blk + 1) // blocks
+                a = A.ctypes.data + i0 * lda * size
+                c, ld = (out.ctypes.data + (i0 * ldc + j0) * size, ldc) if width == PW else (tmp.ctypes.data, PW)
+                r = i1 - i0
+                if r == 6:
+                    _block6(zero, a, lda, b, c, ld, K)
+                elif r == 5:
+                    _block5(zero, a, lda, b, c, ld, K)
+                elif r == 4:
+                    _block4(zero, a, lda, b, c, ld, K)
+                elif r == 3:
+                    _block3(zero, a, lda, b, c, ld, K)
+                elif r == 2:
+                    _block2(zero, a, lda, b, c, ld, K)
+                else:
+                    _block1(zero, a, lda, b, c, ld, K)
+                if width < PW:
+                    for i in range(r):
+                        for j in range(width):
+                            out[i0 + i, j0 + j] = tmp[i, j]
 
     # ======================================================================== forward steps
     # Shared arguments: t the time index, hs (T+1, N, P) states with entering state
@@ -670,9 +820,11 @@ if numba is not None:
     _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
     @njit(inline="always", **_jit)
-    def _times(gemm, one, zero, A, B, out):
-        """out = A B.   A (M, K), B (K, N')."""
-        if gemm is None:
+    def _times(gemm, one, zero, A, B, Bp, tmp, out):
+        """out = A B.   A (M, K), B (K, N'); Bp is B packed (``pack_panels``) or empty."""
+        if Bp.shape[0]:
+            _panel_times(A, Bp, out, tmp)
+        elif gemm is None:
             _mm_acc(A, B, out, True)
         else:
             M, K = A.shape
@@ -683,20 +835,21 @@ if numba is not None:
     # ======================================================================== the time loops, compiled
     @njit(**_jit)
     def _forward_loop(kind, rev, t0, t1, gemm, one, zero, gx, WhhT, b_hh, WhrT, hs, cs, y, gates, aux, m_all,
-                      mask, has_mask, proj):
+                      mask, has_mask, proj, WhhP, WhrP, tmp):
         """The forward loop over times [t0, t1) (kind 0 tanh, 1 relu, 2 LSTM, 3 GRU): per step the
-        product a = h_{t−1} W_hhᵀ, then the fused step.  WhhT = W_hhᵀ (P, G), WhrT = W_hrᵀ (H, P)."""
+        product a = h_{t−1} W_hhᵀ, then the fused step.  WhhT = W_hhᵀ (P, G), WhrT = W_hrᵀ (H, P);
+        WhhP, WhrP the same packed for ``_panel_times`` (or empty: BLAS or ``_mm_acc``)."""
         _wide_vectors()
         N, G = gx.shape[1], gx.shape[2]
         a = np.empty((N, G), gx.dtype)
         h_new = np.empty((N, hs.shape[2]), gx.dtype)
         for s in range(t1 - t0):
             t = t1 - 1 - s if rev else t0 + s
-            _times(gemm, one, zero, hs[t + rev], WhhT, a)  # a = h_{t−1} W_hhᵀ
+            _times(gemm, one, zero, hs[t + rev], WhhT, WhhP, tmp, a)  # a = h_{t−1} W_hhᵀ
             if kind == 2:
                 _lstm_fw_step(t, rev, a, gx, hs, cs, y, gates, aux, m_all, mask, has_mask, proj)
                 if proj:
-                    _times(gemm, one, zero, m_all[t], WhrT, h_new)  # h̃_t = m_t W_hrᵀ
+                    _times(gemm, one, zero, m_all[t], WhrT, WhrP, tmp, h_new)  # h̃_t = m_t W_hrᵀ
                     _merge_step(t, rev, h_new, hs, y, mask, has_mask)
             elif kind == 3:
                 _gru_fw_step(t, rev, a, gx, b_hh, hs, y, gates, aux, mask, has_mask)
@@ -705,7 +858,7 @@ if numba is not None:
 
     @njit(**_jit)
     def _backward_loop(kind, rev, t0, t1, gemm, one, zero, dy, dh, dc, W_hh, W_hr, hs, cs, gates, aux, dgx, dgh, dh_all,
-                       mask, has_mask, proj):
+                       mask, has_mask, proj, W_hhP, W_hrP, tmp):
         """The backward loop over times [t0, t1), read backwards (dh, dc updated in place):
         per step the fused step, then the product with W_hh carrying dh to step t−1."""
         _wide_vectors()
@@ -718,17 +871,17 @@ if numba is not None:
             if kind == 2:
                 if proj:
                     _masked_sum(t, dh, dy, dh_all, mask, has_mask)
-                    _times(gemm, one, zero, dh_all[t], W_hr, dm)  # dm = dh̃ W_hr
+                    _times(gemm, one, zero, dh_all[t], W_hr, W_hrP, tmp, dm)  # dm = dh̃ W_hr
                 _lstm_bw_step(t, rev, dy, dh, dc, dm, cs, gates, aux, dgx, mask, has_mask, proj)
             elif kind == 3:
                 _gru_bw_step(t, rev, dy, dh, hs, gates, aux, dgx, dgh, mask, has_mask)
             else:
                 _rnn_bw_step(t, dy, dh, gates, dgx, mask, has_mask, kind == 1)
             if kind == 3 or has_mask:  # GRU: dh += dgh W_hh;  padded rows keep their dh
-                _times(gemm, one, zero, dgh[t], W_hh, prod)
+                _times(gemm, one, zero, dgh[t], W_hh, W_hhP, tmp, prod)
                 _merge_grad(t, prod, dh, mask, has_mask, kind == 3)
             else:
-                _times(gemm, one, zero, dgx[t], W_hh, dh)  # dh = da W_hh
+                _times(gemm, one, zero, dgx[t], W_hh, W_hhP, tmp, dh)  # dh = da W_hh
 
 
 _KIND = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
@@ -743,6 +896,43 @@ def _prepare(mode, gx, weights, dtype):
         gx = gx + b_hh.astype(dtype)  # RNN/LSTM: b_hh joins the same sum (layers fold it already)
         b_hh = None
     return gx, b_hh
+
+
+def pack_panels(B):
+    """B (K, n) → (⌈n / PW⌉, K, PW) contiguous: column panels of PW = _PANEL_VECTORS vectors,
+    the last padded with zeros, each read by ``_panel_times`` row after row."""
+    K, n = B.shape
+    PW = _PANEL_VECTORS * _VECTOR_BYTES // B.itemsize
+    n_panels = -(-n // PW)
+    packed = np.zeros((n_panels, K, PW), B.dtype)
+    for j in range(n_panels):
+        w = min(PW, n - j * PW)
+        packed[j, :, :w] = B[:, j * PW : j * PW + w]
+    return packed
+
+
+class _Panels:
+    """The step products' weights packed for ``_panel_times``, made on first use by a run."""
+
+    def __init__(self):
+        self.packed = None
+
+    def get(self, small, macs, weights):
+        """(packed weights, packed projection or None, scratch) when this run's step products
+        should use ``_panel_times``, else None.
+
+        They do when the products are not hand loops (``small``), the kernels exist for
+        this CPU, and BLAS would run the product on one thread: below ``_ONE_THREAD_MACS``,
+        or inside :func:`single_thread_blas` (the wavefront and the batch split).  Longer
+        products on several BLAS threads stay with BLAS.
+        """
+        if small or not _PANEL_PRODUCTS or not (macs < _ONE_THREAD_MACS or _OUTER_THREADS or blas_threads() == 1):
+            return None
+        if self.packed is None:
+            W, W_r = weights
+            tmp = np.empty((6, _PANEL_VECTORS * _VECTOR_BYTES // W.itemsize), W.dtype)
+            self.packed = (pack_panels(W), None if W_r is None else pack_panels(W_r), tmp)
+        return self.packed
 
 
 class ForwardRun:
@@ -788,19 +978,23 @@ class ForwardRun:
         # transposed once per sequence: the products read them untransposed (faster in BLAS)
         self.WhhT = np.ascontiguousarray(self.W_hh.T)
         self.WhrT = np.ascontiguousarray(self.W_hr.T) if self.proj else self.gates[0, :0, :0]
+        self.panels = _Panels()
 
     def steps(self, t0, t1):
         """Run times [t0, t1) (t1−1 down to t0 in the reverse direction)."""
         kind, rev, proj, dtype = self.kind, self.rev, self.proj, self.gx.dtype
-        gemm = None if self.small else _gemm_function(dtype)
-        if self.small or gemm is not None:
+        panels = self.panels.get(self.small, self.macs, (self.WhhT, self.WhrT if proj else None))
+        gemm = None if self.small or panels else _gemm_function(dtype)
+        if self.small or panels or gemm is not None:
+            none = self.gates[:0, :0, :0]
+            WhhP, WhrP, tmp = panels or (none, none, none.reshape(0, 0))
             with _step_blas_limit(self.macs):
                 _forward_loop(
                     kind, rev, t0, t1, gemm, dtype.type(1), dtype.type(0), self.gx, self.WhhT,
                     self.b if kind == 3 else self.gates[0, 0, :0], self.WhrT, self.hs,
-                    self.cs if self.cs is not None else self.gates[:0, :0, :0], self.y, self.gates,
-                    self.aux if self.aux is not None else self.gates[:0, :0, :0],
-                    self.m_all if proj else self.gates[:0, :0, :0], self.mask, self.has_mask, proj,
+                    self.cs if self.cs is not None else none, self.y, self.gates,
+                    self.aux if self.aux is not None else none, self.m_all if proj else none, self.mask,
+                    self.has_mask, proj, WhhP, WhrP if WhrP is not None else none, tmp,
                 )
             return
         # no BLAS callable from compiled code: the loop in Python, BLAS through NumPy
@@ -875,21 +1069,24 @@ class BackwardRun:
         self.dgh = np.empty((T, N, G), dtype) if kind == 3 else self.dgx
         self.dh_all = np.empty((T, N, P), dtype) if self.proj else None
         self.macs = N * G * P
+        self.panels = _Panels()
 
     def steps(self, t0, t1):
         """Run times t1−1 down to t0 (t0 up to t1−1 in the reverse direction)."""
         c, kind, rev, proj = self.cache, self.kind, self.rev, self.proj
         dy, dh, dc, dgx, dgh, dh_all, mask, has_mask = (self.dy, self.dh, self.dc, self.dgx, self.dgh, self.dh_all,
                                                         self.mask, self.has_mask)
-        gemm = None if c.small else _gemm_function(self.dtype)
-        if c.small or gemm is not None:
+        panels = self.panels.get(c.small, self.macs, (self.W_hh, self.W_hr if proj else None))
+        gemm = None if c.small or panels else _gemm_function(self.dtype)
+        if c.small or panels or gemm is not None:
             dummy = dgx[:0, :0, :0]
+            W_hhP, W_hrP, tmp = panels or (dummy, dummy, dummy.reshape(0, 0))
             with _step_blas_limit(self.macs):
                 _backward_loop(
                     kind, rev, t0, t1, gemm, self.dtype.type(1), self.dtype.type(0), dy, dh,
                     dc if dc is not None else dgx[0, :0, :0], self.W_hh, self.W_hr if proj else dgx[0, :0, :0], c.hs,
                     c.cs if c.cs is not None else dummy, c.gates, c.aux if c.aux is not None else dummy, dgx, dgh,
-                    dh_all if proj else dummy, mask, has_mask, proj,
+                    dh_all if proj else dummy, mask, has_mask, proj, W_hhP, W_hrP if W_hrP is not None else dummy, tmp,
                 )
             return
         # no BLAS callable from compiled code: the loop in Python, BLAS through NumPy
@@ -1000,7 +1197,8 @@ def _load_gemm(key):
             rng = np.random.default_rng(0)
             A, B = rng.standard_normal((3, 5)).astype(dtype), rng.standard_normal((4, 5)).astype(dtype)
             out = np.zeros((3, 4), dtype)
-            _times(fn, dtype.type(1), dtype.type(0), A, np.ascontiguousarray(B.T), out)  # compiled, as used
+            _times(fn, dtype.type(1), dtype.type(0), A, np.ascontiguousarray(B.T), np.empty((0, 0, 0), dtype),
+                   np.empty((0, 0), dtype), out)  # compiled, as used
             if np.allclose(out, A @ B.T, rtol=1e-5, atol=1e-5):
                 return fn
     return None
