@@ -904,10 +904,12 @@ def pack_panels(B):
     K, n = B.shape
     PW = _PANEL_VECTORS * _VECTOR_BYTES // B.itemsize
     n_panels = -(-n // PW)
-    packed = np.zeros((n_panels, K, PW), B.dtype)
-    for j in range(n_panels):
-        w = min(PW, n - j * PW)
-        packed[j, :, :w] = B[:, j * PW : j * PW + w]
+    packed = np.empty((n_panels, K, PW), B.dtype)
+    whole = n // PW
+    packed[:whole] = B[:, : whole * PW].reshape(K, whole, PW).transpose(1, 0, 2)  # one strided copy
+    if whole < n_panels:
+        packed[whole, :, : n - whole * PW] = B[:, whole * PW :]
+        packed[whole, :, n - whole * PW :] = 0
     return packed
 
 
