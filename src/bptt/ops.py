@@ -19,22 +19,71 @@ __all__ = [
 ]
 
 
+# Rows per thread below which a product stays in one thread (a 2,500-row decoder product is
+# 0.4-0.6 ms; handing half of it to another thread costs some tens of µs).
+_MIN_ROWS_PER_THREAD = 512
+
+
+def _row_parts(rows):
+    """Slices of ``rows`` for parallel threads, or one slice.
+
+    Several only inside a model step whose BLAS is held to one thread because
+    its recurrent layers run in threads of their own (:func:`bptt.kernels.single_thread_blas`):
+    there the products around the layer (a language model's decoder) would
+    otherwise run on one core while the other waits.
+    """
+    import sys
+
+    kernels = sys.modules.get("bptt.kernels")  # not imported: no such scope can be active
+    if kernels is None or not kernels._OUTER_THREADS or rows < 2 * _MIN_ROWS_PER_THREAD:
+        return [slice(0, rows)]
+    n = min(kernels.blas_threads(), rows // _MIN_ROWS_PER_THREAD)
+    bounds = [rows * i // n for i in range(n + 1)]
+    return [slice(a, c) for a, c in zip(bounds[:-1], bounds[1:])]
+
+
+def _in_parallel(jobs):
+    from bptt.wavefront import run_parallel
+
+    return run_parallel(jobs) if len(jobs) > 1 else [jobs[0]()]
+
+
 def affine_forward(x, W, b):
-    """y = x Wᵀ + b.   x (..., D), W (K, D), b (K,) or None → y (..., K)."""
-    y = (x.reshape(-1, W.shape[1]) @ W.T).reshape(*x.shape[:-1], W.shape[0])  # one 2-d product, not a stack
-    if b is not None:
-        y += b
-    return y
+    """y = x Wᵀ + b.   x (..., D), W (K, D), b (K,) or None → y (..., K).
+
+    One 2-d product (not a stack of them), by slices of rows in parallel threads
+    where :func:`_row_parts` gives several."""
+    K, D = W.shape
+    x2 = x.reshape(-1, D)
+    y2 = np.empty((x2.shape[0], K), np.result_type(x2, W))
+
+    def rows(s):
+        np.matmul(x2[s], W.T, out=y2[s])
+        if b is not None:
+            y2[s] += b
+
+    _in_parallel([lambda s=s: rows(s) for s in _row_parts(len(x2))])
+    return y2.reshape(*x.shape[:-1], K)
 
 
 def affine_backward(dy, x, W, dW, db):
-    """Backward of y = x Wᵀ + b: accumulates dW += dyᵀ x, db += Σ dy; returns dx = dy W."""
+    """Backward of y = x Wᵀ + b: accumulates dW += dyᵀ x, db += Σ dy; returns dx = dy W.
+
+    By slices of rows in parallel threads where :func:`_row_parts` gives several:
+    each slice's dyᵀ x and Σ dy are added in slice order (a fixed order)."""
     K, D = W.shape
     dy2, x2 = dy.reshape(-1, K), x.reshape(-1, D)
-    dW += dy2.T @ x2
-    if db is not None:
-        db += dy2.sum(axis=0)
-    return (dy2 @ W).reshape(*dy.shape[:-1], D)
+    dx2 = np.empty((dy2.shape[0], D), np.result_type(dy2, W))
+
+    def rows(s):
+        np.matmul(dy2[s], W, out=dx2[s])
+        return dy2[s].T @ x2[s], None if db is None else dy2[s].sum(axis=0)
+
+    for dW_part, db_part in _in_parallel([lambda s=s: rows(s) for s in _row_parts(len(dy2))]):
+        dW += dW_part
+        if db is not None:
+            db += db_part
+    return dx2.reshape(*dy.shape[:-1], D)
 
 
 def embedding_forward(ids, W):
