@@ -414,10 +414,11 @@ if numba is not None:
     # ======================================================================== register-blocked products
     # A per-step product h_{t−1} W_hhᵀ is small (25×128 by 128×512 per batch slice) and
     # its weights stay the same for all T steps.  BLAS packs both operands on every call
-    # and ran such products at 58–90 GFLOP/s on one core here, below its 92–96 on a
-    # large product.  These kernels take the weights packed once per sequence
+    # and ran such products at 54–90 GFLOP/s on one core (AMD EPYC, Zen 4), below its
+    # 92–96 on a large product.  These kernels take the weights packed once per sequence
     # (``pack_panels``) and keep a block of C in vector registers for the whole sum
-    # over k: 103–110 GFLOP/s on the same products (1.4–1.9× OpenBLAS, same run).
+    # over k: 102–110 GFLOP/s on the same products (1.14–1.9× OpenBLAS, same run;
+    # BENCHMARKS.md has the table).
     def _panel_block_kernel(R):
         """An intrinsic ``block(zero, a, lda, b, c, ldc, K)``: C[0:R, 0:PW] = A[0:R, 0:K] · B_panel.
 
