@@ -44,7 +44,7 @@ class TorchCharLM(torch.nn.Module):
         self.embedding = embedding
 
     def forward(self, x, state):
-        e = self.embed(x) if self.embedding else torch.nn.functional.one_hot(x, self.V).float()
+        e = self.embed(x) if self.embedding else torch.nn.functional.one_hot(x, self.V).to(self.decoder.weight.dtype)
         h, state = self.rnn(e, state)
         return self.decoder(self.drop(h)), state
 
@@ -86,6 +86,7 @@ def main():
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="as bptt train --dtype")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -95,8 +96,8 @@ def main():
     batches = TBPTTBatches(train_ids, a.batch_size, a.seq_len)
     val_batches = TBPTTBatches(val_ids, a.batch_size, a.seq_len)
 
-    cfg = CharLMConfig(len(vocab), a.model, a.hidden, a.layers, a.dropout, a.embedding, a.init, a.forget_bias)
-    model = TorchCharLM(len(vocab), a.hidden, a.layers, a.model, a.dropout, a.embedding)
+    cfg = CharLMConfig(len(vocab), a.model, a.hidden, a.layers, a.dropout, a.embedding, a.init, a.forget_bias, a.dtype)
+    model = TorchCharLM(len(vocab), a.hidden, a.layers, a.model, a.dropout, a.embedding).to(getattr(torch, a.dtype))
     init = CharLM(cfg, rng=a.seed).state_dict()  # bptt's initial weights, bit for bit
     model.load_state_dict({k: torch.from_numpy(v) for k, v in init.items()})
     if a.optimizer == "rmsprop":
