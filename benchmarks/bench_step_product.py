@@ -44,7 +44,7 @@ def main(argv=None):
         for M, K, n in SHAPES:
             A = rng.standard_normal((M, K)).astype(np.float32)
             B = rng.standard_normal((K, n)).astype(np.float32)
-            packed, tmp = kernels.pack_panels(B), np.empty((6, 64), np.float32)
+            packed, tmp = kernels.pack_panels(B), np.empty((6, kernels._panel_width(np.float32)), np.float32)
             out_blas, out_panels = np.empty((M, n), np.float32), np.empty((M, n), np.float32)
             kernels._panel_times(A, packed, out_panels, tmp)  # compile (or load) before timing
             assert np.allclose(out_panels, A @ B, rtol=1e-4, atol=1e-4)

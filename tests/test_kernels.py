@@ -110,7 +110,7 @@ def test_panel_products_equal_matmul(dtype):
     multiple of the panel width), 1 to 13 rows (every block height), rows of A and of
     the output farther apart than their length, and the per-step shapes it is for."""
     rng = np.random.default_rng(zlib.crc32(np.dtype(dtype).name.encode()))
-    PW = kernels._PANEL_VECTORS * kernels._VECTOR_BYTES // np.dtype(dtype).itemsize
+    PW = kernels._panel_width(dtype)
     shapes = [(25, 128, 512), (50, 512, 128), (1, 1, 1), (6, 3, PW), (7, 5, PW + 1), (13, 64, 2 * PW - 3)]
     shapes += [(int(rng.integers(1, 14)), int(rng.integers(1, 200)), int(rng.integers(1, 300))) for _ in range(20)]
     for M, K, n in shapes:
@@ -132,7 +132,7 @@ def test_fused_equals_reference_whole_panels(mode, dtype, monkeypatch):
     above are narrower than one), with lengths, both directions and a projection."""
     monkeypatch.setattr(kernels, "_SMALL_MACS", -1)
     rng = np.random.default_rng(zlib.crc32(f"panels {mode} {np.dtype(dtype).name}".encode()))
-    H = kernels._PANEL_VECTORS * kernels._VECTOR_BYTES // np.dtype(dtype).itemsize // 2 + 3
+    H = kernels._panel_width(dtype) // 2 + 3
     case = random_case(rng, mode, dtype, 5, 9, 4, H, 2, True, H - 5 if mode == "lstm" else 0, True, True)
     assert_same(*case, TOL[dtype])
 

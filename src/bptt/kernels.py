@@ -899,11 +899,16 @@ def _prepare(mode, gx, weights, dtype):
     return gx, b_hh
 
 
+def _panel_width(dtype):
+    """PW, the columns of one packed panel: _PANEL_VECTORS vectors of ``dtype``."""
+    return _PANEL_VECTORS * _VECTOR_BYTES // np.dtype(dtype).itemsize
+
+
 def pack_panels(B):
     """B (K, n) → (⌈n / PW⌉, K, PW) contiguous: column panels of PW = _PANEL_VECTORS vectors,
     the last padded with zeros, each read by ``_panel_times`` row after row."""
     K, n = B.shape
-    PW = _PANEL_VECTORS * _VECTOR_BYTES // B.itemsize
+    PW = _panel_width(B.dtype)
     n_panels = -(-n // PW)
     packed = np.empty((n_panels, K, PW), B.dtype)
     whole = n // PW
@@ -921,8 +926,8 @@ class _Panels:
         self.packed = None
 
     def get(self, small, macs, weights):
-        """(packed weights, packed projection or None, scratch) when this run's step products
-        should use ``_panel_times``, else None.
+        """(packed weights, packed projection (empty without one), scratch) when this run's
+        step products should use ``_panel_times``, else None.
 
         They do when the products are not hand loops (``small``), the kernels exist for
         this CPU, and BLAS would run the product on one thread: below ``_ONE_THREAD_MACS``,
@@ -933,8 +938,8 @@ class _Panels:
             return None
         if self.packed is None:
             W, W_r = weights
-            tmp = np.empty((6, _PANEL_VECTORS * _VECTOR_BYTES // W.itemsize), W.dtype)
-            self.packed = (pack_panels(W), None if W_r is None else pack_panels(W_r), tmp)
+            tmp = np.empty((6, _panel_width(W.dtype)), W.dtype)
+            self.packed = (pack_panels(W), np.empty((0, 0, 0), W.dtype) if W_r is None else pack_panels(W_r), tmp)
         return self.packed
 
 
@@ -997,7 +1002,7 @@ class ForwardRun:
                     self.b if kind == 3 else self.gates[0, 0, :0], self.WhrT, self.hs,
                     self.cs if self.cs is not None else none, self.y, self.gates,
                     self.aux if self.aux is not None else none, self.m_all if proj else none, self.mask,
-                    self.has_mask, proj, WhhP, WhrP if WhrP is not None else none, tmp,
+                    self.has_mask, proj, WhhP, WhrP, tmp,
                 )
             return
         # no BLAS callable from compiled code: the loop in Python, BLAS through NumPy
@@ -1089,7 +1094,7 @@ class BackwardRun:
                     kind, rev, t0, t1, gemm, self.dtype.type(1), self.dtype.type(0), dy, dh,
                     dc if dc is not None else dgx[0, :0, :0], self.W_hh, self.W_hr if proj else dgx[0, :0, :0], c.hs,
                     c.cs if c.cs is not None else dummy, c.gates, c.aux if c.aux is not None else dummy, dgx, dgh,
-                    dh_all if proj else dummy, mask, has_mask, proj, W_hhP, W_hrP if W_hrP is not None else dummy, tmp,
+                    dh_all if proj else dummy, mask, has_mask, proj, W_hhP, W_hrP, tmp,
                 )
             return
         # no BLAS callable from compiled code: the loop in Python, BLAS through NumPy

@@ -365,8 +365,9 @@ class RNNBase(Module):
         n = min(kernels.blas_threads(), N // kernels._SPLIT_MIN_ROWS)
         if n < 2:
             return whole
-        bounds = [round(N * i / n) for i in range(n + 1)]
-        return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        from bptt.wavefront import even_slices
+
+        return even_slices(N, n)
 
     def _schedule(self, T, N, kernels):
         """Time chunks and threads for :func:`bptt.wavefront.run_wavefront`.

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from bptt.wavefront import run_parallel  # one job runs in the calling thread: no pool, no overhead
+
 __all__ = [
     "affine_forward",
     "affine_backward",
@@ -37,15 +39,9 @@ def _row_parts(rows):
     kernels = sys.modules.get("bptt.kernels")  # not imported: no such scope can be active
     if kernels is None or not kernels._OUTER_THREADS or rows < 2 * _MIN_ROWS_PER_THREAD:
         return [slice(0, rows)]
-    n = min(kernels.blas_threads(), rows // _MIN_ROWS_PER_THREAD)
-    bounds = [rows * i // n for i in range(n + 1)]
-    return [slice(a, c) for a, c in zip(bounds[:-1], bounds[1:])]
+    from bptt.wavefront import even_slices
 
-
-def _in_parallel(jobs):
-    from bptt.wavefront import run_parallel
-
-    return run_parallel(jobs) if len(jobs) > 1 else [jobs[0]()]
+    return even_slices(rows, min(kernels.blas_threads(), rows // _MIN_ROWS_PER_THREAD))
 
 
 def affine_forward(x, W, b):
@@ -62,7 +58,7 @@ def affine_forward(x, W, b):
         if b is not None:
             y2[s] += b
 
-    _in_parallel([lambda s=s: rows(s) for s in _row_parts(len(x2))])
+    run_parallel([lambda s=s: rows(s) for s in _row_parts(len(x2))])
     return y2.reshape(*x.shape[:-1], K)
 
 
@@ -79,7 +75,7 @@ def affine_backward(dy, x, W, dW, db):
         np.matmul(dy2[s], W, out=dx2[s])
         return dy2[s].T @ x2[s], None if db is None else dy2[s].sum(axis=0)
 
-    for dW_part, db_part in _in_parallel([lambda s=s: rows(s) for s in _row_parts(len(dy2))]):
+    for dW_part, db_part in run_parallel([lambda s=s: rows(s) for s in _row_parts(len(dy2))]):
         dW += dW_part
         if db is not None:
             db += db_part

@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["run_wavefront", "run_parallel"]
+__all__ = ["run_wavefront", "run_parallel", "even_slices"]
 
 _POOL: list[ThreadPoolExecutor] = []
 
@@ -34,6 +34,12 @@ def _pool() -> ThreadPoolExecutor:
     if not _POOL:
         _POOL.append(ThreadPoolExecutor(max_workers=16, thread_name_prefix="bptt-layer"))
     return _POOL[0]
+
+
+def even_slices(n: int, parts: int) -> list[slice]:
+    """[0, n) cut into ``parts`` contiguous slices whose lengths differ by at most one."""
+    bounds = [round(n * i / parts) for i in range(parts + 1)]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def run_parallel(jobs) -> list:
