@@ -97,16 +97,19 @@ def main(argv=None):
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+        labelled = set()
         for (side, seed), (val, _) in sorted(runs.items()):
+            label = None if side in labelled else f"{'bptt' if side == 'bptt' else 'PyTorch'} ({len(a.seeds)} seeds)"
+            labelled.add(side)
             ax.plot([m for m, _, _ in val], [v for _, _, v in val], "-" if side == "bptt" else "--", lw=1.2,
-                    color="C0" if side == "bptt" else "C1", alpha=0.8, label=f"{side} seed {seed}")
+                    color="C0" if side == "bptt" else "C1", alpha=0.8, label=label)
         for t in THRESHOLDS:
             ax.axhline(t, color="grey", lw=0.5, ls=":")
         ax.set_xlabel("wall-clock minutes, evaluation included")
         ax.set_ylabel("validation loss (nats/char)")
         ax.set_ylim(1.5, 2.0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend()
         fig.tight_layout()
         fig.savefig(a.png)
 
