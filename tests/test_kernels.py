@@ -248,3 +248,26 @@ def test_batch_split_equals_whole_batch(mode, monkeypatch):
     assert len(split) == len(whole)
     for a, b in zip(split, whole):
         assert rel(a, b) < 1e-12
+
+
+def test_eval_mode_splits_above_the_training_bound(monkeypatch):
+    """Products above kernels._SPLIT_MAX_MACS split the batch in eval mode only (no second
+    set of weight gradients to pay for), with the whole batch's numbers; a backward after
+    an eval-mode split still gives the whole batch's gradients."""
+    monkeypatch.setattr(kernels, "blas_threads", lambda: 2)
+    monkeypatch.setattr(kernels, "_SMALL_MACS", -1)
+    monkeypatch.setattr(kernels, "_SPLIT_MAX_MACS", 1)  # every product counts as large
+    rng = np.random.default_rng(5)
+    T, N, D, H = 6, 16, 4, 5
+    x, dout = rng.standard_normal((T, N, D)), rng.standard_normal((T, N, H))
+    results = {}
+    for training in (True, False):
+        layer = bptt.LSTM(D, H, 2, dtype=np.float64, rng=2).train(training)
+        layer.backend = "fused"
+        out, state = layer(x)
+        parts = [s for s, _ in layer._ctx.parts]
+        dx, dstate = layer.backward(dout)
+        results[training] = parts, [out, *flat(state), dx, *flat(dstate), *(layer.grads[k] for k in sorted(layer.grads))]
+    assert results[True][0] == [] and results[False][0] == [slice(0, 8), slice(8, 16)]
+    for a, b in zip(results[False][1], results[True][1]):
+        assert rel(a, b) < 1e-12

@@ -98,7 +98,8 @@ _ONE_THREAD_MACS = int(os.environ.get("BPTT_STEP_THREADS_MACS", 16_000_000))
 # when a step's product has fewer multiply-adds than _SPLIT_MAX_MACS; BPTT_SPLIT_MIN_ROWS=0 turns that off.
 # Above 12 M (measured at 13 M: LSTM 2×256 and RNN 2×512 at N = 50) the split gained at most 1.10× and
 # its extra memory (each slice's copy of a dense input, a second set of weight gradients) put the RNN
-# 2×512 training step at 60 MB of peak growth against PyTorch's 57 (the wavefront: 46).
+# 2×512 training step at 60 MB of peak growth against PyTorch's 57 (the wavefront: 46).  The bound holds
+# in training mode only: an eval-mode forward splits at every size (see RNNBase._batch_parts).
 _SPLIT_MIN_ROWS = int(os.environ.get("BPTT_SPLIT_MIN_ROWS", 8)) or 1 << 62
 _SPLIT_MAX_MACS = 12_000_000
 _BLAS = {}

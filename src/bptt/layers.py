@@ -353,14 +353,18 @@ class RNNBase(Module):
         process, alternating (2 cores, T = 50, training step): 2×128 at N = 50 1.03-1.24×
         (LSTM), 0.93-1.21× (GRU), 1.09-1.21× (RNN) over three runs; 2×128 LSTM at N = 32
         and 16 1.20× and 1.26×; one-layer stacks, which have no wavefront, 1.24-1.44×.
-        Products of 12 M multiply-adds and more stay with the wavefront (see
-        ``kernels._SPLIT_MAX_MACS``).
+        In training mode, products of 12 M multiply-adds and more stay with the wavefront
+        (see ``kernels._SPLIT_MAX_MACS``): the backward of a split needs a second set of
+        weight gradients.  In eval mode, where a backward is not expected (it still works,
+        with that memory), every size splits: forward only, against the wavefront, LSTM
+        2×256 1.26×, 2×512 1.16×, 1×1024 (N = 64) 1.05×; GRU 1.14-1.18×, RNN 1.15-1.16× at
+        2×512 and 1×1024 (same process, alternating, outputs identical up to summation order).
         """
         whole = [slice(0, N)]
         if kernels is None or N < 2 * kernels._SPLIT_MIN_ROWS:
             return whole
         macs = N * self.gate_count * self.hidden_size * self.out_size
-        if macs <= kernels._SMALL_MACS or macs >= kernels._SPLIT_MAX_MACS:
+        if macs <= kernels._SMALL_MACS or (self.training and macs >= kernels._SPLIT_MAX_MACS):
             return whole  # a step of µs (compiled loops), or products for the wavefront (see _SPLIT_MAX_MACS)
         n = min(kernels.blas_threads(), N // kernels._SPLIT_MIN_ROWS)
         if n < 2:
