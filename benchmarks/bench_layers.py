@@ -10,10 +10,11 @@ Method
   limits torch (MKL / OpenMP).
 * The two sides alternate (bptt, torch, bptt, torch, ...) so that drift in the
   machine's load hits both alike; each number is the median of ``--repeat``
-  timed runs after one untimed warm-up run.
+  timed runs after untimed warm-up calls (see "Thread pools" below).
 * train = forward + backward of ``(out · dout).sum()`` with the gradient of the
   input (torch: ``x.requires_grad_()``, ``.backward()``; bptt: ``forward`` then
-  ``backward(dout)``).  infer = forward only (torch under ``no_grad``).
+  ``backward(dout)``).  infer = forward only (torch under ``no_grad``, bptt in
+  eval mode, which lets the largest layers run as batch slices).
 * GFLOP/s counts the multiply-adds of the matrix products only (2 flops each):
   forward T·N·G·(D + P) per layer and direction, training 3× that; the
   element-wise work is not counted.  "% peak" divides by the float32 GEMM rate
@@ -104,8 +105,10 @@ def make_runners(mode, T, N, D, H, L):
         ours.forward(x)
         ours.backward(dout)
 
-    def ours_infer():
+    def ours_infer():  # eval mode, as bptt's own evaluation and sampling run (torch: no_grad)
+        ours.eval()
         ours.forward(x)
+        ours.train()
 
     def torch_train():
         theirs.zero_grad()
