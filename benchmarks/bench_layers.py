@@ -47,7 +47,8 @@ Method
   not one call, because on the 2-vCPU VMs of this project a process that has
   idled 0.3 s runs its next ~40 ms of work up to 2× slower (measured for bptt's
   forward: 8.5, 12.7, 13.3, 13.4 ms for the first four calls after the idle
-  against 6.4–6.8 ms from the fifth on); with one untimed call, calls of a few
+  against 6.4–6.8 ms from the fifth on: the scheduler kept its two threads on
+  one core, see BENCHMARKS.md); with one untimed call, calls of a few
   milliseconds were timed inside that slow spell.  Both thread
   pools as they ship: torch keeps libgomp's default (active) wait policy, which
   is what makes its small parallel regions fast.  ``--omp-passive`` sets
