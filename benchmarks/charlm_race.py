@@ -27,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from charlm_report import load
+from charlm_report import load, plot_curves
 
 HERE = Path(__file__).resolve().parent
 THRESHOLDS = (1.70, 1.60, 1.56)
@@ -91,28 +91,13 @@ def main(argv=None):
               " | ".join(f"{statistics.median(s[t]):.2f}" for t in THRESHOLDS) + " | | |")
 
     if a.png:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-        labelled = set()
+        series, labelled = [], set()
         for (side, seed), (val, _) in sorted(runs.items()):
             label = None if side in labelled else f"{'bptt' if side == 'bptt' else 'PyTorch'} ({len(a.seeds)} seeds)"
             labelled.add(side)
-            ax.plot([m for m, _, _ in val], [v for _, _, v in val], "-" if side == "bptt" else "--", lw=1.2,
-                    color="C0" if side == "bptt" else "C1", alpha=0.8, label=label)
-        for t in THRESHOLDS:
-            ax.axhline(t, color="grey", lw=0.5, ls=":")
-        ax.set_xlabel("wall-clock minutes, evaluation included")
-        ax.set_ylabel("validation loss (nats/char)")
-        ax.set_ylim(1.5, 2.0)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(a.png)
-
+            series.append((label, val, {"ls": "-" if side == "bptt" else "--", "lw": 1.2, "alpha": 0.8,
+                                        "color": "C0" if side == "bptt" else "C1"}))
+        plot_curves(series, a.png, THRESHOLDS, (1.5, 2.0))
 
 if __name__ == "__main__":
     main()

@@ -42,24 +42,29 @@ def main():
         print(f"| {run.name} | {best[2]:.4f} | {best[0]:.1f} | " + " | ".join(reach) +
               f" | {statistics.median(cps):,.0f} |")
     if a.png:
-        import matplotlib
+        plot_curves([(name, val, {"lw": 1.5}) for name, val in curves.items()], a.png, THRESHOLDS[:3], (1.3, 2.2))
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-        for name, val in curves.items():
-            ax.plot([m for m, _, _ in val], [v for _, _, v in val], "-", lw=1.5, label=name)
-        for t in THRESHOLDS[:3]:
-            ax.axhline(t, color="grey", lw=0.5, ls=":")
-        ax.set_xlabel("wall-clock minutes, evaluation included")
-        ax.set_ylabel("validation loss (nats/char)")
-        ax.set_ylim(1.3, 2.2)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(a.png)
+def plot_curves(series, png, thresholds, ylim):
+    """Validation curves against wall-clock minutes: series of (label or None, val records
+    from :func:`load`, matplotlib line keywords), dotted lines at the thresholds."""
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for label, val, style in series:
+        ax.plot([m for m, _, _ in val], [v for _, _, v in val], label=label, **style)
+    for t in thresholds:
+        ax.axhline(t, color="grey", lw=0.5, ls=":")
+    ax.set_xlabel("wall-clock minutes, evaluation included")
+    ax.set_ylabel("validation loss (nats/char)")
+    ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
 
 if __name__ == "__main__":
     main()
