@@ -27,15 +27,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from charlm_report import load, plot_curves
+from charlm_report import load, plot_curves, reached
 
 HERE = Path(__file__).resolve().parent
 THRESHOLDS = (1.70, 1.60, 1.56)
-
-
-def reached(val, threshold):
-    """(minute, step) of the first evaluation at or below ``threshold``, or None."""
-    return next(((m, it) for m, it, v in val if v <= threshold), None)
 
 
 def main(argv=None):
@@ -98,6 +93,7 @@ def main(argv=None):
             series.append((label, val, {"ls": "-" if side == "bptt" else "--", "lw": 1.2, "alpha": 0.8,
                                         "color": "C0" if side == "bptt" else "C1"}))
         plot_curves(series, a.png, THRESHOLDS, (1.5, 2.0))
+
 
 if __name__ == "__main__":
     main()

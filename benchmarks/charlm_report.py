@@ -22,6 +22,11 @@ def load(run: Path):
     return val, cps
 
 
+def reached(val, threshold):
+    """(minute, step) of the first evaluation at or below ``threshold``, or None."""
+    return next(((m, it) for m, it, v in val if v <= threshold), None)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("runs", nargs="+", type=Path)
@@ -35,10 +40,8 @@ def main():
         val, cps = load(run)
         curves[run.name] = val
         best = min(val, key=lambda v: v[2])
-        reach = []
-        for t in THRESHOLDS:
-            hit = next((m for m, _, v in val if v <= t), None)
-            reach.append(f"{hit:.1f}" if hit is not None else "—")
+        hits = [reached(val, t) for t in THRESHOLDS]
+        reach = [f"{hit[0]:.1f}" if hit is not None else "—" for hit in hits]
         print(f"| {run.name} | {best[2]:.4f} | {best[0]:.1f} | " + " | ".join(reach) +
               f" | {statistics.median(cps):,.0f} |")
     if a.png:
@@ -65,6 +68,7 @@ def plot_curves(series, png, thresholds, ylim):
     ax.legend()
     fig.tight_layout()
     fig.savefig(png)
+
 
 if __name__ == "__main__":
     main()
