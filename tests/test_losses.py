@@ -168,3 +168,31 @@ def test_cross_entropy_errors(rng):
         cross_entropy(logits, np.zeros((2, 3), int), reduction="none")
     with pytest.raises(ValueError, match="float32 or float64"):
         cross_entropy(logits.astype(int), np.zeros((2, 3), int))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_compiled_cross_entropy_equals_numpy_path(rng, dtype, reduction):
+    """Without a mask the loss comes from the compiled pass (bptt.kernels); weights of 1
+    take the NumPy formulas.  Same loss and gradient up to rounding; need_grad=False
+    gives the same loss and no gradient."""
+    pytest.importorskip("numba")
+    logits = (4 * rng.standard_normal((7, 11, 65))).astype(dtype)
+    logits[0, 0, 3] = 60.0  # a dominant logit: the max shift must keep exp() finite
+    targets = rng.integers(0, 65, size=(7, 11))
+    loss, grad = cross_entropy(logits, targets, reduction=reduction)
+    ref_loss, ref_grad = cross_entropy(logits, targets, mask=np.ones((7, 11)), reduction=reduction)
+    tol = 1e-6 if dtype == np.float32 else 1e-13
+    assert loss == pytest.approx(ref_loss, rel=tol)
+    assert grad.dtype == dtype and rel_error(grad, ref_grad) < 10 * tol
+    only, none = cross_entropy(logits, targets, reduction=reduction, need_grad=False)
+    assert none is None and only == loss
+
+
+def test_compiled_cross_entropy_nan_logit_gives_nan(rng):
+    """A NaN anywhere in a row (first or later, where the max might skip it) makes the loss NaN,
+    so training's NaN check still fires."""
+    for j in (0, 5):
+        logits = rng.standard_normal((3, 9)).astype(np.float32)
+        logits[1, j] = np.nan
+        assert np.isnan(cross_entropy(logits, rng.integers(0, 9, size=3))[0])

@@ -70,7 +70,7 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = ["sequence_impl", "sequence_forward", "sequence_backward", "ForwardRun", "BackwardRun", "KernelCache",
-           "available", "blas_threads", "single_thread_blas", "scatter_add_rows"]
+           "available", "blas_threads", "single_thread_blas", "scatter_add_rows", "softmax_cross_entropy"]
 
 try:  # Numba is a dependency, but the reference loop must work without it
     import numba
@@ -385,6 +385,56 @@ if numba is not None:
     @overload(_act_sigmoid, inline="always")
     def _ov_act_sigmoid(x):
         return (lambda x: _sigmoid32(x)) if x == types.float32 else (lambda x: _sigmoid(x))
+
+    def _act_exp_neg(x):  # pragma: no cover
+        raise NotImplementedError
+
+    @overload(_act_exp_neg, inline="always")
+    def _ov_act_exp_neg(x):
+        return (lambda x: _exp_neg32(x)) if x == types.float32 else (lambda x: _exp_neg(x))
+
+    # ======================================================================== softmax cross-entropy
+    # Their own fastmath: "reassoc" lets a sum or max over the V logits of a row run in
+    # vector lanes (the order is all it changes).  The max may skip a NaN ("nnan"), but the
+    # sum of exponentials has no "nnan", so a NaN logit still gives a NaN loss.
+    @njit(inline="always", cache=True, nogil=True, fastmath={"reassoc", "nnan", "nsz"})
+    def _row_max(zr):
+        m = zr[0]
+        for j in range(1, zr.shape[0]):
+            m = max(m, zr[j])
+        return m
+
+    @njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract", "reassoc"})
+    def _softmax_xent_rows(z, y, grad, scale):
+        """Σ_n −log softmax(z_n)_{y_n} over the rows of z (M, V), summed in float64:
+
+            m = max_j z_nj    s = Σ_j e^{z_nj − m}    −log softmax(z_n)_{y_n} = m + log s − z_{n,y_n}
+
+        and, when grad is (M, V) (not (0, V)), grad_n = scale · (e^{z_n − m} / s − onehot(y_n)).
+        One pass over each row's V logits for the max, one for the exponentials."""
+        _wide_vectors()
+        M, V = z.shape
+        want = grad.shape[0] > 0
+        total = 0.0
+        for n in range(M):
+            zr = z[n]
+            m = _row_max(zr)
+            s = zr[0] - zr[0]  # zero of z's dtype
+            if want:
+                gr = grad[n]
+                for j in range(V):
+                    e = _act_exp_neg(zr[j] - m)
+                    gr[j] = e
+                    s += e
+                inv = scale / s
+                for j in range(V):
+                    gr[j] *= inv
+                gr[y[n]] -= scale
+            else:
+                for j in range(V):
+                    s += _act_exp_neg(zr[j] - m)
+            total += math.log(s) + (float(m) - float(zr[y[n]]))
+        return total
 
     # ======================================================================== small products
     @njit(**_jit)
@@ -1158,6 +1208,24 @@ def scatter_add_rows(out, ids, rows):
         except Exception:  # pragma: no cover - compilation failure: the NumPy way below
             pass
     np.add.at(out, ids, rows)
+
+
+def softmax_cross_entropy(z, y, grad, scale):
+    """Σ_n −log softmax(z_n)_{y_n} (a float) over the rows of z (M, V), and with ``grad``
+    (an (M, V) array, or None) grad_n = scale · (softmax(z_n) − onehot(y_n)); y (M,)
+    integers in [0, V), checked by the caller.  None without Numba (the caller then
+    computes it with NumPy: :func:`bptt.losses.cross_entropy`).
+
+    The compiled loop makes two passes over each row of logits (max; exponentials, sum
+    and gradient) where NumPy makes about eight whole-array passes (max, subtract, exp,
+    sum, log, gather, exp, scale): for the char model's 2,500 × 65 logits, loss and
+    gradient, measured 0.54 → 0.26 ms in float32 and 1.5 → 0.35 ms in float64.
+    """
+    if numba is None or z.dtype not in (np.float32, np.float64):
+        return None
+    z = np.ascontiguousarray(z)
+    out = grad if grad is not None else z[:0]
+    return float(_softmax_xent_rows(z, np.ascontiguousarray(y, dtype=np.int64), out, z.dtype.type(scale)))
 
 
 # ============================================================================ BLAS for compiled code

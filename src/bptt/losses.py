@@ -64,7 +64,8 @@ def cross_entropy(
     mask: np.ndarray | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
-) -> tuple[float, np.ndarray]:
+    need_grad: bool = True,
+) -> tuple[float, np.ndarray | None]:
     r"""Softmax cross-entropy over the last axis, with masking; returns ``(loss, dL/dlogits)``.
 
     For each position n with logits z_n (V,) and target y_n, let
@@ -90,6 +91,11 @@ def cross_entropy(
         mask: optional (...) bool or non-negative float weights.
         ignore_index: target value to exclude (like PyTorch's).
         reduction: "mean" or "sum".
+        need_grad: False returns ``(loss, None)`` and skips the gradient (evaluation).
+
+    Without a mask or ignored targets, the loss (and gradient) come from one
+    compiled pass over the logits (:func:`bptt.kernels.softmax_cross_entropy`),
+    the same formulas as below up to rounding.
 
     Raises ValueError for mismatched shapes, non-integer targets, counted
     targets outside [0, V), negative or non-finite mask weights, or an unknown
@@ -136,6 +142,15 @@ def cross_entropy(
             f"(and is not ignore_index={ignore_index})"
         )
 
+    if w is None and counted.all() and M:
+        from bptt import kernels  # lazily: importing Numba is slow
+
+        denom = float(M) if reduction == "mean" else 1.0
+        grad = np.empty_like(z2) if need_grad else None
+        total = kernels.softmax_cross_entropy(z2, y1, grad, 1.0 / denom)
+        if total is not None:
+            return total / denom, None if grad is None else grad.reshape(z.shape)
+
     rows = np.arange(M)
     y_safe = np.where(counted, y1, 0)
     # per-position weight, 0 where not counted (float64 sums for the loss itself)
@@ -150,6 +165,8 @@ def cross_entropy(
 
     grad = log_softmax(z2, axis=-1)  # (M, V); turned into the gradient in place
     loss = -float(np.sum(grad[rows, y_safe] * weight, dtype=np.float64)) / denom
+    if not need_grad:
+        return loss, None
     np.exp(grad, out=grad)  # ŷ
     grad[rows, y_safe] -= 1.0
     weight /= weight.dtype.type(denom)

@@ -174,7 +174,7 @@ def evaluate(model: CharLM, batches: TBPTTBatches, max_windows: int = 0) -> floa
         x, y = batches.batch(k)
         with model.blas_scope(*x.shape):
             logits, state = model.forward(x, state)
-            loss, _ = cross_entropy(logits, y, reduction="sum")
+            loss, _ = cross_entropy(logits, y, reduction="sum", need_grad=False)
         total += loss
         count += y.size
     model.train(was_training)
@@ -212,7 +212,8 @@ def evaluate_text(model: CharLM, vocab: Vocab, text: str, window: int = 100, str
     for t0 in range(0, S, window):
         with model.blas_scope(*x[t0 : t0 + window].shape):
             logits, state = model.forward(x[t0 : t0 + window], state)
-            loss, _ = cross_entropy(logits, y[t0 : t0 + window], mask=valid[t0 : t0 + window], reduction="sum")
+            loss, _ = cross_entropy(logits, y[t0 : t0 + window], mask=valid[t0 : t0 + window], reduction="sum",
+                                    need_grad=False)
         total += loss
     nats = total / len(ids[1:])
     return {"loss": nats, "bits_per_char": nats / math.log(2), "perplexity": math.exp(nats),
