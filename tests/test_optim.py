@@ -86,6 +86,36 @@ def test_matches_torch(torch, rng, name, kw, dtype, tol):
         assert rel_error(p, e) < tol, (n, rel_error(p, e))
 
 
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-14), (np.float32, 1e-6)])
+@pytest.mark.parametrize("name,kw", [c for c in CASES if c[0] in ("rmsprop", "adam", "adamw") and not c[1].get("centered")])
+def test_compiled_step_equals_numpy_formulas(rng, monkeypatch, name, kw, dtype, tol):
+    """RMSprop (not centered: that stays NumPy) and Adam/AdamW update in one compiled pass (bptt.kernels); with
+    the kernels refusing, the same optimizer runs its NumPy formulas: the same parameters
+    and buffers after 7 steps, up to rounding."""
+    pytest.importorskip("numba")
+    from bptt import kernels
+
+    grads = _grad_sequence(rng, 7, dtype)
+    start = _triples(rng, dtype)
+    runs, taken = [], []
+    for compiled in (True, False):
+        for fn in ("rmsprop_step", "adam_step"):
+            real = getattr(kernels, fn)
+            monkeypatch.setattr(kernels, fn, (lambda *a, real=real: taken.append(real(*a)) or taken[-1])
+                                if compiled else (lambda *a: False))
+        triples = [(n, p.copy(), g.copy()) for n, p, g in start]
+        opt = make_optimizer(name, triples, **kw)
+        _run_bptt(opt, triples, grads)
+        runs.append(([p for _, p, _ in triples], opt.state))
+    assert taken == [True] * 7 * len(SHAPES)  # every update of the first run was compiled
+    (p1, s1), (p2, s2) = runs
+    for a, b in zip(p1, p2):
+        assert a.dtype == dtype and rel_error(a, b) < tol
+    for buf in s1:
+        for n in s1[buf]:
+            assert rel_error(s1[buf][n], s2[buf][n]) < tol, (buf, n)
+
+
 def test_lr_change_between_steps_matches_torch(torch, rng):
     """A schedule sets opt.lr before each step; torch's equivalent is param_groups[0]['lr']."""
     triples = _triples(rng, np.float64)

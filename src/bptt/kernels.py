@@ -70,7 +70,8 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = ["sequence_impl", "sequence_forward", "sequence_backward", "ForwardRun", "BackwardRun", "KernelCache",
-           "available", "blas_threads", "single_thread_blas", "scatter_add_rows", "softmax_cross_entropy"]
+           "available", "blas_threads", "single_thread_blas", "scatter_add_rows", "softmax_cross_entropy",
+           "rmsprop_step", "adam_step"]
 
 try:  # Numba is a dependency, but the reference loop must work without it
     import numba
@@ -435,6 +436,52 @@ if numba is not None:
                     s += _act_exp_neg(zr[j] - m)
             total += math.log(s) + (float(m) - float(zr[y[n]]))
         return total
+
+    # ======================================================================== optimizer steps
+    # The update formulas of bptt.optim in one pass over each parameter, where NumPy makes
+    # 8 (RMSprop) or 11 (Adam) whole-array passes.  Scalars come in the parameter's dtype
+    # (1 − α and 1 − β too), so float32 stays float32 as in NumPy.
+    @njit(**_jit)
+    def _rmsprop_step(p, g, sq, buf, lr, alpha, one_minus_alpha, eps, wd, momentum):
+        """RMSprop (bptt.optim.RMSprop, not centered) over flat arrays; buf is empty when μ = 0:
+
+            d = g + λθ    v ← αv + (1 − α)d²    s = d / (√v + ε)
+            b ← μb + s, θ ← θ − γb   (μ > 0)      θ ← θ − γs   (μ = 0)
+        """
+        _wide_vectors()
+        for i in range(p.shape[0]):
+            d = g[i]
+            if wd != 0:
+                d += wd * p[i]
+            v = alpha * sq[i] + one_minus_alpha * (d * d)
+            sq[i] = v
+            step = d / (np.sqrt(v) + eps)
+            if momentum > 0:
+                step += momentum * buf[i]
+                buf[i] = step
+            p[i] -= lr * step
+
+    @njit(**_jit)
+    def _adam_step(p, g, m, v, vmax, step_size, b1, one_minus_b1, b2, one_minus_b2, eps, wd, bias2_sqrt, amsgrad):
+        """Adam with the L2 penalty coupled (λ in d; AdamW scales θ first, outside) over flat arrays;
+        vmax is empty unless AMSGrad:
+
+            d = g + λθ    m ← β₁m + (1 − β₁)d    v ← β₂v + (1 − β₂)d²    (AMSGrad: v̂ = max(v̂, v))
+            θ ← θ − step_size · m / (√v / bias2_sqrt + ε),   step_size = γ / (1 − β₁ᵗ), bias2_sqrt = √(1 − β₂ᵗ)
+        """
+        _wide_vectors()
+        for i in range(p.shape[0]):
+            d = g[i]
+            if wd != 0:
+                d += wd * p[i]
+            mi = b1 * m[i] + one_minus_b1 * d
+            m[i] = mi
+            vi = b2 * v[i] + one_minus_b2 * (d * d)
+            v[i] = vi
+            if amsgrad:
+                vi = max(vmax[i], vi)
+                vmax[i] = vi
+            p[i] -= step_size * (mi / (np.sqrt(vi) / bias2_sqrt + eps))
 
     # ======================================================================== small products
     @njit(**_jit)
@@ -1226,6 +1273,40 @@ def softmax_cross_entropy(z, y, grad, scale):
     z = np.ascontiguousarray(z)
     out = grad if grad is not None else z[:0]
     return float(_softmax_xent_rows(z, np.ascontiguousarray(y, dtype=np.int64), out, z.dtype.type(scale)))
+
+
+def _flat(*arrays):
+    """Flat views of C-contiguous arrays of one float dtype, or None (the caller uses NumPy)."""
+    dtype = arrays[0].dtype
+    if numba is None or dtype not in (np.float32, np.float64):
+        return None
+    if any(a.dtype != dtype or not a.flags.c_contiguous for a in arrays):
+        return None
+    return [a.reshape(-1) for a in arrays]
+
+
+def rmsprop_step(p, g, sq, buf, lr, alpha, eps, weight_decay, momentum) -> bool:
+    """One non-centered RMSprop update of ``p`` in place (buffers sq, buf — None when μ = 0 —
+    updated too), compiled; False (nothing done) when the arrays do not suit it."""
+    flat = _flat(p, g, sq) if buf is None else _flat(p, g, sq, buf)
+    if flat is None:
+        return False
+    c = p.dtype.type
+    _rmsprop_step(*flat[:3], flat[3] if buf is not None else flat[0][:0], c(lr), c(alpha), c(1.0 - alpha), c(eps),
+                  c(weight_decay), c(momentum))
+    return True
+
+
+def adam_step(p, g, m, v, vmax, step_size, b1, b2, eps, weight_decay, bias2_sqrt) -> bool:
+    """One Adam update of ``p`` in place (see ``_adam_step``; vmax None without AMSGrad),
+    compiled; False (nothing done) when the arrays do not suit it."""
+    flat = _flat(p, g, m, v) if vmax is None else _flat(p, g, m, v, vmax)
+    if flat is None:
+        return False
+    c = p.dtype.type
+    _adam_step(*flat[:4], flat[4] if vmax is not None else flat[0][:0], c(step_size), c(b1), c(1.0 - b1), c(b2),
+               c(1.0 - b2), c(eps), c(weight_decay), c(bias2_sqrt), vmax is not None)
+    return True
 
 
 # ============================================================================ BLAS for compiled code

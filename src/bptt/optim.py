@@ -190,6 +190,13 @@ class Optimizer:
         return out
 
 
+def _kernels():
+    """bptt.kernels, imported on first use (importing Numba is slow)."""
+    from bptt import kernels
+
+    return kernels
+
+
 def _collect_params(params) -> list[tuple[str, np.ndarray, np.ndarray]]:
     if isinstance(params, Module):
         triples = list(params.named_parameters())
@@ -354,6 +361,10 @@ class RMSprop(Optimizer):
         return names
 
     def _update(self, name, p, g):
+        buf = self.state["momentum_buffer"][name] if self.momentum > 0 else None
+        if not self.centered and _kernels().rmsprop_step(p, g, self.state["square_avg"][name], buf, self.lr,
+                                                         self.alpha, self.eps, self.weight_decay, self.momentum):
+            return  # the formulas below, compiled into one pass (bptt.kernels)
         d = self._decayed_grad(p, g, self.weight_decay)
         tmp = self._work(p, 1)
         a = self.alpha
@@ -425,12 +436,15 @@ class Adam(Optimizer):
         if self._decoupled:
             if self.weight_decay != 0:
                 p *= 1.0 - self.lr * self.weight_decay
-            d = g
-        else:
-            d = self._decayed_grad(p, g, self.weight_decay)
-        tmp = self._work(p, 1)
         m = self.state["exp_avg"][name]
         v = self.state["exp_avg_sq"][name]
+        n = self.step_count
+        vmax = self.state["max_exp_avg_sq"][name] if self.amsgrad else None
+        if _kernels().adam_step(p, g, m, v, vmax, self.lr / (1 - b1**n), b1, b2, self.eps,
+                                0.0 if self._decoupled else self.weight_decay, (1 - b2**n) ** 0.5):
+            return  # the formulas below, compiled into one pass (bptt.kernels)
+        d = g if self._decoupled else self._decayed_grad(p, g, self.weight_decay)
+        tmp = self._work(p, 1)
         m *= b1
         m += np.multiply(d, 1.0 - b1, out=tmp)
         v *= b2
@@ -438,10 +452,8 @@ class Adam(Optimizer):
         sq *= 1.0 - b2
         v += sq
         if self.amsgrad:
-            vmax = self.state["max_exp_avg_sq"][name]
             np.maximum(vmax, v, out=vmax)
             v = vmax
-        n = self.step_count
         step_size = self.lr / (1 - b1**n)
         denom = np.sqrt(v, out=tmp)
         denom /= (1 - b2**n) ** 0.5
