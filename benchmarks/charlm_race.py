@@ -66,9 +66,9 @@ def main(argv=None):
             runs[side, seed] = load(out)
 
     head = ("| seed | run | best val | " + " | ".join(f"min to {t:.2f}" for t in THRESHOLDS) +
-            " | steps to 1.56 | chars/s (median) |")
+            " | steps to 1.56 | chars/s (median) | s per 1,000 steps |")
     print("\n" + head + "\n|" + "---|" * (head.count("|") - 1))
-    summary = {side: {t: [] for t in THRESHOLDS} | {"best": []} for side in ("bptt", "torch")}
+    summary = {side: {t: [] for t in THRESHOLDS} | {"best": [], "pace": []} for side in ("bptt", "torch")}
     for seed in a.seeds:
         for side in ("bptt", "torch"):
             val, cps = runs[side, seed]
@@ -78,12 +78,23 @@ def main(argv=None):
                 summary[side][t].append(hit[0] if hit else float("inf"))
             cells = [f"{h[0]:.2f}" if h else "—" for h in hits]
             steps = f"{hits[-1][1]:,}" if hits[-1] else "—"
+            # wall clock per step over the whole run, evaluations included: the pace, whatever the trajectory
+            minute, step, _ = val[-1]
+            summary[side]["pace"].append(minute * 60 / step * 1000)
             print(f"| {seed} | {side} | {summary[side]['best'][-1]:.4f} | " + " | ".join(cells) +
-                  f" | {steps} | {statistics.median(cps):,.0f} |")
+                  f" | {steps} | {statistics.median(cps):,.0f} | {summary[side]['pace'][-1]:.1f} |")
     for side in ("bptt", "torch"):
         s = summary[side]
         print(f"| median | {side} | {statistics.median(s['best']):.4f} | " +
-              " | ".join(f"{statistics.median(s[t]):.2f}" for t in THRESHOLDS) + " | | |")
+              " | ".join(f"{statistics.median(s[t]):.2f}" for t in THRESHOLDS) +
+              f" | | | {statistics.median(s['pace']):.1f} |")
+    b, t = summary["bptt"], summary["torch"]
+    n = len(a.seeds)
+    print("\nseeds where bptt reached the threshold first: " +
+          ", ".join(f"{th:.2f}: {sum(x < y for x, y in zip(b[th], t[th]))} of {n}" for th in THRESHOLDS))
+    print("median over seeds of PyTorch's time / bptt's time: " +
+          ", ".join(f"{th:.2f}: {statistics.median(y / x for x, y in zip(b[th], t[th])):.2f}" for th in THRESHOLDS) +
+          f"; pace (s per 1,000 steps): {statistics.median(y / x for x, y in zip(b['pace'], t['pace'])):.3f}")
 
     if a.png:
         series, labelled = [], set()
