@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bptt.data import TBPTTBatches, Vocab, encode_text, read_text, split_corpus
-from bptt.models.charlm import CharLM, CharLMConfig
-from bptt.optim import make_schedule
+from bptt.lm.data import TBPTTBatches, Vocab, encode_text, read_text, split_corpus
+from bptt.lm.model import CharLM, CharLMConfig
+from bptt.nn.optim import make_schedule
 
 
 class TorchCharLM(torch.nn.Module):

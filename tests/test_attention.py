@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from bptt.attention import ATTENTION_KINDS, Attention, masked_softmax
-from bptt.gradcheck import gradcheck
+from bptt.nn.attention import ATTENTION_KINDS, Attention, masked_softmax
+from bptt.nn.gradcheck import gradcheck
 
 N, T, S, H, A = 3, 4, 5, 6, 5
 LENGTHS = np.array([5, 2, 3])

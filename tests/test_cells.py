@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import bptt
-from bptt.gradcheck import gradcheck, rel_error
+from bptt.nn.gradcheck import gradcheck, rel_error
 
 CELLS = {"rnn": bptt.RNNCell, "lstm": bptt.LSTMCell, "gru": bptt.GRUCell}
 

@@ -5,11 +5,11 @@ import math
 import numpy as np
 import pytest
 
-from bptt.data import DataError, Vocab
-from bptt.gradcheck import gradcheck, rel_error
-from bptt.models.charlm import CharLM, CharLMConfig
-from bptt.sample import generate, next_char_distribution
-from bptt.train import evaluate_text
+from bptt.lm.data import DataError, Vocab
+from bptt.nn.gradcheck import gradcheck, rel_error
+from bptt.lm.model import CharLM, CharLMConfig
+from bptt.lm.sample import generate, next_char_distribution
+from bptt.lm.train import evaluate_text
 
 
 @pytest.mark.parametrize("model,embedding,dropout", [("lstm", 0, 0.0), ("gru", 5, 0.0), ("rnn", 0, 0.3)])
@@ -63,7 +63,7 @@ def test_charlm_matches_a_torch_model_with_the_same_names(torch):
 
 def test_overfits_one_batch():
     """A small LSTM with Adam memorises one batch: the loss falls from ln V to near zero."""
-    from bptt.optim import Adam
+    from bptt.nn.optim import Adam
 
     lm = CharLM(CharLMConfig(vocab_size=10, hidden=32, layers=1), rng=0)
     opt = Adam(lm, 1e-2)
@@ -114,7 +114,7 @@ def test_evaluate_text_counts_every_character_and_reports_unknown():
     # one stream, one window: the plain mean over all predicted characters
     r1 = evaluate_text(lm, vocab, text, window=10_000, streams=1)
     ids = vocab.encode(text).astype(np.int64)
-    from bptt.losses import cross_entropy
+    from bptt.nn.losses import cross_entropy
 
     logits, _ = lm.forward(ids[:-1, None])
     assert abs(r1["loss"] - cross_entropy(logits, ids[1:, None])[0]) < 1e-12

@@ -5,7 +5,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from bptt.data import (
+from bptt.lm.data import (
     DataError,
     TBPTTBatches,
     Vocab,

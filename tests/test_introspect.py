@@ -6,10 +6,10 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from bptt import introspect
+from bptt.inspect import analyses as introspect
 from bptt.cli import main
-from bptt.data import Vocab
-from bptt.models.charlm import CharLM, CharLMConfig
+from bptt.lm.data import Vocab
+from bptt.lm.model import CharLM, CharLMConfig
 
 TEXT = (
     "def f(a, b='x'):  # a comment\n"
@@ -241,7 +241,7 @@ def test_training_plot_shows_hidden_stats(tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    from bptt.train import TrainConfig, train
+    from bptt.lm.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("inspect")
     data = root / "corpus.txt"

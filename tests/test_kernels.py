@@ -1,4 +1,4 @@
-"""The fused kernels (bptt.kernels) equal the reference loop (bptt.recurrence).
+"""The fused kernels (bptt.kernels) equal the reference loop (bptt.nn.recurrence).
 
 Every case runs the same layer twice, ``backend = "reference"`` and ``"fused"``,
 and compares outputs, final states, input and state gradients and every
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import bptt
-from bptt import kernels, recurrence
+from bptt import kernels
+from bptt.nn import recurrence
 
 pytest.importorskip("numba")
 

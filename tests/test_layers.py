@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bptt
-from bptt.gradcheck import gradcheck, rel_error
+from bptt.nn.gradcheck import gradcheck, rel_error
 
 LAYERS = {"rnn": bptt.RNN, "lstm": bptt.LSTM, "gru": bptt.GRU}
 
@@ -345,7 +345,8 @@ def test_linear_by_row_slices_equals_whole(dtype, monkeypatch):
     """Inside a step whose BLAS is held to one thread (a recurrent layer running in
     threads), Linear runs by slices of rows in two threads: same output and input
     gradient, and the weight and bias gradients summed over the slices."""
-    from bptt import kernels, ops
+    from bptt import kernels
+    from bptt.nn import ops
 
     pytest.importorskip("numba")
     rng = np.random.default_rng(5)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from bptt.gradcheck import gradcheck, rel_error
-from bptt.losses import cross_entropy, log_softmax, mse, softmax
+from bptt.nn.gradcheck import gradcheck, rel_error
+from bptt.nn.losses import cross_entropy, log_softmax, mse, softmax
 
 
 def _torch_ce(torch, logits, targets, ignore_index=-100, reduction="mean"):

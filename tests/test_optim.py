@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from bptt.gradcheck import rel_error
-from bptt.module import Module
-from bptt.optim import (
+from bptt.nn.gradcheck import rel_error
+from bptt.nn.module import Module
+from bptt.nn.optim import (
     SGD,
     Adagrad,
     Adam,

@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from bptt.data import DataError
-from bptt.gradcheck import gradcheck
-from bptt.losses import cross_entropy
-from bptt.models.seq2seq import Seq2Seq, Seq2SeqConfig, make_batch, train_step
-from bptt.seq2seq_cli import main as cli_main
-from bptt.tasks import EOS, AdditionTask, DatesTask, ReverseTask, TokenVocab, load_pairs
+from bptt.lm.data import DataError
+from bptt.nn.gradcheck import gradcheck
+from bptt.nn.losses import cross_entropy
+from bptt.seq2seq.model import Seq2Seq, Seq2SeqConfig, make_batch, train_step
+from bptt.seq2seq.app import main as cli_main
+from bptt.seq2seq.tasks import EOS, AdditionTask, DatesTask, ReverseTask, TokenVocab, load_pairs
 
 CONFIGS = [  # (cell, attention, bidirectional, layers, enc_hidden)
     ("lstm", "none", True, 2, 0),
@@ -215,7 +215,7 @@ def test_task_examples_are_correct_and_disjoint():
             else:
                 dt.date.fromisoformat(t)
     # the example says "saturday 9 may 2018", but 9 May 2018 was a Wednesday: weekdays are real
-    from bptt.tasks import _date_formats
+    from bptt.seq2seq.tasks import _date_formats
 
     want = {"wednesday 9 may 2018", "9/5/18", "May 9, 2018", "2018.05.09", "09 May 18"}
     assert want <= set(_date_formats(dt.date(2018, 5, 9)))

@@ -1,4 +1,4 @@
-"""The wavefront schedule (bptt.wavefront) and what runs on it: the layers' chunked
+"""The wavefront schedule (bptt.runtime.wavefront) and what runs on it: the layers' chunked
 forward and backward, and one-hot input given by index.
 
 Pipelined results must equal the layer-by-layer ones: the same arithmetic, only
@@ -13,8 +13,8 @@ import pytest
 
 import bptt
 from bptt import kernels
-from bptt.ops import scatter_add_rows
-from bptt.wavefront import run_wavefront
+from bptt.nn.ops import scatter_add_rows
+from bptt.runtime.wavefront import run_wavefront
 
 pytest.importorskip("numba")
 

@@ -5,12 +5,12 @@ constructor arguments, shapes and parameter names; every module has
 ``forward`` and a hand-written ``backward`` that accumulates into ``.grads``.
 """
 
-from bptt.cells import GRUCell, LSTMCell, RNNCell
-from bptt.gradcheck import GradcheckError, gradcheck, numerical_gradient, rel_error
-from bptt.layers import GRU, LSTM, RNN, Dropout, Embedding, Linear
-from bptt.losses import cross_entropy, log_softmax, mse, softmax
-from bptt.module import Module, StateDictError
-from bptt.optim import (
+from bptt.nn.cells import GRUCell, LSTMCell, RNNCell
+from bptt.nn.gradcheck import GradcheckError, gradcheck, numerical_gradient, rel_error
+from bptt.nn.rnn import GRU, LSTM, RNN, Dropout, Embedding, Linear
+from bptt.nn.losses import cross_entropy, log_softmax, mse, softmax
+from bptt.nn.module import Module, StateDictError
+from bptt.nn.optim import (
     SGD,
     Adagrad,
     Adam,

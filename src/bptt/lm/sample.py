@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bptt.data import DataError, Vocab, show_chars
-from bptt.losses import softmax
+from bptt.lm.data import DataError, Vocab, show_chars
+from bptt.nn.losses import softmax
 
 __all__ = ["next_char_distribution", "generate"]
 

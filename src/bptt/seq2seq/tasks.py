@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bptt.data import DataError
+from bptt.lm.data import DataError
 
 __all__ = [
     "PAD",

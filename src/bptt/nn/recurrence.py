@@ -10,7 +10,7 @@ over the input projection of every time step at once, ``gx = X W_ihᵀ + b_ih``
 products with ``W_ih`` (and the weight gradients of ``W_ih`` and ``W_hh``, one
 product each over all T·N rows) stay in the layer.  What happens in between,
 step after step, is here, written as a plain Python loop over the cells of
-:mod:`bptt.cells`.  :mod:`bptt.kernels` provides compiled versions of
+:mod:`bptt.nn.cells`.  :mod:`bptt.kernels` provides compiled versions of
 :func:`sequence_forward` / :func:`sequence_backward` with the same contract.
 
 Variable lengths use a mask ``m_t`` (N,) of 0/1 per step: a padded step keeps
@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bptt.cells import (
+from bptt.nn.cells import (
     gru_step_backward,
     gru_step_forward,
     lstm_step_backward,
@@ -56,7 +56,7 @@ class SequenceCache(NamedTuple):
     reverse: bool
     mask: np.ndarray | None  # (T, N) bool, None when every sequence is full length
     h_prev: np.ndarray  # (T, N, P) state entering step t: the rows of ∂L/∂W_hh = Σ dghᵀ h_prev
-    steps: list  # per-step caches of bptt.cells (the reference loop) or kernel arrays
+    steps: list  # per-step caches of bptt.nn.cells (the reference loop) or kernel arrays
 
 
 def _time_order(T: int, reverse: bool):

@@ -40,12 +40,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bptt.attention import ATTENTION_KINDS, Attention
-from bptt.cells import resolve_rng
-from bptt.layers import GRU, LSTM, RNN, Embedding, Linear
-from bptt.losses import cross_entropy, log_softmax
-from bptt.module import Module
-from bptt.tasks import BOS, EOS, PAD
+from bptt.nn.attention import ATTENTION_KINDS, Attention
+from bptt.nn.cells import resolve_rng
+from bptt.nn.rnn import GRU, LSTM, RNN, Embedding, Linear
+from bptt.nn.losses import cross_entropy, log_softmax
+from bptt.nn.module import Module
+from bptt.seq2seq.tasks import BOS, EOS, PAD
 
 __all__ = [
     "Seq2SeqConfig",

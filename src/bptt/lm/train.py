@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bptt import checkpoint as ckpt
-from bptt.data import (
+from bptt.lm.data import (
     DataError,
     TBPTTBatches,
     Vocab,
@@ -36,10 +36,10 @@ from bptt.data import (
     show_chars,
     split_corpus,
 )
-from bptt.introspect import hidden_stats
-from bptt.losses import cross_entropy
-from bptt.models.charlm import CharLM, CharLMConfig
-from bptt.optim import clip_grad_norm, clip_grad_value, make_optimizer, make_schedule
+from bptt.inspect.analyses import hidden_stats
+from bptt.nn.losses import cross_entropy
+from bptt.lm.model import CharLM, CharLMConfig
+from bptt.nn.optim import clip_grad_norm, clip_grad_value, make_optimizer, make_schedule
 
 __all__ = ["TrainConfig", "TrainingError", "train", "evaluate", "evaluate_text", "load_model"]
 
@@ -509,7 +509,7 @@ def _evaluate_and_save(run, val_batches, last_path, best_path, log_file, out_dir
         msg += f"val loss {val:.4f} nats/char ({val / math.log(2):.3f} bits/char)" + (" (best)" if improved else "")
     _print(bar, log, msg)
     if cfg.sample_length:
-        from bptt.sample import generate
+        from bptt.lm.sample import generate
 
         text = generate(model, run.vocab, cfg.sample_length, temperature=0.8, rng=np.random.default_rng(run.iteration))
         _print(bar, log, "sample: " + text.replace("\n", "\n        "))

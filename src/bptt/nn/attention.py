@@ -27,8 +27,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bptt.cells import resolve_rng, uniform_init
-from bptt.module import Module, as_float_array
+from bptt.nn.cells import resolve_rng, uniform_init
+from bptt.nn.module import Module, as_float_array
 
 __all__ = ["Attention", "ATTENTION_KINDS", "masked_softmax"]
 

@@ -1,8 +1,8 @@
-"""``bptt seq2seq train | translate | eval``: the command line of :mod:`bptt.models.seq2seq`.
+"""``bptt seq2seq train | translate | eval``: the command line of :mod:`bptt.seq2seq.model`.
 
 ``register(subparsers)`` adds the ``seq2seq`` command to an argparse parser;
 each handler takes the parsed ``args`` and returns an exit code.  User mistakes
-raise :class:`bptt.data.DataError` (a ValueError) with a one-line message.
+raise :class:`bptt.lm.data.DataError` (a ValueError) with a one-line message.
 
 A run directory (``--out``) holds ``model.safetensors`` (weights, optimizer
 state, and JSON meta: config, vocabularies, task or data, step, RNG), its JSON
@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from bptt.checkpoint import CheckpointError, load_checkpoint, restore_rng, rng_state, save_checkpoint
-from bptt.data import DataError
-from bptt.models.seq2seq import Seq2Seq, Seq2SeqConfig, make_batch, train_step
-from bptt.optim import clip_grad_norm, make_optimizer, make_schedule
-from bptt.tasks import TASKS, TokenVocab, detokenize, get_task, load_pairs, tokenize
+from bptt.lm.data import DataError
+from bptt.seq2seq.model import Seq2Seq, Seq2SeqConfig, make_batch, train_step
+from bptt.nn.optim import clip_grad_norm, make_optimizer, make_schedule
+from bptt.seq2seq.tasks import TASKS, TokenVocab, detokenize, get_task, load_pairs, tokenize
 
 __all__ = ["register", "cmd_train", "cmd_translate", "cmd_eval", "load_model", "evaluate", "SeqData"]
 
@@ -387,7 +387,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Stand-alone entry point (``python -m bptt.seq2seq_cli seq2seq ...``) until bptt.cli wires it."""
+    """Stand-alone entry point (``python -m bptt.seq2seq.app seq2seq ...``) until bptt.cli wires it."""
     parser = argparse.ArgumentParser(prog="bptt")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)

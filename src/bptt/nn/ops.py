@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bptt.wavefront import run_parallel  # one job runs in the calling thread: no pool, no overhead
+from bptt.runtime.wavefront import run_parallel  # one job runs in the calling thread: no pool, no overhead
 
 __all__ = [
     "affine_forward",
@@ -39,7 +39,7 @@ def _row_parts(rows):
     kernels = sys.modules.get("bptt.kernels")  # not imported: no such scope can be active
     if kernels is None or not kernels._OUTER_THREADS or rows < 2 * _MIN_ROWS_PER_THREAD:
         return [slice(0, rows)]
-    from bptt.wavefront import even_slices
+    from bptt.runtime.wavefront import even_slices
 
     return even_slices(rows, min(kernels.blas_threads(), rows // _MIN_ROWS_PER_THREAD))
 
@@ -95,7 +95,7 @@ def embedding_backward(dy, ids, dW):
 
 def scatter_add_rows(out, ids, rows):
     """out[ids[i]] += rows[i] for every i (repeated ids accumulate): ``np.add.at``, compiled."""
-    from bptt import kernels  # lazily: importing Numba is slow
+    from bptt import kernels# lazily: importing Numba is slow
 
     kernels.scatter_add_rows(out, ids, rows)
 

@@ -6,7 +6,7 @@ tests compare parameters against PyTorch to 1e-12 relative in float64.
 
 Notation in the docstrings (as in the PyTorch documentation): θ parameters,
 g_t the gradient at step t (t counts from 1), γ the learning rate, λ the weight
-decay.  Updates are in place: the parameter arrays of a :class:`~bptt.module.Module`
+decay.  Updates are in place: the parameter arrays of a :class:`~bptt.nn.module.Module`
 are the live storage, so the model sees the new values without any copying.
 
 Usage::
@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from bptt.module import Module
+from bptt.nn.module import Module
 
 __all__ = [
     "Optimizer",
@@ -56,7 +56,7 @@ class Optimizer:
     """Base class: holds ``(name, param, grad)`` triples and per-parameter state.
 
     Args:
-        params: a :class:`~bptt.module.Module`, or an iterable of
+        params: a :class:`~bptt.nn.module.Module`, or an iterable of
             ``(name, param, grad)`` triples (as yielded by ``Module.named_parameters()``).
             The arrays are kept by reference and updated in place.
         lr: learning rate; a public attribute, so a schedule may set it before each step.

@@ -1,12 +1,12 @@
-"""Compiled whole-sequence kernels: the time loop of :mod:`bptt.recurrence`, fused.
+"""Compiled whole-sequence kernels: the time loop of :mod:`bptt.nn.recurrence`, fused.
 
 Shape legend: T time steps, N batch, H hidden units, G = g·H stacked gate
 pre-activations (g = 1 RNN, 4 LSTM, 3 GRU), P the width of h (P = H unless an
 LSTM has a projection), D input features, s the step counter (s-th step run).
 
 ``sequence_impl(mode, dtype, required)`` returns ``(forward, backward)`` with the
-contract of :func:`bptt.recurrence.sequence_forward` /
-:func:`bptt.recurrence.sequence_backward`, or None (use the reference loop) when
+contract of :func:`bptt.nn.recurrence.sequence_forward` /
+:func:`bptt.nn.recurrence.sequence_backward`, or None (use the reference loop) when
 Numba is missing or fails to compile and ``required`` is False.
 
 How a step is computed
@@ -21,7 +21,7 @@ polynomial exp in float64, accurate to a few ulp), because a call to libm's
 
 The loop over a range of steps is one compiled function (``_forward_loop`` /
 ``_backward_loop``, driven by :class:`ForwardRun` / :class:`BackwardRun`, which
-run a layer a chunk of steps at a time for :mod:`bptt.wavefront`).  It does (1)
+run a layer a chunk of steps at a time for :mod:`bptt.runtime.wavefront`).  It does (1)
 in one of three ways, chosen by size (``_SMALL_MACS``, ``_ONE_THREAD_MACS``):
 
 * small steps (e.g. N = 1, H = 100): hand loops shaped as ``axpy`` over
@@ -55,7 +55,7 @@ order: the state entering step t is ``hs[t + rev]`` and the one leaving it is
 (T, N, P) rows of ∂L/∂W_hh that the layer reads — is the contiguous view
 ``hs[rev : T + rev]`` and is never copied.
 
-Masks (variable lengths), as in :mod:`bptt.recurrence`: a padded step keeps its
+Masks (variable lengths), as in :mod:`bptt.nn.recurrence`: a padded step keeps its
 state and outputs zero; backwards, the carried gradient passes it unchanged.
 """
 
@@ -95,7 +95,7 @@ _MODES = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 # for threads to pay.  Uses threadpoolctl (a dependency); BPTT_STEP_THREADS_MACS=0
 # turns the limit off.
 _ONE_THREAD_MACS = int(os.environ.get("BPTT_STEP_THREADS_MACS", 16_000_000))
-# Batches of at least twice this many rows run in slices, one thread each (bptt.layers.RNNBase._batch_parts),
+# Batches of at least twice this many rows run in slices, one thread each (bptt.nn.rnn.RNNBase._batch_parts),
 # when a step's product has fewer multiply-adds than _SPLIT_MAX_MACS; BPTT_SPLIT_MIN_ROWS=0 turns that off.
 # Above 12 M (measured at 13 M: LSTM 2×256 and RNN 2×512 at N = 50) the split gained at most 1.10× and
 # its extra memory (each slice's copy of a dense input, a second set of weight gradients) put the RNN
@@ -198,7 +198,7 @@ def single_thread_blas():
 
     Why bptt does this: OpenBLAS's idle worker threads busy-wait for a while
     (~0.1 s) after each multi-threaded product.  While bptt runs one thread
-    per layer (:mod:`bptt.wavefront`), a spinning worker takes a core from
+    per layer (:mod:`bptt.runtime.wavefront`), a spinning worker takes a core from
     them: measured 2.2 ms chunks taking 6-7 ms.  So every product of a
     wavefront step, and of a model step around it, is single-threaded.
     """
@@ -444,12 +444,12 @@ if numba is not None:
         return total
 
     # ======================================================================== optimizer steps
-    # The update formulas of bptt.optim in one pass over each parameter, where NumPy makes
+    # The update formulas of bptt.nn.optim in one pass over each parameter, where NumPy makes
     # 8 (RMSprop) or 11 (Adam) whole-array passes.  Scalars come in the parameter's dtype
     # (1 − α and 1 − β too), so float32 stays float32 as in NumPy.
     @njit(**_jit)
     def _rmsprop_step(p, g, sq, buf, lr, alpha, one_minus_alpha, eps, wd, momentum):
-        """RMSprop (bptt.optim.RMSprop, not centered) over flat arrays; buf is empty when μ = 0:
+        """RMSprop (bptt.nn.optim.RMSprop, not centered) over flat arrays; buf is empty when μ = 0:
 
             d = g + λθ    v ← αv + (1 − α)d²    s = d / (√v + ε)
             b ← μb + s, θ ← θ − γb   (μ > 0)      θ ← θ − γs   (μ = 0)
@@ -921,7 +921,7 @@ if numba is not None:
     # reads B untransposed: measured 44 against 58 µs for the 50×128 by 128×512
     # step product, 726 against 1019 µs at H = 512.  Calling BLAS from compiled code keeps the time
     # loop free of Python, and of the GIL, which matters when one thread per
-    # layer runs (bptt.wavefront).
+    # layer runs (bptt.runtime.wavefront).
     _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 
     @njit(inline="always", **_jit)
@@ -1055,7 +1055,7 @@ class ForwardRun:
     the caller may fill chunk by chunk: ``run.steps(t0, t1)`` needs gx[t0:t1]
     and runs times [t0, t1) (in reverse order for the reverse direction), after
     the chunks before them.  ``run.result()`` → ``(y, h_n, c_n, cache)`` as
-    :func:`sequence_forward`.  Chunks let :mod:`bptt.layers` start layer k+1 on
+    :func:`sequence_forward`.  Chunks let :mod:`bptt.nn.rnn` start layer k+1 on
     the first steps of layer k's output while layer k goes on.
     """
 
@@ -1138,7 +1138,7 @@ class ForwardRun:
 
 
 def sequence_forward(mode, gx, h0, c0, weights, mask=None, reverse=False):
-    """Fused :func:`bptt.recurrence.sequence_forward`: same arguments, same results."""
+    """Fused :func:`bptt.nn.recurrence.sequence_forward`: same arguments, same results."""
     dtype = np.asarray(gx).dtype
     gx, b_hh = _prepare(mode, gx, weights, dtype)
     run = ForwardRun(mode, h0, c0, weights._replace(b_hh=b_hh), gx, mask, reverse)
@@ -1231,7 +1231,7 @@ class BackwardRun:
 
 
 def sequence_backward(dy, dh_n, dc_n, cache: KernelCache, weights):
-    """Fused :func:`bptt.recurrence.sequence_backward`: same arguments, same results
+    """Fused :func:`bptt.nn.recurrence.sequence_backward`: same arguments, same results
     (the cache's gate buffer becomes dgx, so a cache serves one backward pass)."""
     dy = np.ascontiguousarray(dy, dtype=cache.gates.dtype)
     run = BackwardRun(dy, dh_n, dc_n, cache, weights)
@@ -1267,7 +1267,7 @@ def softmax_cross_entropy(z, y, grad, scale):
     """Σ_n −log softmax(z_n)_{y_n} (a float) over the rows of z (M, V), and with ``grad``
     (an (M, V) array, or None) grad_n = scale · (softmax(z_n) − onehot(y_n)); y (M,)
     integers in [0, V), checked by the caller.  None without Numba (the caller then
-    computes it with NumPy: :func:`bptt.losses.cross_entropy`).
+    computes it with NumPy: :func:`bptt.nn.losses.cross_entropy`).
 
     The compiled loop makes two passes over each row of logits (max; exponentials, sum
     and gradient) where NumPy makes about eight whole-array passes (max, subtract, exp,
@@ -1374,7 +1374,7 @@ _STATE: dict = {}  # (mode, dtype) -> None when ready, else the reason it is not
 
 def _warm_up(mode, dtype):
     """Compile (or load from Numba's on-disk cache) the kernels of one mode and dtype."""
-    from bptt.recurrence import Weights
+    from bptt.nn.recurrence import Weights
 
     rng = np.random.default_rng(0)
     g = 4 if mode == "lstm" else 3 if mode == "gru" else 1
@@ -1408,7 +1408,7 @@ def available(mode="lstm", dtype=np.float32) -> bool:
 def sequence_impl(mode, dtype, required=False):
     """``(sequence_forward, sequence_backward)`` for ``mode`` and ``dtype``, or None.
 
-    None means "use bptt.recurrence" (Numba missing or failing to compile); with
+    None means "use bptt.nn.recurrence" (Numba missing or failing to compile); with
     ``required=True`` that raises RuntimeError instead.
     """
     if available(mode, dtype):

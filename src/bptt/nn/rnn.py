@@ -9,11 +9,11 @@ G = g·H stacked gates (g = 1 RNN, 4 LSTM, 3 GRU), V vocabulary, E embedding siz
 A recurrent layer's forward, per layer k and direction d::
 
     gx = X_k W_ihᵀ + b_ih                      one matrix product for all T steps   (T, N, G)
-    y, h_n = the time loop over gx             bptt.recurrence (or the fused kernel)
+    y, h_n = the time loop over gx             bptt.nn.recurrence (or the fused kernel)
     X_{k+1} = dropout([y_forward, y_reverse])  features concatenated                 (T, N, K·P)
 
 (run chunk by chunk as a wavefront over the layers when there are cores to spare,
-see :mod:`bptt.wavefront`, or on slices of the batch, one thread each, see
+see :mod:`bptt.runtime.wavefront`, or on slices of the batch, one thread each, see
 ``RNNBase._batch_parts``), and its backward, the same read upwards::
 
     dgx, dgh, dh_0 = the time loop backwards
@@ -30,10 +30,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bptt import recurrence
-from bptt.cells import resolve_rng, uniform_init
-from bptt.module import Module, as_float_array
-from bptt.ops import (
+from bptt.nn import recurrence
+from bptt.nn.cells import resolve_rng, uniform_init
+from bptt.nn.module import Module, as_float_array
+from bptt.nn.ops import (
     affine_backward,
     affine_forward,
     dropout_mask,
@@ -172,7 +172,7 @@ class _Context(NamedTuple):
     batched: bool
     out_shape: tuple
     one_hot: bool  # the input was indices (see forward)
-    chunks: list  # [(t0, t1)]: the time chunks the forward ran in (bptt.wavefront)
+    chunks: list  # [(t0, t1)]: the time chunks the forward ran in (bptt.runtime.wavefront)
     threads: int
     parts: list  # [(batch slice, _Context of that slice)] when the batch ran split in threads, else []
 
@@ -187,7 +187,7 @@ def _run_slices(kernels, jobs):
     """Run one job per batch slice, each in a thread with one BLAS thread (see
     RNNBase._batch_parts) → (their results, and the first three fields of the
     results joined along the batch axis, None where the slices have None)."""
-    from bptt.wavefront import run_parallel
+    from bptt.runtime.wavefront import run_parallel
 
     with kernels.single_thread_blas():
         results = run_parallel(jobs)
@@ -198,7 +198,7 @@ def _run_slices(kernels, jobs):
 class _WholeSequence:
     """The run interface of :class:`bptt.kernels.ForwardRun` / ``BackwardRun``
     (``steps(t0, t1)``, ``result()``) over a function of the whole sequence:
-    the readable loops of :mod:`bptt.recurrence`, which run in one chunk."""
+    the readable loops of :mod:`bptt.nn.recurrence`, which run in one chunk."""
 
     def __init__(self, T, gx, compute):
         self.T, self.gx, self._compute, self._result = T, gx, compute, None
@@ -369,12 +369,12 @@ class RNNBase(Module):
         n = min(kernels.blas_threads(), N // kernels._SPLIT_MIN_ROWS)
         if n < 2:
             return whole
-        from bptt.wavefront import even_slices
+        from bptt.runtime.wavefront import even_slices
 
         return even_slices(N, n)
 
     def _schedule(self, T, N, kernels):
-        """Time chunks and threads for :func:`bptt.wavefront.run_wavefront`.
+        """Time chunks and threads for :func:`bptt.runtime.wavefront.run_wavefront`.
 
         One chunk and one thread (layer after layer) unless this is a
         unidirectional stack on the fused kernels' BLAS path and BLAS may use
@@ -539,7 +539,7 @@ class RNNBase(Module):
             if shifted(j) and k + 1 < L:
                 input_products(k + 1, t0, t1)
 
-        from bptt.wavefront import run_wavefront
+        from bptt.runtime.wavefront import run_wavefront
 
         with kernels.single_thread_blas() if threads > 1 else contextlib.nullcontext():
             run_wavefront(L, len(chunks), layer_chunk, threads)  # each layer's thread uses one BLAS thread
@@ -704,7 +704,7 @@ class RNNBase(Module):
             if free:
                 runs[k] = None
 
-        # Each layer's weight gradients are tail jobs (bptt.wavefront): a product per direction,
+        # Each layer's weight gradients are tail jobs (bptt.runtime.wavefront): a product per direction,
         # cut in two halves of gate rows when two threads run, so that a thread whose layer is
         # done takes halves of the others' (at 2×512 the bottom layer's 80 ms tail ran on one
         # core while the other waited).
@@ -731,7 +731,7 @@ class RNNBase(Module):
 
             return [functools.partial(job, d, rows) for d in range(K) for rows in parts]
 
-        from bptt.wavefront import run_wavefront
+        from bptt.runtime.wavefront import run_wavefront
 
         dh0 = np.zeros((L * K, N, P), self._dtype)
         dc0 = np.zeros((L * K, N, self.hidden_size), self._dtype) if self.mode == "lstm" else None

@@ -14,7 +14,7 @@ products, where the one-layer-at-a-time order would leave all but one core idle
 BLAS threads to pay).  The backward pass is the same picture upside down: layer
 k's gradient for chunk j comes from layer k+1's chunk j, read from the last chunk.
 
-The chunk tasks are supplied by the caller (:mod:`bptt.layers`); this module only
+The chunk tasks are supplied by the caller (:mod:`bptt.nn.rnn`); this module only
 orders them.  The numbers do not depend on the schedule: each task does the same
 arithmetic whichever thread runs it.
 """
@@ -45,7 +45,7 @@ def even_slices(n: int, parts: int) -> list[slice]:
 def run_parallel(jobs) -> list:
     """Call every zero-argument job at once, one thread each (the first in the calling
     thread), and return their results in order; the first exception is re-raised
-    after all have returned.  :mod:`bptt.layers` runs batch slices this way."""
+    after all have returned.  :mod:`bptt.nn.rnn` runs batch slices this way."""
     futures = [_pool().submit(job) for job in jobs[1:]]
     results, failed = [], []
     for job in [jobs[0]] + [f.result for f in futures]:

@@ -143,7 +143,7 @@ def cross_entropy(
         )
 
     if w is None and counted.all() and M:
-        from bptt import kernels  # lazily: importing Numba is slow
+        from bptt import kernels# lazily: importing Numba is slow
 
         denom = float(M) if reduction == "mean" else 1.0
         grad = np.empty_like(z2) if need_grad else None

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bptt.module import Module, as_float_array
+from bptt.nn.module import Module, as_float_array
 
 __all__ = [
     "sigmoid",

@@ -26,7 +26,7 @@ Three views, each an exact read-out of the hand-written forward and backward:
 forward's cache, for ``bptt train --log-hidden-stats K``.
 
 The per-step gate values are read from the caches of the readable reference
-loop (:mod:`bptt.recurrence`), so these functions switch the layer to
+loop (:mod:`bptt.nn.recurrence`), so these functions switch the layer to
 ``backend = "reference"`` while they run, whatever backend it normally uses.
 """
 
@@ -44,9 +44,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bptt.cells import gru_step_backward, lstm_step_backward, rnn_step_backward
-from bptt.data import DataError, Vocab, default_corpus, read_text, show_chars
-from bptt.losses import softmax
+from bptt.nn.cells import gru_step_backward, lstm_step_backward, rnn_step_backward
+from bptt.lm.data import DataError, Vocab, default_corpus, read_text, show_chars
+from bptt.nn.losses import softmax
 
 __all__ = [
     "register",
@@ -154,7 +154,7 @@ def state_gradients(model, ids, targets):
 
     The decoder turns that into ∂L/∂y_t^{(top)} = ∂L/∂z_t W_dec, nonzero at t = T
     only.  Then, per layer from the top, the time loop read backwards with the
-    cell backward functions, as :func:`bptt.recurrence.sequence_backward` does,
+    cell backward functions, as :func:`bptt.nn.recurrence.sequence_backward` does,
     but keeping the carried gradient of every step:
 
         ∂L/∂h_t = ∂L/∂y_t (from above) + dh_t (carried from step t+1)
@@ -678,7 +678,7 @@ def _encode_known(vocab: Vocab, text: str, what: str, model_name: str) -> np.nda
 
 
 def _load_checkpoint(path, dtype=None):
-    from bptt.train import load_model
+    from bptt.lm.train import load_model
 
     model, vocab, meta = load_model(path, dtype=dtype)
     c = model.config
@@ -705,7 +705,7 @@ def _decay_per_step(norms, d0: int = 5) -> float:
 
 
 def cmd_gradients(args) -> int:
-    from bptt.models.charlm import CharLM, CharLMConfig
+    from bptt.lm.model import CharLM, CharLMConfig
     from bptt.viz import plot_gradient_flow
 
     if not args.checkpoints and not args.model:

@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from bptt.cells import resolve_rng
-from bptt.layers import GRU, LSTM, RNN, Dropout, Embedding, Linear
-from bptt.losses import cross_entropy
-from bptt.module import Module
+from bptt.nn.cells import resolve_rng
+from bptt.nn.rnn import GRU, LSTM, RNN, Dropout, Embedding, Linear
+from bptt.nn.losses import cross_entropy
+from bptt.nn.module import Module
 
 __all__ = ["CharLMConfig", "CharLM"]
 
@@ -128,7 +128,7 @@ class CharLM(Module):
     def blas_scope(self, T, N):
         """Run each training or evaluation step on a (T, N) batch inside this context
         (single-threaded BLAS when the recurrent layers run as a wavefront; see
-        :meth:`bptt.layers.RNNBase.blas_scope`)."""
+        :meth:`bptt.nn.rnn.RNNBase.blas_scope`)."""
         return self.rnn.blas_scope(T, N)
 
     def forward(self, ids, state=None):

@@ -50,7 +50,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from bptt import __version__
-    from bptt.train import TrainConfig
+    from bptt.lm.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="bptt", description="Recurrent networks with hand-derived backpropagation through time.")
     parser.add_argument("--version", action="version", version=f"bptt {__version__}")
@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_eval)
 
-    from bptt import introspect, seq2seq_cli
+    from bptt.inspect import analyses as introspect
+    from bptt.seq2seq import app as seq2seq_cli
 
     seq2seq_cli.register(sub)
     introspect.register(sub)
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from bptt.train import TrainConfig, train
+    from bptt.lm.train import TrainConfig, train
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
     cfg = TrainConfig(**given)
@@ -101,8 +102,8 @@ def cmd_train(args) -> int:
 def cmd_sample(args) -> int:
     import numpy as np
 
-    from bptt.sample import generate
-    from bptt.train import load_model
+    from bptt.lm.sample import generate
+    from bptt.lm.train import load_model
 
     model, vocab, _ = load_model(args.checkpoint)
     rng = np.random.default_rng(args.seed)
@@ -118,8 +119,8 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from bptt.data import read_text
-    from bptt.train import evaluate_text, load_model
+    from bptt.lm.data import read_text
+    from bptt.lm.train import evaluate_text, load_model
 
     model, vocab, _ = load_model(args.checkpoint)
     text = read_text(args.data, args.encoding)
@@ -128,7 +129,7 @@ def cmd_eval(args) -> int:
         print(json.dumps(result))
     else:
         if result["unknown_chars"]:
-            from bptt.data import show_chars
+            from bptt.lm.data import show_chars
 
             print(f"note: {result['unknown_count']} characters outside the vocabulary were left out: "
                   f"{show_chars(result['unknown_chars'])}", file=sys.stderr)
@@ -142,9 +143,9 @@ def cmd_eval(args) -> int:
 
 def main(argv=None) -> int:
     from bptt.checkpoint import CheckpointError
-    from bptt.data import DataError
-    from bptt.module import StateDictError
-    from bptt.train import TrainingError
+    from bptt.lm.data import DataError
+    from bptt.nn.module import StateDictError
+    from bptt.lm.train import TrainingError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,0 +1,5 @@
+import sys
+
+from bptt.cli import main
+
+sys.exit(main())
