@@ -7,7 +7,8 @@ constructor arguments, shapes and parameter names; every module has
 
 from bptt.nn.cells import GRUCell, LSTMCell, RNNCell
 from bptt.nn.gradcheck import GradcheckError, gradcheck, numerical_gradient, rel_error
-from bptt.nn.rnn import GRU, LSTM, RNN, Dropout, Embedding, Linear
+from bptt.nn.layers import Dropout, Embedding, Linear
+from bptt.nn.rnn import GRU, LSTM, RNN
 from bptt.nn.losses import cross_entropy, log_softmax, mse, softmax
 from bptt.nn.module import Module, StateDictError
 from bptt.nn.optim import (

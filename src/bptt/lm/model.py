@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from bptt.nn.cells import resolve_rng
-from bptt.nn.rnn import GRU, LSTM, RNN, Dropout, Embedding, Linear
+from bptt.nn.layers import Dropout, Embedding, Linear
+from bptt.nn.rnn import GRU, LSTM, RNN
 from bptt.nn.losses import cross_entropy
 from bptt.nn.module import Module
 

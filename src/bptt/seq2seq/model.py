@@ -42,7 +42,8 @@ import numpy as np
 
 from bptt.nn.attention import ATTENTION_KINDS, Attention
 from bptt.nn.cells import resolve_rng
-from bptt.nn.rnn import GRU, LSTM, RNN, Embedding, Linear
+from bptt.nn.layers import Embedding, Linear
+from bptt.nn.rnn import GRU, LSTM, RNN
 from bptt.nn.losses import cross_entropy, log_softmax
 from bptt.nn.module import Module
 from bptt.seq2seq.tasks import BOS, EOS, PAD
