@@ -693,6 +693,25 @@ class RNNBase(Module):
         return _WholeSequence(dy_k.shape[0], None, lambda: recurrence.sequence_backward(*args))
 
     # ------------------------------------------------------------------ stateful stepping
+    def hidden_state_stats(self) -> dict[str, float]:
+        """Mean and variance of h per layer over the last forward, read from its cache (no extra work).
+
+        Uses each direction's ``h_prev`` (T, N, P), the states h_{t−1} entering the T steps (the
+        carried state and the first T−1 outputs), which every backend keeps for ∂L/∂W_hh and which
+        is taken before inter-layer dropout.  Returns {"h_mean_l0": …, "h_var_l0": …, "h_mean_l1": …}.
+        """
+        ctx = self._ctx
+        if ctx is None:
+            raise ValueError("hidden_state_stats needs a forward pass first (the layer has no cache)")
+        out = {}
+        parts = [sub for _, sub in ctx.parts] or [ctx]  # batch slices run in threads: their rows, in order
+        for k in range(len(parts[0].layers)):
+            h = np.concatenate([np.concatenate([d.h_prev for d in p.layers[k].directions], axis=-1) for p in parts],
+                               axis=1)
+            out[f"h_mean_l{k}"] = float(h.mean())
+            out[f"h_var_l{k}"] = float(h.var())
+        return out
+
     def reset_state(self):
         """Forget the state kept by :meth:`step`."""
         self.state = None
