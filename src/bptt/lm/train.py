@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from bptt import checkpoint as ckpt
+from bptt.config import check_fields
 from bptt.lm.data import DataError, TBPTTBatches, Vocab, default_corpus, encode_file, encode_text, show_chars, split_corpus
 from bptt.lm.evaluate import evaluate
 from bptt.lm.model import CHECKPOINT_KIND, CharLM, CharLMConfig, load_model
@@ -86,19 +87,11 @@ class TrainConfig:
                             self.init, self.forget_bias, self.dtype).validate()
 
     def validate(self) -> TrainConfig:
-        problems = []
-        for name in ("seq_len", "batch_size", "eval_every", "log_every"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_iters", "eval_windows", "warmup_iters", "sample_length", "lr_decay_after", "log_hidden_stats"):
-            if getattr(self, name) < 0:
-                problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "grad_clip", "max_epochs", "max_time", "weight_decay", "momentum", "min_lr"):
-            v = getattr(self, name)
-            if not math.isfinite(v) or v < 0:
-                problems.append(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
-        if self.lr == 0:
-            problems.append("--lr must be > 0")
+        problems = check_fields(
+            self, positive_ints=("seq_len", "batch_size", "eval_every", "log_every"),
+            nonneg_ints=("max_iters", "eval_windows", "warmup_iters", "sample_length", "lr_decay_after", "log_hidden_stats"),
+            positive_floats=("lr",),
+            nonneg_floats=("grad_clip", "max_epochs", "max_time", "weight_decay", "momentum", "min_lr"))
         if not 0 < self.alpha < 1:
             problems.append(f"--alpha must be in (0, 1), got {self.alpha}")
         if not 0 < self.lr_decay <= 1:
@@ -123,7 +116,7 @@ def load_corpus(cfg: TrainConfig, out_dir: Path, vocab: Vocab | None, log):
         text, description = default_corpus()
         log(f"corpus: built-in default, {description}")
         vocab = vocab or Vocab(text)
-        _check_known(vocab, text, "the built-in corpus")
+        vocab.require_known(text, "the built-in corpus")
         return encode_text(text, vocab), vocab
     corpus_vocab, ids = encode_file(cfg.data, out_dir / "corpus.npy", encoding=cfg.encoding)
     log(f"corpus: {cfg.data}, {len(ids):,} characters, {len(corpus_vocab)} distinct")
@@ -136,12 +129,6 @@ def load_corpus(cfg: TrainConfig, out_dir: Path, vocab: Vocab | None, log):
         raise DataError(f"{cfg.data} has characters the checkpoint's vocabulary lacks: {show_chars(missing)}")
     remap = vocab.encode("".join(corpus_vocab.chars)).astype(vocab.dtype)
     return remap[np.asarray(ids)], vocab  # same characters, different ids: translate (in memory)
-
-
-def _check_known(vocab: Vocab, text: str, what: str):
-    unknown = vocab.unknown(text)
-    if unknown:
-        raise DataError(f"{what} has characters outside the model's vocabulary: {show_chars(unknown)}")
 
 
 # ============================================================================ the job the loop runs

@@ -11,7 +11,6 @@ sidecar ``model.json``, ``log.jsonl`` and ``loss.png``.
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from bptt import checkpoint as ckpt
+from bptt.config import check_fields
 from bptt.lm.data import DataError
 from bptt.nn.optim import OPTIMIZERS, make_optimizer, make_schedule
 from bptt.seq2seq.data import SeqData
@@ -69,20 +69,10 @@ class Seq2SeqTrainConfig:
             problems.append("give --task (dates, addition, reverse) or --data FILE.tsv")
         if self.task is not None and self.data is not None:
             problems.append("give either --task or --data, not both")
-        for name in ("hidden", "layers", "embedding", "batch_size", "max_steps", "eval_every", "log_every"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            problems.append(f"--lr must be a finite number > 0, got {self.lr}")
-        for name in ("clip", "max_time"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                problems.append(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(self, name)}")
-        if self.eval_size < 0:
-            problems.append(f"--eval-size must be >= 0, got {self.eval_size}")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"--dropout must be in [0, 1), got {self.dropout}")
-        if not 0.0 <= self.teacher_forcing <= 1.0:
-            problems.append(f"--teacher-forcing must be in [0, 1], got {self.teacher_forcing}")
+        problems += check_fields(
+            self, positive_ints=("hidden", "layers", "embedding", "batch_size", "max_steps", "eval_every", "log_every"),
+            nonneg_ints=("eval_size",), positive_floats=("lr",), nonneg_floats=("clip", "max_time"),
+            rates=("dropout",), probabilities=("teacher_forcing",))
         if problems:
             raise DataError("; ".join(problems))
         return self
