@@ -122,7 +122,7 @@ class CharLM(Module):
         inp = f"embedding {c.embedding}" if c.embedding else "one-hot"
         return f"{c.model} {c.layers}x{c.hidden}, V={c.vocab_size}, {inp}, dropout={c.dropout}"
 
-    def _inputs(self, ids):
+    def inputs(self, ids):
         """The recurrent layer's input: embeddings, or one-hot vectors (T, N, V) built explicitly."""
         if self.embed is not None:
             return self.embed(ids)
@@ -173,7 +173,7 @@ class CharLM(Module):
     def step(self, ids):
         """One character per stream: ids (N,) → logits (N, V); the state is kept until reset."""
         ids = np.asarray(ids).reshape(-1)
-        h = self.rnn.step(self._inputs(ids))  # (N, H)
+        h = self.rnn.step(self.inputs(ids))  # (N, H)
         return self.decoder(h)
 
 

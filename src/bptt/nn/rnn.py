@@ -693,6 +693,22 @@ class RNNBase(Module):
         return _WholeSequence(dy_k.shape[0], None, lambda: recurrence.sequence_backward(*args))
 
     # ------------------------------------------------------------------ stateful stepping
+    def layer_weights(self, k: int, d: int = 0):
+        """(W_ih (G, D_k), b_ih, W_hh (G, P), b_hh, W_hr (P, H) or None) of layer ``k``, direction ``d``:
+        the live parameter arrays, as :mod:`bptt.nn.recurrence` and the analyses read them."""
+        return self._direction_params(k, d)
+
+    def last_forward_caches(self) -> list:
+        """The caches of the last forward, per layer: ``(x, [SequenceCache per direction])`` with x the
+        layer's input (T, N, D_k).  Per-step values (gates, states) are in the caches of the reference
+        backend (``layer.backend = "reference"``); a forward run in batch slices has none to offer."""
+        ctx = self._ctx
+        if ctx is None:
+            raise ValueError("no forward pass to read (the layer has no cache)")
+        if ctx.parts:
+            raise ValueError("the last forward ran in batch slices; run it with the reference backend")
+        return [(layer.x, list(layer.directions)) for layer in ctx.layers]
+
     def hidden_state_stats(self) -> dict[str, float]:
         """Mean and variance of h per layer over the last forward, read from its cache (no extra work).
 
