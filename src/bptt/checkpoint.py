@@ -35,6 +35,8 @@ __all__ = [
     "sidecar_path",
     "rng_state",
     "restore_rng",
+    "upgrade_meta",
+    "load_checkpoint_of_kind",
 ]
 
 #: Version of the layout above; bump it when an old reader could misread a new file.
@@ -308,3 +310,27 @@ def restore_rng(state: Mapping) -> np.random.Generator:
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"invalid RNG state in checkpoint for {name}: {e}") from None
     return np.random.Generator(bit_gen)
+
+
+# ---------------------------------------------------------------------------- one metadata schema
+# bptt.trainer writes one schema for every kind (kind, step, config, train, optimizer, best, eval,
+# first_loss, + the job's keys).  Character-LM checkpoints written before it named three of those
+# differently; seq2seq checkpoints already used step/config/train.
+_OLD_CHARLM_KEYS = {"iteration": "step", "model_config": "config", "train_config": "train", "best_val": "best"}
+
+
+def upgrade_meta(meta: Mapping) -> dict:
+    """``meta`` in the current schema: old character-LM keys renamed, nothing else changed."""
+    out = dict(meta)
+    for old, new in _OLD_CHARLM_KEYS.items():
+        if old in out and new not in out:
+            out[new] = out.pop(old)
+    return out
+
+
+def load_checkpoint_of_kind(path: str | os.PathLike, kind: str, what: str) -> tuple[dict, dict]:
+    """(tensors, meta in the current schema) of a checkpoint, which must be of ``kind`` (``what``: for the message)."""
+    tensors, meta = load_checkpoint(path)
+    if meta.get("kind") != kind:
+        raise CheckpointError(f"{path} holds a {meta.get('kind')!r} model, not {what}")
+    return tensors, upgrade_meta(meta)

@@ -12,11 +12,13 @@ import zlib
 import numpy as np
 import pytest
 
+from conftest import require_numba
+
 import bptt
 from bptt import kernels
 from bptt.nn import recurrence
 
-pytest.importorskip("numba")
+require_numba()
 
 TOL = {np.float64: 1e-12, np.float32: 1e-5}
 

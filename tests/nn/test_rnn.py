@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import require_torch
+from conftest import require_numba, require_torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -348,7 +348,7 @@ def test_linear_by_row_slices_equals_whole(dtype, monkeypatch):
     from bptt import kernels
     from bptt.nn import ops
 
-    pytest.importorskip("numba")
+    require_numba()
     rng = np.random.default_rng(5)
     x = rng.standard_normal((40, 50, 16)).astype(dtype)  # 2,000 rows: two slices of 1,000
     dy = rng.standard_normal((40, 50, 9)).astype(dtype)
