@@ -3,7 +3,8 @@
     for step in start .. max_steps (or until --max-time):
         optimizer.lr = schedule(step)
         loss = job.forward_backward(step)       forward, loss, backward: gradients in model.grads
-        world.allreduce_grads(model)            data parallel only (bptt.dist); one process: nothing
+        world.allreduce_grads(model, w_r)       data parallel only (bptt.dist): g = Σ_r w_r g_r, and in the
+                                                same Allreduce the global loss and the ranks' stop requests
         clip(model); optimizer.step()
         every log_every steps: a train record in log.jsonl, the progress bar's postfix
         every eval_every steps and at the end: job.evaluate(), checkpoint (last, and best when the
@@ -13,6 +14,14 @@ An application supplies a *job* (:class:`Job`): its model, optimizer and schedul
 step's loss and gradients, how to evaluate, and what its checkpoints hold besides what every
 checkpoint holds.  The loop owns everything else, once: the stopping rules, the loss guards (NaN,
 explosion), clipping, logging, the progress bar, checkpoints and their schema, Ctrl-C.
+
+Data parallel (``world`` a :class:`bptt.dist.MPIWorld`, under ``mpiexec``): the job computes the loss
+and gradients of its rank's shard of the global batch and says what share ``weight`` = w_r of the
+global mean they are; the loop sums w_r·g_r over ranks (one Allreduce, before clipping), and every
+rank takes the same optimizer step.  Every decision that could split the ranks is made on reduced or
+broadcast values: the loss guards, "best", the time limit and Ctrl-C (noted by a signal handler, acted
+on after the step in which any rank saw it).  Rank 0 alone writes log.jsonl, checkpoints and plots and
+shows the progress bar; the job's checkpoint hooks run on every rank (they may gather state).
 
 Checkpoint metadata (one schema for every kind; :func:`bptt.checkpoint.upgrade_meta` reads old ones)::
 
@@ -36,10 +45,12 @@ import json
 import math
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from bptt import checkpoint as ckpt
+from bptt.dist import mark_all_ranks
 from bptt.nn.optim import clip_grad_norm, clip_grad_value
 
 __all__ = ["Job", "StepResult", "LoopConfig", "Trainer", "TrainingError"]
@@ -53,6 +64,7 @@ class StepResult(NamedTuple):
     loss: float  # mean loss of the step (what the gradient is the gradient of)
     items: int  # predicted items (characters, tokens) the loss averages over
     stats: dict | None = None  # extra fields for this step's log record (e.g. hidden-state statistics)
+    weight: float = 1.0  # data parallel: this rank's share w_r of the global mean (items_r / global items)
 
 
 class Job(Protocol):
@@ -100,6 +112,10 @@ class Trainer:
         self.job, self.cfg, self.train_config = job, cfg, train_config
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.world = world  # bptt.dist world for data parallel; None: one process
+        self.distributed = world is not None and world.size > 1
+        if not self.is_main:
+            self.log = lambda msg: None  # rank 0 speaks for all
+        self._stop: str | None = None  # data parallel: a stop every rank agreed on in the last reduction
         self.step = 0
         self.best = None
         self.first_loss = None
@@ -131,10 +147,11 @@ class Trainer:
         self.last_eval = meta.get("eval")
 
     def save(self, path: Path) -> None:
+        job_tensors, job_meta = self.job.checkpoint_tensors(), self.job.checkpoint_meta()  # every rank: may gather
         if not self.is_main:
             return
         arrays, opt_meta = self.job.optimizer.state_dict()
-        tensors = {"model": self.job.model.state_dict(), "optim": arrays, **self.job.checkpoint_tensors()}
+        tensors = {"model": self.job.model.state_dict(), "optim": arrays, **job_tensors}
         meta = {
             "kind": self.job.kind,
             "step": self.step,
@@ -145,7 +162,7 @@ class Trainer:
             "metric": self.job.metric,
             "eval": self.last_eval,
             "first_loss": self.first_loss,
-            **self.job.checkpoint_meta(),
+            **job_meta,
             "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         ckpt.save_checkpoint(path, tensors, meta)
@@ -162,9 +179,12 @@ class Trainer:
         stop_reason = "finished"
         window = _Window(time.time())
         model.train()
+        signals = ExitStack()
+        if self.distributed:
+            signals.enter_context(self.world.interrupts_as_flag())
         try:
             while self.step < cfg.max_steps:
-                if time.time() >= deadline:
+                if (self._stop == "time limit") if self.distributed else time.time() >= deadline:
                     stop_reason = "time limit"
                     if self.saved_at.get(self.last_path) != self.step:  # steps since the last evaluation:
                         self._evaluate_and_save(log_file, start)  # evaluate them too (best, sample)
@@ -172,9 +192,9 @@ class Trainer:
                 optimizer.lr = job.schedule(self.step)
                 optimizer.zero_grad()
                 result = job.forward_backward(self.step)
-                self._check_loss(result.loss)
                 if self.world is not None:
-                    self.world.allreduce_grads(model)
+                    result = self._reduce(result, deadline)
+                self._check_loss(result.loss)
                 if cfg.grad_clip:
                     (clip_grad_norm if cfg.clip_mode == "norm" else clip_grad_value)(model, cfg.grad_clip)
                 optimizer.step()
@@ -190,9 +210,14 @@ class Trainer:
                 if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                     self._evaluate_and_save(log_file, start)
                     window.start = time.time()  # items per second count training time only
+                if self._stop == "interrupted":
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
             stop_reason = "interrupted"
+        except TrainingError as e:
+            raise mark_all_ranks(e) if self.distributed else e  # decided on reduced values: every rank has it
         finally:
+            signals.close()
             if self.bar is not None:
                 self.bar.close()
             if log_file:
@@ -205,8 +230,17 @@ class Trainer:
         summary = {"steps": self.step, "best": self.best, "metric": job.metric, "stop_reason": stop_reason,
                    "minutes": (time.time() - start) / 60, "out": str(cfg.out_dir), "eval": self.last_eval}
         if stop_reason == "interrupted":
-            raise KeyboardInterrupt
+            raise mark_all_ranks(KeyboardInterrupt()) if self.distributed else KeyboardInterrupt
         return summary
+
+    def _reduce(self, result: StepResult, deadline: float) -> StepResult:
+        """g ← Σ_r w_r g_r, and in the same Allreduce: the global mean loss Σ_r w_r·loss_r, the items,
+        and whether any rank was interrupted or reached the time limit (so all stop at the same step)."""
+        interrupted = float(bool(getattr(self.world, "interrupted", False)))
+        extra = (result.weight * result.loss, result.items, interrupted, float(time.time() >= deadline))
+        loss, items, interrupted, time_up = self.world.allreduce_grads(self.job.model, result.weight, extra)
+        self._stop = "interrupted" if interrupted else "time limit" if time_up else None
+        return StepResult(float(loss), int(round(items)), result.stats)
 
     def _check_loss(self, loss: float) -> None:
         if not math.isfinite(loss):
@@ -232,7 +266,9 @@ class Trainer:
 
     def _evaluate_and_save(self, log_file, start) -> None:
         job = self.job
-        result = job.evaluate()
+        result = job.evaluate()  # data parallel: the job reduces its shards' results
+        if self.distributed:
+            result = self.world.broadcast_object(result)  # identical decisions (best, NaN) on every rank
         value = result.get(job.metric)
         if value is not None and not math.isfinite(value):
             raise TrainingError(f"validation {job.metric} is {value} at step {self.step}; stopping "

@@ -47,14 +47,19 @@ def main(argv=None) -> int:
     try:
         return args.func(args) or 0
     except TrainingError as e:
-        print(f"bptt: {e}", file=sys.stderr)
-        return 1
+        return _fail(f"bptt: {e}", 1, e)
     except (DataError, CheckpointError, StateDictError, ValueError, FileNotFoundError) as e:
-        print(f"bptt: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bptt: interrupted", file=sys.stderr)
-        return 130
+        return _fail(f"bptt: error: {e}", 2, e)
+    except KeyboardInterrupt as e:
+        return _fail("bptt: interrupted", 130, e)
     except BrokenPipeError:  # `bptt sample ... | head`: the reader is gone, which is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
+
+
+def _fail(line: str, code: int, error: BaseException) -> int:
+    """Print the one line (once, under mpiexec: see bptt.dist.report_failure) and return the exit status."""
+    from bptt.dist import report_failure
+
+    report_failure(line, code, error)
+    return code

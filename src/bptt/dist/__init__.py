@@ -28,10 +28,13 @@ from bptt.dist.world import (
     World,
     current_world,
     launch_info,
+    mark_all_ranks,
+    raised_on_all_ranks,
+    report_failure,
     shard_sizes,
 )
 
 __all__ = [
     "DistError", "World", "SingleProcess", "MPIWorld", "current_world", "launch_info", "shard_sizes",
-    "INSTALL_HINT", "node_cores", "thread_budget",
+    "INSTALL_HINT", "node_cores", "thread_budget", "mark_all_ranks", "raised_on_all_ranks", "report_failure",
 ]

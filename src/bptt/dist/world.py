@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import atexit
 import os
+import pickle
+import signal
 import sys
 import threading
 import time
@@ -56,6 +58,9 @@ __all__ = [
     "launch_info",
     "shard_sizes",
     "INSTALL_HINT",
+    "mark_all_ranks",
+    "raised_on_all_ranks",
+    "report_failure",
 ]
 
 INSTALL_HINT = 'pip install "bptt[mpi]"'
@@ -72,7 +77,7 @@ _LAUNCHER_VARS = (
 DEFAULT_TIMEOUT = 600.0  # seconds one collective may wait before the job is aborted (BPTT_MPI_TIMEOUT)
 
 
-class DistError(RuntimeError):
+class DistError(ValueError):
     """The distributed setup cannot work (mpi4py missing under mpiexec, a batch too small to share...)."""
 
 
@@ -88,11 +93,15 @@ def launch_info(environ: Mapping[str, str] | None = None) -> tuple[int, int] | N
     return None
 
 
-def shard_sizes(n: int, size: int) -> list[int]:
-    """Rows per rank for a global batch of ``n``: as even as possible, the first ``n mod size`` ranks one more."""
+def shard_sizes(n: int, size: int, allow_empty: bool = False) -> list[int]:
+    """Rows per rank for a global batch of ``n``: as even as possible, the first ``n mod size`` ranks one more.
+
+    A batch smaller than the world is an error (a rank would have nothing to train on) unless
+    ``allow_empty`` (evaluation sets, the short last batch of an epoch: those ranks weigh 0).
+    """
     if size < 1:
         raise ValueError(f"world size must be >= 1, got {size}")
-    if n < size:
+    if n < size and not allow_empty:
         raise DistError(f"a batch of {n} rows cannot be shared by {size} ranks: use a batch of at least {size} "
                         "(--batch-size is the global batch) or fewer ranks")
     q, r = divmod(n, size)
@@ -130,9 +139,9 @@ class World:
         return self.size > 1
 
     # ---------------------------------------------------------------- sharding
-    def shard(self, n: int) -> slice:
+    def shard(self, n: int, allow_empty: bool = False) -> slice:
         """This rank's rows of a global batch of ``n`` rows (contiguous; see :func:`shard_sizes`)."""
-        sizes = shard_sizes(n, self.size)
+        sizes = shard_sizes(n, self.size, allow_empty)
         start = sum(sizes[: self.rank])
         return slice(start, start + sizes[self.rank])
 
@@ -140,9 +149,43 @@ class World:
         """w_r = n_r / n: the factor that turns this rank's mean gradient into its share of the global mean."""
         return shard_sizes(n, self.size)[self.rank] / n
 
+    # ---------------------------------------------------------------- agreeing on failures
+    def agree(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on every rank; if it raised on any rank, every rank raises the first one.
+
+        For setup code (arguments, files, checkpoints) that each rank runs on its
+        own: either all ranks go on, or all stop at the same point with the same
+        error, which :func:`report_failure` then prints once (rank 0).
+        """
+        try:
+            result, error = fn(*args, **kwargs), None
+        except Exception as e:  # noqa: BLE001 - handed to every rank, then re-raised
+            result, error = None, e
+        first = self._first_exception(error)
+        if first is not None:
+            raise mark_all_ranks(first)
+        return result
+
+    def _first_exception(self, error):
+        return error
+
+    @contextmanager
+    def interrupts_as_flag(self):
+        """Inside: Ctrl-C sets ``self.interrupted`` instead of raising (data parallel: the ranks must stop
+        at the same step, which they agree on through the step's reduction).  One process: unchanged."""
+        yield
+
     # ---------------------------------------------------------------- collectives
-    def allreduce_grads(self, model, weight: float = 1.0) -> None:
-        """Every gradient of ``model`` ← Σ_ranks weight·gradient, in place."""
+    def allreduce_grads(self, model, weight: float = 1.0, extra=None):
+        """Every gradient of ``model`` ← Σ_ranks weight·gradient, in place.
+
+        ``extra``: a few floats summed over ranks in the same call (the step's
+        weighted loss, its item count, a stop flag); returned as a float64 array.
+        """
+        raise NotImplementedError
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
         raise NotImplementedError
 
     def allreduce_sum(self, values):
@@ -191,10 +234,11 @@ class SingleProcess(World):
         self.hosts = self.rank_hosts = (socket.gethostname(),)
         self.threads = 0  # not managed: bptt's own defaults apply
 
-    def allreduce_grads(self, model, weight: float = 1.0) -> None:
+    def allreduce_grads(self, model, weight: float = 1.0, extra=None):
         if weight != 1.0:
             for _, _, g in _params_of(model):
                 g *= weight
+        return None if extra is None else np.asarray(extra, dtype=np.float64).copy()
 
     def allreduce_sum(self, values):
         if isinstance(values, np.ndarray):
@@ -208,6 +252,9 @@ class SingleProcess(World):
 
     def broadcast_object(self, obj):
         return obj
+
+    def gather(self, obj) -> list:
+        return [obj]
 
     def first_error(self, message):
         return message
@@ -233,7 +280,14 @@ class _FlatLayout:
         self.offsets = np.cumsum([0] + [a.size for _, a in named_arrays]).tolist()
         dtypes = {a.dtype for _, a in named_arrays}
         self.dtype = np.result_type(*dtypes) if dtypes else np.dtype(np.float64)
-        self.buffer = np.empty(self.offsets[-1], self.dtype)
+        self._storage = np.empty(self.offsets[-1] + 8, self.dtype)  # + room for a few extra values
+        self.buffer = self._storage[: self.offsets[-1]]
+
+    def with_tail(self, k: int) -> np.ndarray:
+        """The buffer followed by ``k`` more slots (k ≤ 8), one contiguous array."""
+        if k > 8:
+            raise ValueError(f"at most 8 extra values ride with the gradients, got {k}")
+        return self._storage[: self.offsets[-1] + k]
 
     def signature(self) -> str:
         return f"{self.dtype}|" + ";".join(f"{n}{tuple(s)}" for n, s in zip(self.names, self.shapes))
@@ -341,12 +395,14 @@ class MPIWorld(World):
             time.sleep(0.01)
 
     # ---------------------------------------------------------------- collectives
-    def allreduce_grads(self, model, weight: float = 1.0) -> None:
+    def allreduce_grads(self, model, weight: float = 1.0, extra=None):
         """g ← Σ_ranks weight·g for every gradient: one in-place ``Allreduce`` of one flat buffer.
 
         The buffer's layout (an offset per parameter, in ``named_parameters()``
         order) is built on the first call, after checking that every rank has
-        the same parameter names and shapes; later calls reuse it.
+        the same parameter names and shapes; later calls reuse it.  ``extra``
+        floats ride at the end of the same buffer (in the gradients' dtype: a
+        float32 model sums its losses in float32).
         """
         triples = _params_of(model)
         named = [(n, g) for n, _, g in triples]
@@ -356,10 +412,15 @@ class MPIWorld(World):
             self._check_same(layout.signature(), "parameters")
             self._grad_layout = layout
         grads = [g for _, g in named]
-        buf = layout.pack(grads, weight)
+        layout.pack(grads, weight)
+        k = 0 if extra is None else len(extra)
+        buf = layout.with_tail(k)
+        if k:
+            buf[-k:] = extra
         with self._collective("allreduce_grads"):
             self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
         layout.unpack(grads)
+        return None if extra is None else buf[-k:].astype(np.float64)
 
     def allreduce_sum(self, values):
         scalar = np.isscalar(values) or (isinstance(values, np.ndarray) and values.ndim == 0)
@@ -412,6 +473,46 @@ class MPIWorld(World):
     def broadcast_object(self, obj):
         with self._collective("broadcast_object"):
             return self.comm.bcast(obj if self.is_main else None, root=0)
+
+    def gather(self, obj) -> list:
+        with self._collective("gather"):
+            return self.comm.allgather(obj)
+
+    def _first_exception(self, error):
+        mine = None
+        if error is not None:
+            try:
+                mine = (pickle.dumps(error), str(error))
+            except Exception:  # noqa: BLE001 - an exception that does not pickle travels as its message
+                mine = (None, str(error))
+        with self._collective("agreement on errors"):
+            everyone = self.comm.allgather(mine)
+        r, first = next(((r, m) for r, m in enumerate(everyone) if m is not None), (None, None))
+        if first is None:
+            return None
+        if r == self.rank:
+            return error
+        try:
+            return pickle.loads(first[0])
+        except Exception:  # noqa: BLE001 - a class that cannot be rebuilt here: its message is what matters
+            return DistError(first[1])
+
+    @contextmanager
+    def interrupts_as_flag(self):
+        self.interrupted = False
+
+        def note(signum, frame):
+            self.interrupted = True
+
+        try:
+            previous = signal.signal(signal.SIGINT, note)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def first_error(self, message):
         with self._collective("first_error"):
@@ -483,3 +584,37 @@ def _not_launched_message() -> str:
 def _reset_for_tests() -> None:
     global _WORLD
     _WORLD = None
+
+
+# ============================================================================ failures, once
+def mark_all_ranks(error: BaseException) -> BaseException:
+    """Note on ``error`` that every rank raised it at the same point (so rank 0 alone reports it)."""
+    error.bptt_all_ranks = True
+    return error
+
+
+def raised_on_all_ranks(error: BaseException) -> bool:
+    return bool(getattr(error, "bptt_all_ranks", False))
+
+
+def report_failure(line: str, code: int, error: BaseException) -> None:
+    """Print a command's one-line failure once, and make sure no rank is left waiting.
+
+    One process (or no world yet): print it (under a launcher, rank 0 alone:
+    every rank failed the same way before MPI started).  Data parallel: an
+    error every rank raised at the same point (:meth:`World.agree`, the loop's
+    checks on reduced values, an agreed Ctrl-C) is printed by rank 0 and every
+    rank returns ``code``; an error of one rank only ends the whole job from
+    that rank with :meth:`MPIWorld.abort` (``code`` is mpiexec's exit status).
+    """
+    world = _WORLD
+    if not isinstance(world, MPIWorld) or world.size == 1:
+        info = launch_info()
+        if info is None or info[1] == 0 or not isinstance(error, DistError):
+            print(line, file=sys.stderr, flush=True)
+        return
+    if raised_on_all_ranks(error):
+        if world.is_main:
+            print(line, file=sys.stderr, flush=True)
+        return
+    world.abort(line, code)

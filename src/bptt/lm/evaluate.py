@@ -16,20 +16,28 @@ from bptt.nn.losses import cross_entropy
 __all__ = ["evaluate", "evaluate_text"]
 
 
-def evaluate(model, batches: TBPTTBatches, max_windows: int = 0) -> float:
-    """Mean loss in nats/char over the windows of ``batches``, the state carried across them."""
+def evaluate(model, batches: TBPTTBatches, max_windows: int = 0, world=None) -> float:
+    """Mean loss in nats/char over the windows of ``batches``, the state carried across them.
+
+    With a data-parallel ``world`` (:mod:`bptt.dist`) each rank runs its own streams
+    (columns ``world.shard(N)``) and the sums of losses and characters are reduced over ranks.
+    """
     was_training = model.training
     model.eval()
     state, total, count = None, 0.0, 0
     n = len(batches) if not max_windows else min(max_windows, len(batches))
+    cols = slice(None) if world is None else world.shard(batches.batch_size)
     for k in range(n):
         x, y = batches.batch(k)
+        x, y = x[:, cols], y[:, cols]
         with model.blas_scope(*x.shape):
             logits, state = model.forward(x, state)
             loss, _ = cross_entropy(logits, y, reduction="sum", need_grad=False)
         total += loss
         count += y.size
     model.train(was_training)
+    if world is not None:
+        total, count = world.allreduce_sum([total, count])
     return total / max(count, 1)
 
 

@@ -11,7 +11,15 @@ The run directory (``--out``) holds ``last.safetensors`` and ``best.safetensors`
 ``log.jsonl`` (one line per logged step) and ``loss.png``.  A checkpoint holds
 the weights, the optimizer state, the carried hidden state, the RNG state and
 the position in the data, so ``--resume`` continues exactly where the run stopped.
+
+Under ``mpiexec -n K`` the run is data parallel (:mod:`bptt.dist`) with no extra flag:
+``--batch-size`` stays the global N, rank r trains streams ``shard(N)`` (its columns of every
+(T, N) window, carrying their hidden state) and weighs its gradient by N_r / N, so K ranks
+compute the same steps as one process (to rounding).  Checkpoints hold the state of all N
+streams (gathered to rank 0) and resume with any K.  Dropout masks come from a generator per
+rank: rank 0 continues the one-process stream, rank r > 0 starts from seed + r.
 """
+
 
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ import numpy as np
 
 from bptt import checkpoint as ckpt
 from bptt.config import check_fields
+from bptt.dist import current_world
 from bptt.lm.data import DataError, TBPTTBatches, Vocab, default_corpus, encode_file, encode_text, show_chars, split_corpus
 from bptt.lm.evaluate import evaluate
 from bptt.lm.model import CHECKPOINT_KIND, CharLM, CharLMConfig, load_model
@@ -142,12 +151,16 @@ class CharLMJob:
     higher_is_better = False
 
     def __init__(self, cfg: TrainConfig, model: CharLM, vocab: Vocab, batches: TBPTTBatches,
-                 val_batches: TBPTTBatches | None, max_steps: int):
+                 val_batches: TBPTTBatches | None, max_steps: int, world=None):
         self.cfg, self.model, self.vocab = cfg, model, vocab
         self.batches, self.val_batches = batches, val_batches
         self.optimizer = _make_optimizer(cfg, model)
         self.schedule = _make_schedule(cfg, len(batches), max_steps)
-        self.state = None  # the hidden state carried from one window to the next
+        self.state = None  # the hidden state carried from one window to the next (this rank's streams)
+        self.world = world if world is not None and world.size > 1 else None  # data parallel, or None
+        N = batches.batch_size
+        self.cols = slice(None) if self.world is None else self.world.shard(N)  # this rank's streams
+        self.weight = 1.0 if self.world is None else self.world.weight(N)  # N_r / N
 
     def forward_backward(self, step: int) -> StepResult:
         model, cfg = self.model, self.cfg
@@ -155,6 +168,8 @@ class CharLMJob:
         if k == 0:
             self.state = None  # streams restart at the beginning of the text
         x, y = self.batches.batch(k)
+        if self.world is not None:
+            x, y = np.ascontiguousarray(x[:, self.cols]), np.ascontiguousarray(y[:, self.cols])
         with model.blas_scope(*x.shape):
             loss, self.state = model.loss(x, y, self.state)
             stats = None
@@ -162,7 +177,7 @@ class CharLMJob:
                 stats = model.rnn.hidden_state_stats()  # mean and variance of h per layer, from this forward
             if math.isfinite(loss):  # the loop stops on a non-finite loss; no gradient is needed then
                 model.backward()
-        return StepResult(loss, y.size, stats)
+        return StepResult(loss, y.size, stats, self.weight)
 
     def log_fields(self, step: int) -> dict:
         return {"epoch": step / len(self.batches)}
@@ -170,7 +185,7 @@ class CharLMJob:
     def evaluate(self) -> dict:
         if self.val_batches is None:
             return {}
-        val = evaluate(self.model, self.val_batches, self.cfg.eval_windows)
+        val = evaluate(self.model, self.val_batches, self.cfg.eval_windows, world=self.world)
         return {"val_loss": val, "val_bpc": val / math.log(2)}
 
     def report(self, step: int, record: dict) -> list[str]:
@@ -188,19 +203,35 @@ class CharLMJob:
         return lines
 
     def checkpoint_meta(self) -> dict:
-        return {"vocab": self.vocab.to_json(), "rng": ckpt.rng_state(self.model.rng)}
+        meta = {"vocab": self.vocab.to_json(), "rng": ckpt.rng_state(self.model.rng)}
+        if self.world is not None:  # every rank's dropout generator, for a resume with as many ranks
+            meta["rank_rngs"] = self.world.gather(meta["rng"])
+        return meta
 
     def checkpoint_tensors(self) -> dict:
-        if self.state is None:
+        state = self.state
+        if self.world is not None:  # all N streams, rank by rank: (L, N_r, H) pieces joined along N
+            pieces = self.world.gather(state)
+            state = None if any(p is None for p in pieces) else (
+                tuple(np.concatenate(parts, axis=1) for parts in zip(*pieces)) if isinstance(state, tuple)
+                else np.concatenate(pieces, axis=1))
+        if state is None:
             return {}
-        h, c = self.state if isinstance(self.state, tuple) else (self.state, None)
+        h, c = state if isinstance(state, tuple) else (state, None)
         return {"state": {"h": h} if c is None else {"h": h, "c": c}}
 
     def restore(self, tensors: dict, meta: dict) -> None:
-        self.model.rng.bit_generator.state = ckpt.restore_rng(meta["rng"]).bit_generator.state
+        saved = meta["rng"]
+        if self.world is not None:
+            rank_rngs = meta.get("rank_rngs") or []
+            saved = rank_rngs[self.world.rank] if len(rank_rngs) == self.world.size else saved
+        self.model.rng.bit_generator.state = ckpt.restore_rng(saved).bit_generator.state
+        if self.world is not None and saved is meta["rng"] and self.world.rank > 0:  # saved with another K
+            self.model.rng.bit_generator.state = np.random.default_rng(self.cfg.seed + self.world.rank).bit_generator.state
         st = tensors.get("state")
-        if st:
-            self.state = (st["h"], st["c"]) if "c" in st else st["h"]
+        if st:  # all N streams were saved; this rank carries its own
+            mine = lambda a: np.ascontiguousarray(a[:, self.cols])  # noqa: E731
+            self.state = (mine(st["h"]), mine(st["c"])) if "c" in st else mine(st["h"])
 
 
 def _make_schedule(cfg: TrainConfig, steps_per_epoch: int, total_steps: int):
@@ -239,14 +270,34 @@ def check_out_dir(out_dir: Path):
 _FIXED_ON_RESUME = ("model", "hidden", "layers", "embedding", "dtype", "optimizer")
 
 
-def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None) -> dict:
+def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None, world=None) -> dict:
     """Train (or resume) a character language model; returns a summary dict.
 
     ``explicit`` names the options the user set on the command line: on
     ``--resume`` the saved configuration is used except for those (so a run can
-    be extended with a larger ``--max-iters``).
+    be extended with a larger ``--max-iters``).  ``world``: a :mod:`bptt.dist`
+    world (default: :func:`~bptt.dist.current_world`, data parallel under mpiexec).
     """
+    world = world or current_world()
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if not world.is_main:
+        log = lambda msg: None  # noqa: E731 - rank 0 speaks for all
+    # every rank checks the arguments and reads the data; a failure on any rank stops all of them, once
+    trainer, summary_line = world.agree(_prepare, cfg, log, explicit, world)
+    if world.size > 1:
+        log(world.layout_line())
+        world.broadcast_model(trainer.job.model, trainer.job.optimizer)  # one start (or resume) for all
+    log(summary_line)
+    summary = trainer.run()
+    if summary["best"] is not None:
+        best = summary["best"]
+        out_dir = trainer.cfg.out_dir
+        log(f"best validation loss {best:.4f} nats/char ({best / math.log(2):.4f} bits/char); checkpoints in {out_dir}")
+    return summary
+
+
+def _prepare(cfg: TrainConfig, log, explicit, world):
+    """Configuration, data, model, job and loop, ready to run (on every rank)."""
     cfg.validate()
     out_dir = Path(cfg.out)
     check_out_dir(out_dir)
@@ -296,20 +347,17 @@ def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None) -> dict:
     if cfg.max_iters:
         max_steps = min(max_steps, cfg.max_iters) if cfg.max_epochs else cfg.max_iters
 
-    job = CharLMJob(cfg, model, vocab, batches, val_batches, max_steps)
+    if world.size > 1 and world.rank > 0:  # dropout masks of its own: rank r draws from seed + r
+        model.rng.bit_generator.state = np.random.default_rng(cfg.seed + world.rank).bit_generator.state
+    job = CharLMJob(cfg, model, vocab, batches, val_batches, max_steps, world=world)
     loop = LoopConfig(out_dir=out_dir, max_steps=max_steps, max_minutes=cfg.max_time, eval_every=cfg.eval_every,
                       log_every=cfg.log_every, grad_clip=cfg.grad_clip, clip_mode=cfg.clip_mode,
                       progress=cfg.progress)
-    trainer = Trainer(job, loop, asdict(cfg), log=log)
+    trainer = Trainer(job, loop, asdict(cfg), log=log, world=world if world.size > 1 else None)
     if resume_from is not None:
         trainer.restore(*resume_from)
         job.restore(*resume_from)
         log(f"resuming {last_path} at step {trainer.step}")
 
-    log(f"model: {model!r}, {model.num_parameters():,} parameters; {steps_per_epoch} steps per epoch "
-        f"(T={cfg.seq_len}, N={cfg.batch_size}); train {len(train_ids):,} / val {len(val_ids):,} characters")
-    summary = trainer.run()
-    if summary["best"] is not None:
-        best = summary["best"]
-        log(f"best validation loss {best:.4f} nats/char ({best / math.log(2):.4f} bits/char); checkpoints in {out_dir}")
-    return summary
+    return trainer, (f"model: {model!r}, {model.num_parameters():,} parameters; {steps_per_epoch} steps per epoch "
+                     f"(T={cfg.seq_len}, N={cfg.batch_size}); train {len(train_ids):,} / val {len(val_ids):,} characters")
