@@ -25,7 +25,10 @@ def cmd_train(args) -> int:
     given = {k: v for k, v in vars(args).items() if k not in ("command", "seq2seq_command", "func")}
     cfg = Seq2SeqTrainConfig(**given)
     summary = train(cfg)
-    print(json.dumps({"checkpoint": str(Path(cfg.out) / "model.safetensors"), **(summary["eval"] or {})}))
+    from bptt.dist import current_world
+
+    if current_world().is_main:  # under mpiexec: once
+        print(json.dumps({"checkpoint": str(Path(cfg.out) / "model.safetensors"), **(summary["eval"] or {})}))
     return 0
 
 

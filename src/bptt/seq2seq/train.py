@@ -7,6 +7,14 @@
 A run directory (``--out``) holds ``model.safetensors`` (weights, optimizer state and the meta of
 :mod:`bptt.trainer`, plus the vocabularies, the task or data file and the RNG state), its JSON
 sidecar ``model.json``, ``log.jsonl`` and ``loss.png``.
+
+Under ``mpiexec -n K`` the run is data parallel (:mod:`bptt.dist`): every rank draws the same
+global batch (the batch generator is seeded alike on all ranks), trains its rows ``shard(N)`` and
+weighs its gradient by its share of the batch's target tokens, so the sum over ranks is the
+gradient of the one-process masked mean.  Validation pairs are shared out and the counts summed.
+Scheduled sampling (--teacher-forcing < 1) then draws from a generator of each rank's own
+(seeded (seed, rank)), and dropout rank r > 0 from seed + r: with either, K ranks do not repeat
+the one-process run, and those generators are not in the checkpoint.
 """
 
 from __future__ import annotations
@@ -19,11 +27,12 @@ import numpy as np
 
 from bptt import checkpoint as ckpt
 from bptt.config import check_fields
+from bptt.dist import current_world
 from bptt.lm.data import DataError
 from bptt.nn.optim import OPTIMIZERS, make_optimizer, make_schedule
 from bptt.seq2seq.data import SeqData
 from bptt.seq2seq.decode import evaluate
-from bptt.seq2seq.model import Seq2Seq, Seq2SeqConfig, train_step
+from bptt.seq2seq.model import Batch, Seq2Seq, Seq2SeqConfig, train_step
 from bptt.seq2seq.tasks import TASKS, TokenVocab, get_task
 from bptt.trainer import LoopConfig, StepResult, Trainer
 
@@ -95,8 +104,12 @@ class Seq2SeqJob:
     metric = "exact_match"
     higher_is_better = True
 
-    def __init__(self, cfg: Seq2SeqTrainConfig, model: Seq2Seq, data: SeqData, rng: np.random.Generator):
+    def __init__(self, cfg: Seq2SeqTrainConfig, model: Seq2Seq, data: SeqData, rng: np.random.Generator,
+                 world=None):
         self.cfg, self.model, self.data, self.rng = cfg, model, data, rng
+        self.world = world if world is not None and world.size > 1 else None  # data parallel, or None
+        # scheduled sampling must not draw from the batch generator, which stays alike on every rank
+        self.sample_rng = rng if self.world is None else np.random.default_rng((cfg.seed, self.world.rank))
         self.optimizer = make_optimizer(cfg.optimizer, model, cfg.lr)
         kw = {"lr": cfg.lr} if cfg.schedule == "constant" else {"lr": cfg.lr, "total_steps": cfg.max_steps}
         self.schedule = make_schedule(cfg.schedule, **kw)
@@ -107,17 +120,41 @@ class Seq2SeqJob:
         if self._batches is None:
             self._batches = self.data.batches(self.rng, self.cfg.batch_size)
         batch = next(self._batches)
-        loss = train_step(self.model, batch, self.cfg.teacher_forcing, self.rng)
-        return StepResult(loss, int(batch.tgt_mask.sum()))
+        if self.world is None:
+            loss = train_step(self.model, batch, self.cfg.teacher_forcing, self.rng)
+            return StepResult(loss, int(batch.tgt_mask.sum()))
+        tokens = int(batch.tgt_mask.sum())  # of the global batch: the mean's denominator
+        rows = self.world.shard(batch.src.shape[1], allow_empty=True)  # a short last batch may leave a rank idle
+        mine = Batch(*(np.ascontiguousarray(a[rows] if a.ndim == 1 else a[:, rows]) for a in batch))
+        own = int(mine.tgt_mask.sum())
+        if own == 0:
+            return StepResult(0.0, 0, None, 0.0)
+        loss = train_step(self.model, mine, self.cfg.teacher_forcing, self.sample_rng)
+        return StepResult(loss, own, None, own / tokens)
 
     def log_fields(self, step: int) -> dict:
         return {}
 
     def evaluate(self) -> dict:
+        if self.world is not None:
+            return self._evaluate_shared()
         self.model.eval()
         res, _, _ = evaluate(self.model, self.data, self.valid)
         self.model.train()
         return {"exact_match": res["exact_match"], "token_accuracy": res["token_accuracy"]}
+
+    def _evaluate_shared(self) -> dict:
+        """Each rank decodes its share of the pairs; exact matches, correct tokens and counts are summed."""
+        pairs = self.valid[self.world.shard(len(self.valid), allow_empty=True)]
+        counts = [0.0, 0.0, 0.0, float(len(pairs))]  # exact, correct tokens, reference tokens, pairs
+        if pairs:
+            self.model.eval()
+            res, _, _ = evaluate(self.model, self.data, pairs)
+            self.model.train()
+            tokens = sum(len(t) for _, t in pairs)
+            counts[:3] = [round(res["exact_match"] * len(pairs)), round(res["token_accuracy"] * max(tokens, 1)), tokens]
+        exact, correct, tokens, n = self.world.allreduce_sum(counts)
+        return {"exact_match": exact / max(n, 1), "token_accuracy": correct / max(tokens, 1)}
 
     def report(self, step: int, record: dict) -> list[str]:
         return [] if self.cfg.quiet else [
@@ -152,10 +189,26 @@ def load_model(path):
     return model, meta, data
 
 
-def train(cfg: Seq2SeqTrainConfig, log=None) -> dict:
-    """Train (or resume) a seq2seq model; returns the loop's summary (with the last evaluation)."""
-    cfg.validate()
+def train(cfg: Seq2SeqTrainConfig, log=None, world=None) -> dict:
+    """Train (or resume) a seq2seq model; returns the loop's summary (with the last evaluation).
+
+    ``world``: a :mod:`bptt.dist` world (default :func:`~bptt.dist.current_world`: data parallel under mpiexec).
+    """
+    world = world or current_world()
     log = log or ((lambda s: None) if cfg.quiet else (lambda s: print(s, file=sys.stderr, flush=True)))
+    if not world.is_main:
+        log = lambda s: None  # noqa: E731 - rank 0 speaks for all
+    trainer = world.agree(_prepare, cfg, log, world)  # a failure on any rank stops all of them, once
+    if world.size > 1:
+        log(world.layout_line())
+        world.broadcast_model(trainer.job.model, trainer.job.optimizer)
+    log(f"seq2seq: {trainer.job.model.num_parameters():,} parameters, {trainer.job.model!r}")
+    return trainer.run()
+
+
+def _prepare(cfg: Seq2SeqTrainConfig, log, world) -> Trainer:
+    """Data, model, job and loop, ready to run (on every rank)."""
+    cfg.validate()
     out = Path(cfg.out)
     ckpt_path = out / CKPT_NAME
     data = SeqData.from_task(cfg.task) if cfg.task else SeqData.from_file(cfg.data, cfg.level, cfg.seed, log)
@@ -174,14 +227,16 @@ def train(cfg: Seq2SeqTrainConfig, log=None) -> dict:
     else:
         config = cfg.model_config(data)
         rng = np.random.default_rng(cfg.seed)
-    model = Seq2Seq(config, rng=np.random.default_rng(cfg.seed))
-    job = Seq2SeqJob(cfg, model, data, rng)
+    model_rng = np.random.default_rng(cfg.seed)  # init, then dropout
+    model = Seq2Seq(config, rng=model_rng)
+    if world.size > 1 and world.rank > 0:  # dropout masks of its own: rank r draws from seed + r
+        model_rng.bit_generator.state = np.random.default_rng(cfg.seed + world.rank).bit_generator.state
+    job = Seq2SeqJob(cfg, model, data, rng, world=world)
     out.mkdir(parents=True, exist_ok=True)
     loop = LoopConfig(out_dir=out, max_steps=cfg.max_steps, max_minutes=cfg.max_time, eval_every=cfg.eval_every,
                       log_every=cfg.log_every, grad_clip=cfg.clip, clip_mode="norm", progress=not cfg.quiet,
                       last_name=CKPT_NAME, best_name=None)
-    trainer = Trainer(job, loop, asdict(cfg), log=log)
+    trainer = Trainer(job, loop, asdict(cfg), log=log, world=world if world.size > 1 else None)
     if resume_from is not None:
         trainer.restore(*resume_from)
-    log(f"seq2seq: {model.num_parameters():,} parameters, {model!r}")
-    return trainer.run()
+    return trainer
