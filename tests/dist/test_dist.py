@@ -7,70 +7,44 @@ their exit status.  Without mpi4py or mpiexec they skip, unless
 """
 
 import importlib.util
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import bptt
 from bptt.dist import DistError, SingleProcess, current_world, launch_info, shard_sizes, thread_budget
 from bptt.dist import world as world_mod
 from bptt.nn.layers import Linear
 
 HERE = Path(__file__).resolve().parent
-LAUNCHER_VARS = [v for pair in world_mod._LAUNCHER_VARS for v in pair]
+LAUNCHER_VARS = [v for pair in world_mod.LAUNCHER_VARS for v in pair]  # (size, rank) names
 
 
 def load_job(name):
+    """A module of this folder by file name (the folder is not a package)."""
     spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def require_mpi():
-    """The mpiexec next to this Python (the mpich wheel's) or on PATH; skip or (in CI) fail without it."""
-    mpiexec = Path(sys.executable).with_name("mpiexec")
-    found = str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec")
-    try:
-        import mpi4py  # noqa: F401
-
-        missing = None if found else "mpiexec not found"
-    except ImportError:
-        missing = "mpi4py not installed"
-    if missing:
-        if os.environ.get("BPTT_REQUIRE_TORCH") == "1":
-            pytest.fail(f"{missing}: CI must install bptt[mpi]")
-        pytest.skip(missing)
-    return found
+launch = load_job("mpi_launch")
 
 
 @pytest.fixture
 def mpirun():
-    """run(K, script, *args, timeout=, env=) → CompletedProcess of ``mpiexec -n K python tests/dist/script``."""
-    mpiexec = require_mpi()
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    src = str(Path(bptt.__file__).resolve().parents[1])  # the bptt under test, in every rank
-    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-
-    def run(k, script, *args, timeout=120, extra_env=None):
-        cmd = [mpiexec, "-n", str(k), sys.executable, str(HERE / script), *map(str, args)]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**env, **(extra_env or {})})
-
-    return run
+    """run(K, script, *args, timeout=, extra_env=) → CompletedProcess of ``mpiexec -n K python tests/dist/script``."""
+    return launch.launcher()
 
 
 @pytest.fixture
 def clean_world(monkeypatch):
     for var in LAUNCHER_VARS:
         monkeypatch.delenv(var, raising=False)
-    world_mod._reset_for_tests()
+    world_mod.forget_world()
     yield
-    world_mod._reset_for_tests()
+    world_mod.forget_world()
 
 
 # ============================================================================ in this process

@@ -58,6 +58,8 @@ __all__ = [
     "launch_info",
     "shard_sizes",
     "INSTALL_HINT",
+    "LAUNCHER_VARS",
+    "forget_world",
     "mark_all_ranks",
     "raised_on_all_ranks",
     "report_failure",
@@ -68,7 +70,7 @@ INSTALL_HINT = 'pip install "bptt[mpi]"'
 # (size, rank) variables each launcher exports to every process it starts:
 # MPICH/Intel MPI hydra (and Slurm's PMI-1/PMI-2 plugins) PMI_*, Open MPI OMPI_COMM_WORLD_*,
 # MVAPICH MV2_COMM_WORLD_*.
-_LAUNCHER_VARS = (
+LAUNCHER_VARS = (
     ("PMI_SIZE", "PMI_RANK"),
     ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
     ("MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK"),
@@ -84,7 +86,7 @@ class DistError(ValueError):
 def launch_info(environ: Mapping[str, str] | None = None) -> tuple[int, int] | None:
     """``(size, rank)`` if this process was started by an MPI launcher, else None (read from the environment only)."""
     env = os.environ if environ is None else environ
-    for size_var, rank_var in _LAUNCHER_VARS:
+    for size_var, rank_var in LAUNCHER_VARS:
         if size_var in env:
             try:
                 return int(env[size_var]), int(env.get(rank_var, "0"))
@@ -581,7 +583,8 @@ def _not_launched_message() -> str:
             f"`mpiexec -n K bptt ...` (needs {INSTALL_HINT})")
 
 
-def _reset_for_tests() -> None:
+def forget_world() -> None:
+    """Let the next :func:`current_world` look at the environment again (for tests; never under mpiexec)."""
     global _WORLD
     _WORLD = None
 
