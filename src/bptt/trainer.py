@@ -149,6 +149,7 @@ class Trainer:
     def save(self, path: Path) -> None:
         job_tensors, job_meta = self.job.checkpoint_tensors(), self.job.checkpoint_meta()  # every rank: may gather
         if not self.is_main:
+            self.saved_at[path] = self.step  # every rank keeps the record: "saved already?" must get one answer
             return
         arrays, opt_meta = self.job.optimizer.state_dict()
         tensors = {"model": self.job.model.state_dict(), "optim": arrays, **job_tensors}

@@ -6,11 +6,13 @@ world's excepthook aborts the job, so mpiexec exits non-zero) and prints
 different model, and ``allreduce_grads`` must end the job with one line.
 """
 
+import os
 import sys
 
 import numpy as np
 
-from bptt.dist import MPIWorld, current_world
+from bptt.dist import MPIWorld, current_world, node_cores
+from bptt.dist.threads import USER_THREAD_VARS
 from bptt.nn.layers import Linear
 from bptt.nn.optim import make_optimizer
 
@@ -18,6 +20,11 @@ world = current_world(require=True)
 assert isinstance(world, MPIWorld)
 K, r = world.size, world.rank
 assert world.threads >= 1 and len(world.rank_hosts) == K
+if not any(os.environ.get(v) for v in ("BPTT_THREADS", *USER_THREAD_VARS)):  # each rank's share of the cores
+    from bptt.kernels import blas_threads
+
+    assert world.threads == max(1, node_cores() // world.local_size)
+    assert blas_threads() == world.threads, (blas_threads(), world.threads)
 
 if len(sys.argv) > 1 and sys.argv[1] == "mismatch":
     model = Linear(3, 2 if r == 0 else 4, dtype=np.float64, rng=0)

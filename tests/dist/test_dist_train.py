@@ -180,3 +180,18 @@ def test_ctrl_c_stops_every_rank_at_one_step_and_saves_once(corpus, tmp_path):
     assert step >= 6
     assert main(["train", "--out", str(out), "--resume", "--max-iters", str(step + 2)]) == 0
     assert load_checkpoint(out / "last.safetensors")[1]["step"] == step + 2
+
+
+def test_the_time_limit_stops_every_rank_at_the_same_step(mpirun, corpus, tmp_path):
+    """Each rank's clock differs; the stop is agreed in the step's reduction, so no rank waits for another.
+
+    Frequent evaluations make the last one and the time limit fall on the same step now and then
+    (the "saved already?" decision must agree too).
+    """
+    out = tmp_path / "run"
+    proc = mpirun(2, "-m", "bptt.cli", "train", "--data", corpus, *LM_ARGS, "--max-time", "0.03",
+                  "--eval-every", "3", "--out", out, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("time limit: saved") == 1
+    _, meta = load_checkpoint(out / "last.safetensors")
+    assert meta["step"] >= 1 and f"at step {meta['step']}" in proc.stderr
