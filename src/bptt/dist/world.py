@@ -1,35 +1,42 @@
 """The world a training loop runs in: one process, or K ranks launched by ``mpiexec``.
 
-Data parallelism, in one picture (K ranks, global batch of N rows)::
+Legend: K ranks, r this rank, N rows of the global batch (streams, pairs), N_r this rank's rows,
+θ parameters, g gradients, w_r this rank's weight.
 
-    rank r:  rows shard(N)  →  forward, loss ℓ_r = mean over its n_r rows  →  backward: g_r = ∂ℓ_r/∂θ
-    all:     g = Σ_r w_r g_r,   w_r = n_r / N          (one Allreduce of one flat buffer)
+Data parallelism, in one picture::
+
+    rank r:  rows shard(N)  →  forward, loss ℓ_r = mean over its N_r rows  →  backward: g_r = ∂ℓ_r/∂θ
+    all:     g = Σ_r w_r g_r,   w_r = N_r / N          (one Allreduce of one flat buffer)
     all:     clip(g), θ ← optimizer(θ, g)              (the same update on every rank)
 
-With w_r = n_r / N the sum is exactly the gradient of the mean loss over all N
-rows, ``Σ_r (n_r/N)·(1/n_r) Σ_{i∈r} ∂ℓ_i/∂θ = (1/N) Σ_i ∂ℓ_i/∂θ``, so a batch that
+With w_r = N_r / N the sum is exactly the gradient of the mean loss over all N
+rows, ``Σ_r (N_r/N)·(1/N_r) Σ_{i∈r} ∂ℓ_i/∂θ = (1/N) Σ_i ∂ℓ_i/∂θ``, so a batch that
 does not divide by K needs no special case: the first N mod K ranks take one
-row more and weigh their gradient accordingly.  Since every rank starts from
-rank 0's parameters and optimizer state (:meth:`MPIWorld.broadcast_model`) and
-applies the same update to the same reduced gradient, the ranks stay identical
-without further communication, and K ranks reproduce one process's run up to
-the rounding of the summation order (~1e-15 relative per step in float64).
+row more and weigh their gradient accordingly.  Where the loss is a mean over
+something else than rows (the target tokens of padded sequences), w_r is this
+rank's count over the global count: known locally when every rank draws the
+same global batch, else summed with :meth:`World.allreduce_sum`.
 
-Where the loss is a mean over something else than rows (tokens of padded
-sequences), w_r is this rank's count over the global count, the global count
-obtained with :meth:`World.allreduce_sum`.
+Every rank starts from rank 0's parameters and optimizer state
+(:meth:`MPIWorld.broadcast_model`) and applies the same update to the same
+reduced gradient, so the ranks stay identical without further communication
+(this relies on the Allreduce handing every rank the same bits, which MPICH
+does and the MPI standard recommends), and K ranks reproduce one process's run
+up to the rounding of the summation order (~1e-16 relative per step in float64).
 
-Failure behaviour (measured with MPICH 5.0.2's hydra ``mpiexec`` on one host):
+Failure behaviour (measured with MPICH 5.0.2's hydra ``mpiexec``, 2 ranks on one host):
 
 * a rank killed by a signal (SIGKILL included): hydra kills the other ranks at
-  once (the job ended 25 ms after the kill) and ``mpiexec`` exits non-zero;
-* a rank that raises and exits, or returns, while the others are inside a
-  collective: the others wait forever (hydra waits for every rank), so here
-  :class:`MPIWorld` adds three safeguards: an uncaught exception calls
-  ``MPI_Abort`` (as ``python -m mpi4py`` does); a rank that leaves Python while
-  the others have not all reached their exit calls ``MPI_Abort`` after the
-  timeout; and a watchdog thread aborts the job when one collective call waits
-  longer than ``BPTT_MPI_TIMEOUT`` seconds (default 600; 0 turns it off).
+  once (the job ended 25 ms after the kill) and ``mpiexec`` exits non-zero (9);
+* a rank that raises an uncaught exception, or calls ``sys.exit``, while the
+  other is inside a collective: without safeguards the job never ends (the
+  leaving rank waits in ``MPI_Finalize``, the other in its collective; killed
+  by a 30 s timeout in the experiment).  So :class:`MPIWorld` adds three: an
+  uncaught exception calls ``MPI_Abort`` (as ``python -m mpi4py`` does); a rank
+  that leaves Python waits at most the timeout for the others to leave too, then
+  calls ``MPI_Abort``; and a watchdog thread aborts the job when one collective
+  call waits longer than ``BPTT_MPI_TIMEOUT`` seconds (default 600; 0: off).
+  ``MPI_Abort`` ends every rank (measured: the job ended within 0.2 s).
 """
 
 from __future__ import annotations
@@ -341,6 +348,7 @@ class MPIWorld(World):
         if timeout is None:
             timeout = float(os.environ.get("BPTT_MPI_TIMEOUT", DEFAULT_TIMEOUT))
         self.timeout = timeout
+        self.interrupted = False  # set by Ctrl-C inside interrupts_as_flag()
         self._waiting_since: float | None = None
         self._waiting_in = ""
         if self.size > 1:
