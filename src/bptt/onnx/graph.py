@@ -154,6 +154,11 @@ class Builder:
         zero = self.onnx.helper.make_tensor("zero", self.elem, [1], [0.0])
         return self.node("ConstantOfShape", [shape], base="zeros", value=zero)
 
+    def flip_time(self, x: str) -> str:
+        """x reversed along axis 0 (time)."""
+        return self.node("Slice", [x, self.ints([-1]), self.ints([np.iinfo(np.int64).min]), self.ints([0]),
+                                   self.ints([-1])], base=f"{x}_flipped")
+
     def time_mask(self, x: str, lengths: str) -> str:
         """(T, N, 1) bool, True where t < lengths[n], for time-major x (T, N, D) and lengths (N,) int64."""
         T = self.node("Squeeze", [self.dim(x, 0), self.ints([0])])
@@ -287,10 +292,11 @@ def _scan_lstm_direction(b, p, tag, x, mask, h0, c0, reverse):
     for v in (h, c, y):
         s.output(v, s.name(f"{v}_out"), s.elem, None)
     scans = [gx] + ([mask] if mask is not None else [])
+    if reverse:  # time flipped around the Scan (a forward Scan runs everywhere, ONNX's reference evaluator too)
+        scans = [b.flip_time(v) for v in scans]
     h_n, c_n, ys = b.node("Scan", [h0, c0, *scans], [f"h_n_{tag}", f"c_n_{tag}", f"y_{tag}"], base=f"scan_{tag}",
-                          body=s.graph(f"lstm_cell_{tag}"), num_scan_inputs=len(scans),
-                          scan_input_directions=[int(reverse)] * len(scans), scan_output_directions=[int(reverse)])
-    return ys, h_n, c_n
+                          body=s.graph(f"lstm_cell_{tag}"), num_scan_inputs=len(scans))
+    return (b.flip_time(ys) if reverse else ys), h_n, c_n
 
 
 def save_model(model, path) -> Path:
