@@ -163,3 +163,33 @@ def test_missing_extra_on_load(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnx", None)
     with pytest.raises(OnnxError, match=r'^ONNX support needs the optional extra: pip install "bptt\[onnx\]"$'):
         bo.load(tmp_path / "x.onnx")
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("cell, bidirectional", [("LSTM", True), ("GRU", False), ("RNN", True)])
+def test_torch_onnx_export_of_rnn_and_linear_loads(tmp_path, torch, cell, bidirectional):
+    """torch.onnx.export (the TorchScript exporter) of nn.LSTM/GRU/RNN + nn.Linear: zero initial states
+    built from Shape/Expand, Squeeze or Transpose+Reshape between layers, MatMul then Add(bias, ·)."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = getattr(torch.nn, cell)(3, 4, num_layers=2, bidirectional=bidirectional)
+            self.lin = torch.nn.Linear(8 if bidirectional else 4, 5)
+
+        def forward(self, x):
+            return self.lin(self.rnn(x)[0])
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(6, 2, 3)
+    path = tmp_path / "t.onnx"
+    torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"])
+    got = bo.load(path)
+    assert got.rnn.bidirectional == bidirectional and got.rnn.num_layers == 2 and got.head == "sequence"
+    for k, v in net.rnn.state_dict().items():
+        assert np.array_equal(got.rnn.state_dict()[k], v.numpy()), k
+    out, _ = got(x.numpy())
+    with torch.no_grad():
+        want = net(x).numpy()
+    assert max_error([out], [want]) < 1e-5

@@ -18,7 +18,7 @@ What is understood (anything else: an OnnxError naming the first node not unders
   (a Keras ``LSTM(return_sequences=False)`` + ``Dense``): ``Gemm``, or ``MatMul`` + ``Add``,
   weights in initializers.
 
-Nodes on side paths (the initial states, sequence_lens, the final states' Concat) are not
+Nodes on side paths (the initial states, sequence_lens, Shape reads, the final states' Concat) are not
 part of the modules: ``sequence_lens`` becomes the ``lengths`` argument and initial states the
 ``state`` argument of ``forward``.
 """
@@ -145,6 +145,8 @@ class _Reader:
         src = node.input[0] if node.input else ""
         what, detail = self.kind.get(src, (None, None))
         kinds = {self.kind[x][0] for x in main}
+        if op in ("Shape", "Size"):
+            return  # a shape read (e.g. for zero initial states): a side path, whatever it reads
         if kinds <= {"state", "states"} and (op == "Concat" or (op in _LAYOUT_OPS and kinds == {"states"})):
             self.kind[node.output[0]] = ("states", None)  # the final states gathered: a side path
         elif op in ("LSTM", "GRU", "RNN"):
@@ -167,8 +169,9 @@ class _Reader:
             self.pending_matmul = (node.output[0], self.consts[node.input[1]])
             self.linear = self.make_linear(i, node, self.consts[node.input[1]].T, None)
             self.kind[node.output[0]] = ("linear", None)
-        elif op == "Add" and what == "linear" and self.pending_matmul and src == self.pending_matmul[0]:
-            bias = self.consts.get(node.input[1])
+        elif op == "Add" and self.pending_matmul and len(main) == 1 and main[0] == self.pending_matmul[0]:
+            other = [x for x in node.input if x != main[0]]  # the bias may come first or second
+            bias = self.consts.get(other[0]) if len(other) == 1 else None
             if bias is None:
                 self.fail(i, node, "the bias must be an initializer")
             self.linear = self.make_linear(i, node, self.pending_matmul[1].T, bias.reshape(-1))
