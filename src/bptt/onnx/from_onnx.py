@@ -31,7 +31,7 @@ import numpy as np
 
 from bptt.nn.layers import Linear
 from bptt.nn.module import Module
-from bptt.onnx.graph import ONNX_OP, TORCH_TO_ONNX, OnnxError, require_onnx
+from bptt.onnx.graph import TORCH_TO_ONNX, OnnxError, require_onnx
 
 __all__ = ["Imported", "load", "read_model", "MIN_IMPORT_OPSET"]
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from bptt.onnx.graph import DEFAULT_OPSET, Builder, OnnxError, emit_recurrent, save_model
-from bptt.onnx.to_onnx import META_PREFIX, _check_opset, _json_default
+from bptt.onnx.to_onnx import META_PREFIX, check_opset, json_default
 
 __all__ = ["export_seq2seq", "OnnxSeq2Seq", "SEQ2SEQ_KIND"]
 
@@ -138,9 +138,9 @@ def export_seq2seq(model, directory, *, opset: int = DEFAULT_OPSET, meta: dict |
 
     if not isinstance(model, Seq2Seq):
         raise OnnxError(f"export_seq2seq() takes a bptt Seq2Seq, got {type(model).__name__}")
-    opset = _check_opset(opset)
+    opset = check_opset(opset)
     props = {META_PREFIX + "kind": SEQ2SEQ_KIND, META_PREFIX + "config": json.dumps(model.config.to_json()),
-             META_PREFIX + "dtype": str(model.dtype), META_PREFIX + "meta": json.dumps(meta or {}, default=_json_default)}
+             META_PREFIX + "dtype": str(model.dtype), META_PREFIX + "meta": json.dumps(meta or {}, default=json_default)}
     directory = Path(directory)
     enc = _encoder_graph(model, opset).model("bptt_seq2seq_encoder", dict(props, **{META_PREFIX + "graph": "encoder"}))
     dec = _decoder_graph(model, opset).model("bptt_seq2seq_decoder_step",

@@ -17,13 +17,13 @@ import numpy as np
 
 from bptt.onnx.graph import DEFAULT_OPSET, EXPORT_OPSETS, Builder, OnnxError, emit_recurrent, save_model
 
-__all__ = ["export_layer", "export_charlm", "CHARLM_KIND", "META_PREFIX"]
+__all__ = ["export_layer", "export_charlm", "check_opset", "json_default", "CHARLM_KIND", "META_PREFIX"]
 
 CHARLM_KIND = "charlm"
 META_PREFIX = "bptt."
 
 
-def _check_opset(opset) -> int:
+def check_opset(opset) -> int:
     if not isinstance(opset, (int, np.integer)) or int(opset) not in EXPORT_OPSETS:
         raise OnnxError(f"opset must be an integer in [{EXPORT_OPSETS.start}, {EXPORT_OPSETS.stop - 1}], got {opset!r}")
     return int(opset)
@@ -53,7 +53,7 @@ def export_layer(module, path, *, opset: int = DEFAULT_OPSET, lengths: bool = Fa
     the same as ``module(input, (h_0, c_0), lengths)`` in eval mode.
     """
     _check_layer(module)
-    b = Builder(module.dtype, _check_opset(opset))
+    b = Builder(module.dtype, check_opset(opset))
     L, K, H, P, D = module.num_layers, module.num_directions, module.hidden_size, module.out_size, module.input_size
     lstm = module.mode == "lstm"
     seq = ["N", "T"] if module.batch_first else ["T", "N"]
@@ -105,7 +105,7 @@ def export_charlm(model, vocab, path, *, graph: str = "sequence", opset: int = D
         raise OnnxError(f"graph must be 'sequence' or 'step', got {graph!r}")
     cfg = model.config
     rnn = model.rnn
-    b = Builder(model.dtype, _check_opset(opset))
+    b = Builder(model.dtype, check_opset(opset))
     V, L, H = cfg.vocab_size, rnn.num_layers, rnn.hidden_size
     lstm = rnn.mode == "lstm"
     i64 = b.onnx.TensorProto.INT64
@@ -133,12 +133,12 @@ def export_charlm(model, vocab, path, *, graph: str = "sequence", opset: int = D
         META_PREFIX + "graph": graph,
         META_PREFIX + "model_config": json.dumps(cfg.to_dict()),
         META_PREFIX + "vocab": json.dumps(vocab.to_json(), ensure_ascii=False),
-        META_PREFIX + "meta": json.dumps(meta or {}, default=_json_default),
+        META_PREFIX + "meta": json.dumps(meta or {}, default=json_default),
     }
     return save_model(b.model(f"bptt_charlm_{graph}", metadata), path)
 
 
-def _json_default(obj):
+def json_default(obj):
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
