@@ -85,6 +85,30 @@ def test_float64_sweep_matches_reference_evaluator(tmp_path, seed):
         assert err < 1e-10, (layer, opts, err)
 
 
+@pytest.mark.parametrize("cls", [LSTM, GRU, RNN])
+def test_float64_padded_batch_sequence_by_sequence(tmp_path, cls):
+    """float64 with lengths on the standard nodes, which the reference evaluator runs without
+    sequence_lens: each sequence alone, cut to its length (where sequence_lens changes nothing),
+    against its rows of bptt's padded batch (the padding itself is checked in ONNX Runtime, float32)."""
+    rng = np.random.default_rng(9)
+    layer = cls(3, 4, num_layers=2, bidirectional=True, batch_first=True, dtype=np.float64, rng=2).eval()
+    opts = {"lengths": True, "initial_state": True}
+    path = bo.export(layer, tmp_path / "b.onnx", **opts)
+    ref = ReferenceEvaluator(str(path))
+    feeds, (x, state, _) = random_feeds(rng, layer, opts, T=5, N=3)
+    lengths = np.array([2, 5, 4])
+    y, s_n = layer(x, state, lengths)
+    s_n = s_n if isinstance(s_n, tuple) else (s_n,)
+    for n, T_n in enumerate(lengths):
+        one = {"input": x[n : n + 1, :T_n], "lengths": lengths[n : n + 1]}
+        for name in ("h_0", "c_0"):
+            if name in feeds:
+                one[name] = feeds[name][:, n : n + 1]
+        got = ref.run(None, one)
+        err = max_error(got, [y[n : n + 1, :T_n]] + [s[:, n : n + 1] for s in s_n])
+        assert err < 1e-10, (n, err)
+
+
 def test_float64_padded_proj_lstm_reference(tmp_path):
     """The Scan graph's masking in float64: bidirectional, two layers, padded lengths, initial states."""
     rng = np.random.default_rng(5)
