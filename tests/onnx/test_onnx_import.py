@@ -193,3 +193,17 @@ def test_torch_onnx_export_of_rnn_and_linear_loads(tmp_path, torch, cell, bidire
     with torch.no_grad():
         want = net(x).numpy()
     assert max_error([out], [want]) < 1e-5
+
+
+def test_a_batch_major_sequence_cannot_feed_the_next_layer(tmp_path):
+    H = 2
+    inits = {k: np.ones((1, 3 * H, d), np.float32) for k, d in (("W", 3), ("R", H), ("W2", H), ("R2", H))}
+    inits["ax"] = np.array([1], np.int64)
+    nodes = [helper.make_node("GRU", ["x", "W", "R"], ["y"], hidden_size=H, linear_before_reset=1),
+             helper.make_node("Squeeze", ["y", "ax"], ["y3"]),
+             helper.make_node("Transpose", ["y3"], ["yb"], perm=[1, 0, 2]),
+             helper.make_node("GRU", ["yb", "W2", "R2"], ["z"], hidden_size=H, linear_before_reset=1)]
+    m = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "N", 3])],
+               [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["T", 1, "N", H])], inits)
+    with pytest.raises(OnnxError, match=r"node 3 \(GRU\) is not understood: its input X is batch-major"):
+        bo.load(_save(tmp_path, m))

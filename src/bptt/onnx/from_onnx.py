@@ -13,7 +13,9 @@ What is understood (anything else: an OnnxError naming the first node not unders
   peepholes, input_forget 0, layout 0, GRU with linear_before_reset = 1 (torch's and bptt's
   GRU; linear_before_reset = 0, the Keras ``reset_after=False`` GRU, has no bptt equivalent);
 * a Transpose with perm [1, 0, 2] between the graph input and the first node (a batch-major
-  input, as tf2onnx writes Keras models): the layer is made ``batch_first``;
+  input, as tf2onnx writes Keras models): the layer is made ``batch_first``; the same
+  Transpose of a layer's output is accepted on the way to the graph output or the linear
+  layer, not into the next recurrent layer (other Transposes of the sequence are refused);
 * optionally a final linear layer on the output sequence, or on the last layer's final h
   (a Keras ``LSTM(return_sequences=False)`` + ``Dense``): ``Gemm``, or ``MatMul`` + ``Add``,
   weights in initializers.
@@ -163,6 +165,10 @@ class _Reader:
                     self.batch_first = True
                 elif what == "y" and perm == [0, 2, 1, 3]:
                     detail = dict(detail, joined=True)
+                elif what == "y" and perm == [1, 0, 2]:  # to batch-major: fine for the output or a linear layer
+                    detail = dict(detail, batch_major=not detail.get("batch_major", False))
+                elif what != "linear":  # after the linear layer, any layout of the result is the caller's
+                    self.fail(i, node, f"a Transpose with perm {perm} here is not a known layout change")
             self.kind[node.output[0]] = (what, detail)
         elif op == "MatMul" and what in ("y", "state") and self.linear is None and node.input[1] in self.consts:
             self.head_from(i, node, what, detail)
@@ -215,6 +221,8 @@ class _Reader:
         op, a = node.op_type, _attrs(node)
         if what == "y" and detail["K"] == 2 and not detail.get("joined"):
             self.fail(i, node, "a bidirectional layer's output must be transposed with perm [0, 2, 1, 3] first")
+        if what == "y" and detail.get("batch_major"):
+            self.fail(i, node, "its input X is batch-major (transposed with perm [1, 0, 2]); expected time-major")
         if what not in ("input", "input_tnd", "y"):
             self.fail(i, node, f"its input X is a {what}, not a sequence")
         direction = a.get("direction", b"forward")
