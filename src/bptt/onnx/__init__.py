@@ -10,6 +10,7 @@ imported only when one of these functions runs.
     load(path)                        a stack of standard recurrent nodes (+ a final Gemm / MatMul + Add)
                                       → bptt modules (:class:`bptt.onnx.from_onnx.Imported`)
     runtime.load_charlm(path)         → (OnnxCharLM, vocab, meta), like bptt.lm.train.load_model
+    seq2seq.export_seq2seq(model, dir) encoder.onnx + decoder_step.onnx;  seq2seq.OnnxSeq2Seq(dir) decodes
 
 See docs/onnx.md for the opset, the operator mapping and the float64 limits.
 """
