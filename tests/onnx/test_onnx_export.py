@@ -109,6 +109,29 @@ def test_float64_padded_batch_sequence_by_sequence(tmp_path, cls):
         assert err < 1e-10, (n, err)
 
 
+def _reference_with_relu(path):
+    """The reference evaluator with Relu added to its RNN's activations (it knows Tanh and Affine
+    only); everything else is the reference's own code.  ONNX's Relu: max(0, x)."""
+    from onnx.reference.ops.op_rnn import RNN_14
+
+    def choose_act(self, name, alpha, beta):
+        if name in ("Relu", "relu"):
+            return lambda x: np.maximum(x, 0)
+        return RNN_14.choose_act(self, name, alpha, beta)
+
+    return ReferenceEvaluator(str(path), new_ops=[type("RNN", (RNN_14,), {"op_domain": "", "choose_act": choose_act})])
+
+
+def test_float64_relu_rnn_reference(tmp_path):
+    rng = np.random.default_rng(11)
+    layer = RNN(3, 4, num_layers=2, bidirectional=True, nonlinearity="relu", dtype=np.float64, rng=3).eval()
+    opts = {"lengths": False, "initial_state": True}
+    path = bo.export(layer, tmp_path / "r.onnx", **opts)
+    feeds, args = random_feeds(rng, layer, opts, T=5, N=3)
+    err = max_error(_reference_with_relu(path).run(None, feeds), bptt_outputs(layer, args))
+    assert err < 1e-10
+
+
 def test_float64_padded_proj_lstm_reference(tmp_path):
     """The Scan graph's masking in float64: bidirectional, two layers, padded lengths, initial states."""
     rng = np.random.default_rng(5)
