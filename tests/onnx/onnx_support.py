@@ -13,7 +13,7 @@ import pytest
 
 def require_onnx():
     if os.environ.get("BPTT_REQUIRE_TORCH") == "1":
-        import onnx.helper  # noqa: F401  must be importable in CI: an ImportError here fails
+        import onnx.helper  # noqa: F401  (must be importable in CI: an ImportError here fails)
         import onnxruntime  # noqa: F401
 
         return

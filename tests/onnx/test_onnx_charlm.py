@@ -19,7 +19,8 @@ from bptt.cli import export as export_cli  # noqa: E402
 from bptt.lm.data import Vocab  # noqa: E402
 from bptt.lm.model import CharLM, CharLMConfig  # noqa: E402
 from bptt.lm.sample import generate  # noqa: E402
-from bptt.lm.train import CHECKPOINT_KIND, evaluate_text, load_model  # noqa: E402
+from bptt.lm.evaluate import evaluate_text  # noqa: E402
+from bptt.lm.model import CHECKPOINT_KIND, load_model  # noqa: E402
 from bptt.onnx.graph import OnnxError  # noqa: E402
 from bptt.onnx.runtime import OnnxCharLM, load_charlm  # noqa: E402
 
@@ -41,11 +42,11 @@ def test_both_graphs_match_the_charlm(tmp_path, model, embedding):
     ids = rng.integers(0, len(VOCAB), (7, 3))
     want, want_state = lm.forward(ids)
     for graph in ("sequence", "step"):
-        path = bo.export_charlm(lm, VOCAB, tmp_path / f"{graph}.onnx", graph=graph, meta={"iteration": 12})
+        path = bo.export_charlm(lm, VOCAB, tmp_path / f"{graph}.onnx", graph=graph, meta={"step": 12})
         onnx.checker.check_model(onnx.load(str(path)), full_check=True)
         om, vocab, meta = load_charlm(path)
         assert isinstance(om, OnnxCharLM) and vocab.to_json() == VOCAB.to_json()
-        assert meta["iteration"] == 12 and meta["model_config"] == lm.config.to_dict() and meta["kind"] == "charlm"
+        assert meta["step"] == 12 and meta["config"] == lm.config.to_dict() and meta["kind"] == "charlm"
         got, got_state = om.forward(ids)
         assert got.shape == want.shape and np.max(np.abs(got - want)) < 1e-5
         for g, w in zip(*(s if isinstance(s, tuple) else (s,) for s in (got_state, want_state))):
@@ -62,7 +63,7 @@ def test_metadata_holds_everything_a_loader_needs(tmp_path):
     props = {p.key: p.value for p in model.metadata_props}
     assert props["bptt.kind"] == "charlm" and props["bptt.graph"] == "step"
     assert json.loads(props["bptt.vocab"]) == VOCAB.to_json()
-    assert json.loads(props["bptt.model_config"]) == lm.config.to_dict()
+    assert json.loads(props["bptt.config"]) == lm.config.to_dict()
     assert [i.name for i in model.graph.input] == ["ids", "h_0"]
     assert [o.name for o in model.graph.output] == ["logits", "h_n"]
 
@@ -70,8 +71,8 @@ def test_metadata_holds_everything_a_loader_needs(tmp_path):
 def _checkpoint(tmp_path, lm, name="lm.safetensors"):
     path = tmp_path / name
     ckpt.save_checkpoint(path, {"model": lm.state_dict()},
-                         {"kind": CHECKPOINT_KIND, "model_config": lm.config.to_dict(), "vocab": VOCAB.to_json(),
-                          "iteration": 40, "val_loss": 2.5})
+                         {"kind": CHECKPOINT_KIND, "config": lm.config.to_dict(), "vocab": VOCAB.to_json(),
+                          "step": 40, "eval": {"val_loss": 2.5}})
     return path
 
 
@@ -83,7 +84,7 @@ def test_seeded_sampling_gives_the_same_text(tmp_path, model):
     assert export_cli.cmd_export(args) == 0
     a, va, _ = load_model(src)
     b, vb, meta = load_charlm(tmp_path / "lm.onnx")
-    assert meta["iteration"] == 40 and meta["val_loss"] == 2.5
+    assert meta["step"] == 40 and meta["eval"]["val_loss"] == 2.5
     for kw in ({"prime": "the "}, {"prime": "", "temperature": 0.7, "top_k": 5}, {"prime": "fox", "argmax": True}):
         ta = generate(a, va, 300, rng=np.random.default_rng(7), **kw)
         tb = generate(b, vb, 300, rng=np.random.default_rng(7), **kw)

@@ -5,6 +5,7 @@
     bptt eval    CKPT --data FILE [--json]  loss, bits/char and perplexity on any text
     bptt seq2seq train|translate|eval       sequence-to-sequence models           (bptt.cli.seq2seq)
     bptt inspect gradients|units|gates      look inside a network                 (bptt.cli.inspect)
+    bptt export  CKPT --out F.onnx          a char model as an ONNX file           (bptt.cli.export)
 
 Every user error (bad file, bad flag value, broken checkpoint) ends in one line
 on stderr and exit status 2, with no traceback; a training run that diverges
@@ -22,7 +23,7 @@ __all__ = ["main", "build_parser"]
 
 def build_parser() -> argparse.ArgumentParser:
     from bptt import __version__
-    from bptt.cli import inspect, lm, seq2seq
+    from bptt.cli import export, inspect, lm, seq2seq
 
     parser = argparse.ArgumentParser(prog="bptt", description="Sequence models with hand-derived backpropagation through time.")
     parser.add_argument("--version", action="version", version=f"bptt {__version__}")
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     lm.register(sub)
     seq2seq.register(sub)
     inspect.register(sub)
+    export.register(sub)
     return parser
 
 

@@ -3,12 +3,12 @@
 Shape legend: T time steps, N batch streams, V vocabulary, H hidden units, L layers.
 
 :class:`OnnxCharLM` offers what :func:`bptt.lm.sample.generate` and
-:func:`bptt.lm.train.evaluate_text` use from a :class:`bptt.lm.model.CharLM`:
+:func:`bptt.lm.evaluate.evaluate_text` use from a :class:`bptt.lm.model.CharLM`:
 ``step(ids (N,)) → logits (N, V)`` keeping the state, ``reset_state()``,
 ``forward(ids (T, N), state) → (logits (T, N, V), state)``, ``train()/eval()``,
 ``training``, ``blas_scope``, ``dtype``, ``vocab_size`` and ``config``; so
 ``bptt sample model.onnx`` and ``bptt eval model.onnx`` only need to call
-:func:`load_charlm` instead of ``bptt.lm.train.load_model``.
+:func:`load_charlm` instead of ``bptt.lm.model.load_model``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class OnnxCharLM:
             raise OnnxError(f"{path}: not a char language model written by bptt export "
                             f"(metadata {META_PREFIX}kind is {props.get(META_PREFIX + 'kind')!r})")
         try:
-            self.config = CharLMConfig.from_dict(json.loads(props[META_PREFIX + "model_config"]))
+            self.config = CharLMConfig.from_dict(json.loads(props[META_PREFIX + "config"]))
             self.graph = props[META_PREFIX + "graph"]
             self.vocab_json = json.loads(props[META_PREFIX + "vocab"])
             self.meta = json.loads(props.get(META_PREFIX + "meta", "{}"))
@@ -138,9 +138,9 @@ class OnnxCharLM:
 
 
 def load_charlm(path, threads: int | None = None):
-    """(model, vocab, meta) from an ONNX char LM, as ``bptt.lm.train.load_model`` returns from a checkpoint.
+    """(model, vocab, meta) from an ONNX char LM, as ``bptt.lm.model.load_model`` returns from a checkpoint.
 
-    ``meta`` holds what the export kept (e.g. iteration, losses) plus ``kind``, ``model_config`` and ``vocab``.
+    ``meta`` holds what the export kept (e.g. step, best, eval) plus ``kind``, ``config`` and ``vocab``.
     """
     from bptt.lm.data import Vocab
 
@@ -149,5 +149,5 @@ def load_charlm(path, threads: int | None = None):
     vocab = Vocab.from_json(lm.vocab_json)
     if len(vocab) != lm.vocab_size:
         raise OnnxError(f"{path}: the vocabulary has {len(vocab)} characters, the model {lm.vocab_size}")
-    meta = dict(lm.meta, kind=CHARLM_KIND, model_config=lm.config.to_dict(), vocab=lm.vocab_json)
+    meta = dict(lm.meta, kind=CHARLM_KIND, config=lm.config.to_dict(), vocab=lm.vocab_json)
     return lm, vocab, meta

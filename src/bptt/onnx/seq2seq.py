@@ -139,7 +139,7 @@ def export_seq2seq(model, directory, *, opset: int = DEFAULT_OPSET, meta: dict |
     if not isinstance(model, Seq2Seq):
         raise OnnxError(f"export_seq2seq() takes a bptt Seq2Seq, got {type(model).__name__}")
     opset = check_opset(opset)
-    props = {META_PREFIX + "kind": SEQ2SEQ_KIND, META_PREFIX + "config": json.dumps(model.config.to_json()),
+    props = {META_PREFIX + "kind": SEQ2SEQ_KIND, META_PREFIX + "config": json.dumps(model.config.to_dict()),
              META_PREFIX + "dtype": str(model.dtype), META_PREFIX + "meta": json.dumps(meta or {}, default=json_default)}
     directory = Path(directory)
     enc = _encoder_graph(model, opset).model("bptt_seq2seq_encoder", dict(props, **{META_PREFIX + "graph": "encoder"}))
@@ -169,7 +169,7 @@ class OnnxSeq2Seq:
                 raise OnnxError(f"{directory / path}: not a seq2seq {graph} graph written by bptt")
         if props[0][META_PREFIX + "config"] != props[1][META_PREFIX + "config"]:
             raise OnnxError(f"{directory}: encoder.onnx and decoder_step.onnx come from different models")
-        self.config = Seq2SeqConfig.from_json(json.loads(props[0][META_PREFIX + "config"]))
+        self.config = Seq2SeqConfig.from_dict(json.loads(props[0][META_PREFIX + "config"]))
         self.meta = json.loads(props[0].get(META_PREFIX + "meta", "{}"))
         self.dtype = np.dtype(props[0][META_PREFIX + "dtype"])
         self.use_attention = self.config.attention != "none"

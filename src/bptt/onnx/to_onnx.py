@@ -94,7 +94,7 @@ def export_charlm(model, vocab, path, *, graph: str = "sequence", opset: int = D
         logits = y W_decᵀ + b_dec
 
     The vocabulary, the model config and ``meta`` (JSON-serialisable, e.g. the checkpoint's
-    iteration and losses) go into the model's ``metadata_props`` as JSON under ``bptt.*``
+    step and evaluation) go into the model's ``metadata_props`` as JSON under ``bptt.*``
     keys, so :func:`bptt.onnx.runtime.load_charlm` needs nothing else.
     """
     from bptt.lm.model import CharLM
@@ -131,7 +131,7 @@ def export_charlm(model, vocab, path, *, graph: str = "sequence", opset: int = D
     metadata = {
         META_PREFIX + "kind": CHARLM_KIND,
         META_PREFIX + "graph": graph,
-        META_PREFIX + "model_config": json.dumps(cfg.to_dict()),
+        META_PREFIX + "config": json.dumps(cfg.to_dict()),
         META_PREFIX + "vocab": json.dumps(vocab.to_json(), ensure_ascii=False),
         META_PREFIX + "meta": json.dumps(meta or {}, default=json_default),
     }
