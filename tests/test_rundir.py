@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bptt.checkpoint import save_checkpoint
-from bptt.rundir import LOCK_NAME, RunDirBusy, RunDirError, RunDirOccupied, claim_run_dir, existing_run
+from bptt.rundir import LOCK_NAME, RunDirBusy, RunDirError, RunDirOccupied, claim_run_dir, existing_run, held_locks
 
 _HOLDER = r"""
 import sys, time
@@ -64,6 +64,19 @@ def test_fresh_directory_is_created_locked_and_released(tmp_path):
     with claim_run_dir(d, resume=False, overwrite=False) as again:  # no run was written: still fresh
         assert again.locked
     assert not again.locked
+
+
+def test_a_dropped_lock_object_still_holds(tmp_path):
+    import gc
+
+    claim_run_dir(tmp_path, resume=False, overwrite=False)  # the result is not kept
+    gc.collect()
+    with pytest.raises(RunDirBusy):
+        claim_run_dir(tmp_path, resume=False, overwrite=False)
+    [held] = [lk for lk in held_locks() if lk.out_dir == tmp_path]
+    held.release()
+    with claim_run_dir(tmp_path, resume=False, overwrite=False):
+        pass
 
 
 def test_fresh_run_refused_in_occupied_directory(tmp_path):

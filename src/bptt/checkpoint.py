@@ -31,7 +31,8 @@ would not), it does not depend on the order and padding in which the
 safetensors library lays the tensors out (another writer, or a future version,
 may lay them out differently), and it is computed from the very arrays that
 are handed back to the caller.  The cost is one SHA-256 pass over the tensors
-on save and on load (about 0.5-1 GB/s).  Adding the key did not change
+on save and on load (0.06-0.11 s for 100 MB of float32 on the
+2-core VM, a noisy measurement).  Adding the key did not change
 ``format_version``: a reader that does not know the key ignores it.
 
 Nothing is pickled, so loading a checkpoint never executes code.  A JSON

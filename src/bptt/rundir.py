@@ -49,6 +49,7 @@ __all__ = [
     "RunDirLock",
     "claim_run_dir",
     "existing_run",
+    "held_locks",
     "LOCK_NAME",
     "RUN_FILES",
 ]
@@ -115,8 +116,14 @@ def _sidecars(directory: Path, names: Iterable[str]) -> list[str]:
     return out
 
 
+# Every held lock, so that a lock object the caller drops is not garbage-collected (which would
+# close its file and so release the lock): a claim lasts until release() or the end of the process.
+_HELD: dict[int, RunDirLock] = {}
+
+
 class RunDirLock:
-    """Ownership of a run directory; :meth:`release` (or leaving the ``with`` block) gives it up.
+    """Ownership of a run directory; :meth:`release` (or leaving the ``with`` block) gives it up,
+    and so does the end of the process, however it ends.
 
     Attributes: ``out_dir`` (Path), ``resumed`` (True if a previous run was
     there and ``resume`` was asked), ``removed`` (names deleted by
@@ -138,6 +145,7 @@ class RunDirLock:
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        _HELD.pop(id(self), None)
         try:
             os.ftruncate(fd, 0)  # no pid left behind for someone to report
         except OSError:
@@ -153,15 +161,14 @@ class RunDirLock:
     def __exit__(self, *exc) -> None:
         self.release()
 
-    def __del__(self):  # a forgotten lock is released when the object goes, at the latest at exit
-        try:
-            self.release()
-        except Exception:
-            pass
-
     def __repr__(self) -> str:
         state = "held" if self.locked else "released"
         return f"RunDirLock({str(self.out_dir)!r}, {state})"
+
+
+def held_locks() -> list[RunDirLock]:
+    """The run directories this process holds right now (e.g. to release them before exec)."""
+    return list(_HELD.values())
 
 
 def _read_pid(fd: int) -> int | None:
@@ -235,6 +242,8 @@ def claim_run_dir(
 
     fd = _lock(out)
     lock = RunDirLock(out, fd, resumed=False, removed=[])
+    if fd is not None:
+        _HELD[id(lock)] = lock
     try:
         previous = existing_run(out)
         if previous and not (resume or overwrite):

@@ -58,6 +58,8 @@ def test_char_unk_counts_unseen_characters():
     assert enc.unknown == 3 and enc.unknown_units == ["x", "🙂"]
     assert u.decode(enc.ids) == f"ab{UNK_CHAR}{UNK_CHAR}c\n{UNK_CHAR}"
     assert u.encode_counted("cab").unknown == 0
+    chunked = u.encode_counted("abxxc\n🙂" * 5, chunk_chars=3)  # chunk edges inside the text
+    assert chunked.ids.tolist() == enc.ids.tolist() * 5 and chunked.unknown == 15
     w = _round_trip(u)
     assert w == u and w.unk_id == 4 and w != CharUnits.fit("abc\n")
     with pytest.raises(DataError, match="out of range"):
@@ -133,6 +135,7 @@ def test_tokenize_and_detokenize():
 def test_word_vocab_by_frequency_and_unknowns_counted():
     train = "the cat sat\nthe dog sat\nthe end\n"
     u = make_units("word", train, vocab_size=5)
+    assert isinstance(u, WordUnits)
     # counts: the 3, sat 2, cat 1, dog 1, end 1 -> keep the, sat, then cat (alphabetical tie-break)
     assert u.tokens == [UNK, "<eos>", "the", "sat", "cat"]
     assert u.vocab_size == len(u) == 5 and u.unk_id == 0 and u.eos_id == 1

@@ -41,6 +41,8 @@ def test_windows_tile_every_stream_exactly(strategy, options):
 def test_fixed_is_tbptt_with_the_common_interface():
     ids = np.arange(500) % 7
     f, t = make_batches("fixed", ids, 3, 10), TBPTTBatches(ids, 3, 10)
+    assert isinstance(f, FixedBatches)
+    f.set_epoch(4)  # nothing changes
     assert len(f) == len(t) and f.tokens_per_epoch == t.tokens_per_epoch
     for k in range(len(t)):
         w = f.window(k)

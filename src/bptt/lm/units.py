@@ -159,21 +159,31 @@ class CharUnits:
     def unknown(self, text: str) -> list[str]:
         return self.vocab.unknown(text)
 
-    def encode_counted(self, text: str) -> Encoded:
+    def encode_counted(self, text: str, chunk_chars: int = 1 << 20) -> Encoded:
+        """(L,) ids; unseen characters -> <unk> (counted), or DataError without <unk>.
+
+        Works in chunks of ``chunk_chars`` so that the temporaries stay a few MB.
+        """
         if not isinstance(text, str):
             raise DataError(f"character units encode text (str), got {type(text).__name__}")
-        ids = np.take(self._table, _codepoints(text), mode="clip")
-        bad = ids < 0
-        unknown, distinct = int(bad.sum()), []
-        if unknown:
-            distinct = self.unknown(text)
-            if self.unk_id is None:
-                raise DataError(
-                    f"text contains {unknown} character(s) not in the vocabulary ({show_chars(distinct)}); "
-                    f"expected only the {len(self.chars)} characters of the training corpus (or a vocabulary with <unk>)"
-                )
-            ids[bad] = self.unk_id
-        return Encoded(ids.astype(self.dtype), unknown, distinct)
+        out = np.empty(len(text), dtype=self.dtype)
+        unknown = 0
+        for start in range(0, len(text), chunk_chars):
+            ids = np.take(self._table, _codepoints(text[start : start + chunk_chars]), mode="clip")
+            bad = ids < 0
+            if bad.any():
+                if self.unk_id is None:
+                    distinct = self.unknown(text)
+                    count = sum(text.count(c) for c in distinct)
+                    raise DataError(
+                        f"text contains {count} character(s) not in the vocabulary ({show_chars(distinct)}); "
+                        f"expected only the {len(self.chars)} characters of the training corpus "
+                        "(or a vocabulary with <unk>)"
+                    )
+                unknown += int(bad.sum())
+                ids[bad] = self.unk_id
+            out[start : start + len(ids)] = ids
+        return Encoded(out, unknown, self.unknown(text) if unknown else [])
 
     def encode(self, text: str) -> np.ndarray:
         return self.encode_counted(text).ids
