@@ -348,7 +348,7 @@ def _seq2seq_checkpoint(path):
 
     cfg = Seq2SeqConfig(src_vocab=9, tgt_vocab=8, embedding=4, hidden=6, attention="general")
     model = Seq2Seq(cfg, rng=np.random.default_rng(1))
-    save_checkpoint(path, {"model": model.state_dict()}, {"kind": "seq2seq", "config": cfg.to_json(), "step": 3})
+    save_checkpoint(path, {"model": model.state_dict()}, {"kind": "seq2seq", "config": cfg.to_dict(), "step": 3})
     return model.state_dict()
 
 

@@ -68,6 +68,7 @@ __all__ = [
     "rng_state",
     "restore_rng",
     "upgrade_meta",
+    "set_default_verify",
     "load_checkpoint_of_kind",
 ]
 
@@ -278,7 +279,18 @@ def save_checkpoint(
     _atomic_write(sidecar_path(final), pretty.encode("utf-8", "backslashreplace"))
 
 
-def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
+#: whether :func:`load_checkpoint` verifies digests when its caller does not say; ``bptt --no-verify`` turns it
+#: off for one command (every load in it: sample, eval, resume, export, inspect), through
+#: :func:`set_default_verify`.
+_VERIFY_BY_DEFAULT = [True]
+
+
+def set_default_verify(enabled: bool) -> None:
+    """Make digest verification the default (True) or not (False) for loads that do not pass ``verify``."""
+    _VERIFY_BY_DEFAULT[0] = bool(enabled)
+
+
+def load_checkpoint(path: str | os.PathLike, verify: bool | None = None) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
     Returns ``(tensors, meta)``: ``tensors`` is ``{namespace: {name: array}}``
@@ -292,9 +304,12 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> tuple[dict[
     without a digest (written before digests existed) loads, with one
     :class:`UnverifiedCheckpointWarning` naming the file.  ``verify=False``
     skips both (for forensics on a damaged file); the structural checks above
-    still apply.
+    still apply.  ``verify=None`` takes the default set by :func:`set_default_verify` (on).
     """
     from safetensors import safe_open
+
+    if verify is None:
+        verify = _VERIFY_BY_DEFAULT[0]
 
     p = Path(path)
     if not p.exists():
@@ -359,7 +374,7 @@ def _verify_digest(p: Path, flat: Mapping[str, np.ndarray], header_meta: Mapping
     if content_digest(flat, header_meta[_META_KEY]) != stored:
         raise CheckpointError(
             f"{p} is corrupted: its contents do not match the SHA-256 digest written with them "
-            "(load with verify=False to inspect it anyway)"
+            "(bptt --no-verify ... loads it anyway, for inspection)"
         )
     return True
 

@@ -249,7 +249,8 @@ def claim_run_dir(
         if previous and not (resume or overwrite):
             shown = ", ".join(previous[:3]) + (", ..." if len(previous) > 3 else "")
             raise RunDirOccupied(
-                f"{out} already holds a run ({shown}); resume it, overwrite it, or choose another output directory"
+                f"{out} already holds a run ({shown}); continue it with --resume, replace it with --overwrite, "
+                f"or choose another --out"
             )
         lock.resumed = bool(previous) and resume
         if overwrite:

@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="bptt", description="Sequence models with hand-derived backpropagation through time.")
     parser.add_argument("--version", action="version", version=f"bptt {__version__}")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="load checkpoints whose SHA-256 digest does not match (for inspecting a damaged file)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     lm.register(sub)
     seq2seq.register(sub)
@@ -35,8 +37,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _notes(show_other):
+    """A ``warnings.showwarning`` that prints warnings meant for the user (an old checkpoint without a digest)
+    as one ``bptt: note:`` line and passes the others on."""
+    from bptt.checkpoint import UnverifiedCheckpointWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UnverifiedCheckpointWarning):
+            print(f"bptt: note: {message}", file=sys.stderr)
+        else:
+            show_other(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv=None) -> int:
-    from bptt.checkpoint import CheckpointError
+    import warnings
+
+    from bptt.checkpoint import CheckpointError, UnverifiedCheckpointWarning, set_default_verify
     from bptt.lm.data import DataError
     from bptt.nn.module import StateDictError
     from bptt.trainer import TrainingError
@@ -46,8 +64,12 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    set_default_verify(not args.no_verify)
     try:
-        return args.func(args) or 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", UnverifiedCheckpointWarning)
+            warnings.showwarning = _notes(warnings.showwarning)
+            return args.func(args) or 0
     except TrainingError as e:
         print(f"bptt: {e}", file=sys.stderr)
         return 1
@@ -60,3 +82,5 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # `bptt sample ... | head`: the reader is gone, which is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
+    finally:
+        set_default_verify(True)

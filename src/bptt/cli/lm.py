@@ -39,7 +39,7 @@ def register(sub) -> None:
 def cmd_train(args) -> int:
     from bptt.lm.train import TrainConfig, train
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "no_verify")}
     cfg = TrainConfig(**given)
     train(cfg, explicit=set(given))
     return 0

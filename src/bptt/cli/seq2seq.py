@@ -22,7 +22,7 @@ __all__ = ["register", "cmd_train", "cmd_translate", "cmd_eval"]
 
 
 def cmd_train(args) -> int:
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "seq2seq_command", "func")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "seq2seq_command", "func", "no_verify")}
     cfg = Seq2SeqTrainConfig(**given)
     summary = train(cfg)
     print(json.dumps({"checkpoint": str(Path(cfg.out) / "model.safetensors"), **(summary["eval"] or {})}))

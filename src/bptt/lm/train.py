@@ -29,6 +29,7 @@ from bptt.lm.data import DataError, TBPTTBatches, Vocab, default_corpus, encode_
 from bptt.lm.evaluate import evaluate
 from bptt.lm.model import CHECKPOINT_KIND, CharLM, CharLMConfig, load_model
 from bptt.nn.optim import make_optimizer, make_schedule
+from bptt.rundir import claim_run_dir
 from bptt.trainer import LoopConfig, StepResult, Trainer, TrainingError
 
 __all__ = ["TrainConfig", "TrainingError", "train", "CharLMJob"]
@@ -79,6 +80,7 @@ class TrainConfig:
     log_hidden_stats: int = field(default=0, metadata={"help": "every K steps, log the mean and variance of h per layer (0 = off)"})
     seed: int = field(default=123, metadata={"help": "random seed (init, dropout)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from last.safetensors"})
+    overwrite: bool = field(default=False, metadata={"help": "start afresh in an --out that holds a run, deleting its checkpoints and log"})
     init_from: str | None = field(default=None, metadata={"help": "start from the weights of this checkpoint (new optimizer)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
@@ -250,6 +252,12 @@ def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None) -> dict:
     cfg.validate()
     out_dir = Path(cfg.out)
     check_out_dir(out_dir)
+    # held until the run ends: a second writer, or a fresh run over this one, stops with one line
+    with claim_run_dir(out_dir, resume=cfg.resume, overwrite=cfg.overwrite):
+        return _train(cfg, out_dir, log, explicit)
+
+
+def _train(cfg: TrainConfig, out_dir: Path, log, explicit: set[str] | None) -> dict:
     last_path = out_dir / "last.safetensors"
 
     # ---------------------------------------------------------------- vocabulary and configuration
@@ -265,7 +273,7 @@ def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None) -> dict:
             raise DataError(f"--resume cannot change {changes}; use --init-from to start a new run from these weights")
         for name in explicit or ():
             setattr(saved, name, getattr(cfg, name))
-        saved.resume, cfg = True, saved.validate()
+        saved.resume, saved.overwrite, cfg = True, False, saved.validate()
         resume_from = (tensors, meta)
         vocab = Vocab.from_json(meta["vocab"])
     elif cfg.init_from:
