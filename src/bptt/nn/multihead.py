@@ -80,7 +80,8 @@ def _softmax_rows(s: np.ndarray, nan_if_all_masked: bool) -> np.ndarray:
     dead = np.isneginf(m)  # (…, L, 1) rows with every key masked out
     if not nan_if_all_masked:
         m = np.where(dead, 0.0, m)  # exp(−∞ − 0) = 0: the row sums to 0 ...
-    a = np.exp(s - m)  # NaN for a dead row when m = −∞ (−∞ − (−∞))
+    with np.errstate(invalid="ignore"):  # the NaN of a dead row is wanted here
+        a = np.exp(s - m)  # NaN for a dead row when m = −∞ (−∞ − (−∞))
     z = a.sum(axis=-1, keepdims=True)
     if not nan_if_all_masked:
         z = np.where(dead, 1.0, z)  # ... and 0 / 1 = 0
