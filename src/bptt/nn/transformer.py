@@ -76,24 +76,27 @@ def _check_common(d_model, nhead, dim_feedforward, dropout, dtype):
 class _LayerBase(Module):
     """The parts both layers share: the feed-forward block under PyTorch's names, the norms, the dropouts."""
 
-    def _build_common(self, d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
-                      norm_first, bias, dtype, rng, n_norms):
+    def _build(self, d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first, norm_first,
+               bias, dtype, rng, cross):
+        """Children in PyTorch's order: self_attn, [multihead_attn], linear1, dropout, linear2, norm1.., dropout1.."""
         _check_common(d_model, nhead, dim_feedforward, dropout, dtype)
-        self.d_model, self.nhead, self.norm_first, self.batch_first = int(d_model), int(nhead), bool(norm_first), bool(batch_first)
+        self.d_model, self.nhead = int(d_model), int(nhead)
+        self.norm_first, self.batch_first = bool(norm_first), bool(batch_first)
         self._dtype = np.dtype(dtype)
         self.rng = rng
-        self.self_attn = self.add_module("self_attn", MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias,
-                                                                         batch_first=batch_first, dtype=dtype, rng=rng))
-
-    def _build_ffn(self, d_model, dim_feedforward, dropout, activation, layer_norm_eps, bias, dtype, rng, n_norms):
+        mha = dict(dropout=dropout, bias=bias, batch_first=batch_first, dtype=dtype, rng=rng)
+        self.self_attn = self.add_module("self_attn", MultiheadAttention(d_model, nhead, **mha))
+        if cross:
+            self.multihead_attn = self.add_module("multihead_attn", MultiheadAttention(d_model, nhead, **mha))
         # the feed-forward block computes; its children are registered here under PyTorch's names
         self.ff = PositionwiseFeedForward(d_model, dim_feedforward, dropout, activation, bias, dtype, rng)
         self.add_module("linear1", self.ff.linear1)
         self.add_module("dropout", self.ff.dropout)
         self.add_module("linear2", self.ff.linear2)
+        n = 3 if cross else 2
         self.norms = [self.add_module(f"norm{i}", LayerNorm(d_model, eps=layer_norm_eps, bias=bias, dtype=dtype))
-                      for i in range(1, n_norms + 1)]
-        self.drops = [self.add_module(f"dropout{i}", Dropout(dropout, rng=rng)) for i in range(1, n_norms + 1)]
+                      for i in range(1, n + 1)]
+        self.drops = [self.add_module(f"dropout{i}", Dropout(dropout, rng=rng)) for i in range(1, n + 1)]
 
     def _sublayer(self, x, i, f):
         """Residual sub-layer i: x + dropout_i(f(LN_i(x))) (pre-norm) or LN_i(x + dropout_i(f(x))) (post-norm)."""
@@ -129,10 +132,8 @@ class TransformerEncoderLayer(_LayerBase):
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu", layer_norm_eps=1e-5,
                  batch_first=False, norm_first=False, bias=True, dtype=np.float32, rng=None):
         super().__init__()
-        rng = resolve_rng(rng)
-        self._build_common(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
-                           norm_first, bias, dtype, rng, 2)
-        self._build_ffn(d_model, dim_feedforward, dropout, activation, layer_norm_eps, bias, dtype, rng, 2)
+        self._build(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first, norm_first,
+                    bias, dtype, resolve_rng(rng), cross=False)
 
     def extra_repr(self):
         return f"d_model={self.d_model}, nhead={self.nhead}, norm_first={self.norm_first}"
@@ -159,13 +160,8 @@ class TransformerDecoderLayer(_LayerBase):
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu", layer_norm_eps=1e-5,
                  batch_first=False, norm_first=False, bias=True, dtype=np.float32, rng=None):
         super().__init__()
-        rng = resolve_rng(rng)
-        self._build_common(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
-                           norm_first, bias, dtype, rng, 3)
-        self.multihead_attn = self.add_module("multihead_attn", MultiheadAttention(
-            d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first, dtype=dtype, rng=rng))
-        self._build_ffn(d_model, dim_feedforward, dropout, activation, layer_norm_eps, bias, dtype, rng, 3)
-        self._dmemory = None
+        self._build(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first, norm_first,
+                    bias, dtype, resolve_rng(rng), cross=True)
 
     def extra_repr(self):
         return f"d_model={self.d_model}, nhead={self.nhead}, norm_first={self.norm_first}"
