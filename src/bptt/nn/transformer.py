@@ -97,6 +97,11 @@ class _LayerBase(Module):
         self.norms = [self.add_module(f"norm{i}", LayerNorm(d_model, eps=layer_norm_eps, bias=bias, dtype=dtype))
                       for i in range(1, n + 1)]
         self.drops = [self.add_module(f"dropout{i}", Dropout(dropout, rng=rng)) for i in range(1, n + 1)]
+        for i in range(n):  # PyTorch's attribute names too: layer.norm1, layer.dropout1, ...
+            setattr(self, f"norm{i + 1}", self.norms[i])
+            setattr(self, f"dropout{i + 1}", self.drops[i])
+        self.linear1, self.linear2 = self.ff.linear1, self.ff.linear2
+        self.dropout, self.activation = self.ff.dropout, self.ff.activation
 
     def _sublayer(self, x, i, f):
         """Residual sub-layer i: x + dropout_i(f(LN_i(x))) (pre-norm) or LN_i(x + dropout_i(f(x))) (post-norm)."""
