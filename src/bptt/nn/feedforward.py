@@ -48,7 +48,10 @@ def erf(x: np.ndarray) -> np.ndarray:
         try:
             import numba
 
-            _ERF = numba.vectorize(["float32(float32)", "float64(float64)"], cache=True)(lambda v: math.erf(v))
+            def _erf_scalar(v):
+                return math.erf(v)
+
+            _ERF = numba.vectorize(["float32(float32)", "float64(float64)"])(_erf_scalar)
         except ImportError:  # pragma: no cover - numba is a dependency; slow but exact fallback
             _ERF = np.vectorize(math.erf, otypes=[np.float64])
     return np.asarray(_ERF(x), dtype=x.dtype)

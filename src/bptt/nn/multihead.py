@@ -220,6 +220,8 @@ class MultiheadAttention(Module):
     ``backward(doutput, dweights=None)`` → ``(dquery, dkey, dvalue)`` in the inputs' layouts.
     For self-attention (the same array passed as query, key and value) the gradient of that
     array is ``dquery + dkey + dvalue``: summing is the caller's job.
+
+    Not offered: PyTorch's ``add_bias_kv`` and ``add_zero_attn`` (extra key/value rows).
     """
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, batch_first=False, kdim=None, vdim=None,

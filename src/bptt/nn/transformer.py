@@ -216,6 +216,9 @@ class TransformerEncoder(Module):
     ``encoder_layer``, then the optional final ``norm`` (a LayerNorm).
 
     ``forward(src, mask=None, src_key_padding_mask=None, is_causal=None)`` → output; ``backward(dout)`` → dsrc.
+    ``enable_nested_tensor`` and ``mask_check`` are accepted and ignored: they steer PyTorch's inference fast
+    path, which (in eval mode without autograd) also returns zeros at padded positions; bptt always computes
+    every position, as PyTorch does in training or with gradients enabled.
     """
 
     def __init__(self, encoder_layer, num_layers, norm=None, enable_nested_tensor=True, mask_check=True):
