@@ -146,6 +146,7 @@ def test_decoder_layer_matches_torch(torch, i, dtype):
     assert not bad, (DEC_CONFIGS[i], bad)
 
 
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")  # torch's note on its inference fast path
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_stacks_and_transformer_match_torch(torch, norm_first, batch_first):
@@ -175,6 +176,7 @@ def test_stacks_and_transformer_match_torch(torch, norm_first, batch_first):
     assert max(errs.values()) < 1e-10, errs
 
 
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
 def test_state_dict_round_trip_and_keys(torch):
     tt = torch.nn.Transformer(8, 2, 1, 2, 12, dropout=0.0, bias=False, dtype=torch.float64)
     bt = Transformer(8, 2, 1, 2, 12, dropout=0.0, bias=False, dtype=np.float64, rng=3)
