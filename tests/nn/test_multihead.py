@@ -181,6 +181,8 @@ def test_sdpa_errors():
         scaled_dot_product_attention(q, q, q, attn_mask=np.ones((3, 3), bool), is_causal=True)
     with pytest.raises(ValueError, match="does not broadcast"):
         scaled_dot_product_attention(q, q, q, attn_mask=np.ones((5, 3), bool))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        scaled_dot_product_attention(q, q, q, attn_mask=np.ones((4, 2, 3, 3), bool))  # would widen the batch
     with pytest.raises(ValueError, match="bool or floating"):
         scaled_dot_product_attention(q, q, q, attn_mask=np.ones((3, 3), np.int64))
     with pytest.raises(ValueError, match="value"):

@@ -166,10 +166,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         bias = _additive(causal_mask(L, S), dtype, "attn_mask", true_means_masked=True)
     elif attn_mask is not None:
         bias = _additive(attn_mask, dtype, "attn_mask", true_means_masked=False)
+        want = q.shape[:-2] + (L, S)
         try:
-            np.broadcast_shapes(bias.shape, q.shape[:-2] + (L, S))
+            fits = np.broadcast_shapes(bias.shape, want) == want  # broadcasts to the scores, not beyond them
         except ValueError:
-            raise ValueError(f"attn_mask of shape {bias.shape} does not broadcast to {q.shape[:-2] + (L, S)}") from None
+            fits = False
+        if not fits:
+            raise ValueError(f"attn_mask of shape {bias.shape} does not broadcast to {want}")
     sc = 1.0 / np.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _attend(q, k, v, bias, sc, float(dropout_p), dropout_p > 0, resolve_rng(rng), False)
 
