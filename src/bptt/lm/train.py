@@ -27,7 +27,8 @@ from bptt import checkpoint as ckpt
 from bptt.config import check_fields
 from bptt.lm.data import DataError, TBPTTBatches, Vocab, default_corpus, encode_file, encode_text, show_chars, split_corpus
 from bptt.lm.evaluate import evaluate
-from bptt.lm.model import CHECKPOINT_KIND, CharLM, CharLMConfig, load_model
+from bptt.lm.model import CHECKPOINT_KIND, CharLM, CharLMConfig, build_model, config_from_dict, load_model
+from bptt.lm.transformer import TransformerLMConfig
 from bptt.nn.optim import make_optimizer, make_schedule
 from bptt.rundir import claim_run_dir
 from bptt.trainer import LoopConfig, StepResult, Trainer, TrainingError
@@ -43,11 +44,14 @@ class TrainConfig:
     encoding: str = field(default="utf-8", metadata={"help": "text encoding of --data"})
     out: str = field(default="runs/charlm", metadata={"help": "run directory for checkpoints, log and plot"})
     # model
-    model: str = field(default="lstm", metadata={"help": "recurrent cell", "choices": ["lstm", "gru", "rnn"]})
+    model: str = field(default="lstm", metadata={"help": "recurrent cell, or a decoder-only Transformer", "choices": ["lstm", "gru", "rnn", "transformer"]})
     hidden: int = field(default=128, metadata={"help": "hidden units per layer"})
     layers: int = field(default=2, metadata={"help": "stacked recurrent layers"})
     dropout: float = field(default=0.0, metadata={"help": "dropout between layers and before the decoder"})
     embedding: int = field(default=0, metadata={"help": "embedding size; 0 = one-hot input"})
+    d_model: int = field(default=128, metadata={"help": "transformer: width of the residual stream"})
+    heads: int = field(default=4, metadata={"help": "transformer: attention heads (must divide --d-model)"})
+    context: int = field(default=0, metadata={"help": "transformer: the most positions it attends over (0 = --seq-len)"})
     init: str = field(default="torch", metadata={"help": "weight init: torch U(±1/√H) or charrnn U(±0.08)", "choices": ["torch", "charrnn"]})
     forget_bias: float = field(default=0.0, metadata={"help": "added to the LSTM forget-gate bias at init"})
     dtype: str = field(default="float32", metadata={"help": "float type", "choices": ["float32", "float64"]})
@@ -84,7 +88,11 @@ class TrainConfig:
     init_from: str | None = field(default=None, metadata={"help": "start from the weights of this checkpoint (new optimizer)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
-    def model_config(self, vocab_size: int) -> CharLMConfig:
+    def model_config(self, vocab_size: int):
+        """The model's config: a :class:`TransformerLMConfig` for ``--model transformer``, else a CharLMConfig."""
+        if self.model == "transformer":
+            return TransformerLMConfig(vocab_size, self.layers, self.d_model, self.heads, self.context or self.seq_len,
+                                       self.dropout, self.dtype).validate()
         return CharLMConfig(vocab_size, self.model, self.hidden, self.layers, self.dropout, self.embedding,
                             self.init, self.forget_bias, self.dtype).validate()
 
@@ -100,6 +108,10 @@ class TrainConfig:
             problems.append(f"--lr-decay must be in (0, 1], got {self.lr_decay}")
         if problems:
             raise ValueError("; ".join(problems))
+        if self.model == "transformer" and self.context and self.seq_len > self.context:
+            raise ValueError(f"--seq-len {self.seq_len} is longer than the transformer's --context {self.context}")
+        if self.model == "transformer" and self.log_hidden_stats:
+            raise ValueError("--log-hidden-stats reads a recurrent layer's states; a transformer has none")
         self.model_config(1)  # model fields
         return self
 
@@ -137,7 +149,8 @@ def load_corpus(cfg: TrainConfig, out_dir: Path, vocab: Vocab | None, log):
 
 
 class CharLMJob:
-    """The char LM as a :class:`bptt.trainer.Job`: TBPTT windows with the hidden state carried."""
+    """The language model (recurrent or Transformer) as a :class:`bptt.trainer.Job`: TBPTT windows, the
+    hidden state carried from window to window (a Transformer carries none: its windows are independent)."""
 
     kind = CHECKPOINT_KIND
     metric = "val_loss"
@@ -238,7 +251,7 @@ def check_out_dir(out_dir: Path):
 
 
 # what the saved weights and optimizer state were made with
-_FIXED_ON_RESUME = ("model", "hidden", "layers", "embedding", "dtype", "optimizer")
+_FIXED_ON_RESUME = ("model", "hidden", "layers", "embedding", "d_model", "heads", "context", "dtype", "optimizer")
 
 
 def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None) -> dict:
@@ -293,11 +306,11 @@ def _train(cfg: TrainConfig, out_dir: Path, log, explicit: set[str] | None) -> d
             raise DataError(f"validation split ({len(val_ids)} characters) is too short: {e}") from None
 
     # ---------------------------------------------------------------- model
-    model = CharLM(cfg.model_config(len(vocab)), rng=cfg.seed)
+    model = build_model(cfg.model_config(len(vocab)), rng=cfg.seed)
     if cfg.init_from and not cfg.resume:
         if init_model.config.to_dict() | {"dtype": cfg.dtype} != model.config.to_dict():
             log(f"--init-from: using the checkpoint's architecture {init_model.config.to_dict()}")
-            model = CharLM(CharLMConfig.from_dict(init_model.config.to_dict() | {"dtype": cfg.dtype}), rng=cfg.seed)
+            model = build_model(config_from_dict(init_model.config.to_dict() | {"dtype": cfg.dtype}), rng=cfg.seed)
         model.load_state_dict(init_model.state_dict())
     steps_per_epoch = len(batches)
     max_steps = int(cfg.max_epochs * steps_per_epoch)
