@@ -299,8 +299,16 @@ def test_cli_tsv_data(tmp_path, capsys):
     assert cli_main(["seq2seq", "eval", ckpt]) == 2  # trained on --data: needs --data to evaluate
     bad = tmp_path / "bad.tsv"
     bad.write_text("cat dog\tdog cat\ncat dog dog cat\n", encoding="utf-8")
-    assert cli_main(["seq2seq", "train", "--data", str(bad), "--out", str(out), *TINY]) == 2
+    assert cli_main(["seq2seq", "train", "--data", str(bad), "--out", str(tmp_path / "bad_run"), *TINY]) == 2
     assert "bad.tsv:2: no tab" in capsys.readouterr().err
+    # a fresh run into the occupied directory is refused, nothing overwritten; --overwrite replaces the run
+    before = (out / "model.safetensors").read_bytes()
+    assert cli_main(["seq2seq", "train", "--data", str(data), "--out", str(out), *TINY]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == before
+    assert cli_main(["seq2seq", "train", "--data", str(data), "--out", str(out), "--overwrite", "--max-steps", "2",
+                     "--eval-every", "2", *TINY]) == 0
+    assert (out / "model.safetensors").read_bytes() != before
 
 
 def test_greedy_output_ends_before_eos():

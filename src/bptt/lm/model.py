@@ -35,7 +35,7 @@ from bptt.nn.rnn import GRU, LSTM, RNN
 from bptt.nn.losses import cross_entropy
 from bptt.nn.module import Module
 
-__all__ = ["CharLMConfig", "CharLM", "CHECKPOINT_KIND", "load_model"]
+__all__ = ["CharLMConfig", "CharLM", "CHECKPOINT_KIND", "load_model", "build_model", "config_from_dict"]
 
 CHECKPOINT_KIND = "charlm"
 
@@ -180,17 +180,35 @@ class CharLM(Module):
 # ============================================================================ loading
 
 
+def config_from_dict(d: dict):
+    """A language model's config from its dict: a Transformer's (``model == "transformer"``) or a CharLM's."""
+    if d.get("model") == "transformer":
+        from bptt.lm.transformer import TransformerLMConfig
+
+        return TransformerLMConfig.from_dict(d)
+    return CharLMConfig.from_dict(d)
+
+
+def build_model(config, rng=None):
+    """The language model a config describes: :class:`CharLM` or :class:`bptt.lm.transformer.TransformerLM`."""
+    if config.model == "transformer":
+        from bptt.lm.transformer import TransformerLM
+
+        return TransformerLM(config, rng=rng)
+    return CharLM(config, rng=rng)
+
+
 def load_model(path, dtype: str | None = None):
-    """(model, vocab, meta) from a checkpoint written by ``bptt train``."""
+    """(model, vocab, meta) from a checkpoint written by ``bptt train`` (any architecture)."""
     tensors, meta = ckpt.load_checkpoint_of_kind(path, CHECKPOINT_KIND, "a character language model")
     try:
-        config = CharLMConfig.from_dict(meta["config"])
+        config = config_from_dict(meta["config"])
         if dtype:
             config.dtype = dtype
         vocab = Vocab.from_json(meta["vocab"])
-        model = CharLM(config, rng=0)
+        model = build_model(config, rng=0)
         model.load_state_dict(tensors.get("model", {}))
     except (KeyError, TypeError, ValueError) as e:
-        raise ckpt.CheckpointError(f"{path}: checkpoint contents do not fit a CharLM ({e})") from None
+        raise ckpt.CheckpointError(f"{path}: checkpoint contents do not fit the model its config describes ({e})") from None
     model.eval()
     return model, vocab, meta

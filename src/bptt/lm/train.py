@@ -17,12 +17,13 @@ Under ``mpiexec -n K`` the run is data parallel (:mod:`bptt.dist`) with no extra
 (T, N) window, carrying their hidden state) and weighs its gradient by N_r / N, so K ranks
 compute the same steps as one process (to rounding).  Checkpoints hold the state of all N
 streams (gathered to rank 0) and resume with any K.  Dropout masks come from a generator per
-rank: rank 0 continues the one-process stream, rank r > 0 starts from seed + r.
+rank: rank 0 continues the one-process stream, rank r > 0 starts from seed + r.  Rank 0 alone
+owns the run directory (its lock, the fresh/resume/overwrite check) and writes to it.
 """
-
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -36,8 +37,10 @@ from bptt.config import check_fields
 from bptt.dist import current_world
 from bptt.lm.data import DataError, TBPTTBatches, Vocab, default_corpus, encode_file, encode_text, show_chars, split_corpus
 from bptt.lm.evaluate import evaluate
-from bptt.lm.model import CHECKPOINT_KIND, CharLM, CharLMConfig, load_model
+from bptt.lm.model import CHECKPOINT_KIND, CharLM, CharLMConfig, build_model, config_from_dict, load_model
+from bptt.lm.transformer import TransformerLMConfig
 from bptt.nn.optim import make_optimizer, make_schedule
+from bptt.rundir import claim_run_dir
 from bptt.trainer import LoopConfig, StepResult, Trainer, TrainingError
 
 __all__ = ["TrainConfig", "TrainingError", "train", "CharLMJob"]
@@ -51,11 +54,14 @@ class TrainConfig:
     encoding: str = field(default="utf-8", metadata={"help": "text encoding of --data"})
     out: str = field(default="runs/charlm", metadata={"help": "run directory for checkpoints, log and plot"})
     # model
-    model: str = field(default="lstm", metadata={"help": "recurrent cell", "choices": ["lstm", "gru", "rnn"]})
+    model: str = field(default="lstm", metadata={"help": "recurrent cell, or a decoder-only Transformer", "choices": ["lstm", "gru", "rnn", "transformer"]})
     hidden: int = field(default=128, metadata={"help": "hidden units per layer"})
     layers: int = field(default=2, metadata={"help": "stacked recurrent layers"})
     dropout: float = field(default=0.0, metadata={"help": "dropout between layers and before the decoder"})
     embedding: int = field(default=0, metadata={"help": "embedding size; 0 = one-hot input"})
+    d_model: int = field(default=128, metadata={"help": "transformer: width of the residual stream"})
+    heads: int = field(default=4, metadata={"help": "transformer: attention heads (must divide --d-model)"})
+    context: int = field(default=0, metadata={"help": "transformer: the most positions it attends over (0 = --seq-len)"})
     init: str = field(default="torch", metadata={"help": "weight init: torch U(±1/√H) or charrnn U(±0.08)", "choices": ["torch", "charrnn"]})
     forget_bias: float = field(default=0.0, metadata={"help": "added to the LSTM forget-gate bias at init"})
     dtype: str = field(default="float32", metadata={"help": "float type", "choices": ["float32", "float64"]})
@@ -88,10 +94,15 @@ class TrainConfig:
     log_hidden_stats: int = field(default=0, metadata={"help": "every K steps, log the mean and variance of h per layer (0 = off)"})
     seed: int = field(default=123, metadata={"help": "random seed (init, dropout)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from last.safetensors"})
+    overwrite: bool = field(default=False, metadata={"help": "start afresh in an --out that holds a run, deleting its checkpoints and log"})
     init_from: str | None = field(default=None, metadata={"help": "start from the weights of this checkpoint (new optimizer)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
-    def model_config(self, vocab_size: int) -> CharLMConfig:
+    def model_config(self, vocab_size: int):
+        """The model's config: a :class:`TransformerLMConfig` for ``--model transformer``, else a CharLMConfig."""
+        if self.model == "transformer":
+            return TransformerLMConfig(vocab_size, self.layers, self.d_model, self.heads, self.context or self.seq_len,
+                                       self.dropout, self.dtype).validate()
         return CharLMConfig(vocab_size, self.model, self.hidden, self.layers, self.dropout, self.embedding,
                             self.init, self.forget_bias, self.dtype).validate()
 
@@ -107,6 +118,10 @@ class TrainConfig:
             problems.append(f"--lr-decay must be in (0, 1], got {self.lr_decay}")
         if problems:
             raise ValueError("; ".join(problems))
+        if self.model == "transformer" and self.context and self.seq_len > self.context:
+            raise ValueError(f"--seq-len {self.seq_len} is longer than the transformer's --context {self.context}")
+        if self.model == "transformer" and self.log_hidden_stats:
+            raise ValueError("--log-hidden-stats reads a recurrent layer's states; a transformer has none")
         self.model_config(1)  # model fields
         return self
 
@@ -144,7 +159,8 @@ def load_corpus(cfg: TrainConfig, out_dir: Path, vocab: Vocab | None, log):
 
 
 class CharLMJob:
-    """The char LM as a :class:`bptt.trainer.Job`: TBPTT windows with the hidden state carried."""
+    """The language model (recurrent or Transformer) as a :class:`bptt.trainer.Job`: TBPTT windows, the
+    hidden state carried from window to window (a Transformer carries none: its windows are independent)."""
 
     kind = CHECKPOINT_KIND
     metric = "val_loss"
@@ -267,7 +283,7 @@ def check_out_dir(out_dir: Path):
 
 
 # what the saved weights and optimizer state were made with
-_FIXED_ON_RESUME = ("model", "hidden", "layers", "embedding", "dtype", "optimizer")
+_FIXED_ON_RESUME = ("model", "hidden", "layers", "embedding", "d_model", "heads", "context", "dtype", "optimizer")
 
 
 def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None, world=None) -> dict:
@@ -282,25 +298,33 @@ def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None, world=No
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if not world.is_main:
         log = lambda msg: None  # noqa: E731 - rank 0 speaks for all
-    # every rank checks the arguments and reads the data; a failure on any rank stops all of them, once
-    trainer, summary_line = world.agree(_prepare, cfg, log, explicit, world)
-    if world.size > 1:
-        log(world.layout_line())
-        world.broadcast_model(trainer.job.model, trainer.job.optimizer)  # one start (or resume) for all
-    log(summary_line)
-    summary = trainer.run()
+    # every rank checks the arguments; rank 0 claims the run directory (held until the run ends: a second
+    # writer, or a fresh run over this one, stops with one line); a failure on any rank stops all, once
+    with world.agree(_claim, cfg, world):
+        trainer, summary_line = world.agree(_prepare, cfg, Path(cfg.out), log, explicit, world)
+        if world.size > 1:
+            log(world.layout_line())
+            world.broadcast_model(trainer.job.model, trainer.job.optimizer)  # one start (or resume) for all
+        log(summary_line)
+        summary = trainer.run()
     if summary["best"] is not None:
         best = summary["best"]
-        out_dir = trainer.cfg.out_dir
-        log(f"best validation loss {best:.4f} nats/char ({best / math.log(2):.4f} bits/char); checkpoints in {out_dir}")
+        log(f"best validation loss {best:.4f} nats/char ({best / math.log(2):.4f} bits/char); checkpoints in {cfg.out}")
     return summary
 
 
-def _prepare(cfg: TrainConfig, log, explicit, world):
-    """Configuration, data, model, job and loop, ready to run (on every rank)."""
+def _claim(cfg: TrainConfig, world):
+    """Validate; rank 0 locks the run directory and checks (or clears) a previous run there."""
     cfg.validate()
     out_dir = Path(cfg.out)
     check_out_dir(out_dir)
+    if not world.is_main:
+        return contextlib.nullcontext()
+    return claim_run_dir(out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+
+
+def _prepare(cfg: TrainConfig, out_dir: Path, log, explicit: set[str] | None, world):
+    """Configuration, data, model, job and loop, ready to run (on every rank)."""
     last_path = out_dir / "last.safetensors"
 
     # ---------------------------------------------------------------- vocabulary and configuration
@@ -316,7 +340,7 @@ def _prepare(cfg: TrainConfig, log, explicit, world):
             raise DataError(f"--resume cannot change {changes}; use --init-from to start a new run from these weights")
         for name in explicit or ():
             setattr(saved, name, getattr(cfg, name))
-        saved.resume, cfg = True, saved.validate()
+        saved.resume, saved.overwrite, cfg = True, False, saved.validate()
         resume_from = (tensors, meta)
         vocab = Vocab.from_json(meta["vocab"])
     elif cfg.init_from:
@@ -336,11 +360,11 @@ def _prepare(cfg: TrainConfig, log, explicit, world):
             raise DataError(f"validation split ({len(val_ids)} characters) is too short: {e}") from None
 
     # ---------------------------------------------------------------- model
-    model = CharLM(cfg.model_config(len(vocab)), rng=cfg.seed)
+    model = build_model(cfg.model_config(len(vocab)), rng=cfg.seed)
     if cfg.init_from and not cfg.resume:
         if init_model.config.to_dict() | {"dtype": cfg.dtype} != model.config.to_dict():
             log(f"--init-from: using the checkpoint's architecture {init_model.config.to_dict()}")
-            model = CharLM(CharLMConfig.from_dict(init_model.config.to_dict() | {"dtype": cfg.dtype}), rng=cfg.seed)
+            model = build_model(config_from_dict(init_model.config.to_dict() | {"dtype": cfg.dtype}), rng=cfg.seed)
         model.load_state_dict(init_model.state_dict())
     steps_per_epoch = len(batches)
     max_steps = int(cfg.max_epochs * steps_per_epoch)

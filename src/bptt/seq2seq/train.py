@@ -14,11 +14,13 @@ weighs its gradient by its share of the batch's target tokens, so the sum over r
 gradient of the one-process masked mean.  Validation pairs are shared out and the counts summed.
 Scheduled sampling (--teacher-forcing < 1) then draws from a generator of each rank's own
 (seeded (seed, rank)), and dropout rank r > 0 from seed + r: with either, K ranks do not repeat
-the one-process run, and those generators are not in the checkpoint.
+the one-process run, and those generators are not in the checkpoint.  Rank 0 alone owns the run
+directory and writes to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -30,6 +32,7 @@ from bptt.config import check_fields
 from bptt.dist import current_world
 from bptt.lm.data import DataError
 from bptt.nn.optim import OPTIMIZERS, make_optimizer, make_schedule
+from bptt.rundir import claim_run_dir
 from bptt.seq2seq.data import SeqData
 from bptt.seq2seq.decode import evaluate
 from bptt.seq2seq.model import Batch, Seq2Seq, Seq2SeqConfig, train_step
@@ -68,6 +71,7 @@ class Seq2SeqTrainConfig:
     log_every: int = field(default=50, metadata={"help": "steps between train-loss log records"})
     out: str = field(default="runs/seq2seq", metadata={"help": "run directory"})
     resume: bool = field(default=False, metadata={"help": f"continue from OUT/{CKPT_NAME}"})
+    overwrite: bool = field(default=False, metadata={"help": "start afresh in an --out that holds a run, deleting its checkpoint and log"})
     seed: int = field(default=0, metadata={"help": "random seed (init, batches, scheduled sampling)"})
     teacher_forcing: float = field(default=1.0, metadata={"help": "probability of feeding the gold previous token (<1: two-pass scheduled sampling)"})
     quiet: bool = field(default=False, metadata={"help": "no progress bar or messages"})
@@ -198,18 +202,27 @@ def train(cfg: Seq2SeqTrainConfig, log=None, world=None) -> dict:
     log = log or ((lambda s: None) if cfg.quiet else (lambda s: print(s, file=sys.stderr, flush=True)))
     if not world.is_main:
         log = lambda s: None  # noqa: E731 - rank 0 speaks for all
-    trainer = world.agree(_prepare, cfg, log, world)  # a failure on any rank stops all of them, once
-    if world.size > 1:
-        log(world.layout_line())
-        world.broadcast_model(trainer.job.model, trainer.job.optimizer)
-    log(f"seq2seq: {trainer.job.model.num_parameters():,} parameters, {trainer.job.model!r}")
-    return trainer.run()
-
-
-def _prepare(cfg: Seq2SeqTrainConfig, log, world) -> Trainer:
-    """Data, model, job and loop, ready to run (on every rank)."""
-    cfg.validate()
     out = Path(cfg.out)
+    # every rank checks the arguments; rank 0 claims the run directory (held until the run ends: a second
+    # writer, or a fresh run over this one, stops with one line); a failure on any rank stops all, once
+    with world.agree(_claim, cfg, out, world):
+        trainer = world.agree(_prepare, cfg, out, log, world)
+        if world.size > 1:
+            log(world.layout_line())
+            world.broadcast_model(trainer.job.model, trainer.job.optimizer)
+        log(f"seq2seq: {trainer.job.model.num_parameters():,} parameters, {trainer.job.model!r}")
+        return trainer.run()
+
+
+def _claim(cfg: Seq2SeqTrainConfig, out: Path, world):
+    cfg.validate()
+    if not world.is_main:
+        return contextlib.nullcontext()
+    return claim_run_dir(out, resume=cfg.resume, overwrite=cfg.overwrite)
+
+
+def _prepare(cfg: Seq2SeqTrainConfig, out: Path, log, world) -> Trainer:
+    """Data, model, job and loop, ready to run (on every rank)."""
     ckpt_path = out / CKPT_NAME
     data = SeqData.from_task(cfg.task) if cfg.task else SeqData.from_file(cfg.data, cfg.level, cfg.seed, log)
 
@@ -232,7 +245,6 @@ def _prepare(cfg: Seq2SeqTrainConfig, log, world) -> Trainer:
     if world.size > 1 and world.rank > 0:  # dropout masks of its own: rank r draws from seed + r
         model_rng.bit_generator.state = np.random.default_rng(cfg.seed + world.rank).bit_generator.state
     job = Seq2SeqJob(cfg, model, data, rng, world=world)
-    out.mkdir(parents=True, exist_ok=True)
     loop = LoopConfig(out_dir=out, max_steps=cfg.max_steps, max_minutes=cfg.max_time, eval_every=cfg.eval_every,
                       log_every=cfg.log_every, grad_clip=cfg.clip, clip_mode="norm", progress=not cfg.quiet,
                       last_name=CKPT_NAME, best_name=None)
