@@ -161,7 +161,8 @@ def test_ctrl_c_stops_every_rank_at_one_step_and_saves_once(corpus, tmp_path):
     proc = subprocess.Popen(
         [launch.require_mpi(), "-n", "2", sys.executable, "-m", "bptt.cli", "train", "--data", str(corpus), *LM_ARGS,
          "--max-iters", "1000000", "--eval-every", "1000000", "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launch.launch_env())
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launch.launch_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not ignored, even if pytest's was
     try:
         log = out / "log.jsonl"
         deadline = time.monotonic() + 60
