@@ -356,18 +356,15 @@ class MPIWorld(World):
 
     # ---------------------------------------------------------------- safeguards
     def _install_safeguards(self) -> None:
-        previous_hook = sys.excepthook
-
         def abort_on_exception(kind, value, tb):
             # another rank may be waiting in a collective for this one: end them all
             if issubclass(kind, KeyboardInterrupt):
-                self.abort("interrupted", code=130)
+                self.abort("bptt: interrupted", code=130)
             traceback.print_exception(kind, value, tb)
             self.abort(f"rank {self.rank} stopped on an uncaught {kind.__name__}; ending all ranks")
 
         sys.excepthook = abort_on_exception
-        self._previous_excepthook = previous_hook
-        atexit.register(self._exit_together)
+        atexit.register(self._exit_together)  # runs before mpi4py's MPI_Finalize (registered earlier)
         if self.timeout > 0:
             threading.Thread(target=self._watch, name="bptt-mpi-watchdog", daemon=True).start()
 
