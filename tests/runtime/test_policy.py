@@ -24,7 +24,8 @@ def test_batch_parts_follow_the_thresholds(monkeypatch):
     assert policy.batch_parts(50, big, True, fused=True) == [slice(0, 25), slice(25, 50)]
     assert policy.batch_parts(50, big, True, fused=False) == [slice(0, 50)]  # the reference loop never splits
     assert policy.batch_parts(50, policy.SMALL_MACS, True, fused=True) == [slice(0, 50)]  # compiled-loop sizes
-    assert policy.batch_parts(2 * policy.SPLIT_MIN_ROWS - 1, big, True, fused=True) == [slice(0, 2 * policy.SPLIT_MIN_ROWS - 1)]
+    few = 2 * policy.SPLIT_MIN_ROWS - 1
+    assert policy.batch_parts(few, big, True, fused=True) == [slice(0, few)]
     assert policy.batch_parts(50, policy.SPLIT_MAX_MACS, True, fused=True) == [slice(0, 50)]  # training: wavefront
     assert len(policy.batch_parts(50, policy.SPLIT_MAX_MACS, False, fused=True)) == 2  # eval: split at any size
     monkeypatch.setattr(policy, "SPLIT_MIN_ROWS", 30)

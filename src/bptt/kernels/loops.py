@@ -70,6 +70,7 @@ class KernelCache(NamedTuple):
     m: np.ndarray | None  # LSTM with projection: m_t = o ⊙ tanh(c_t) (T, N, H)
     small: bool  # whether the compiled-loop path ran (backward uses the same)
 
+
 # ============================================================================ the time loops, compiled
 if HAVE_NUMBA:
     @njit(**JIT)
@@ -208,7 +209,8 @@ class ForwardRun:
         N, G = self.gx.shape[1], self.gx.shape[2]
         a = np.empty((N, G), dtype)
         h_new = np.empty((N, self.hs.shape[2]), dtype) if proj else None
-        hs, cs, y, gx, gates, aux, mask, has_mask = self.hs, self.cs, self.y, self.gx, self.gates, self.aux, self.mask, self.has_mask
+        hs, cs, y, gx, gates, aux = self.hs, self.cs, self.y, self.gx, self.gates, self.aux
+        mask, has_mask = self.mask, self.has_mask
         for t in (range(t1 - 1, t0 - 1, -1) if rev else range(t0, t1)):
             np.matmul(hs[t + rev], self.WhhT, out=a)  # a = h_{t−1} W_hhᵀ  (BLAS)
             if kind == 2:

@@ -246,7 +246,8 @@ class RNNBase(Module):
         return contextlib.nullcontext()
 
     def _batch_parts(self, N, fused):
-        """The batch slices to run in threads, each through the whole stack (:func:`bptt.runtime.policy.batch_parts`)."""
+        """The batch slices to run in threads, each through the whole stack
+        (:func:`bptt.runtime.policy.batch_parts`)."""
         macs = N * self.gate_count * self.hidden_size * self.out_size  # one step's product h_{t−1} W_hhᵀ
         return policy.batch_parts(N, macs, self.training, fused)
 
