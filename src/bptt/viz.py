@@ -28,6 +28,11 @@ def read_log(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _step(record: dict) -> int:
+    """A log record's step (logs written before the one training loop called it "iter")."""
+    return record["step"] if "step" in record else record["iter"]
+
+
 def _save(fig, plt, png_path) -> None:
     """Write through a temporary file, so a reader never sees half a PNG."""
     tmp = Path(png_path).with_suffix(".tmp.png")
@@ -44,8 +49,8 @@ def plot_training_log(log_path, png_path) -> None:
     variance of h per layer against step.
     """
     records = read_log(log_path)
-    train = [(r["iter"], r["train_loss"]) for r in records if "train_loss" in r]
-    val = [(r["iter"], r["val_loss"]) for r in records if "val_loss" in r]
+    train = [(_step(r), r["train_loss"]) for r in records if "train_loss" in r]
+    val = [(_step(r), r["val_loss"]) for r in records if "val_loss" in r]
     if not train and not val:
         return
     hidden = [r for r in records if "h_mean_l0" in r]
@@ -73,7 +78,7 @@ def plot_training_log(log_path, png_path) -> None:
 
 def _plot_hidden(records, ax_mean, ax_var) -> None:
     layers = sorted(int(k[len("h_mean_l"):]) for k in records[0] if k.startswith("h_mean_l"))
-    steps = [r["iter"] for r in records]
+    steps = [_step(r) for r in records]
     for k in layers:
         ax_mean.plot(steps, [r.get(f"h_mean_l{k}", math.nan) for r in records], lw=1.2, label=f"layer {k}")
         ax_var.plot(steps, [r.get(f"h_var_l{k}", math.nan) for r in records], lw=1.2, label=f"layer {k}")
@@ -146,3 +151,19 @@ def plot_gate_saturation(layers: list[dict], png_path, title: str = "") -> None:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     _save(fig, plt, png_path)
+
+
+def plot_attention(weights, src_tokens, out_tokens, path):
+    """Heatmap of the attention weights: source tokens on x, output tokens on y."""
+    plt = pyplot()
+    T, S = weights.shape
+    fig, ax = plt.subplots(figsize=(max(4, 0.32 * S + 1.5), max(3, 0.32 * T + 1.2)))
+    im = ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(S), [repr(t)[1:-1] if t != " " else "␣" for t in src_tokens])
+    ax.set_yticks(range(T), out_tokens)
+    ax.set_xlabel("source")
+    ax.set_ylabel("output")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -38,7 +38,7 @@ def test_train_sample_eval(tmp_path, corpus, capsys):
     for name in ("last.safetensors", "best.safetensors", "last.json", "log.jsonl", "loss.png"):
         assert (out / name).exists(), name
     tensors, meta = load_checkpoint(out / "best.safetensors")
-    assert meta["kind"] == "charlm" and meta["iteration"] == 30 and "rnn.weight_hh_l1" in tensors["model"]
+    assert meta["kind"] == "charlm" and meta["step"] == 30 and "rnn.weight_hh_l1" in tensors["model"]
     losses = train_losses(out)
     assert len(losses) == 30 and losses[-1] < losses[0]
     capsys.readouterr()
@@ -60,14 +60,14 @@ def test_time_limit_before_the_first_evaluation_still_evaluates(tmp_path, corpus
     args = ["train", "--data", str(corpus), "--out", str(out), *SMALL, "--eval-every", "1000000", "--max-time", "0.03"]
     assert main(args) == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    steps = max(r["iter"] for r in log)
+    steps = max(r["step"] for r in log)
     assert 0 < steps < 1000000
     evals = [r for r in log if "val_loss" in r]
-    assert len(evals) == 1 and evals[0]["iter"] == steps
+    assert len(evals) == 1 and evals[0]["step"] == steps
     _, meta = load_checkpoint(out / "best.safetensors")
-    assert meta["iteration"] == steps
+    assert meta["step"] == steps
     _, last = load_checkpoint(out / "last.safetensors")  # written once, by that evaluation, with its loss
-    assert last["iteration"] == steps and last["val_loss"] == evals[0]["val_loss"]
+    assert last["step"] == steps and last["eval"]["val_loss"] == evals[0]["val_loss"]
 
 
 @pytest.mark.parametrize("dropout", ["0.0", "0.3"])
@@ -108,8 +108,8 @@ def test_kill_during_training_leaves_a_loadable_checkpoint(tmp_path, corpus):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     _, meta = load_checkpoint(out / "last.safetensors")
-    assert meta["iteration"] >= 1
-    assert main(["train", "--out", str(out), "--resume", "--max-iters", str(meta["iteration"] + 3)]) == 0
+    assert meta["step"] >= 1
+    assert main(["train", "--out", str(out), "--resume", "--max-iters", str(meta["step"] + 3)]) == 0
 
 
 def test_ctrl_c_saves_and_exits_130(tmp_path, corpus):
@@ -121,7 +121,7 @@ def test_ctrl_c_saves_and_exits_130(tmp_path, corpus):
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted: saved" in err
     _, meta = load_checkpoint(out / "last.safetensors")
-    assert meta["iteration"] >= 1
+    assert meta["step"] >= 1
 
 
 def run_cli(*args, cwd=None):
@@ -188,7 +188,7 @@ def test_log_hidden_stats(tmp_path, corpus):
     assert main(["train", "--data", str(corpus), "--out", str(out), "--max-iters", "10", *SMALL,
                  "--log-hidden-stats", "5"]) == 0
     stats = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "h_var_l1" in r]
-    assert [r["iter"] for r in stats] == [5, 10]
+    assert [r["step"] for r in stats] == [5, 10]
     assert all(r["h_var_l0"] > 0 and -1 < r["h_mean_l1"] < 1 for r in stats)
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from bptt.inspect import analyses as introspect
+from bptt.inspect.page import units_page
 from bptt.cli import main
 from bptt.lm.data import Vocab
 from bptt.lm.model import CharLM, CharLMConfig
@@ -153,7 +154,7 @@ def test_units_page_is_valid_and_self_contained():
     assert logits.shape == (len(text), 1, len(vocab)) and traces[1].h.shape == (len(text), 1, 6)
     act = traces[1].h[:, 0]
     pid, pp = introspect.top_predictions(logits[:, 0])
-    page = introspect.units_page(text, act, introspect.text_properties(text), pid, pp, vocab.chars, units=[3, 1], top=4,
+    page = units_page(text, act, introspect.text_properties(text), pid, pp, vocab.chars, units=[3, 1], top=4,
                                  title="t <x>", subtitle="s")
     chk = _Checker()
     chk.feed(page)
@@ -207,7 +208,7 @@ def test_gate_saturation_fractions():
 def test_hidden_stats_read_the_last_forward(split, monkeypatch):
     model = tiny_model("gru", L=2)
     with pytest.raises(ValueError, match="forward pass first"):
-        introspect.hidden_stats(model)
+        model.rnn.hidden_state_stats()
     if split:  # the batch run as slices in threads: the stats read every slice's cache
         from bptt.runtime import policy, threads
 
@@ -217,7 +218,7 @@ def test_hidden_stats_read_the_last_forward(split, monkeypatch):
     ids = np.random.default_rng(0).integers(0, 7, size=(6, 2))
     model.forward(ids)
     assert len(model.rnn._ctx.parts) == (2 if split else 0)
-    stats = introspect.hidden_stats(model)
+    stats = model.rnn.hidden_state_stats()
     _, traces = introspect.trace(model, ids)
     for k, t in enumerate(traces):
         h_prev = np.concatenate([np.zeros((1, 2, 5)), t.h[:-1]])  # the states entering each step

@@ -6,7 +6,9 @@ import zlib
 import numpy as np
 import pytest
 
-pytest.importorskip("numba")
+from conftest import require_numba
+
+require_numba()
 
 from bptt.kernels import gemm  # noqa: E402
 from bptt.runtime import policy  # noqa: E402

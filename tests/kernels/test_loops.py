@@ -12,6 +12,8 @@ import zlib
 import numpy as np
 import pytest
 
+from conftest import require_numba
+
 import bptt
 from bptt import kernels
 from bptt.kernels import gemm, loops
@@ -19,7 +21,7 @@ from bptt.nn import recurrence
 from bptt.runtime import policy
 from bptt.runtime import threads as blas
 
-pytest.importorskip("numba")
+require_numba()
 
 TOL = {np.float64: 1e-12, np.float32: 1e-5}
 

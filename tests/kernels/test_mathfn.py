@@ -4,7 +4,9 @@ called the way the kernels call them (act_* inside a compiled loop)."""
 import numpy as np
 import pytest
 
-pytest.importorskip("numba")
+from conftest import require_numba
+
+require_numba()
 
 from numba import njit  # noqa: E402
 

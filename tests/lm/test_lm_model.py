@@ -9,7 +9,7 @@ from bptt.lm.data import DataError, Vocab
 from bptt.nn.gradcheck import gradcheck, rel_error
 from bptt.lm.model import CharLM, CharLMConfig
 from bptt.lm.sample import generate, next_char_distribution
-from bptt.lm.train import evaluate_text
+from bptt.lm.evaluate import evaluate_text
 
 
 @pytest.mark.parametrize("model,embedding,dropout", [("lstm", 0, 0.0), ("gru", 5, 0.0), ("rnn", 0, 0.3)])

@@ -6,6 +6,8 @@ import math
 import numpy as np
 import pytest
 
+from conftest import require_numba
+
 from bptt.nn.gradcheck import rel_error
 from bptt.nn.module import Module
 from bptt.nn.optim import (
@@ -92,7 +94,7 @@ def test_compiled_step_equals_numpy_formulas(rng, monkeypatch, name, kw, dtype, 
     """RMSprop (not centered: that stays NumPy) and Adam/AdamW update in one compiled pass (bptt.kernels); with
     the kernels refusing, the same optimizer runs its NumPy formulas: the same parameters
     and buffers after 7 steps, up to rounding."""
-    pytest.importorskip("numba")
+    require_numba()
     from bptt import kernels
 
     grads = _grad_sequence(rng, 7, dtype)

@@ -3,6 +3,7 @@ batch cut in slices run in threads gives the whole batch's numbers."""
 
 import numpy as np
 import pytest
+from conftest import require_numba
 
 import bptt
 from bptt.runtime import policy
@@ -64,7 +65,7 @@ def test_step_blas_limit(monkeypatch):
 def test_batch_split_equals_whole_batch(mode, monkeypatch):
     """A batch cut in slices run in threads (policy.batch_parts) gives the whole batch's
     numbers: same dropout masks, outputs, states, input and parameter gradients."""
-    pytest.importorskip("numba")
+    require_numba()
     monkeypatch.setattr(blas, "blas_threads", lambda: 2)
     monkeypatch.setattr(policy, "SMALL_MACS", -1)  # the BLAS loop, as at the sizes that split
     rng = np.random.default_rng(11)
@@ -94,7 +95,7 @@ def test_eval_mode_splits_above_the_training_bound(monkeypatch):
     """Products above policy.SPLIT_MAX_MACS split the batch in eval mode only (no second
     set of weight gradients to pay for), with the whole batch's numbers; a backward after
     an eval-mode split still gives the whole batch's gradients."""
-    pytest.importorskip("numba")
+    require_numba()
     monkeypatch.setattr(blas, "blas_threads", lambda: 2)
     monkeypatch.setattr(policy, "SMALL_MACS", -1)
     monkeypatch.setattr(policy, "SPLIT_MAX_MACS", 1)  # every product counts as large

@@ -11,13 +11,15 @@ import threading
 import numpy as np
 import pytest
 
+from conftest import require_numba
+
 import bptt
+from bptt.nn.ops import scatter_add_rows
 from bptt.runtime import policy
 from bptt.runtime import threads as blas
-from bptt.nn.ops import scatter_add_rows
 from bptt.runtime.wavefront import run_wavefront
 
-pytest.importorskip("numba")
+require_numba()
 
 
 def rel(a, b):

@@ -27,13 +27,17 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from bptt import checkpoint as ckpt
+from bptt.lm.data import Vocab
 from bptt.nn.cells import resolve_rng
 from bptt.nn.layers import Dropout, Embedding, Linear
 from bptt.nn.rnn import GRU, LSTM, RNN
 from bptt.nn.losses import cross_entropy
 from bptt.nn.module import Module
 
-__all__ = ["CharLMConfig", "CharLM"]
+__all__ = ["CharLMConfig", "CharLM", "CHECKPOINT_KIND", "load_model"]
+
+CHECKPOINT_KIND = "charlm"
 
 
 @dataclass
@@ -118,7 +122,7 @@ class CharLM(Module):
         inp = f"embedding {c.embedding}" if c.embedding else "one-hot"
         return f"{c.model} {c.layers}x{c.hidden}, V={c.vocab_size}, {inp}, dropout={c.dropout}"
 
-    def _inputs(self, ids):
+    def inputs(self, ids):
         """The recurrent layer's input: embeddings, or one-hot vectors (T, N, V) built explicitly."""
         if self.embed is not None:
             return self.embed(ids)
@@ -169,5 +173,24 @@ class CharLM(Module):
     def step(self, ids):
         """One character per stream: ids (N,) → logits (N, V); the state is kept until reset."""
         ids = np.asarray(ids).reshape(-1)
-        h = self.rnn.step(self._inputs(ids))  # (N, H)
+        h = self.rnn.step(self.inputs(ids))  # (N, H)
         return self.decoder(h)
+
+
+# ============================================================================ loading
+
+
+def load_model(path, dtype: str | None = None):
+    """(model, vocab, meta) from a checkpoint written by ``bptt train``."""
+    tensors, meta = ckpt.load_checkpoint_of_kind(path, CHECKPOINT_KIND, "a character language model")
+    try:
+        config = CharLMConfig.from_dict(meta["config"])
+        if dtype:
+            config.dtype = dtype
+        vocab = Vocab.from_json(meta["vocab"])
+        model = CharLM(config, rng=0)
+        model.load_state_dict(tensors.get("model", {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{path}: checkpoint contents do not fit a CharLM ({e})") from None
+    model.eval()
+    return model, vocab, meta

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bptt.lm.data import DataError, Vocab, show_chars
+from bptt.lm.data import Vocab
 from bptt.nn.losses import softmax
 
 __all__ = ["next_char_distribution", "generate"]
@@ -52,9 +52,7 @@ def generate(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if top_k < 0:
         raise ValueError(f"top-k must be >= 0, got {top_k}")
-    unknown = vocab.unknown(prime)
-    if unknown:
-        raise DataError(f"priming text has characters outside the model's vocabulary: {show_chars(unknown)}")
+    vocab.require_known(prime, "the priming text")
     rng = rng or np.random.default_rng()
     if prime and on_char is not None:
         on_char(prime)

@@ -656,6 +656,41 @@ class RNNBase(Module):
         return _WholeSequence(dy_k.shape[0], None, lambda: recurrence.sequence_backward(*args))
 
     # ------------------------------------------------------------------ stateful stepping
+    def layer_weights(self, k: int, d: int = 0):
+        """(W_ih (G, D_k), b_ih, W_hh (G, P), b_hh, W_hr (P, H) or None) of layer ``k``, direction ``d``:
+        the live parameter arrays, as :mod:`bptt.nn.recurrence` and the analyses read them."""
+        return self._direction_params(k, d)
+
+    def last_forward_caches(self) -> list:
+        """The caches of the last forward, per layer: ``(x, [SequenceCache per direction])`` with x the
+        layer's input (T, N, D_k).  Per-step values (gates, states) are in the caches of the reference
+        backend (``layer.backend = "reference"``); a forward run in batch slices has none to offer."""
+        ctx = self._ctx
+        if ctx is None:
+            raise ValueError("no forward pass to read (the layer has no cache)")
+        if ctx.parts:
+            raise ValueError("the last forward ran in batch slices; run it with the reference backend")
+        return [(layer.x, list(layer.directions)) for layer in ctx.layers]
+
+    def hidden_state_stats(self) -> dict[str, float]:
+        """Mean and variance of h per layer over the last forward, read from its cache (no extra work).
+
+        Uses each direction's ``h_prev`` (T, N, P), the states h_{t−1} entering the T steps (the
+        carried state and the first T−1 outputs), which every backend keeps for ∂L/∂W_hh and which
+        is taken before inter-layer dropout.  Returns {"h_mean_l0": …, "h_var_l0": …, "h_mean_l1": …}.
+        """
+        ctx = self._ctx
+        if ctx is None:
+            raise ValueError("hidden_state_stats needs a forward pass first (the layer has no cache)")
+        out = {}
+        parts = [sub for _, sub in ctx.parts] or [ctx]  # batch slices run in threads: their rows, in order
+        for k in range(len(parts[0].layers)):
+            h = np.concatenate([np.concatenate([d.h_prev for d in p.layers[k].directions], axis=-1) for p in parts],
+                               axis=1)
+            out[f"h_mean_l{k}"] = float(h.mean())
+            out[f"h_var_l{k}"] = float(h.var())
+        return out
+
     def reset_state(self):
         """Forget the state kept by :meth:`step`."""
         self.state = None

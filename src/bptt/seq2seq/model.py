@@ -92,11 +92,11 @@ class Seq2SeqConfig:
     def encoder_hidden(self) -> int:
         return self.enc_hidden or max(1, self.hidden // self.directions)
 
-    def to_json(self) -> dict:
+    def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> Seq2SeqConfig:
+    def from_dict(cls, d: dict) -> Seq2SeqConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

@@ -1,0 +1,194 @@
+"""Training a sequence-to-sequence model on the one training loop (:mod:`bptt.trainer`).
+
+    pairs (task stream or TSV) → length-bucketed batches → the loop: forward, masked cross-entropy
+    (two-pass scheduled sampling when --teacher-forcing < 1), backward, clip, optimizer step;
+    every --eval-every steps: exact match on held-out pairs, checkpoint, log.
+
+A run directory (``--out``) holds ``model.safetensors`` (weights, optimizer state and the meta of
+:mod:`bptt.trainer`, plus the vocabularies, the task or data file and the RNG state), its JSON
+sidecar ``model.json``, ``log.jsonl`` and ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from bptt import checkpoint as ckpt
+from bptt.config import check_fields
+from bptt.lm.data import DataError
+from bptt.nn.optim import OPTIMIZERS, make_optimizer, make_schedule
+from bptt.rundir import claim_run_dir
+from bptt.seq2seq.data import SeqData
+from bptt.seq2seq.decode import evaluate
+from bptt.seq2seq.model import Seq2Seq, Seq2SeqConfig, train_step
+from bptt.seq2seq.tasks import TASKS, TokenVocab, get_task
+from bptt.trainer import LoopConfig, StepResult, Trainer
+
+__all__ = ["Seq2SeqTrainConfig", "Seq2SeqJob", "train", "load_model", "CKPT_NAME", "KIND"]
+
+CKPT_NAME = "model.safetensors"
+KIND = "seq2seq"
+
+
+@dataclass
+class Seq2SeqTrainConfig:
+    """Every option of ``bptt seq2seq train`` (the CLI flags are generated from these fields)."""
+
+    task: str | None = field(default=None, metadata={"help": "built-in task, generated on the fly", "choices": sorted(TASKS)})
+    data: str | None = field(default=None, metadata={"help": "TSV file, one 'source<TAB>target' pair per line"})
+    level: str = field(default="char", metadata={"help": "tokens of --data", "choices": ["char", "word"]})
+    attention: str = field(default="general", metadata={"help": "attention score", "choices": ["none", "dot", "general", "additive"]})
+    cell: str = field(default="lstm", metadata={"help": "recurrent cell", "choices": ["lstm", "gru", "rnn"]})
+    hidden: int = field(default=128, metadata={"help": "decoder hidden size (encoder: half per direction if bidirectional)"})
+    layers: int = field(default=1, metadata={"help": "stacked recurrent layers"})
+    bidirectional: bool = field(default=False, metadata={"help": "bidirectional encoder"})
+    embedding: int = field(default=32, metadata={"help": "token embedding size"})
+    dropout: float = field(default=0.0, metadata={"help": "between stacked recurrent layers"})
+    batch_size: int = field(default=64, metadata={"help": "pairs per batch"})
+    optimizer: str = field(default="adam", metadata={"help": "optimizer", "choices": sorted(OPTIMIZERS)})
+    lr: float = field(default=2e-3, metadata={"help": "learning rate"})
+    schedule: str = field(default="constant", metadata={"help": "cosine decays to 0 at --max-steps", "choices": ["constant", "cosine"]})
+    clip: float = field(default=5.0, metadata={"help": "gradient-norm clipping (0: off)"})
+    max_steps: int = field(default=10000, metadata={"help": "stop after this many steps"})
+    max_time: float = field(default=0.0, metadata={"help": "stop after this many minutes (0: no limit)"})
+    eval_every: int = field(default=500, metadata={"help": "steps between evaluations and checkpoints"})
+    eval_size: int = field(default=500, metadata={"help": "held-out pairs scored at each evaluation (0: all)"})
+    log_every: int = field(default=50, metadata={"help": "steps between train-loss log records"})
+    out: str = field(default="runs/seq2seq", metadata={"help": "run directory"})
+    resume: bool = field(default=False, metadata={"help": f"continue from OUT/{CKPT_NAME}"})
+    overwrite: bool = field(default=False, metadata={"help": "start afresh in an --out that holds a run, deleting its checkpoint and log"})
+    seed: int = field(default=0, metadata={"help": "random seed (init, batches, scheduled sampling)"})
+    teacher_forcing: float = field(default=1.0, metadata={"help": "probability of feeding the gold previous token (<1: two-pass scheduled sampling)"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bar or messages"})
+
+    def validate(self) -> Seq2SeqTrainConfig:
+        problems = []
+        if self.task is None and self.data is None:
+            problems.append("give --task (dates, addition, reverse) or --data FILE.tsv")
+        if self.task is not None and self.data is not None:
+            problems.append("give either --task or --data, not both")
+        problems += check_fields(
+            self, positive_ints=("hidden", "layers", "embedding", "batch_size", "max_steps", "eval_every", "log_every"),
+            nonneg_ints=("eval_size",), positive_floats=("lr",), nonneg_floats=("clip", "max_time"),
+            rates=("dropout",), probabilities=("teacher_forcing",))
+        if problems:
+            raise DataError("; ".join(problems))
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Seq2SeqTrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def model_config(self, data: SeqData) -> Seq2SeqConfig:
+        return Seq2SeqConfig(src_vocab=len(data.src_vocab), tgt_vocab=len(data.tgt_vocab), embedding=self.embedding,
+                             hidden=self.hidden, layers=self.layers, cell=self.cell, bidirectional=self.bidirectional,
+                             attention=self.attention, dropout=self.dropout)
+
+
+class Seq2SeqJob:
+    """seq2seq as a :class:`bptt.trainer.Job`: length-bucketed batches, exact match as the metric."""
+
+    kind = KIND
+    metric = "exact_match"
+    higher_is_better = True
+
+    def __init__(self, cfg: Seq2SeqTrainConfig, model: Seq2Seq, data: SeqData, rng: np.random.Generator):
+        self.cfg, self.model, self.data, self.rng = cfg, model, data, rng
+        self.optimizer = make_optimizer(cfg.optimizer, model, cfg.lr)
+        kw = {"lr": cfg.lr} if cfg.schedule == "constant" else {"lr": cfg.lr, "total_steps": cfg.max_steps}
+        self.schedule = make_schedule(cfg.schedule, **kw)
+        self.valid = data.valid[: cfg.eval_size] if cfg.eval_size else data.valid
+        self._batches = None  # created on the first step, from the (possibly restored) RNG
+
+    def forward_backward(self, step: int) -> StepResult:
+        if self._batches is None:
+            self._batches = self.data.batches(self.rng, self.cfg.batch_size)
+        batch = next(self._batches)
+        loss = train_step(self.model, batch, self.cfg.teacher_forcing, self.rng)
+        return StepResult(loss, int(batch.tgt_mask.sum()))
+
+    def log_fields(self, step: int) -> dict:
+        return {}
+
+    def evaluate(self) -> dict:
+        self.model.eval()
+        res, _, _ = evaluate(self.model, self.data, self.valid)
+        self.model.train()
+        return {"exact_match": res["exact_match"], "token_accuracy": res["token_accuracy"]}
+
+    def report(self, step: int, record: dict) -> list[str]:
+        return [] if self.cfg.quiet else [
+            f"step {step}: exact match {100 * record['exact_match']:.2f}%, token accuracy "
+            f"{100 * record['token_accuracy']:.2f}%" + (" (best)" if record["improved"] else "")]
+
+    def checkpoint_meta(self) -> dict:
+        d = self.data
+        return {"src_vocab": d.src_vocab.to_json(), "tgt_vocab": d.tgt_vocab.to_json(),
+                "task": d.task.name if d.task else None, "data": None if d.task else str(self.cfg.data),
+                "level": d.level, "max_src_len": d.max_src_len, "max_tgt_len": d.max_tgt_len,
+                "schedule": self.schedule.config(), "rng": ckpt.rng_state(self.rng)}
+
+    def checkpoint_tensors(self) -> dict:
+        return {}
+
+
+def load_model(path):
+    """(model, meta, SeqData without training pairs) from a checkpoint."""
+    tensors, meta = ckpt.load_checkpoint_of_kind(path, KIND, "a seq2seq model")
+    try:
+        model = Seq2Seq(Seq2SeqConfig.from_dict(meta["config"]))
+        model.load_state_dict(tensors.get("model", {}))
+        data = SeqData(level=meta["level"], src_vocab=TokenVocab.from_json(meta["src_vocab"]),
+                       tgt_vocab=TokenVocab.from_json(meta["tgt_vocab"]),
+                       max_src_len=meta["max_src_len"], max_tgt_len=meta["max_tgt_len"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{path}: checkpoint contents do not fit a Seq2Seq model ({e})") from None
+    model.eval()
+    if meta.get("task"):
+        data.task = get_task(meta["task"])
+    return model, meta, data
+
+
+def train(cfg: Seq2SeqTrainConfig, log=None) -> dict:
+    """Train (or resume) a seq2seq model; returns the loop's summary (with the last evaluation)."""
+    cfg.validate()
+    log = log or ((lambda s: None) if cfg.quiet else (lambda s: print(s, file=sys.stderr, flush=True)))
+    out = Path(cfg.out)
+    # held until the run ends: a second writer, or a fresh run over this one, stops with one line
+    with claim_run_dir(out, resume=cfg.resume, overwrite=cfg.overwrite):
+        return _train(cfg, out, log)
+
+
+def _train(cfg: Seq2SeqTrainConfig, out: Path, log) -> dict:
+    ckpt_path = out / CKPT_NAME
+    data = SeqData.from_task(cfg.task) if cfg.task else SeqData.from_file(cfg.data, cfg.level, cfg.seed, log)
+
+    resume_from = None
+    if cfg.resume:
+        if not ckpt_path.exists():
+            raise DataError(f"--resume: no checkpoint at {ckpt_path}")
+        tensors, meta = ckpt.load_checkpoint_of_kind(ckpt_path, KIND, "a seq2seq model")
+        if (TokenVocab.from_json(meta["src_vocab"]) != data.src_vocab
+                or TokenVocab.from_json(meta["tgt_vocab"]) != data.tgt_vocab):
+            raise DataError(f"--resume: the data's vocabularies differ from the checkpoint's ({ckpt_path})")
+        config = Seq2SeqConfig.from_dict(meta["config"])
+        rng = ckpt.restore_rng(meta["rng"])
+        resume_from = (tensors, meta)
+    else:
+        config = cfg.model_config(data)
+        rng = np.random.default_rng(cfg.seed)
+    model = Seq2Seq(config, rng=np.random.default_rng(cfg.seed))
+    job = Seq2SeqJob(cfg, model, data, rng)
+    loop = LoopConfig(out_dir=out, max_steps=cfg.max_steps, max_minutes=cfg.max_time, eval_every=cfg.eval_every,
+                      log_every=cfg.log_every, grad_clip=cfg.clip, clip_mode="norm", progress=not cfg.quiet,
+                      last_name=CKPT_NAME, best_name=None)
+    trainer = Trainer(job, loop, asdict(cfg), log=log)
+    if resume_from is not None:
+        trainer.restore(*resume_from)
+    log(f"seq2seq: {model.num_parameters():,} parameters, {model!r}")
+    return trainer.run()
