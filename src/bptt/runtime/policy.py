@@ -5,8 +5,8 @@ stacked gates; ``macs`` = N·G·P, the multiply-adds of one step's recurrent
 product h_{t−1} W_hhᵀ.
 
 The thresholds are public module-level names, read as ``policy.NAME`` at run time
-(so a test can monkeypatch them here), each set once from its environment
-variable at import.  Every figure was measured on 2 shared cores (AMD EPYC); see
+(so a test can monkeypatch them here); those with a ``BPTT_*`` environment variable
+(named in the comments) read it once, at import.  Every figure was measured on 2 shared cores (AMD EPYC); see
 the comments and BENCHMARKS.md.
 
 * ``SMALL_MACS``: at or below it a layer's whole time loop runs compiled with
