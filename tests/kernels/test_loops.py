@@ -72,10 +72,10 @@ def assert_same(layer, x, state, lengths, dout, dstate, tol):
     ref = run(layer, "reference", x, state, lengths, dout, dstate)
     fus = run(layer, "fused", x, state, lengths, dout, dstate)
     assert rel(fus[0], ref[0]) < tol, "output"
-    for a, b in zip(flat(fus[1]), flat(ref[1])):
+    for a, b in zip(flat(fus[1]), flat(ref[1]), strict=True):
         assert rel(a, b) < tol, "final state"
     assert rel(fus[2], ref[2]) < tol, "dx"
-    for a, b in zip(flat(fus[3]), flat(ref[3])):
+    for a, b in zip(flat(fus[3]), flat(ref[3]), strict=True):
         assert rel(a, b) < tol, "d initial state"
     assert ref[4].keys() == fus[4].keys()
     for k in ref[4]:
@@ -161,7 +161,7 @@ def test_sequence_level_contract():
         for reverse in (False, True):
             r = recurrence.sequence_forward(mode, gx, h0, c0, W, mask, reverse)
             k = kernels.sequence_forward(mode, gx, h0, c0, W, mask, reverse)
-            for a, b in zip(k[:3], r[:3]):
+            for a, b in zip(k[:3], r[:3], strict=True):
                 if b is None:
                     assert a is None
                 else:
@@ -170,7 +170,7 @@ def test_sequence_level_contract():
             dy = rng.standard_normal((T, N, H))
             rb = recurrence.sequence_backward(dy, None, None, r[3], W)
             kb = kernels.sequence_backward(dy, None, None, k[3], W)
-            for a, b in zip(kb, rb):
+            for a, b in zip(kb, rb, strict=True):
                 if b is None:
                     assert a is None
                 else:

@@ -362,6 +362,6 @@ def test_linear_by_row_slices_equals_whole(dtype, monkeypatch):
         dx = lin.backward(dy)
         results.append((y, dx, lin.grads["weight"].copy(), lin.grads["bias"].copy()))
     tol = 1e-12 if dtype == np.float64 else 1e-5
-    for whole, sliced in zip(*results):
+    for whole, sliced in zip(*results, strict=True):
         assert rel_error(sliced, whole) < tol
     assert rel_error(results[0][2], dy.reshape(-1, 9).T.astype(np.float64) @ x.reshape(-1, 16)) < tol

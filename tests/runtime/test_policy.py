@@ -87,7 +87,7 @@ def test_batch_split_equals_whole_batch(mode, monkeypatch):
     (parts, split), (whole_parts, whole) = results
     assert parts == [slice(0, 10), slice(10, 19)] and whole_parts == []
     assert len(split) == len(whole)
-    for a, b in zip(split, whole):
+    for a, b in zip(split, whole, strict=True):
         assert rel(a, b) < 1e-12
 
 
@@ -111,5 +111,5 @@ def test_eval_mode_splits_above_the_training_bound(monkeypatch):
         dx, dstate = layer.backward(dout)
         results[training] = parts, [out, *flat(state), dx, *flat(dstate), *(layer.grads[k] for k in sorted(layer.grads))]
     assert results[True][0] == [] and results[False][0] == [slice(0, 8), slice(8, 16)]
-    for a, b in zip(results[False][1], results[True][1]):
+    for a, b in zip(results[False][1], results[True][1], strict=True):
         assert rel(a, b) < 1e-12

@@ -156,7 +156,7 @@ def test_pipelined_equals_layer_by_layer(mode, L, monkeypatch):
     got = layer_run(layer, x, state, lengths, dout, dstate, 2, monkeypatch)
     assert ref[5] == 1 and got[5] == 8, "the second run must actually be pipelined"
     assert rel(got[0], ref[0]) < 1e-12
-    for a, b in zip(flat(got[1]) + flat(got[3]), flat(ref[1]) + flat(ref[3])):
+    for a, b in zip(flat(got[1]) + flat(got[3]), flat(ref[1]) + flat(ref[3]), strict=True):
         assert rel(a, b) < 1e-12
     assert rel(got[2], ref[2]) < 1e-12
     for k in ref[4]:
@@ -269,7 +269,7 @@ def test_pipelined_one_hot_equals_layer_by_layer(L, monkeypatch):
     assert ref[5] == 1 and got[5] == 8
     assert ref[2] is None and got[2] is None
     assert rel(got[0], ref[0]) < 1e-12
-    for a, b in zip(flat(got[1]) + flat(got[3]), flat(ref[1]) + flat(ref[3])):
+    for a, b in zip(flat(got[1]) + flat(got[3]), flat(ref[1]) + flat(ref[3]), strict=True):
         assert rel(a, b) < 1e-12
     for k in ref[4]:
         assert rel(got[4][k], ref[4][k]) < 1e-12, k
