@@ -30,6 +30,7 @@ import numpy as np
 from bptt import checkpoint as ckpt
 from bptt.lm.data import Vocab
 from bptt.nn.cells import resolve_rng
+from bptt.nn.gates import gate_slice
 from bptt.nn.layers import Dropout, Embedding, Linear
 from bptt.nn.rnn import GRU, LSTM, RNN
 from bptt.nn.losses import cross_entropy
@@ -109,8 +110,8 @@ class CharLM(Module):
                 p[...] = self.rng.uniform(-0.08, 0.08, size=p.shape)
         if config.model == "lstm" and config.forget_bias:
             for name, p, _ in self.rnn.named_parameters():
-                if name.startswith("bias_ih"):  # gates i, f, g, o: f is the second quarter
-                    p[H : 2 * H] += config.forget_bias
+                if name.startswith("bias_ih"):
+                    p[gate_slice("lstm", "f", H)] += config.forget_bias
         self._dlogits = None
 
     @property
