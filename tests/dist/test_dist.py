@@ -198,3 +198,13 @@ def test_a_failing_rank_ends_the_whole_job(mpirun, mode, says):
     assert "finished the loop" not in proc.stdout
     if says:
         assert says in proc.stderr, proc.stderr
+
+
+def test_without_mpi4py_the_mpiexec_tests_fail_in_ci_and_skip_elsewhere(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    monkeypatch.setenv("BPTT_REQUIRE_TORCH", "1")
+    with pytest.raises(pytest.fail.Exception, match=r"mpi4py not installed: CI must install bptt\[mpi\]"):
+        launch.require_mpi()
+    monkeypatch.delenv("BPTT_REQUIRE_TORCH")
+    with pytest.raises(pytest.skip.Exception, match="mpi4py not installed"):
+        launch.require_mpi()
