@@ -87,7 +87,7 @@ def test_two_ranks_train_the_char_lm_as_one_process(mpirun, corpus, tmp_path):
     assert meta1["eval"]["val_loss"] == pytest.approx(meta2["eval"]["val_loss"], rel=1e-12)
     r1, r2 = train_records(one / "log.jsonl"), train_records(two / "log.jsonl")
     assert [r["step"] for r in r1] == [r["step"] for r in r2] == [2, 4, 6, 8, 10, 12]
-    for a, b in zip(r1, r2):
+    for a, b in zip(r1, r2, strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-12)  # the global loss, not rank 0's
 
 

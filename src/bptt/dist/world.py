@@ -299,7 +299,7 @@ class _FlatLayout:
         return self._storage[: self.offsets[-1] + k]
 
     def signature(self) -> str:
-        return f"{self.dtype}|" + ";".join(f"{n}{tuple(s)}" for n, s in zip(self.names, self.shapes))
+        return f"{self.dtype}|" + ";".join(f"{n}{tuple(s)}" for n, s in zip(self.names, self.shapes, strict=True))
 
     def fits(self, named_arrays) -> bool:
         return [n for n, _ in named_arrays] == self.names and [a.shape for _, a in named_arrays] == self.shapes

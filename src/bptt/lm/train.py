@@ -229,7 +229,7 @@ class CharLMJob:
         if self.world is not None:  # all N streams, rank by rank: (L, N_r, H) pieces joined along N
             pieces = self.world.gather(state)
             state = None if any(p is None for p in pieces) else (
-                tuple(np.concatenate(parts, axis=1) for parts in zip(*pieces)) if isinstance(state, tuple)
+                tuple(np.concatenate(parts, axis=1) for parts in zip(*pieces, strict=True)) if isinstance(state, tuple)
                 else np.concatenate(pieces, axis=1))
         if state is None:
             return {}
