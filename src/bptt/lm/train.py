@@ -49,6 +49,14 @@ class TrainConfig:
     init: str = field(default="torch", metadata={"help": "weight init: torch U(±1/√H) or charrnn U(±0.08)", "choices": ["torch", "charrnn"]})
     forget_bias: float = field(default=0.0, metadata={"help": "added to the LSTM forget-gate bias at init"})
     dtype: str = field(default="float32", metadata={"help": "float type", "choices": ["float32", "float64"]})
+    # regularisers (docs/regularization.md); any of the first five runs the recurrent layer's NumPy loop
+    recurrent_dropout: float = field(default=0.0, metadata={"help": "variational dropout of h(t-1) in the recurrent product, one mask per stream (Keras' recurrent_dropout)"})
+    weight_drop: float = field(default=0.0, metadata={"help": "DropConnect on the recurrent weights W_hh, one mask per window (AWD-LSTM)"})
+    zoneout: float = field(default=0.0, metadata={"help": "zoneout rate of h (and c): keep the previous value with this probability"})
+    layer_norm: bool = field(default=False, metadata={"help": "layer-normalised gate pre-activations (and cell state, LSTM)"})
+    peephole: bool = field(default=False, metadata={"help": "LSTM peephole connections (cell state to gates)"})
+    embedding_dropout: float = field(default=0.0, metadata={"help": "drop whole rows of the embedding (needs --embedding > 0)"})
+    tie_weights: bool = field(default=False, metadata={"help": "decoder weight = embedding weight (needs --embedding equal to --hidden)"})
     # data layout
     seq_len: int = field(default=50, metadata={"help": "time steps per window (truncated BPTT length)"})
     batch_size: int = field(default=50, metadata={"help": "parallel streams per batch"})
@@ -83,7 +91,10 @@ class TrainConfig:
 
     def model_config(self, vocab_size: int) -> CharLMConfig:
         return CharLMConfig(vocab_size, self.model, self.hidden, self.layers, self.dropout, self.embedding,
-                            self.init, self.forget_bias, self.dtype).validate()
+                            self.init, self.forget_bias, self.dtype, recurrent_dropout=self.recurrent_dropout,
+                            weight_drop=self.weight_drop, zoneout=self.zoneout, layer_norm=self.layer_norm,
+                            peephole=self.peephole, embedding_dropout=self.embedding_dropout,
+                            tie_weights=self.tie_weights).validate()
 
     def validate(self) -> TrainConfig:
         problems = []
@@ -249,7 +260,7 @@ def check_out_dir(out_dir: Path):
 
 
 # what the saved weights and optimizer state were made with
-_FIXED_ON_RESUME = ("model", "hidden", "layers", "embedding", "dtype", "optimizer")
+_FIXED_ON_RESUME = ("model", "hidden", "layers", "embedding", "dtype", "optimizer", "layer_norm", "peephole", "tie_weights")
 
 
 def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None) -> dict:
