@@ -217,6 +217,8 @@ class RNNBase(Module):
         for name, default in (("bias", True), ("batch_first", False), ("dropout", 0.0), ("bidirectional", False), ("proj_size", 0)):
             if getattr(self, name) != default:
                 s += f", {name}={getattr(self, name)}"
+        if self.regularizer is not None:
+            s += "".join(f", {k}={v}" for k, v in self.regularizer.opts._asdict().items() if v)
         return s
 
     def _direction_params(self, k, d):
