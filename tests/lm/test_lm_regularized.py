@@ -133,3 +133,21 @@ def test_embedding_dropout_drops_whole_rows():
     lm.backward()
     row_norms = np.abs(lm.grads["embed.weight"]).sum(axis=1)
     assert (row_norms == 0).sum() >= 1 and (row_norms > 0).sum() >= 1
+
+
+def test_resume_with_every_option_equals_uninterrupted(tmp_path, corpus):
+    """The streams' locked masks are saved with the carried state, so a resumed run is bit for bit
+    the uninterrupted one."""
+    common = ["--data", str(corpus), "--hidden", "8", "--layers", "2", "--embedding", "8", "--seq-len", "6",
+              "--batch-size", "3", "--eval-every", "5", "--eval-windows", "1", "--sample-length", "0", "--no-progress",
+              "--log-every", "1", "--recurrent-dropout", "0.3", "--weight-drop", "0.3", "--zoneout", "0.2",
+              "--layer-norm", "--peephole", "--embedding-dropout", "0.2", "--tie-weights", "--dropout", "0.2"]
+    assert main(["train", "--out", str(tmp_path / "a"), "--max-iters", "12", *common]) == 0
+    assert main(["train", "--out", str(tmp_path / "b"), "--max-iters", "5", *common]) == 0
+    tensors, _ = load_checkpoint(tmp_path / "b" / "last.safetensors")
+    assert set(tensors["masks"]) == {"h_l0", "h_l1"}
+    assert main(["train", "--out", str(tmp_path / "b"), "--resume", "--max-iters", "12", "--no-progress"]) == 0
+    ta, _ = load_checkpoint(tmp_path / "a" / "last.safetensors")
+    tb, _ = load_checkpoint(tmp_path / "b" / "last.safetensors")
+    for k, v in ta["model"].items():
+        np.testing.assert_array_equal(tb["model"][k], v)

@@ -215,13 +215,19 @@ class CharLMJob:
         return {"vocab": self.vocab.to_json(), "rng": ckpt.rng_state(self.model.rng)}
 
     def checkpoint_tensors(self) -> dict:
+        out = {}
+        reg = self.model.rnn.regularizer
+        if reg is not None and reg.mask_state():  # the streams' locked dropout masks (bptt.nn.regularized_loop)
+            out["masks"] = reg.mask_state()
         if self.state is None:
-            return {}
+            return out
         h, c = self.state if isinstance(self.state, tuple) else (self.state, None)
-        return {"state": {"h": h} if c is None else {"h": h, "c": c}}
+        return out | {"state": {"h": h} if c is None else {"h": h, "c": c}}
 
     def restore(self, tensors: dict, meta: dict) -> None:
         self.model.rng.bit_generator.state = ckpt.restore_rng(meta["rng"]).bit_generator.state
+        if self.model.rnn.regularizer is not None:
+            self.model.rnn.regularizer.load_mask_state(self.model.rnn, tensors.get("masks", {}))
         st = tensors.get("state")
         if st:
             self.state = (st["h"], st["c"]) if "c" in st else st["h"]

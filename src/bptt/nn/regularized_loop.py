@@ -173,6 +173,34 @@ class Regularization:
         """Forget the locked masks: the next training forward draws new ones."""
         self.locked = None
 
+    def mask_state(self) -> dict:
+        """The locked masks as named arrays, for a checkpoint ({} when there are none):
+        ``x_l{k}`` (N, D_k), ``h_l{k}`` / ``h_l{k}_reverse`` (N, H), ``y`` (N, K·H)."""
+        if self.locked is None:
+            return {}
+        masks, out = self.locked[1], {}
+        for k, (mx, mhs) in enumerate(zip(masks["x"], masks["h"])):
+            if mx is not None:
+                out[f"x_l{k}"] = mx
+            for sfx, mh in zip(("", "_reverse"), mhs):
+                if mh is not None:
+                    out[f"h_l{k}{sfx}"] = mh
+        if masks["y"] is not None:
+            out["y"] = masks["y"]
+        return out
+
+    def load_mask_state(self, layer, state: dict):
+        """Restore masks written by :meth:`mask_state` (a resumed run continues with its streams' masks)."""
+        if not state:
+            self.locked = None
+            return
+        N = next(iter(state.values())).shape[0]
+        L, K = layer.num_layers, layer.num_directions
+        masks = {"x": [state.get(f"x_l{k}") for k in range(L)],
+                 "h": [[state.get(f"h_l{k}{sfx}") for sfx in ("", "_reverse")[:K]] for k in range(L)],
+                 "y": state.get("y")}
+        self.locked = (N, masks)
+
     # ------------------------------------------------------------------ inputs
     def _check(self, layer, x, state, lengths, one_hot):
         """(x (T, N, D) float, batched, h0 (L·K, N, H), c0 or None, mask (T, N) or None)."""
