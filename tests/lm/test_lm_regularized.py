@@ -112,6 +112,12 @@ def test_train_and_sample_with_every_option(tmp_path, corpus, capsys):
     assert main(["sample", str(out / "last.safetensors"), "--length", "30", "--prime", "to", "--seed", "1"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("to") and len(text) == 2 + 30 + 1
+    assert main(["eval", str(out / "last.safetensors"), "--data", str(corpus), "--json"]) == 0
+    assert np.isfinite(json.loads(capsys.readouterr().out)["loss"])
+    # bptt inspect reads the plain layers' caches: it refuses these models in one line
+    assert main(["inspect", "units", str(out / "last.safetensors"), "--text", str(corpus), "--out", str(tmp_path / "u")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and "does not support models with regularised or normalised cells" in err[0]
 
 
 def test_train_flag_errors(tmp_path, corpus, capsys):
