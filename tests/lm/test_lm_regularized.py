@@ -157,3 +157,23 @@ def test_resume_with_every_option_equals_uninterrupted(tmp_path, corpus):
     tb, _ = load_checkpoint(tmp_path / "b" / "last.safetensors")
     for k, v in ta["model"].items():
         np.testing.assert_array_equal(tb["model"][k], v)
+
+
+def test_charlm_gradcheck_one_hot_input_with_layer_options():
+    cfg = CharLMConfig(vocab_size=6, model="lstm", hidden=5, layers=2, embedding=0, dropout=0.2, dtype="float64",
+                       recurrent_dropout=0.2, weight_drop=0.3, zoneout=0.2, layer_norm=True, peephole=True)
+    lm = CharLM(cfg, rng=0)
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 6, (4, 3)), rng.integers(0, 6, (4, 3))
+    seed_state = lm.rng.bit_generator.state
+
+    def loss():
+        lm.rng.bit_generator.state = seed_state
+        lm.rnn.regularizer.reset_masks()
+        return lm.loss(x, y)[0]
+
+    loss()
+    lm.zero_grad()
+    lm.backward()
+    errors = gradcheck(loss, lm.params, lm.grads, eps=1e-5, tol=1e-7)
+    assert max(errors.values()) < 1e-7

@@ -351,3 +351,48 @@ def test_hidden_state_stats_and_blas_scope_on_the_regularized_path():
         out, _ = layer(x)
     stats = layer.hidden_state_stats()
     assert set(stats) == {"h_mean_l0", "h_var_l0", "h_mean_l1", "h_var_l1"} and stats["h_var_l1"] > 0
+
+
+def test_float32_eval_mode_equals_torch(torch):
+    tm, bm = _torch_pair(torch, "lstm", 3, 4, 2, True, recurrent_dropout=0.5, weight_drop=0.5)
+    tm = tm.float()
+    b32 = bptt.LSTM(3, 4, num_layers=2, bidirectional=True, recurrent_dropout=0.5, weight_drop=0.5).eval()
+    b32.load_state_dict(bm.state_dict())
+    x = np.random.default_rng(0).standard_normal((6, 2, 3)).astype(np.float32)
+    out, _ = b32(x)
+    xt = torch.tensor(x, requires_grad=True)
+    tout, _ = tm(xt)
+    tout.sum().backward()
+    dx, _ = b32.backward(np.ones_like(out))
+    assert rel_error(out, tout.detach().numpy()) < 1e-5
+    assert rel_error(dx, xt.grad.numpy()) < 1e-5
+    for name, p in tm.named_parameters():
+        assert rel_error(b32.grads[name], p.grad.numpy()) < 1e-5, name
+
+
+def test_one_hot_input_and_unbatched_input():
+    """Indices with one_hot=True are the one-hot vectors; an unbatched (T, D) input is the batch of one."""
+    layer = bptt.GRU(5, 4, num_layers=2, dtype=np.float64, rng=0, layer_norm=True, zoneout=0.3, input_dropout=0.2)
+    ids = np.random.default_rng(1).integers(0, 5, (6, 3))
+    dense = np.eye(5)[ids]
+    dout = np.random.default_rng(2).standard_normal((6, 3, 4))
+
+    def run(inp, **kw):
+        layer.rng = np.random.default_rng(5)
+        layer.regularizer.reset_masks()
+        layer.zero_grad()
+        out, h = layer(inp, **kw)
+        dx, dh0 = layer.backward(dout[:, : out.shape[1]] if out.ndim == 3 else dout[:, 0])
+        return out, h, dx, dh0, {k: g.copy() for k, g in layer.grads.items()}
+
+    a, b = run(dense), run(ids, one_hot=True)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert b[2] is None  # no input gradient for indices
+    for k in a[4]:
+        np.testing.assert_allclose(a[4][k], b[4][k], rtol=1e-13, atol=1e-15)
+    layer.eval()
+    single, h1, *_ = run(dense[:, 0])
+    batch, hb, *_ = run(dense[:, :1])
+    np.testing.assert_allclose(single, batch[:, 0], rtol=1e-13)
+    np.testing.assert_allclose(h1, hb[:, 0], rtol=1e-13)
