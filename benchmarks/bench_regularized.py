@@ -17,7 +17,6 @@ drift in the machine's load hits them alike.  The default run takes well under a
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import numpy as np
@@ -34,7 +33,6 @@ def main():
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1: a shared machine)")
     args = ap.parse_args()
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))
     from threadpoolctl import threadpool_limits
 
     import bptt
