@@ -14,6 +14,8 @@ import pytest
 from bptt.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
+    UnverifiedCheckpointWarning,
+    content_digest,
     load_checkpoint,
     restore_rng,
     rng_state,
@@ -325,3 +327,146 @@ def test_sigkill_during_writes_never_tears_the_checkpoint(tmp_path):
     save_checkpoint(path, {"model": {"a": np.zeros(1)}}, {"step": start})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.json", "ckpt.safetensors"]
     assert load_checkpoint(path)[1]["step"] == start
+
+
+# ---------------------------------------------------------------------------- content digest
+def _char_lm_checkpoint(path):
+    from bptt.lm.model import CharLM, CharLMConfig
+    from bptt.nn.optim import Adam
+
+    model = CharLM(CharLMConfig(vocab_size=7, model="lstm", hidden=6, layers=2), rng=0)
+    opt = Adam(model, lr=1e-3)
+    arrays, opt_meta = opt.state_dict()
+    meta = {"kind": "char_lm", "model_config": model.config.to_dict(), "vocab": list("\n abcde"),
+            "iteration": 12, "optimizer": opt_meta}
+    save_checkpoint(path, {"model": model.state_dict(), "optim": arrays}, meta)
+    return model.state_dict()
+
+
+def _seq2seq_checkpoint(path):
+    from bptt.seq2seq.model import Seq2Seq, Seq2SeqConfig
+
+    cfg = Seq2SeqConfig(src_vocab=9, tgt_vocab=8, embedding=4, hidden=6, attention="general")
+    model = Seq2Seq(cfg, rng=np.random.default_rng(1))
+    save_checkpoint(path, {"model": model.state_dict()}, {"kind": "seq2seq", "config": cfg.to_dict(), "step": 3})
+    return model.state_dict()
+
+
+def _data_start(data: bytes) -> int:
+    (n,) = struct.unpack("<Q", data[:8])
+    return 8 + n
+
+
+@pytest.mark.parametrize("make", [_char_lm_checkpoint, _seq2seq_checkpoint], ids=["char_lm", "seq2seq"])
+def test_flipped_tensor_byte_is_detected(tmp_path, make, recwarn):
+    path = tmp_path / "ckpt.safetensors"
+    state = make(path)
+    data = path.read_bytes()
+    header = json.loads(data[8:_data_start(data)])
+    assert header["__metadata__"]["bptt_sha256"].startswith("sha256:")
+    tensors, _ = load_checkpoint(path)  # intact: loads, no warning
+    assert not [w for w in recwarn if issubclass(w.category, UnverifiedCheckpointWarning)]
+    _assert_same_tensors({"model": tensors["model"]}, {"model": state})
+
+    # one byte in the middle of one tensor's data (a recurrent weight matrix)
+    name = next(k for k in header if k.startswith("model.") and "weight_hh" in k)
+    lo, hi = header[name]["data_offsets"]
+    pos = _data_start(data) + (lo + hi) // 2
+    bad = bytearray(data)
+    bad[pos] ^= 0x01
+    bad_path = tmp_path / "flipped.safetensors"
+    bad_path.write_bytes(bytes(bad))
+    with pytest.raises(CheckpointError, match="corrupted") as exc:
+        load_checkpoint(bad_path)
+    assert str(bad_path) in _one_line(exc)
+
+    # verify=False loads it anyway, and the damage is where we put it
+    tensors, meta = load_checkpoint(bad_path, verify=False)
+    got, want = tensors["model"][name[len("model."):]], state[name[len("model."):]]
+    diff = np.flatnonzero(got.view(np.uint8).ravel() != want.view(np.uint8).ravel())
+    assert diff.tolist() == [(lo + hi) // 2 - lo]
+
+
+def test_flipped_meta_digit_and_swapped_names_are_detected(tmp_path):
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(path, {"model": {"a": np.arange(4.0), "b": np.arange(4.0) + 10}}, {"step": 1234})
+    data = path.read_bytes()
+    # a flipped digit in the meta still parses as JSON: only the digest notices
+    bad = tmp_path / "meta.safetensors"
+    bad.write_bytes(data.replace(b'\\"step\\": 1234', b'\\"step\\": 1235'))
+    assert bad.read_bytes() != data
+    assert load_checkpoint(bad, verify=False)[1]["step"] == 1235
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load_checkpoint(bad)
+    # two same-shaped tensors whose names are swapped in the header: the data bytes are unchanged
+    swapped = tmp_path / "swapped.safetensors"
+    swapped.write_bytes(data.replace(b'"model.a"', b'"model.X"').replace(b'"model.b"', b'"model.a"')
+                        .replace(b'"model.X"', b'"model.b"'))
+    assert load_checkpoint(swapped, verify=False)[0]["model"]["a"].tolist() == [10, 11, 12, 13]
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load_checkpoint(swapped)
+
+
+def test_old_format_without_digest_loads_with_a_notice(tmp_path):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "old.safetensors"
+    save_file({"model.w": np.arange(3, dtype=np.float32)}, str(path),
+              metadata={"bptt": json.dumps({"format_version": 1, "step": 5})})
+    with pytest.warns(UnverifiedCheckpointWarning) as record:
+        tensors, meta = load_checkpoint(path)
+    assert meta["step"] == 5 and tensors["model"]["w"].tolist() == [0, 1, 2]
+    assert len(record) == 1
+    msg = str(record[0].message)
+    assert str(path) in msg and "\n" not in msg
+    assert record[0].filename == __file__  # points at the caller, not at checkpoint.py
+    # verify=False: no notice
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_checkpoint(path, verify=False)
+
+
+@pytest.mark.parametrize("value", ["md5:abc", "sha256:" + "0" * 63, "sha256:" + "0" * 64])
+def test_invalid_or_wrong_digest(tmp_path, value):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "x.safetensors"
+    save_file({"model.w": np.zeros(2)}, str(path),
+              metadata={"bptt": json.dumps({"format_version": 1}), "bptt_sha256": value})
+    with pytest.raises(CheckpointError, match="digest|corrupted") as exc:
+        load_checkpoint(path)
+    _one_line(exc)
+
+
+def test_digest_is_independent_of_layout_and_byte_order(rng):
+    meta = json.dumps({"format_version": 1})
+    a = rng.standard_normal((3, 4))
+    b = np.arange(5, dtype=np.int32)
+    d1 = content_digest({"m.a": a, "m.b": b}, meta)
+    assert d1 == content_digest({"m.b": b, "m.a": a}, meta)  # insertion order
+    assert d1 == content_digest({"m.a": np.asfortranarray(a), "m.b": b.astype(">i4")}, meta)  # memory layout, byte order
+    assert d1 != content_digest({"m.a": a.reshape(4, 3), "m.b": b}, meta)  # shape
+    assert d1 != content_digest({"m.a": a, "m.b": b.astype(np.uint32)}, meta)  # dtype
+    assert d1 != content_digest({"m.a": a, "m.c": b}, meta)  # name
+    assert d1 != content_digest({"m.a": a, "m.b": b}, meta + " ")  # meta
+    assert len(d1) == len("sha256:") + 64
+
+
+def test_new_checkpoints_stay_plain_safetensors(tmp_path, rng, torch):
+    from safetensors.numpy import load_file as np_load
+    from safetensors.torch import load_file as torch_load
+
+    tensors = _tensors(rng)
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(path, tensors, _meta(rng))
+    flat = {f"{ns}.{k}": v for ns, group in tensors.items() for k, v in group.items()}
+    got_np = np_load(str(path))
+    got_t = torch_load(str(path))
+    assert got_np.keys() == flat.keys() == got_t.keys()
+    for k, v in flat.items():
+        assert got_np[k].tobytes() == v.tobytes()
+        t = got_t[k]
+        assert tuple(t.shape) == v.shape
+        np.testing.assert_array_equal(t.numpy(), v)

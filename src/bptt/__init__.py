@@ -11,6 +11,16 @@ from bptt.nn.layers import Dropout, Embedding, Linear
 from bptt.nn.rnn import GRU, LSTM, RNN
 from bptt.nn.losses import cross_entropy, log_softmax, mse, softmax
 from bptt.nn.module import Module, StateDictError
+from bptt.nn.multihead import MultiheadAttention, scaled_dot_product_attention
+from bptt.nn.norm import LayerNorm
+from bptt.nn.feedforward import GELU, LearnedPositionalEmbedding, PositionwiseFeedForward, ReLU, SinusoidalPositionalEncoding
+from bptt.nn.transformer import (
+    Transformer,
+    TransformerDecoder,
+    TransformerDecoderLayer,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+)
 from bptt.nn.optim import (
     SGD,
     Adagrad,
@@ -30,4 +40,7 @@ __all__ = [
     "StateDictError", "cross_entropy", "mse", "softmax", "log_softmax", "SGD", "Adagrad", "RMSprop", "Adam",
     "AdamW", "clip_grad_norm", "clip_grad_value", "make_optimizer", "make_schedule", "gradcheck",
     "numerical_gradient", "rel_error", "GradcheckError",
+    "MultiheadAttention", "scaled_dot_product_attention", "LayerNorm", "ReLU", "GELU", "PositionwiseFeedForward",
+    "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding", "TransformerEncoderLayer", "TransformerDecoderLayer",
+    "TransformerEncoder", "TransformerDecoder", "Transformer",
 ]

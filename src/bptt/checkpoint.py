@@ -6,7 +6,34 @@ Layout of a checkpoint file
   ``optim.m.decoder.bias``, ... (the namespace is everything before the first dot);
 * one safetensors metadata key, ``"bptt"``, holding a JSON object: the caller's
   ``meta`` (kind, config, vocab, step, optimizer settings, RNG state, ...) plus
-  ``"format_version"``.
+  ``"format_version"``;
+* a second metadata key, ``"bptt_sha256"``, holding ``"sha256:<64 hex digits>"``,
+  the digest of the contents (below).  Files written before the digest existed
+  have no such key: they still load, with an :class:`UnverifiedCheckpointWarning`.
+
+The digest
+----------
+SHA-256 over a canonical serialisation, not over the raw bytes after the header::
+
+    b"bptt-checkpoint-sha256-v1\0"
+    u64 len(meta) | meta                   the "bptt" metadata string, UTF-8
+    for every tensor, in sorted name order:
+        u64 len(name) | name               UTF-8
+        u64 len(dtype) | dtype             NumPy's little-endian type string, e.g. "<f4", "|b1"
+        u64 ndim | u64 shape[0] ...
+        u64 nbytes | the data              C order, little-endian
+
+(every u64 little-endian).  Why per tensor rather than the bytes after the
+header: it also covers what the header says about the bytes (names, dtypes,
+shapes, offsets: two same-shaped tensors whose names were swapped, or a
+flipped digit in the step count, change the digest, while the data bytes
+would not), it does not depend on the order and padding in which the
+safetensors library lays the tensors out (another writer, or a future version,
+may lay them out differently), and it is computed from the very arrays that
+are handed back to the caller.  The cost is one SHA-256 pass over the tensors
+on save and on load (0.06-0.11 s for 100 MB of float32 on the
+2-core VM, a noisy measurement).  Adding the key did not change
+``format_version``: a reader that does not know the key ignores it.
 
 Nothing is pickled, so loading a checkpoint never executes code.  A JSON
 sidecar with the same meta is written next to the checkpoint for people to read;
@@ -19,9 +46,12 @@ moment leaves either the old or the new checkpoint, never a torn one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
+import struct
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,6 +59,8 @@ import numpy as np
 
 __all__ = [
     "CheckpointError",
+    "UnverifiedCheckpointWarning",
+    "content_digest",
     "FORMAT_VERSION",
     "save_checkpoint",
     "load_checkpoint",
@@ -36,6 +68,7 @@ __all__ = [
     "rng_state",
     "restore_rng",
     "upgrade_meta",
+    "set_default_verify",
     "load_checkpoint_of_kind",
 ]
 
@@ -43,10 +76,17 @@ __all__ = [
 FORMAT_VERSION = 1
 
 _META_KEY = "bptt"
+_DIGEST_KEY = "bptt_sha256"
+_DIGEST_PREFIX = "sha256:"
+_DIGEST_DOMAIN = b"bptt-checkpoint-sha256-v1\0"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be written or read (one-line message)."""
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint written before digests existed: loaded, but nothing vouches for its bytes."""
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -88,6 +128,31 @@ def _flatten(tensors: Mapping) -> dict[str, np.ndarray]:
                 raise TypeError(f"tensor {ns}.{name} has dtype object; expected a numeric array")
             flat[f"{ns}.{name}"] = arr
     return flat
+
+
+def _u64(n: int) -> bytes:
+    return struct.pack("<Q", n)
+
+
+def content_digest(flat: Mapping[str, np.ndarray], meta_json: str) -> str:
+    """``"sha256:<hex>"`` of the ``bptt`` metadata string and the ``{"ns.name": array}`` tensors.
+
+    The canonical serialisation is described in the module docstring; it is the
+    same for the arrays given to :func:`save_checkpoint` and those read back.
+    """
+    h = hashlib.sha256(_DIGEST_DOMAIN)
+    meta_bytes = meta_json.encode("utf-8", "surrogatepass")
+    h.update(_u64(len(meta_bytes)))
+    h.update(meta_bytes)
+    for name in sorted(flat):
+        arr = np.asarray(flat[name])
+        le = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))  # one byte order on every machine
+        name_b, dtype_b = name.encode("utf-8", "surrogatepass"), le.dtype.str.encode("ascii")
+        h.update(_u64(len(name_b)) + name_b + _u64(len(dtype_b)) + dtype_b + _u64(le.ndim))
+        h.update(b"".join(_u64(d) for d in le.shape))
+        h.update(_u64(le.nbytes))
+        h.update(le.data if le.nbytes else b"")  # the buffer itself, no copy
+    return _DIGEST_PREFIX + h.hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -195,7 +260,8 @@ def save_checkpoint(
     "optim": ...}``; a flat ``{name: array}`` is stored under ``model``.
     Namespaces with no tensors leave nothing in the file.  ``meta`` must be
     JSON-serialisable (NumPy scalars and arrays are converted); tuples come back
-    as lists.  CheckpointError if the directory is not writable.
+    as lists.  The SHA-256 of the contents goes into the file's metadata (see
+    the module docstring).  CheckpointError if the directory is not writable.
     """
     from safetensors.numpy import save
 
@@ -205,22 +271,45 @@ def save_checkpoint(
     # ASCII-escaped so that any str (even a lone surrogate in a vocab) survives the UTF-8 header
     meta_json = json.dumps(full_meta, default=_json_default)
 
+    digest = content_digest(flat, meta_json)
     # serialised in memory (one extra copy of the tensors) so that we own the only temporary file
-    _atomic_write(final, save(flat, metadata={_META_KEY: meta_json}))
+    _atomic_write(final, save(flat, metadata={_META_KEY: meta_json, _DIGEST_KEY: digest}))
 
     pretty = json.dumps(full_meta, default=_json_default, ensure_ascii=False, indent=2) + "\n"
     _atomic_write(sidecar_path(final), pretty.encode("utf-8", "backslashreplace"))
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
+#: whether :func:`load_checkpoint` verifies digests when its caller does not say; ``bptt --no-verify`` turns it
+#: off for one command (every load in it: sample, eval, resume, export, inspect), through
+#: :func:`set_default_verify`.
+_VERIFY_BY_DEFAULT = [True]
+
+
+def set_default_verify(enabled: bool) -> None:
+    """Make digest verification the default (True) or not (False) for loads that do not pass ``verify``."""
+    _VERIFY_BY_DEFAULT[0] = bool(enabled)
+
+
+def load_checkpoint(path: str | os.PathLike, verify: bool | None = None) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
     Returns ``(tensors, meta)``: ``tensors`` is ``{namespace: {name: array}}``
     and ``meta`` is the saved meta including ``format_version``.  Every way the
     file can be wrong (missing, not safetensors, truncated, no or invalid
     ``bptt`` metadata, written by a newer bptt) is a one-line CheckpointError.
+
+    With ``verify`` (the default) the contents are hashed and compared with the
+    digest stored at save time: a mismatch (a flipped bit anywhere in the
+    tensors or the meta) is a one-line CheckpointError naming the file.  A file
+    without a digest (written before digests existed) loads, with one
+    :class:`UnverifiedCheckpointWarning` naming the file.  ``verify=False``
+    skips both (for forensics on a damaged file); the structural checks above
+    still apply.  ``verify=None`` takes the default set by :func:`set_default_verify` (on).
     """
     from safetensors import safe_open
+
+    if verify is None:
+        verify = _VERIFY_BY_DEFAULT[0]
 
     p = Path(path)
     if not p.exists():
@@ -243,6 +332,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, np.nda
         raise CheckpointError(
             f"{p} is a safetensors file without '{_META_KEY}' metadata; expected a checkpoint written by bptt"
         )
+    # checked before the meta is parsed, so that damage reads as damage, not as a format problem
+    unverified = verify and not _verify_digest(p, flat, header_meta)
     try:
         meta = json.loads(header_meta[_META_KEY])
     except ValueError as e:
@@ -264,7 +355,28 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, dict[str, np.nda
         if not dot or not ns or not name:
             raise CheckpointError(f"{p}: tensor name {key!r} has no namespace; expected '<namespace>.<name>'")
         tensors.setdefault(ns, {})[name] = arr
+    if unverified:  # only for a file that is otherwise a valid checkpoint
+        warnings.warn(
+            f"{p} has no content digest (written by an older bptt): loaded without verifying its bytes",
+            UnverifiedCheckpointWarning,
+            stacklevel=2,
+        )
     return tensors, meta
+
+
+def _verify_digest(p: Path, flat: Mapping[str, np.ndarray], header_meta: Mapping[str, str]) -> bool:
+    """True if the stored digest matches, False if there is none; CheckpointError if it differs."""
+    stored = header_meta.get(_DIGEST_KEY)
+    if stored is None:
+        return False
+    if not (stored.startswith(_DIGEST_PREFIX) and len(stored) == len(_DIGEST_PREFIX) + 64):
+        raise CheckpointError(f"{p}: invalid content digest {stored[:80]!r}; the file is corrupted")
+    if content_digest(flat, header_meta[_META_KEY]) != stored:
+        raise CheckpointError(
+            f"{p} is corrupted: its contents do not match the SHA-256 digest written with them "
+            "(bptt --no-verify ... loads it anyway, for inspection)"
+        )
+    return True
 
 
 # ---------------------------------------------------------------------------- RNG state

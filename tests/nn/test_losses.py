@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from conftest import require_numba
+
 from bptt.nn.gradcheck import gradcheck, rel_error
 from bptt.nn.losses import cross_entropy, log_softmax, mse, softmax
 
@@ -176,7 +178,7 @@ def test_compiled_cross_entropy_equals_numpy_path(rng, dtype, reduction):
     """Without a mask the loss comes from the compiled pass (bptt.kernels); weights of 1
     take the NumPy formulas.  Same loss and gradient up to rounding; need_grad=False
     gives the same loss and no gradient."""
-    pytest.importorskip("numba")
+    require_numba()
     logits = (4 * rng.standard_normal((7, 11, 65))).astype(dtype)
     logits[0, 0, 3] = 60.0  # a dominant logit: the max shift must keep exp() finite
     targets = rng.integers(0, 65, size=(7, 11))

@@ -23,7 +23,7 @@ from bptt.inspect.analyses import (
     unit_correlations,
 )
 from bptt.inspect.page import units_page
-from bptt.lm.data import DataError, Vocab, default_corpus, read_text, show_chars
+from bptt.lm.data import DataError, Vocab, default_corpus, read_text
 
 __all__ = ["register", "cmd_gradients", "cmd_units", "cmd_gates"]
 
@@ -45,11 +45,7 @@ def _load_text(path, encoding="utf-8", start=0, max_chars=0) -> tuple[str, str]:
 
 def _encode_known(vocab: Vocab, text: str, what: str, model_name: str) -> np.ndarray:
     """ids of ``text``; a DataError naming the characters the model has never seen."""
-    unknown = vocab.unknown(text)
-    if unknown:
-        count = sum(text.count(c) for c in unknown)
-        raise DataError(f"{what} has {count} characters outside the vocabulary of {model_name} "
-                        f"({len(unknown)} distinct: {show_chars(unknown)})")
+    vocab.require_known(text, what, model_name)
     return vocab.encode(text).astype(np.int64)
 
 

@@ -19,7 +19,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate text from a trained model")
-    p.add_argument("checkpoint", help="a .safetensors checkpoint written by bptt train")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint written by bptt train, or its .onnx export")
     p.add_argument("--length", type=int, default=2000, help="characters to generate (default: 2000)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature: lower is more conservative (default: 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="sample only among the k most likely characters (default: 0 = all)")
@@ -29,7 +29,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="loss, bits/char and perplexity of a model on a text")
-    p.add_argument("checkpoint", help="a .safetensors checkpoint written by bptt train")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint written by bptt train, or its .onnx export")
     p.add_argument("--data", required=True, help="text file to evaluate on")
     p.add_argument("--encoding", default="utf-8", help="text encoding (default: utf-8)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -39,19 +39,29 @@ def register(sub) -> None:
 def cmd_train(args) -> int:
     from bptt.lm.train import TrainConfig, train
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "no_verify")}
     cfg = TrainConfig(**given)
     train(cfg, explicit=set(given))
     return 0
+
+
+def load_any_model(path):
+    """(model, vocab, meta) from a checkpoint of bptt train, or from its ONNX export (run in ONNX Runtime)."""
+    if str(path).endswith(".onnx"):
+        from bptt.onnx.runtime import load_charlm
+
+        return load_charlm(path)
+    from bptt.lm.model import load_model
+
+    return load_model(path)
 
 
 def cmd_sample(args) -> int:
     import numpy as np
 
     from bptt.lm.sample import generate
-    from bptt.lm.model import load_model
 
-    model, vocab, _ = load_model(args.checkpoint)
+    model, vocab, _ = load_any_model(args.checkpoint)
     rng = np.random.default_rng(args.seed)
     out = sys.stdout
 
@@ -67,9 +77,8 @@ def cmd_sample(args) -> int:
 def cmd_eval(args) -> int:
     from bptt.lm.data import read_text
     from bptt.lm.evaluate import evaluate_text
-    from bptt.lm.model import load_model
 
-    model, vocab, _ = load_model(args.checkpoint)
+    model, vocab, _ = load_any_model(args.checkpoint)
     text = read_text(args.data, args.encoding)
     result = evaluate_text(model, vocab, text)
     if args.json:

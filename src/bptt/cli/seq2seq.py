@@ -22,11 +22,33 @@ __all__ = ["register", "cmd_train", "cmd_translate", "cmd_eval"]
 
 
 def cmd_train(args) -> int:
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "seq2seq_command", "func")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "seq2seq_command", "func", "no_verify")}
     cfg = Seq2SeqTrainConfig(**given)
     summary = train(cfg)
     print(json.dumps({"checkpoint": str(Path(cfg.out) / "model.safetensors"), **(summary["eval"] or {})}))
     return 0
+
+
+def load_any_model(path):
+    """(model, meta, SeqData) from a checkpoint of bptt seq2seq train, or from the folder its ONNX export wrote
+    (encoder.onnx + decoder_step.onnx, decoded in ONNX Runtime with the same greedy and beam search)."""
+    from bptt.seq2seq.tasks import TokenVocab, get_task
+
+    if Path(path).is_dir():
+        from bptt.onnx.seq2seq import OnnxSeq2Seq
+
+        model = OnnxSeq2Seq(path)
+        meta = model.meta
+        try:
+            data = SeqData(level=meta["level"], src_vocab=TokenVocab.from_json(meta["src_vocab"]),
+                           tgt_vocab=TokenVocab.from_json(meta["tgt_vocab"]),
+                           max_src_len=meta["max_src_len"], max_tgt_len=meta["max_tgt_len"])
+        except KeyError as e:
+            raise DataError(f"{path}: the ONNX files carry no {e} (export them with bptt export)") from None
+        if meta.get("task"):
+            data.task = get_task(meta["task"])
+        return model, meta, data
+    return load_model(path)
 
 
 def _encode_input(text, data: SeqData):
@@ -43,7 +65,7 @@ def _encode_input(text, data: SeqData):
 
 
 def cmd_translate(args) -> int:
-    model, meta, data = load_model(args.checkpoint)
+    model, meta, data = load_any_model(args.checkpoint)
     texts = [args.text]
     toks = [_encode_input(t, data) for t in texts]
     outs, logps, atts = translate_batch(model, data.src_vocab, toks, decode_max_len(data.max_tgt_len),
@@ -59,7 +81,7 @@ def cmd_translate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    model, meta, data = load_model(args.checkpoint)
+    model, meta, data = load_any_model(args.checkpoint)
     if args.data:
         pairs, skipped = load_pairs(args.data, data.level)
         for s, _ in pairs:
@@ -95,7 +117,7 @@ def register(subparsers):
 
     for name, helptext in (("translate", "decode one input"), ("eval", "score a held-out set")):
         q = sub.add_parser(name, help=helptext)
-        q.add_argument("checkpoint")
+        q.add_argument("checkpoint", help="model.safetensors of bptt seq2seq train, or the folder of its ONNX export")
         if name == "translate":
             q.add_argument("text")
             q.add_argument("--attention-png", help="save the attention heatmap here")

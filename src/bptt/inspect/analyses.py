@@ -34,7 +34,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bptt.nn.cells import gru_step_backward, lstm_step_backward, rnn_step_backward
+from bptt.nn.gates import gate_slice
+from bptt.nn.recurrence import Weights, sequence_backward
 from bptt.lm.data import DataError
 from bptt.nn.losses import softmax
 
@@ -54,7 +55,7 @@ __all__ = [
 
 #: the gates that are sigmoids (the tanh candidate g / n is not a gate)
 GATE_NAMES = {"lstm": ("input", "forget", "output"), "gru": ("reset", "update")}
-_GATE_SLOTS = {"lstm": (0, 1, 3), "gru": (0, 1)}  # their blocks in the stacked (N, G) gates
+_GATE_LETTERS = {"input": "i", "forget": "f", "output": "o", "reset": "r", "update": "z"}  # bptt.nn.gates' names
 
 
 # ============================================================================ running the model
@@ -84,16 +85,15 @@ class LayerTrace(NamedTuple):
 
 def _layer_traces(rnn, output) -> list[LayerTrace]:
     """Per-layer h, c and gates of the last forward of ``rnn`` (reference backend, eval mode)."""
-    ctx = rnn._ctx
+    layers = rnn.last_forward_caches()
     traces = []
-    for k, layer in enumerate(ctx.layers):
-        h = ctx.layers[k + 1].x if k + 1 < len(ctx.layers) else output  # no dropout in eval mode
-        steps = layer.directions[0].steps
+    for k, (_, directions) in enumerate(layers):
+        h = layers[k + 1][0] if k + 1 < len(layers) else output  # the next layer's input: no dropout in eval mode
+        steps = directions[0].steps
         c = gates = None
         if rnn.mode == "lstm":
             gates = np.stack([s.gates for s in steps])
-            H = rnn.hidden_size
-            i, f, g = gates[..., :H], gates[..., H : 2 * H], gates[..., 2 * H : 3 * H]
+            i, f, g = (gates[..., gate_slice("lstm", name, rnn.hidden_size)] for name in ("i", "f", "g"))
             c = f * np.stack([s.c_prev for s in steps]) + i * g  # c_t = f ⊙ c_{t−1} + i ⊙ g
         elif rnn.mode == "gru":
             gates = np.stack([s.gates for s in steps])
@@ -116,7 +116,7 @@ def trace(model, ids, window: int = 200, need_logits: bool = True):
         with _reference_loop(model) as rnn:
             for t0 in range(0, ids.shape[0], window):
                 # CharLM.forward in eval mode, spelled out to keep the top layer's output
-                h, state = rnn(model._inputs(ids[t0 : t0 + window]), state)
+                h, state = rnn(model.inputs(ids[t0 : t0 + window]), state)
                 parts.append(_layer_traces(rnn, h))
                 if need_logits:
                     logits.append(model.decoder(h))
@@ -143,8 +143,8 @@ def state_gradients(model, ids, targets):
 
     The decoder turns that into ∂L/∂y_t^{(top)} = ∂L/∂z_t W_dec, nonzero at t = T
     only.  Then, per layer from the top, the time loop read backwards with the
-    cell backward functions, as :func:`bptt.nn.recurrence.sequence_backward` does,
-    but keeping the carried gradient of every step:
+    cell backward functions — :func:`bptt.nn.recurrence.sequence_backward` itself, asked to
+    report the carried gradient of every step:
 
         ∂L/∂h_t = ∂L/∂y_t (from above) + dh_t (carried from step t+1)
         ∂L/∂c_t = dc_t (carried) + ∂L/∂h_t ⊙ o_t ⊙ (1 − tanh² c_t)          (LSTM)
@@ -163,7 +163,7 @@ def state_gradients(model, ids, targets):
     try:
         with _reference_loop(model):
             logits, _ = model.forward(ids, None)
-            ctx = rnn._ctx
+            layers = rnn.last_forward_caches()
     finally:
         model.train(was_training)
     T, N, V = logits.shape
@@ -173,28 +173,18 @@ def state_gradients(model, ids, targets):
     dy[-1] = dz @ model.decoder.params["weight"]  # z = h W_decᵀ + b  ⇒  dh = dz W_dec
     out = [None] * rnn.num_layers
     for k in reversed(range(rnn.num_layers)):
-        W_ih, _, W_hh, _, _ = rnn._direction_params(k, 0)
-        steps = ctx.layers[k].directions[0].steps
+        W_ih, _, W_hh, b_hh, _ = rnn.layer_weights(k, 0)
+        cache = layers[k][1][0]
         dh_all = np.empty_like(dy)
-        dgx = np.empty((T, N, W_hh.shape[0]), dy.dtype)
-        dc_all = None
-        carry = np.zeros((N, rnn.out_size), dy.dtype)
-        if rnn.mode == "lstm":
-            H = rnn.hidden_size
-            dc_all = np.empty((T, N, H), dy.dtype)
-            dc_carry = np.zeros((N, H), dy.dtype)
-        for t in reversed(range(T)):
-            dh = carry + dy[t]  # h_t fans out to the layer above and to step t+1
-            dh_all[t] = dh
-            s = steps[t]
-            if rnn.mode == "lstm":
-                o = s.gates[:, 3 * H :]
-                dc_all[t] = dc_carry + dh * o * (1.0 - s.tanh_c * s.tanh_c)  # what lstm_step_backward forms
-                dgx[t], carry, dc_carry = lstm_step_backward(dh, dc_carry, s, W_hh)
-            elif rnn.mode == "gru":
-                dgx[t], _, carry = gru_step_backward(dh, s, W_hh)
-            else:
-                dgx[t], carry = rnn_step_backward(dh, s, W_hh, rnn.mode[4:])
+        dc_all = np.empty((T, N, rnn.hidden_size), dy.dtype) if rnn.mode == "lstm" else None
+
+        def keep(t, dh, dc, steps=cache.steps, dh_all=dh_all, dc_all=dc_all):
+            dh_all[t] = dh  # h_t fans out to the layer above and to step t+1
+            if dc is not None:  # the whole gradient on c_t, as lstm_step_backward forms it
+                o = steps[t].gates[:, gate_slice("lstm", "o", rnn.hidden_size)]
+                dc_all[t] = dc + dh * o * (1.0 - steps[t].tanh_c * steps[t].tanh_c)
+
+        dgx, _, _, _, _ = sequence_backward(dy, None, None, cache, Weights(W_hh, b_hh), on_step=keep)
         out[k] = (dh_all, dc_all)
         dy = dgx @ W_ih  # ∂L/∂(this layer's input) = the output gradient of the layer below
     return out
@@ -240,8 +230,8 @@ def gate_saturation(gates, mode: str, hidden: int, lo: float = 0.1, hi: float = 
     """
     flat = gates.reshape(-1, gates.shape[-1])
     out = {}
-    for name, slot in zip(GATE_NAMES[mode], _GATE_SLOTS[mode]):
-        g = flat[:, slot * hidden : (slot + 1) * hidden]
+    for name in GATE_NAMES[mode]:
+        g = flat[:, gate_slice(mode, _GATE_LETTERS[name], hidden)]
         out[name] = {"left": (g < lo).mean(axis=0), "right": (g > hi).mean(axis=0)}
     return out
 

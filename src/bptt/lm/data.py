@@ -143,11 +143,7 @@ class Vocab:
             piece = text[start : start + chunk_chars]
             ids = self._lookup(_codepoints(piece))
             if (ids < 0).any():
-                unknown = self.unknown(text)
-                raise DataError(
-                    f"text contains {len(unknown)} character(s) not in the vocabulary "
-                    f"({show_chars(unknown)}); expected only the {len(self)} characters of the training corpus"
-                )
+                self.require_known(text)
             out[start : start + len(piece)] = ids
         return out
 
@@ -166,6 +162,15 @@ class Vocab:
     def unknown(self, text: str) -> list[str]:
         """Sorted list of the distinct characters of ``text`` that are not in the vocabulary."""
         return sorted(c for c in set(text) if c not in self)
+
+    def require_known(self, text: str, what: str = "the text", model: str = "the model") -> None:
+        """The one rule for characters outside the vocabulary where they cannot be left out (training text,
+        a priming text, text to inspect): a DataError that counts and names them."""
+        unknown = self.unknown(text)
+        if unknown:
+            count = sum(text.count(c) for c in unknown)
+            raise DataError(f"{what} has {count} characters outside the vocabulary of {model} "
+                            f"({len(unknown)} distinct: {show_chars(unknown)})")
 
 
 def encode_text(text: str, vocab: Vocab) -> np.ndarray:

@@ -49,6 +49,9 @@ def evaluate_text(model, vocab: Vocab, text: str, window: int = 100, streams: in
         bad = set(unknown)
         unknown_count = sum(1 for ch in text if ch in bad)
         text = "".join(ch for ch in text if ch not in bad)
+    context = getattr(getattr(model, "config", None), "context", None)
+    if context:  # a Transformer reads at most its context at once: windows no longer than that
+        window = min(window, context)
     ids = vocab.encode(text).astype(np.int64)
     if len(ids) < 2:
         raise DataError(f"need at least 2 known characters to evaluate, got {len(ids)}")

@@ -37,6 +37,7 @@ import numpy as np
 from bptt import checkpoint as ckpt
 from bptt.lm.data import Vocab
 from bptt.nn.cells import resolve_rng
+from bptt.nn.gates import gate_slice
 from bptt.nn.layers import Dropout, Embedding, Linear
 from bptt.nn.rnn import GRU, LSTM, RNN
 from bptt.nn.losses import cross_entropy
@@ -44,7 +45,7 @@ from bptt.nn.module import Module
 from bptt.nn.ops import affine_backward, affine_forward
 from bptt.nn.regularized_loop import check_options
 
-__all__ = ["CharLMConfig", "CharLM", "CHECKPOINT_KIND", "load_model"]
+__all__ = ["CharLMConfig", "CharLM", "CHECKPOINT_KIND", "load_model", "build_model", "config_from_dict"]
 
 CHECKPOINT_KIND = "charlm"
 
@@ -148,8 +149,8 @@ class CharLM(Module):
                     p[...] = self.rng.uniform(-0.08, 0.08, size=p.shape)
         if config.model == "lstm" and config.forget_bias:
             for name, p, _ in self.rnn.named_parameters():
-                if name.startswith("bias_ih"):  # gates i, f, g, o: f is the second quarter
-                    p[H : 2 * H] += config.forget_bias
+                if name.startswith("bias_ih"):
+                    p[gate_slice("lstm", "f", H)] += config.forget_bias
         self._dlogits = None
         self._row_keep = None  # (T, N, 1) embedding-dropout factors of the last forward's rows
 
@@ -164,7 +165,7 @@ class CharLM(Module):
                                                                          "tie_weights": c.tie_weights}).items() if v)
         return f"{c.model} {c.layers}x{c.hidden}, V={c.vocab_size}, {inp}, dropout={c.dropout}{extra}"
 
-    def _inputs(self, ids):
+    def inputs(self, ids):
         """The recurrent layer's input: embeddings, or one-hot vectors (T, N, V) built explicitly."""
         if self.embed is not None:
             return self.embed(ids)
@@ -224,7 +225,7 @@ class CharLM(Module):
     def step(self, ids):
         """One character per stream: ids (N,) → logits (N, V); the state is kept until reset."""
         ids = np.asarray(ids).reshape(-1)
-        h = self.rnn.step(self._inputs(ids))  # (N, H)
+        h = self.rnn.step(self.inputs(ids))  # (N, H)
         return self.decoder(h)
 
 
@@ -257,17 +258,35 @@ class TiedDecoder(Module):
 # ============================================================================ loading
 
 
+def config_from_dict(d: dict):
+    """A language model's config from its dict: a Transformer's (``model == "transformer"``) or a CharLM's."""
+    if d.get("model") == "transformer":
+        from bptt.lm.transformer import TransformerLMConfig
+
+        return TransformerLMConfig.from_dict(d)
+    return CharLMConfig.from_dict(d)
+
+
+def build_model(config, rng=None):
+    """The language model a config describes: :class:`CharLM` or :class:`bptt.lm.transformer.TransformerLM`."""
+    if config.model == "transformer":
+        from bptt.lm.transformer import TransformerLM
+
+        return TransformerLM(config, rng=rng)
+    return CharLM(config, rng=rng)
+
+
 def load_model(path, dtype: str | None = None):
-    """(model, vocab, meta) from a checkpoint written by ``bptt train``."""
+    """(model, vocab, meta) from a checkpoint written by ``bptt train`` (any architecture)."""
     tensors, meta = ckpt.load_checkpoint_of_kind(path, CHECKPOINT_KIND, "a character language model")
     try:
-        config = CharLMConfig.from_dict(meta["config"])
+        config = config_from_dict(meta["config"])
         if dtype:
             config.dtype = dtype
         vocab = Vocab.from_json(meta["vocab"])
-        model = CharLM(config, rng=0)
+        model = build_model(config, rng=0)
         model.load_state_dict(tensors.get("model", {}))
     except (KeyError, TypeError, ValueError) as e:
-        raise ckpt.CheckpointError(f"{path}: checkpoint contents do not fit a CharLM ({e})") from None
+        raise ckpt.CheckpointError(f"{path}: checkpoint contents do not fit the model its config describes ({e})") from None
     model.eval()
     return model, vocab, meta

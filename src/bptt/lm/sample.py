@@ -15,10 +15,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bptt.lm.data import DataError, Vocab, show_chars
+from bptt.lm.data import DataError, Vocab
 from bptt.nn.losses import softmax
 
-__all__ = ["next_char_distribution", "generate"]
+__all__ = ["next_char_distribution", "generate", "model_context"]
 
 
 def next_char_distribution(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0) -> np.ndarray:
@@ -28,6 +28,30 @@ def next_char_distribution(logits: np.ndarray, temperature: float = 1.0, top_k: 
         cutoff = np.partition(z, -top_k)[-top_k]
         z = np.where(z >= cutoff, z, -np.inf)
     return softmax(z)
+
+
+def model_context(model) -> int | None:
+    """The most positions a model sees at once (a Transformer's context), or None (a recurrent model)."""
+    return getattr(getattr(model, "config", None), "context", None)
+
+
+class _Stepper:
+    """Feeds one id at a time.  A model with a finite context (a Transformer's key/value cache) slides:
+    when the cache is full it restarts from the last half of the context, so generation goes on for
+    as long as asked at the cost of re-reading C/2 positions every C/2 characters."""
+
+    def __init__(self, model, context: int | None):
+        self.model, self.context, self.history = model, context, []
+
+    def __call__(self, i: int) -> np.ndarray:
+        if self.context and len(self.history) == self.context:
+            self.history = self.history[-(self.context // 2) :]
+            self.model.reset_state()
+            for j in self.history:
+                self.model.step(np.array([j]))
+        if self.context:
+            self.history.append(i)
+        return self.model.step(np.array([i]))[0]
 
 
 def generate(
@@ -52,9 +76,11 @@ def generate(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if top_k < 0:
         raise ValueError(f"top-k must be >= 0, got {top_k}")
-    unknown = vocab.unknown(prime)
-    if unknown:
-        raise DataError(f"priming text has characters outside the model's vocabulary: {show_chars(unknown)}")
+    vocab.require_known(prime, "the priming text")
+    context = model_context(model)
+    if context and len(prime) > context:
+        raise DataError(f"the priming text is {len(prime)} characters; this model reads at most {context} "
+                        f"(its context): give a shorter --prime")
     rng = rng or np.random.default_rng()
     if prime and on_char is not None:
         on_char(prime)
@@ -63,9 +89,10 @@ def generate(
     model.reset_state()
     try:
         ids = vocab.encode(prime) if prime else np.array([rng.integers(len(vocab))])
+        step = _Stepper(model, context)
         logits = None
         for i in ids:  # prime the state
-            logits = model.step(np.array([i]))[0]
+            logits = step(int(i))
         out = []
         for _ in range(length):
             if argmax:
@@ -77,7 +104,7 @@ def generate(
             out.append(ch)
             if on_char is not None:
                 on_char(ch)
-            logits = model.step(np.array([nxt]))[0]
+            logits = step(nxt)
         return "".join(out)
     finally:
         model.reset_state()

@@ -24,10 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from bptt import checkpoint as ckpt
+from bptt.config import check_fields
 from bptt.lm.data import DataError, TBPTTBatches, Vocab, default_corpus, encode_file, encode_text, show_chars, split_corpus
 from bptt.lm.evaluate import evaluate
-from bptt.lm.model import CHECKPOINT_KIND, CharLM, CharLMConfig, load_model
+from bptt.lm.model import CHECKPOINT_KIND, CharLM, CharLMConfig, build_model, config_from_dict, load_model
+from bptt.lm.transformer import TransformerLMConfig
 from bptt.nn.optim import make_optimizer, make_schedule
+from bptt.rundir import claim_run_dir
 from bptt.trainer import LoopConfig, StepResult, Trainer, TrainingError
 
 __all__ = ["TrainConfig", "TrainingError", "train", "CharLMJob"]
@@ -41,11 +44,14 @@ class TrainConfig:
     encoding: str = field(default="utf-8", metadata={"help": "text encoding of --data"})
     out: str = field(default="runs/charlm", metadata={"help": "run directory for checkpoints, log and plot"})
     # model
-    model: str = field(default="lstm", metadata={"help": "recurrent cell", "choices": ["lstm", "gru", "rnn"]})
+    model: str = field(default="lstm", metadata={"help": "recurrent cell, or a decoder-only Transformer", "choices": ["lstm", "gru", "rnn", "transformer"]})
     hidden: int = field(default=128, metadata={"help": "hidden units per layer"})
     layers: int = field(default=2, metadata={"help": "stacked recurrent layers"})
     dropout: float = field(default=0.0, metadata={"help": "dropout between layers and before the decoder"})
     embedding: int = field(default=0, metadata={"help": "embedding size; 0 = one-hot input"})
+    d_model: int = field(default=128, metadata={"help": "transformer: width of the residual stream"})
+    heads: int = field(default=4, metadata={"help": "transformer: attention heads (must divide --d-model)"})
+    context: int = field(default=0, metadata={"help": "transformer: the most positions it attends over (0 = --seq-len)"})
     init: str = field(default="torch", metadata={"help": "weight init: torch U(±1/√H) or charrnn U(±0.08)", "choices": ["torch", "charrnn"]})
     forget_bias: float = field(default=0.0, metadata={"help": "added to the LSTM forget-gate bias at init"})
     dtype: str = field(default="float32", metadata={"help": "float type", "choices": ["float32", "float64"]})
@@ -86,10 +92,15 @@ class TrainConfig:
     log_hidden_stats: int = field(default=0, metadata={"help": "every K steps, log the mean and variance of h per layer (0 = off)"})
     seed: int = field(default=123, metadata={"help": "random seed (init, dropout)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from last.safetensors"})
+    overwrite: bool = field(default=False, metadata={"help": "start afresh in an --out that holds a run, deleting its checkpoints and log"})
     init_from: str | None = field(default=None, metadata={"help": "start from the weights of this checkpoint (new optimizer)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
-    def model_config(self, vocab_size: int) -> CharLMConfig:
+    def model_config(self, vocab_size: int):
+        """The model's config: a :class:`TransformerLMConfig` for ``--model transformer``, else a CharLMConfig."""
+        if self.model == "transformer":
+            return TransformerLMConfig(vocab_size, self.layers, self.d_model, self.heads, self.context or self.seq_len,
+                                       self.dropout, self.dtype).validate()
         return CharLMConfig(vocab_size, self.model, self.hidden, self.layers, self.dropout, self.embedding,
                             self.init, self.forget_bias, self.dtype, recurrent_dropout=self.recurrent_dropout,
                             weight_drop=self.weight_drop, zoneout=self.zoneout, layer_norm=self.layer_norm,
@@ -97,25 +108,21 @@ class TrainConfig:
                             tie_weights=self.tie_weights).validate()
 
     def validate(self) -> TrainConfig:
-        problems = []
-        for name in ("seq_len", "batch_size", "eval_every", "log_every"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_iters", "eval_windows", "warmup_iters", "sample_length", "lr_decay_after", "log_hidden_stats"):
-            if getattr(self, name) < 0:
-                problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "grad_clip", "max_epochs", "max_time", "weight_decay", "momentum", "min_lr"):
-            v = getattr(self, name)
-            if not math.isfinite(v) or v < 0:
-                problems.append(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
-        if self.lr == 0:
-            problems.append("--lr must be > 0")
+        problems = check_fields(
+            self, positive_ints=("seq_len", "batch_size", "eval_every", "log_every"),
+            nonneg_ints=("max_iters", "eval_windows", "warmup_iters", "sample_length", "lr_decay_after", "log_hidden_stats"),
+            positive_floats=("lr",),
+            nonneg_floats=("grad_clip", "max_epochs", "max_time", "weight_decay", "momentum", "min_lr"))
         if not 0 < self.alpha < 1:
             problems.append(f"--alpha must be in (0, 1), got {self.alpha}")
         if not 0 < self.lr_decay <= 1:
             problems.append(f"--lr-decay must be in (0, 1], got {self.lr_decay}")
         if problems:
             raise ValueError("; ".join(problems))
+        if self.model == "transformer" and self.context and self.seq_len > self.context:
+            raise ValueError(f"--seq-len {self.seq_len} is longer than the transformer's --context {self.context}")
+        if self.model == "transformer" and self.log_hidden_stats:
+            raise ValueError("--log-hidden-stats reads a recurrent layer's states; a transformer has none")
         self.model_config(1)  # model fields
         return self
 
@@ -134,7 +141,7 @@ def load_corpus(cfg: TrainConfig, out_dir: Path, vocab: Vocab | None, log):
         text, description = default_corpus()
         log(f"corpus: built-in default, {description}")
         vocab = vocab or Vocab(text)
-        _check_known(vocab, text, "the built-in corpus")
+        vocab.require_known(text, "the built-in corpus")
         return encode_text(text, vocab), vocab
     corpus_vocab, ids = encode_file(cfg.data, out_dir / "corpus.npy", encoding=cfg.encoding)
     log(f"corpus: {cfg.data}, {len(ids):,} characters, {len(corpus_vocab)} distinct")
@@ -149,17 +156,12 @@ def load_corpus(cfg: TrainConfig, out_dir: Path, vocab: Vocab | None, log):
     return remap[np.asarray(ids)], vocab  # same characters, different ids: translate (in memory)
 
 
-def _check_known(vocab: Vocab, text: str, what: str):
-    unknown = vocab.unknown(text)
-    if unknown:
-        raise DataError(f"{what} has characters outside the model's vocabulary: {show_chars(unknown)}")
-
-
 # ============================================================================ the job the loop runs
 
 
 class CharLMJob:
-    """The char LM as a :class:`bptt.trainer.Job`: TBPTT windows with the hidden state carried."""
+    """The language model (recurrent or Transformer) as a :class:`bptt.trainer.Job`: TBPTT windows, the
+    hidden state carried from window to window (a Transformer carries none: its windows are independent)."""
 
     kind = CHECKPOINT_KIND
     metric = "val_loss"
@@ -266,7 +268,8 @@ def check_out_dir(out_dir: Path):
 
 
 # what the saved weights and optimizer state were made with
-_FIXED_ON_RESUME = ("model", "hidden", "layers", "embedding", "dtype", "optimizer", "layer_norm", "peephole", "tie_weights")
+_FIXED_ON_RESUME = ("model", "hidden", "layers", "embedding", "d_model", "heads", "context", "dtype", "optimizer",
+                    "layer_norm", "peephole", "tie_weights")
 
 
 def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None) -> dict:
@@ -280,6 +283,12 @@ def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None) -> dict:
     cfg.validate()
     out_dir = Path(cfg.out)
     check_out_dir(out_dir)
+    # held until the run ends: a second writer, or a fresh run over this one, stops with one line
+    with claim_run_dir(out_dir, resume=cfg.resume, overwrite=cfg.overwrite):
+        return _train(cfg, out_dir, log, explicit)
+
+
+def _train(cfg: TrainConfig, out_dir: Path, log, explicit: set[str] | None) -> dict:
     last_path = out_dir / "last.safetensors"
 
     # ---------------------------------------------------------------- vocabulary and configuration
@@ -295,7 +304,7 @@ def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None) -> dict:
             raise DataError(f"--resume cannot change {changes}; use --init-from to start a new run from these weights")
         for name in explicit or ():
             setattr(saved, name, getattr(cfg, name))
-        saved.resume, cfg = True, saved.validate()
+        saved.resume, saved.overwrite, cfg = True, False, saved.validate()
         resume_from = (tensors, meta)
         vocab = Vocab.from_json(meta["vocab"])
     elif cfg.init_from:
@@ -315,11 +324,11 @@ def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None) -> dict:
             raise DataError(f"validation split ({len(val_ids)} characters) is too short: {e}") from None
 
     # ---------------------------------------------------------------- model
-    model = CharLM(cfg.model_config(len(vocab)), rng=cfg.seed)
+    model = build_model(cfg.model_config(len(vocab)), rng=cfg.seed)
     if cfg.init_from and not cfg.resume:
         if init_model.config.to_dict() | {"dtype": cfg.dtype} != model.config.to_dict():
             log(f"--init-from: using the checkpoint's architecture {init_model.config.to_dict()}")
-            model = CharLM(CharLMConfig.from_dict(init_model.config.to_dict() | {"dtype": cfg.dtype}), rng=cfg.seed)
+            model = build_model(config_from_dict(init_model.config.to_dict() | {"dtype": cfg.dtype}), rng=cfg.seed)
         model.load_state_dict(init_model.state_dict())
     steps_per_epoch = len(batches)
     max_steps = int(cfg.max_epochs * steps_per_epoch)

@@ -106,11 +106,14 @@ def sequence_forward(mode, gx, h0, c0, weights: Weights, mask=None, reverse=Fals
     return y, h, c, cache
 
 
-def sequence_backward(dy, dh_n, dc_n, cache: SequenceCache, weights: Weights):
+def sequence_backward(dy, dh_n, dc_n, cache: SequenceCache, weights: Weights, on_step=None):
     """Backpropagate through the T steps of :func:`sequence_forward`.
 
     Args:
         dy: (T, N, P) ∂L/∂y;  dh_n (N, P) and dc_n (N, H) or None: ∂L/∂(final states).
+        on_step: if given, called as ``on_step(t, dh_t, dc_t)`` at every step with the gradient reaching
+            h_t (from the output and from step t+1) and, for the LSTM, the carried dc_t (None otherwise):
+            what ``bptt inspect gradients`` plots.
 
     Returns:
         dgx (T, N, G): ∂L/∂gx, the gradient of the input projections;
@@ -138,6 +141,8 @@ def sequence_backward(dy, dh_n, dc_n, cache: SequenceCache, weights: Weights):
                 dc_step = np.where(m, dc, 0.0)
         elif mode == "lstm":
             dc_step = dc
+        if on_step is not None:
+            on_step(t, dh_step, dc_step if mode == "lstm" else None)
         if mode == "lstm":
             if dh_all is not None:
                 dh_all[t] = dh_step

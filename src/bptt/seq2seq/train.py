@@ -11,7 +11,6 @@ sidecar ``model.json``, ``log.jsonl`` and ``loss.png``.
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -19,8 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from bptt import checkpoint as ckpt
+from bptt.config import check_fields
 from bptt.lm.data import DataError
 from bptt.nn.optim import OPTIMIZERS, make_optimizer, make_schedule
+from bptt.rundir import claim_run_dir
 from bptt.seq2seq.data import SeqData
 from bptt.seq2seq.decode import evaluate
 from bptt.seq2seq.model import Seq2Seq, Seq2SeqConfig, train_step
@@ -59,6 +60,7 @@ class Seq2SeqTrainConfig:
     log_every: int = field(default=50, metadata={"help": "steps between train-loss log records"})
     out: str = field(default="runs/seq2seq", metadata={"help": "run directory"})
     resume: bool = field(default=False, metadata={"help": f"continue from OUT/{CKPT_NAME}"})
+    overwrite: bool = field(default=False, metadata={"help": "start afresh in an --out that holds a run, deleting its checkpoint and log"})
     seed: int = field(default=0, metadata={"help": "random seed (init, batches, scheduled sampling)"})
     teacher_forcing: float = field(default=1.0, metadata={"help": "probability of feeding the gold previous token (<1: two-pass scheduled sampling)"})
     quiet: bool = field(default=False, metadata={"help": "no progress bar or messages"})
@@ -69,20 +71,10 @@ class Seq2SeqTrainConfig:
             problems.append("give --task (dates, addition, reverse) or --data FILE.tsv")
         if self.task is not None and self.data is not None:
             problems.append("give either --task or --data, not both")
-        for name in ("hidden", "layers", "embedding", "batch_size", "max_steps", "eval_every", "log_every"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            problems.append(f"--lr must be a finite number > 0, got {self.lr}")
-        for name in ("clip", "max_time"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                problems.append(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(self, name)}")
-        if self.eval_size < 0:
-            problems.append(f"--eval-size must be >= 0, got {self.eval_size}")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"--dropout must be in [0, 1), got {self.dropout}")
-        if not 0.0 <= self.teacher_forcing <= 1.0:
-            problems.append(f"--teacher-forcing must be in [0, 1], got {self.teacher_forcing}")
+        problems += check_fields(
+            self, positive_ints=("hidden", "layers", "embedding", "batch_size", "max_steps", "eval_every", "log_every"),
+            nonneg_ints=("eval_size",), positive_floats=("lr",), nonneg_floats=("clip", "max_time"),
+            rates=("dropout",), probabilities=("teacher_forcing",))
         if problems:
             raise DataError("; ".join(problems))
         return self
@@ -167,6 +159,12 @@ def train(cfg: Seq2SeqTrainConfig, log=None) -> dict:
     cfg.validate()
     log = log or ((lambda s: None) if cfg.quiet else (lambda s: print(s, file=sys.stderr, flush=True)))
     out = Path(cfg.out)
+    # held until the run ends: a second writer, or a fresh run over this one, stops with one line
+    with claim_run_dir(out, resume=cfg.resume, overwrite=cfg.overwrite):
+        return _train(cfg, out, log)
+
+
+def _train(cfg: Seq2SeqTrainConfig, out: Path, log) -> dict:
     ckpt_path = out / CKPT_NAME
     data = SeqData.from_task(cfg.task) if cfg.task else SeqData.from_file(cfg.data, cfg.level, cfg.seed, log)
 
@@ -186,7 +184,6 @@ def train(cfg: Seq2SeqTrainConfig, log=None) -> dict:
         rng = np.random.default_rng(cfg.seed)
     model = Seq2Seq(config, rng=np.random.default_rng(cfg.seed))
     job = Seq2SeqJob(cfg, model, data, rng)
-    out.mkdir(parents=True, exist_ok=True)
     loop = LoopConfig(out_dir=out, max_steps=cfg.max_steps, max_minutes=cfg.max_time, eval_every=cfg.eval_every,
                       log_every=cfg.log_every, grad_clip=cfg.clip, clip_mode="norm", progress=not cfg.quiet,
                       last_name=CKPT_NAME, best_name=None)

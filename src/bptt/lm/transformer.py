@@ -1,0 +1,224 @@
+"""A decoder-only (GPT-style) character language model on the Transformer layers of :mod:`bptt.nn`.
+
+Shape legend: T positions in a window (T ≤ C), N batch streams, V vocabulary, E d_model,
+h heads, d = E/h, F = 4E feed-forward width, L layers, C context (the most positions it sees).
+
+Forward, for ids x (T, N)::
+
+    e  = dropout(W_tok[x] + W_pos[0:T])                          (T, N, E)
+    for each of the L blocks (pre-norm, causal: position t sees positions ≤ t):
+        e = e + dropout(MHA(LN₁(e)))                             self-attention
+        e = e + dropout(W₂ GELU(W₁ LN₂(e)))                       feed-forward
+    z  = LN_f(e) W_decᵀ + b_dec                                  (T, N, V)   logits
+    loss = −mean log softmax(z)[y]                               nats per character
+
+Backward reads it upwards through the layers' own backward passes (``docs/transformer.md``).
+Each window is independent: there is no state carried between windows, so ``state`` is
+accepted and returned as None, which keeps the interface of :class:`bptt.lm.model.CharLM`.
+
+Parameter names are those of a PyTorch model built as::
+
+    embed   = nn.Embedding(V, E)                    embed.weight
+    pos     = nn.Embedding(C, E)                    pos.weight
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, h, 4E, dropout, "gelu",
+                                    norm_first=True), L, norm=nn.LayerNorm(E))
+    decoder = nn.Linear(E, V)
+
+run with ``mask=causal`` (a decoder-only model is an encoder stack with a causal mask).
+
+Generation, :meth:`TransformerLM.step`, keeps each layer's keys and values of the positions
+seen so far (a key/value cache), so one new token costs one position, not a whole window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from bptt.nn.cells import resolve_rng
+from bptt.nn.feedforward import LearnedPositionalEmbedding
+from bptt.nn.layers import Embedding, Linear
+from bptt.nn.losses import cross_entropy, softmax
+from bptt.nn.module import Module
+from bptt.nn.norm import LayerNorm
+from bptt.nn.transformer import TransformerEncoder, TransformerEncoderLayer
+
+__all__ = ["TransformerLMConfig", "TransformerLM"]
+
+
+@dataclass
+class TransformerLMConfig:
+    """Everything needed to rebuild a TransformerLM (saved in every checkpoint)."""
+
+    vocab_size: int
+    layers: int = 4
+    d_model: int = 128
+    heads: int = 4
+    context: int = 128  # the most positions a window (and generation before a reset) may have
+    dropout: float = 0.0  # on the embeddings, the attention weights and every residual branch
+    dtype: str = "float32"
+    model: str = "transformer"  # tells a checkpoint's config apart from a CharLMConfig (model lstm|gru|rnn)
+
+    def validate(self) -> TransformerLMConfig:
+        problems = []
+        for name in ("vocab_size", "layers", "d_model", "heads", "context"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                problems.append(f"{name} must be a positive integer, got {v!r}")
+        if not problems and self.d_model % self.heads:
+            problems.append(f"d_model ({self.d_model}) must be divisible by heads ({self.heads})")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.dtype not in ("float32", "float64"):
+            problems.append(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if self.model != "transformer":
+            problems.append(f"model must be 'transformer', got {self.model!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TransformerLMConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known}).validate()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class TransformerLM(Module):
+    """GPT-style character model with the interface of :class:`bptt.lm.model.CharLM`.
+
+    ``forward(ids (T, N), state=None)`` → ``(logits (T, N, V), None)``;
+    ``loss(ids, targets, state=None)`` → ``(loss, None)`` and saves ∂L/∂logits;
+    ``backward(dlogits=None)`` pushes the gradient into every parameter;
+    ``step(ids (N,))`` → logits (N, V), one position at a time with a key/value cache,
+    until ``reset_state()``.  T and the generated positions are limited to ``config.context``.
+
+    Init (GPT-2's): weights and embeddings N(0, 0.02²), the two residual output projections
+    of each block N(0, (0.02/√(2L))²), biases 0, LayerNorms γ = 1, β = 0.
+    """
+
+    def __init__(self, config: TransformerLMConfig, rng=None):
+        super().__init__()
+        self.config = config.validate()
+        c = config
+        dtype = np.dtype(c.dtype)
+        self.rng = resolve_rng(rng)  # one generator for init and every dropout mask (saved for resume)
+        E = c.d_model
+        self.embed = self.add_module("embed", Embedding(c.vocab_size, E, dtype=dtype, rng=self.rng))
+        self.pos = self.add_module("pos", LearnedPositionalEmbedding(c.context, E, dropout=c.dropout, dtype=dtype,
+                                                                     rng=self.rng))
+        block = TransformerEncoderLayer(E, c.heads, 4 * E, dropout=c.dropout, activation="gelu", norm_first=True,
+                                        dtype=dtype, rng=self.rng)
+        self.encoder = self.add_module("encoder", TransformerEncoder(block, c.layers, norm=LayerNorm(E, dtype=dtype)))
+        self.decoder = self.add_module("decoder", Linear(E, c.vocab_size, dtype=dtype, rng=self.rng))
+        for name, p, _ in self.named_parameters():
+            if ".norm" in name:  # LayerNorms keep γ = 1, β = 0
+                continue
+            if name.endswith("bias"):
+                p[...] = 0.0
+            else:
+                residual = name.endswith("out_proj.weight") or name.endswith("linear2.weight")
+                p[...] = (0.02 / np.sqrt(2 * c.layers) if residual else 0.02) * self.rng.standard_normal(p.shape)
+        self._dlogits = None
+        self._cache = None  # step(): per layer (keys, values) (N, h, C, d) and the next position
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def extra_repr(self):
+        c = self.config
+        return f"transformer {c.layers}x{c.d_model}, heads={c.heads}, context={c.context}, V={c.vocab_size}, " \
+               f"dropout={c.dropout}"
+
+    def blas_scope(self, T, N):
+        """Nothing to arrange: the products run on the BLAS's own threads."""
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ training
+    def _check_ids(self, ids, ndim):
+        ids = np.asarray(ids)
+        if ids.ndim != ndim or not np.issubdtype(ids.dtype, np.integer):
+            want = "(T, N)" if ndim == 2 else "(N,)"
+            raise ValueError(f"TransformerLM expects integer ids of shape {want}, got {ids.dtype} {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"ids must be in [0, {self.vocab_size}), got [{ids.min()}, {ids.max()}]")
+        return ids
+
+    def forward(self, ids, state=None):
+        """ids (T, N) integers in [0, V) → (logits (T, N, V), None).  ``state`` is ignored (windows are independent)."""
+        ids = self._check_ids(ids, 2)
+        if ids.shape[0] > self.config.context:
+            raise ValueError(f"a window of {ids.shape[0]} positions exceeds the model's context of {self.config.context}")
+        e = self.pos(self.embed(ids))  # token + position embeddings, dropout
+        h = self.encoder(e, is_causal=True)  # position t attends to positions ≤ t; ends in the final LayerNorm
+        return self.decoder(h), None
+
+    def loss(self, ids, targets, state=None):
+        """Mean cross-entropy in nats per character; the gradient is kept for :meth:`backward`."""
+        logits, _ = self.forward(ids)
+        loss, self._dlogits = cross_entropy(logits, targets)
+        return loss, None
+
+    def backward(self, dlogits=None):
+        """Backprop from ∂L/∂logits (default: the one saved by :meth:`loss`) into every parameter."""
+        if dlogits is None:
+            dlogits = self._saved(self._dlogits)
+            self._dlogits = None
+        de = self.pos.backward(self.encoder.backward(self.decoder.backward(dlogits)))
+        self.embed.backward(de)
+
+    # ------------------------------------------------------------------ generation
+    def reset_state(self):
+        self._cache = None
+
+    def step(self, ids):
+        """One token per stream: ids (N,) → logits (N, V) for the next one.
+
+        The position is the number of steps since :meth:`reset_state`; each layer appends this
+        position's key and value to its cache and attends over the cache, which gives the same
+        logits as :meth:`forward` on the whole prefix (dropout is not applied: generation is
+        inference).  Raises ValueError once the position would reach ``config.context``.
+        It runs the layers' forward passes, so it must not come between a forward and its backward.
+        """
+        ids = self._check_ids(np.asarray(ids).reshape(-1), 1)
+        c, N = self.config, ids.shape[0]
+        E, h = c.d_model, c.heads
+        d = E // h
+        if self._cache is None or self._cache["N"] != N:
+            shape = (N, h, c.context, d)
+            self._cache = {"N": N, "t": 0, "kv": [(np.zeros(shape, self.dtype), np.zeros(shape, self.dtype))
+                                                  for _ in range(c.layers)]}
+        t = self._cache["t"]
+        if t >= c.context:
+            raise ValueError(f"position {t} would exceed the context of {c.context} positions; "
+                             "call reset_state() (or generate with a sliding window)")
+        x = self.embed.params["weight"][ids] + self.pos.params["weight"][t]  # (N, E)
+        for layer, (K, V) in zip(self.encoder.layers, self._cache["kv"]):
+            x = x + self._attend_cached(layer, layer.norm1(x), K, V, t)
+            x = x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))  # no dropout
+        self._cache["t"] = t + 1
+        return self.decoder(self.encoder.norm(x))
+
+    @staticmethod
+    def _attend_cached(layer, z, K, V, t):
+        """Causal self-attention of position t over positions 0..t, keys and values cached.
+
+        z (N, E) the normed input at position t;  K, V (N, h, C, d) filled up to t−1 and
+        filled at t here.  The projections are the layer's own ``in_proj_weight`` (3E, E) =
+        [W_q; W_k; W_v] and ``out_proj``, so this is MultiheadAttention restricted to one query."""
+        attn = layer.self_attn
+        W, b = attn.params["in_proj_weight"], attn.params.get("in_proj_bias")
+        N, E = z.shape
+        h, d = attn.num_heads, attn.head_dim
+        qkv = z @ W.T + (b if b is not None else 0.0)  # (N, 3E)
+        q, k, v = (qkv[:, i * E:(i + 1) * E].reshape(N, h, d) for i in range(3))
+        K[:, :, t], V[:, :, t] = k, v
+        s = np.einsum("nhd,nhsd->nhs", q, K[:, :, : t + 1]) / np.sqrt(d)  # (N, h, t+1)
+        a = softmax(s, axis=-1)
+        o = np.einsum("nhs,nhsd->nhd", a, V[:, :, : t + 1]).reshape(N, E)  # merge heads
+        return attn.out_proj(o)

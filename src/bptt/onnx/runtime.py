@@ -1,0 +1,153 @@
+"""Run an exported char language model in ONNX Runtime, through the interface of a bptt CharLM.
+
+Shape legend: T time steps, N batch streams, V vocabulary, H hidden units, L layers.
+
+:class:`OnnxCharLM` offers what :func:`bptt.lm.sample.generate` and
+:func:`bptt.lm.evaluate.evaluate_text` use from a :class:`bptt.lm.model.CharLM`:
+``step(ids (N,)) → logits (N, V)`` keeping the state, ``reset_state()``,
+``forward(ids (T, N), state) → (logits (T, N, V), state)``, ``train()/eval()``,
+``training``, ``blas_scope``, ``dtype``, ``vocab_size`` and ``config``; so
+``bptt sample model.onnx`` and ``bptt eval model.onnx`` only need to call
+:func:`load_charlm` instead of ``bptt.lm.model.load_model``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from bptt.onnx.from_onnx import read_model
+from bptt.onnx.graph import OnnxError, require_onnx
+from bptt.onnx.to_onnx import CHARLM_KIND, META_PREFIX
+
+__all__ = ["OnnxCharLM", "load_charlm", "session"]
+
+
+def session(model_or_path, threads: int | None = None):
+    """An ONNX Runtime CPU session of a ModelProto or a file; warnings silenced, ``threads`` intra-op threads."""
+    _, ort = require_onnx()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only (not the notes about initializers folded away)
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    src = model_or_path.SerializeToString() if hasattr(model_or_path, "SerializeToString") else str(model_or_path)
+    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+
+
+class OnnxCharLM:
+    """A char LM ONNX file (``bptt.onnx.export_charlm``) in an ONNX Runtime session.
+
+    The state is ``h`` (L, N, H), or ``(h, c)`` for an LSTM, as the CharLM's.  A step
+    graph runs ``forward`` one step at a time; a sequence graph runs ``step`` as T = 1.
+    """
+
+    def __init__(self, model, path="<model>", threads: int | None = None):
+        from bptt.lm.model import CharLMConfig
+
+        props = {p.key: p.value for p in model.metadata_props}
+        if props.get(META_PREFIX + "kind") != CHARLM_KIND:
+            raise OnnxError(f"{path}: not a char language model written by bptt export "
+                            f"(metadata {META_PREFIX}kind is {props.get(META_PREFIX + 'kind')!r})")
+        try:
+            self.config = CharLMConfig.from_dict(json.loads(props[META_PREFIX + "config"]))
+            self.graph = props[META_PREFIX + "graph"]
+            self.vocab_json = json.loads(props[META_PREFIX + "vocab"])
+            self.meta = json.loads(props.get(META_PREFIX + "meta", "{}"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise OnnxError(f"{path}: broken bptt metadata ({e})") from None
+        if self.graph not in ("sequence", "step"):
+            raise OnnxError(f"{path}: unknown graph kind {self.graph!r}")
+        self.session = session(model, threads)
+        self.lstm = self.config.model == "lstm"
+        self.training = False
+        self.state = None
+
+    # ------------------------------------------------------------------ what CharLM offers
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.config.dtype)
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise ValueError("an ONNX model runs in inference only: it cannot be put in training mode")
+        self.training = False
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def blas_scope(self, T, N):
+        return contextlib.nullcontext()
+
+    def reset_state(self):
+        self.state = None
+
+    def _zeros(self, N):
+        z = np.zeros((self.config.layers, N, self.config.hidden), self.dtype)
+        return (z, z.copy()) if self.lstm else z
+
+    def _run(self, ids, state):
+        feeds = {"ids": ids}
+        if self.lstm:
+            feeds["h_0"], feeds["c_0"] = (np.ascontiguousarray(s, self.dtype) for s in state)
+        else:
+            feeds["h_0"] = np.ascontiguousarray(state, self.dtype)
+        out = self.session.run(None, feeds)
+        return out[0], ((out[1], out[2]) if self.lstm else out[1])
+
+    def _check_ids(self, ids, ndim):
+        ids = np.asarray(ids)
+        if ids.ndim != ndim or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"expected integer ids of {ndim} dimension(s), got {ids.dtype} {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"ids must be in [0, {self.vocab_size}), got [{ids.min()}, {ids.max()}]")
+        return ids.astype(np.int64)
+
+    def forward(self, ids, state=None):
+        """ids (T, N) → logits (T, N, V), final state."""
+        ids = self._check_ids(ids, 2)
+        state = self._zeros(ids.shape[1]) if state is None else state
+        if self.graph == "sequence":
+            return self._run(ids, state)
+        logits = []
+        for t in range(ids.shape[0]):
+            z, state = self._run(ids[t], state)
+            logits.append(z)
+        return np.stack(logits), state
+
+    __call__ = forward
+
+    def step(self, ids):
+        """One character per stream: ids (N,) → logits (N, V); the state is kept until reset."""
+        ids = self._check_ids(np.asarray(ids).reshape(-1), 1)
+        h = self.state[0] if isinstance(self.state, tuple) else self.state
+        if self.state is None or h.shape[1] != ids.shape[0]:
+            self.state = self._zeros(ids.shape[0])
+        if self.graph == "step":
+            logits, self.state = self._run(ids, self.state)
+            return logits
+        logits, self.state = self._run(ids[None], self.state)
+        return logits[0]
+
+
+def load_charlm(path, threads: int | None = None):
+    """(model, vocab, meta) from an ONNX char LM, as ``bptt.lm.model.load_model`` returns from a checkpoint.
+
+    ``meta`` holds what the export kept (e.g. step, best, eval) plus ``kind``, ``config`` and ``vocab``.
+    """
+    from bptt.lm.data import Vocab
+
+    model = read_model(path)
+    lm = OnnxCharLM(model, Path(path), threads)
+    vocab = Vocab.from_json(lm.vocab_json)
+    if len(vocab) != lm.vocab_size:
+        raise OnnxError(f"{path}: the vocabulary has {len(vocab)} characters, the model {lm.vocab_size}")
+    meta = dict(lm.meta, kind=CHARLM_KIND, config=lm.config.to_dict(), vocab=lm.vocab_json)
+    return lm, vocab, meta
