@@ -177,3 +177,10 @@ def test_charlm_gradcheck_one_hot_input_with_layer_options():
     lm.backward()
     errors = gradcheck(loss, lm.params, lm.grads, eps=1e-5, tol=1e-7)
     assert max(errors.values()) < 1e-7
+
+
+def test_recurrent_options_are_refused_for_the_transformer(tmp_path, corpus, capsys):
+    assert main(["train", "--data", str(corpus), "--out", str(tmp_path / "t"), "--model", "transformer",
+                 "--zoneout", "0.1", "--layer-norm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["bptt: error: --zoneout, --layer-norm: options of the recurrent models, not of --model transformer"]

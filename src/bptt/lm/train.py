@@ -123,6 +123,12 @@ class TrainConfig:
             raise ValueError(f"--seq-len {self.seq_len} is longer than the transformer's --context {self.context}")
         if self.model == "transformer" and self.log_hidden_stats:
             raise ValueError("--log-hidden-stats reads a recurrent layer's states; a transformer has none")
+        if self.model == "transformer":
+            recurrent = [f"--{n.replace('_', '-')}" for n in ("recurrent_dropout", "weight_drop", "zoneout", "layer_norm",
+                                                             "peephole", "embedding_dropout", "tie_weights")
+                         if getattr(self, n)]
+            if recurrent:
+                raise ValueError(f"{', '.join(recurrent)}: options of the recurrent models, not of --model transformer")
         self.model_config(1)  # model fields
         return self
 
@@ -218,7 +224,7 @@ class CharLMJob:
 
     def checkpoint_tensors(self) -> dict:
         out = {}
-        reg = self.model.rnn.regularizer
+        reg = _regularizer(self.model)
         if reg is not None and reg.mask_state():  # the streams' locked dropout masks (bptt.nn.regularized_loop)
             out["masks"] = reg.mask_state()
         if self.state is None:
@@ -228,11 +234,17 @@ class CharLMJob:
 
     def restore(self, tensors: dict, meta: dict) -> None:
         self.model.rng.bit_generator.state = ckpt.restore_rng(meta["rng"]).bit_generator.state
-        if self.model.rnn.regularizer is not None:
-            self.model.rnn.regularizer.load_mask_state(self.model.rnn, tensors.get("masks", {}))
+        if _regularizer(self.model) is not None:
+            _regularizer(self.model).load_mask_state(self.model.rnn, tensors.get("masks", {}))
         st = tensors.get("state")
         if st:
             self.state = (st["h"], st["c"]) if "c" in st else st["h"]
+
+
+def _regularizer(model):
+    """The recurrent layer's regulariser (bptt.nn.regularized_loop), or None (none on, or a transformer)."""
+    rnn = getattr(model, "rnn", None)
+    return None if rnn is None else rnn.regularizer
 
 
 def _make_schedule(cfg: TrainConfig, steps_per_epoch: int, total_steps: int):
