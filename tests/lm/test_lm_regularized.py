@@ -184,3 +184,12 @@ def test_recurrent_options_are_refused_for_the_transformer(tmp_path, corpus, cap
                  "--zoneout", "0.1", "--layer-norm"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["bptt: error: --zoneout, --layer-norm: options of the recurrent models, not of --model transformer"]
+
+
+def test_forget_bias_with_layer_norm_shifts_the_normalised_forget_gate():
+    plain = CharLM(CharLMConfig(vocab_size=5, hidden=4, layers=2, layer_norm=True), rng=0)
+    shifted = CharLM(CharLMConfig(vocab_size=5, hidden=4, layers=2, layer_norm=True, forget_bias=1.0), rng=0)
+    for k in range(2):
+        d = shifted.params[f"rnn.ln_ih_bias_l{k}"] - plain.params[f"rnn.ln_ih_bias_l{k}"]
+        np.testing.assert_array_equal(d, np.r_[np.zeros(4), np.ones(4), np.zeros(8)])  # gates i f g o: f only
+        np.testing.assert_array_equal(shifted.params[f"rnn.bias_ih_l{k}"], plain.params[f"rnn.bias_ih_l{k}"])

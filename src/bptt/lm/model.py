@@ -148,8 +148,10 @@ class CharLM(Module):
                 if ".ln_" not in name:  # layer-norm gains stay 1 and biases 0
                     p[...] = self.rng.uniform(-0.08, 0.08, size=p.shape)
         if config.model == "lstm" and config.forget_bias:
+            # with layer norm, b_ih sits inside LN_ih (normalised away): the shift goes to LN_ih's bias β
+            target = "ln_ih_bias" if config.layer_norm else "bias_ih"
             for name, p, _ in self.rnn.named_parameters():
-                if name.startswith("bias_ih"):
+                if name.startswith(target):
                     p[gate_slice("lstm", "f", H)] += config.forget_bias
         self._dlogits = None
         self._row_keep = None  # (T, N, 1) embedding-dropout factors of the last forward's rows
