@@ -65,6 +65,8 @@ _GATE_LETTERS = {"input": "i", "forget": "f", "output": "o", "reset": "r", "upda
 def _reference_loop(model):
     """Run the recurrent layer with the reference loop (per-step caches we can read)."""
     rnn = model.rnn
+    if rnn.regularizer is not None:  # its caches are bptt.nn.regularized_loop's, which these analyses do not read
+        raise ValueError(f"bptt inspect does not support models with regularised or normalised cells yet ({rnn!r})")
     saved = rnn.backend
     rnn.backend = "reference"
     try:

@@ -65,6 +65,14 @@ class TrainConfig:
     init: str = field(default="torch", metadata={"help": "weight init: torch U(±1/√H) or charrnn U(±0.08)", "choices": ["torch", "charrnn"]})
     forget_bias: float = field(default=0.0, metadata={"help": "added to the LSTM forget-gate bias at init"})
     dtype: str = field(default="float32", metadata={"help": "float type", "choices": ["float32", "float64"]})
+    # regularisers (docs/regularization.md); any of the first five runs the recurrent layer's NumPy loop
+    recurrent_dropout: float = field(default=0.0, metadata={"help": "variational dropout of h(t-1) in the recurrent product, one mask per stream (Keras' recurrent_dropout)"})
+    weight_drop: float = field(default=0.0, metadata={"help": "DropConnect on the recurrent weights W_hh, one mask per window (AWD-LSTM)"})
+    zoneout: float = field(default=0.0, metadata={"help": "zoneout rate of h (and c): keep the previous value with this probability"})
+    layer_norm: bool = field(default=False, metadata={"help": "layer-normalised gate pre-activations (and cell state, LSTM)"})
+    peephole: bool = field(default=False, metadata={"help": "LSTM peephole connections (cell state to gates)"})
+    embedding_dropout: float = field(default=0.0, metadata={"help": "drop whole rows of the embedding (needs --embedding > 0)"})
+    tie_weights: bool = field(default=False, metadata={"help": "decoder weight = embedding weight (needs --embedding equal to --hidden)"})
     # data layout
     seq_len: int = field(default=50, metadata={"help": "time steps per window (truncated BPTT length)"})
     batch_size: int = field(default=50, metadata={"help": "parallel streams per batch"})
@@ -104,7 +112,10 @@ class TrainConfig:
             return TransformerLMConfig(vocab_size, self.layers, self.d_model, self.heads, self.context or self.seq_len,
                                        self.dropout, self.dtype).validate()
         return CharLMConfig(vocab_size, self.model, self.hidden, self.layers, self.dropout, self.embedding,
-                            self.init, self.forget_bias, self.dtype).validate()
+                            self.init, self.forget_bias, self.dtype, recurrent_dropout=self.recurrent_dropout,
+                            weight_drop=self.weight_drop, zoneout=self.zoneout, layer_norm=self.layer_norm,
+                            peephole=self.peephole, embedding_dropout=self.embedding_dropout,
+                            tie_weights=self.tie_weights).validate()
 
     def validate(self) -> TrainConfig:
         problems = check_fields(
@@ -122,6 +133,12 @@ class TrainConfig:
             raise ValueError(f"--seq-len {self.seq_len} is longer than the transformer's --context {self.context}")
         if self.model == "transformer" and self.log_hidden_stats:
             raise ValueError("--log-hidden-stats reads a recurrent layer's states; a transformer has none")
+        if self.model == "transformer":
+            recurrent = [f"--{n.replace('_', '-')}" for n in ("recurrent_dropout", "weight_drop", "zoneout", "layer_norm",
+                                                             "peephole", "embedding_dropout", "tie_weights")
+                         if getattr(self, n)]
+            if recurrent:
+                raise ValueError(f"{', '.join(recurrent)}: options of the recurrent models, not of --model transformer")
         self.model_config(1)  # model fields
         return self
 
@@ -225,16 +242,24 @@ class CharLMJob:
         return meta
 
     def checkpoint_tensors(self) -> dict:
+        out = {}
+        reg = _regularizer(self.model)
+        masks = reg.mask_state() if reg is not None else {}  # the streams' locked dropout masks, rows = streams
         state = self.state
-        if self.world is not None:  # all N streams, rank by rank: (L, N_r, H) pieces joined along N
+        if self.world is not None:  # all N streams, rank by rank: pieces joined along N
             pieces = self.world.gather(state)
             state = None if any(p is None for p in pieces) else (
                 tuple(np.concatenate(parts, axis=1) for parts in zip(*pieces, strict=True)) if isinstance(state, tuple)
-                else np.concatenate(pieces, axis=1))
+                else np.concatenate(pieces, axis=1))  # (L, N_r, H) pieces
+            mask_pieces = self.world.gather(masks)
+            masks = {} if not all(mask_pieces) else {
+                k: np.concatenate([m[k] for m in mask_pieces], axis=0) for k in masks}  # (N_r, ...) pieces
+        if masks:
+            out["masks"] = masks
         if state is None:
-            return {}
+            return out
         h, c = state if isinstance(state, tuple) else (state, None)
-        return {"state": {"h": h} if c is None else {"h": h, "c": c}}
+        return out | {"state": {"h": h} if c is None else {"h": h, "c": c}}
 
     def restore(self, tensors: dict, meta: dict) -> None:
         saved = meta["rng"]
@@ -244,10 +269,20 @@ class CharLMJob:
         self.model.rng.bit_generator.state = ckpt.restore_rng(saved).bit_generator.state
         if self.world is not None and saved is meta["rng"] and self.world.rank > 0:  # saved with another K
             self.model.rng.bit_generator.state = np.random.default_rng(self.cfg.seed + self.world.rank).bit_generator.state
+        reg = _regularizer(self.model)
+        if reg is not None:  # all N streams' masks were saved; this rank keeps its own rows
+            masks = tensors.get("masks", {})
+            reg.load_mask_state(self.model.rnn, {k: np.ascontiguousarray(v[self.cols]) for k, v in masks.items()})
         st = tensors.get("state")
         if st:  # all N streams were saved; this rank carries its own
             mine = lambda a: np.ascontiguousarray(a[:, self.cols])  # noqa: E731
             self.state = (mine(st["h"]), mine(st["c"])) if "c" in st else mine(st["h"])
+
+
+def _regularizer(model):
+    """The recurrent layer's regulariser (bptt.nn.regularized_loop), or None (none on, or a transformer)."""
+    rnn = getattr(model, "rnn", None)
+    return None if rnn is None else rnn.regularizer
 
 
 def _make_schedule(cfg: TrainConfig, steps_per_epoch: int, total_steps: int):
@@ -283,7 +318,8 @@ def check_out_dir(out_dir: Path):
 
 
 # what the saved weights and optimizer state were made with
-_FIXED_ON_RESUME = ("model", "hidden", "layers", "embedding", "d_model", "heads", "context", "dtype", "optimizer")
+_FIXED_ON_RESUME = ("model", "hidden", "layers", "embedding", "d_model", "heads", "context", "dtype", "optimizer",
+                    "layer_norm", "peephole", "tie_weights")
 
 
 def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None, world=None) -> dict:

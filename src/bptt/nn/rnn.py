@@ -30,35 +30,14 @@ from typing import NamedTuple
 import numpy as np
 
 from bptt.nn import gates, recurrence
+from bptt.nn.regularized_loop import Regularization, check_options, option_hint
 from bptt.nn.cells import resolve_rng, uniform_init
 from bptt.nn.module import Module, as_float_array
-from bptt.nn.ops import dropout_mask, scatter_add_rows
+from bptt.nn.ops import dropout_mask, lengths_to_mask, scatter_add_rows
 from bptt.runtime import policy
 from bptt.runtime.threads import keep_freed_memory, single_thread_blas
 
-__all__ = ["RNN", "LSTM", "GRU", "RNNBase", "lengths_to_mask"]
-
-
-def lengths_to_mask(lengths, T: int, N: int):
-    """(T, N) bool mask, True where t < lengths[n]; None when every length is T.
-
-    Lengths may come in any order (like ``pack_padded_sequence(enforce_sorted=False)``).
-    """
-    if lengths is None:
-        return None
-    arr = np.asarray(lengths)
-    if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"lengths must be integers, got dtype {arr.dtype}")
-    if arr.shape != (N,):
-        raise ValueError(f"lengths must have shape ({N},) (one per batch item), got {arr.shape}")
-    if not np.all(arr == np.round(arr)):
-        raise ValueError("lengths must be whole numbers")
-    arr = arr.astype(np.int64)
-    if arr.min() < 1 or arr.max() > T:
-        raise ValueError(f"lengths must be in [1, {T}] (the padded length), got [{arr.min()}, {arr.max()}]")
-    if np.all(arr == T):
-        return None
-    return np.arange(T)[:, None] < arr[None, :]
+__all__ = ["RNN", "LSTM", "GRU", "RNNBase"]
 
 
 class _LayerCache(NamedTuple):
@@ -153,8 +132,12 @@ class RNNBase(Module):
         proj_size=0,
         dtype=np.float32,
         rng=None,
+        **regularization,
     ):
         super().__init__()
+        # recurrent_dropout, input_dropout, output_dropout, weight_drop, zoneout, zoneout_c, layer_norm,
+        # peephole: see bptt.nn.regularized_loop (checked before anything is built)
+        options = check_options(self.mode, proj_size, **regularization)
         for name, v, lo in (("input_size", input_size, 1), ("hidden_size", hidden_size, 1), ("num_layers", num_layers, 1)):
             if int(v) != v or int(v) < lo:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -188,6 +171,14 @@ class RNNBase(Module):
                     self.add_param(f"weight_hr_l{k}{sfx}", uniform_init(self.rng, (P, H), bound, self._dtype))  # (P, H)
         self._ctx = None
         self.state = None
+        # with any option on, forward/backward/step run bptt.nn.regularized_loop (NumPy); else None
+        self.regularizer = Regularization(self, options) if options.active else None
+
+    def load_state_dict(self, state, strict=True):
+        try:
+            super().load_state_dict(state, strict)
+        except ValueError as e:  # name the option that the unexpected or missing keys belong to
+            raise type(e)(str(e) + option_hint(set(state) ^ set(self.params))) from None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -210,6 +201,8 @@ class RNNBase(Module):
         for name, default in (("bias", True), ("batch_first", False), ("dropout", 0.0), ("bidirectional", False), ("proj_size", 0)):
             if getattr(self, name) != default:
                 s += f", {name}={getattr(self, name)}"
+        if self.regularizer is not None:
+            s += "".join(f", {k}={v}" for k, v in self.regularizer.opts._asdict().items() if v)
         return s
 
     def _direction_params(self, k, d):
@@ -240,6 +233,8 @@ class RNNBase(Module):
         product of the step should be single-threaded, the model's own too (see
         :func:`bptt.runtime.threads.single_thread_blas`); otherwise this does nothing.
         """
+        if self.regularizer is not None:
+            return contextlib.nullcontext()  # the NumPy reference loop: no threads of its own
         fused = self._kernels() is not None
         if self._time_chunks(T, N, fused)[1] > 1 or len(self._batch_parts(N, fused)) > 1:
             return single_thread_blas()
@@ -327,6 +322,8 @@ class RNNBase(Module):
         ((N, T) with batch_first, (T,) unbatched), standing for one-hot vectors of
         input_size features: the same results as passing the one-hot array, but
         the first layer's input product x W_ihᵀ becomes a row gather of W_ihᵀ."""
+        if self.regularizer is not None:
+            return self.regularizer.forward(self, x, state, lengths, one_hot)
         x, batched = self._check_input(x, one_hot)
         T, N = x.shape[:2]
         if lengths is not None and not batched:
@@ -478,6 +475,8 @@ class RNNBase(Module):
         a one-hot input has no use for it, and it costs a (T·N, G)×(G, D) product.
         After ``forward(..., one_hot=True)`` there is no input gradient either.
         """
+        if self.regularizer is not None:
+            return self.regularizer.backward(self, doutput, dstate, need_input_grad)
         ctx = self._saved(self._ctx)
         dy = as_float_array(doutput, self._dtype, "doutput")
         T, N, KP = ctx.out_shape
@@ -665,6 +664,9 @@ class RNNBase(Module):
         """The caches of the last forward, per layer: ``(x, [SequenceCache per direction])`` with x the
         layer's input (T, N, D_k).  Per-step values (gates, states) are in the caches of the reference
         backend (``layer.backend = "reference"``); a forward run in batch slices has none to offer."""
+        if self.regularizer is not None:
+            raise ValueError("a layer with regularised or normalised cells keeps bptt.nn.regularized_loop's caches "
+                             "(layer.regularizer.ctx), not these")
         ctx = self._ctx
         if ctx is None:
             raise ValueError("no forward pass to read (the layer has no cache)")
@@ -679,6 +681,8 @@ class RNNBase(Module):
         carried state and the first T−1 outputs), which every backend keeps for ∂L/∂W_hh and which
         is taken before inter-layer dropout.  Returns {"h_mean_l0": …, "h_var_l0": …, "h_mean_l1": …}.
         """
+        if self.regularizer is not None:
+            return self.regularizer.hidden_state_stats()
         ctx = self._ctx
         if ctx is None:
             raise ValueError("hidden_state_stats needs a forward pass first (the layer has no cache)")
@@ -700,6 +704,8 @@ class RNNBase(Module):
 
         x (N, D) or (D,) → y (N, P) or (P,); the new state is kept until :meth:`reset_state`.
         """
+        if self.regularizer is not None:
+            return self.regularizer.step(self, x)
         if self.bidirectional:
             raise ValueError("step() needs a unidirectional layer: the reverse direction reads the future")
         x = as_float_array(x, self._dtype, "input")
@@ -741,12 +747,13 @@ class RNN(RNNBase):
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, dtype=np.float32, rng=None):
+                 dropout=0.0, bidirectional=False, dtype=np.float32, rng=None, **regularization):
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.mode = "rnn_" + nonlinearity
         self.nonlinearity = nonlinearity
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0, dtype, rng)
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0, dtype, rng,
+                         **regularization)
 
 
 class LSTM(RNNBase):
@@ -774,5 +781,6 @@ class GRU(RNNBase):
     mode = "gru"
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, dtype=np.float32, rng=None):
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0, dtype, rng)
+                 bidirectional=False, dtype=np.float32, rng=None, **regularization):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0, dtype, rng,
+                         **regularization)
