@@ -46,6 +46,9 @@ def cmd_export(args) -> int:
     from bptt.onnx.to_onnx import export_charlm
 
     model, vocab, meta = load_model(args.checkpoint)
+    if vocab.kind != "char" or vocab.unk_id is not None:
+        raise ValueError(f"bptt export writes character models without <unk>; this checkpoint's units are {vocab!r}")
+    vocab = vocab.vocab
     keep = {k: meta[k] for k in ("step", "best", "eval", "saved_at") if k in meta}
     keep["source"] = str(args.checkpoint)
     path = export_charlm(model, vocab, args.out, graph=args.graph, opset=args.opset, meta=keep)

@@ -53,6 +53,8 @@ def _load_checkpoint(path, dtype=None):
     from bptt.lm.model import load_model
 
     model, vocab, meta = load_model(path, dtype=dtype)
+    if vocab.kind != "char":
+        raise ValueError(f"bptt inspect reads character models; {path} predicts {vocab.unit_name}s")
     c = model.config
     it = meta.get("step")
     label = f"{c.model} {c.layers}x{c.hidden} trained" + (f" ({it} steps)" if it is not None else "") + f" [{Path(path).parent.name or path}]"
