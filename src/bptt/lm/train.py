@@ -201,6 +201,13 @@ def load_splits(cfg: TrainConfig, out_dir: Path, units, log) -> Splits:
     ``--data``.  ``--unit char`` without split files is exactly the original path (a vocabulary of the
     whole corpus, a memory-mapped ``corpus.npy``); with split files its vocabulary gains <unk>.
     """
+    for flag, path in (("--val-data", cfg.val_data), ("--test-data", cfg.test_data)):
+        if path:  # before the corpus is read and encoded: a wrong split file costs nothing
+            p = Path(path)
+            if not p.is_file():
+                raise DataError(f"{flag}: {p}: no such file; expected a path to a file")
+            if p.stat().st_size == 0:
+                raise DataError(f"{flag}: {p}: file is empty; expected some text to evaluate on")
     val_frac = 0.0 if cfg.val_data else cfg.val_frac
     test_frac = 0.0 if cfg.test_data else cfg.test_frac
     unknown = {"val": (0, []), "test": (0, [])}
@@ -321,7 +328,7 @@ class CharLMJob:
     def report(self, step: int, record: dict) -> list[str]:
         msg = f"step {step}: "
         if "val_loss" in record:
-            v, unit = record["val_loss"], self.units.unit_name
+            v, unit = record["val_loss"], self.units.kind
             msg += f"val loss {v:.4f} nats/{unit} ({v / math.log(2):.3f} bits/{unit}"
             msg += f", perplexity {math.exp(min(v, 700)):.2f})" if self.units.kind == "word" else ")"
             msg += " (best)" if record["improved"] else ""
@@ -489,7 +496,7 @@ def _train(cfg: TrainConfig, out_dir: Path, log, explicit: set[str] | None) -> d
     summary = trainer.run()
     if summary["best"] is not None:
         best = summary["best"]
-        log(f"best validation loss {best:.4f} nats/{unit} ({best / math.log(2):.4f} bits/{unit}); "
+        log(f"best validation loss {best:.4f} nats/{units.kind} ({best / math.log(2):.4f} bits/{units.kind}); "
             f"checkpoints in {out_dir}")
     if splits.unknown["val"]:
         summary["val_unknown"] = splits.unknown["val"]
@@ -510,9 +517,9 @@ def evaluate_test(out_dir: Path, test_ids: np.ndarray, units, unknown: int, log)
     total, count = evaluate_ids(model, test_ids)
     result = lm_metrics(total, count, units) | {"unknown_count": int(unknown), "checkpoint": path.name,
                                                  "step": int(meta["step"])}
-    unit = units.unit_name
-    msg = (f"test ({path.name}, step {result['step']}): {result['loss']:.4f} nats/{unit} "
-           f"({result['bits_per_unit']:.4f} bits/{unit}")
+    unit, per = units.unit_name, units.kind
+    msg = (f"test ({path.name}, step {result['step']}): {result['loss']:.4f} nats/{per} "
+           f"({result['bits_per_unit']:.4f} bits/{per}")
     msg += f", perplexity {result['perplexity']:.2f})" if units.kind == "word" else ")"
     log(msg + f" over {count:,} {unit}s, {unknown:,} unknown (<unk>)")
     return result
