@@ -146,7 +146,11 @@ class CharUnits:
         return len(self.chars) + (self.unk_id is not None)
 
     def __eq__(self, other) -> bool:
+        if isinstance(other, Vocab):  # the same characters, the same ids: a Vocab is CharUnits without <unk>
+            return self.unk_id is None and self.chars == other.chars
         return isinstance(other, CharUnits) and (self.chars, self.unk_id) == (other.chars, other.unk_id)
+
+    __hash__ = None
 
     def __repr__(self) -> str:
         return f"CharUnits({len(self.chars)} characters{' + <unk>' if self.unk_id is not None else ''})"
