@@ -59,8 +59,11 @@ def bptt(*args) -> subprocess.CompletedProcess:
     return r
 
 
+STEPS = 0  # --steps: also stop every run after this many steps (equal work under a varying load)
+
+
 def train(out: Path, minutes: float, *args) -> Path:
-    bptt("train", "--out", out, "--max-time", minutes, "--max-epochs", 1000, "--overwrite", *args)
+    bptt("train", "--out", out, "--max-time", minutes, "--max-epochs", 1000, "--max-iters", STEPS, "--overwrite", *args)
     return out
 
 
@@ -88,7 +91,8 @@ def charbyte(a) -> None:
         steps = val_curve(run)[-1][1]
         per_char = r["loss"] if unit == "char" else r["nats_per_char"]
         rows.append((unit, steps, r["loss"], r["count"], per_char))
-    print(f"\n(a) char vs byte on {data.name}, {a.minutes:g} min each, held-out last 10% ({len(held.read_text())} chars)\n")
+    limit = f"{a.minutes:g} min" + (f" or {STEPS} steps" if STEPS else "")
+    print(f"\n(a) char vs byte on {data.name}, {limit} each, held-out last 10% ({len(held.read_text())} chars)\n")
     print("| unit | steps | nats per unit | predicted units | nats per character | bits per character |")
     print("|---|---|---|---|---|---|")
     for unit, steps, loss, n, per_char in rows:
@@ -221,7 +225,11 @@ def main():
     p.add_argument("--minutes", type=float, default=10.0, help="per training run")
     p.add_argument("--vocab-size", type=int, default=10000, help="(b): word vocabulary, <unk> and <eos> included")
     p.add_argument("--timing-vocab", type=int, default=30000)
+    p.add_argument("--steps", type=int, default=0, help="also stop each run after this many steps (0 = time only): "
+                   "on a shared machine equal steps compare fairer than equal minutes")
     a = p.parse_args()
+    global STEPS
+    STEPS = a.steps
     a.out.mkdir(parents=True, exist_ok=True)
     for name, f in (("charbyte", charbyte), ("words", words), ("truncation", truncation), ("timing", timing)):
         if a.what in (name, "all"):

@@ -14,8 +14,9 @@ __all__ = ["register", "cmd_train", "cmd_sample", "cmd_eval"]
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a language model (characters, bytes or words)",
-                       description="Train a character-level language model. With no --data it trains on the "
-                                   "Python standard library's own source code, which every machine has.")
+                       description="Train a language model on characters (default), bytes or words (--unit). "
+                                   "With no --data it trains on the Python standard library's own source code, "
+                                   "which every machine has.")
     add_dataclass_options(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
