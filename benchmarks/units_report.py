@@ -151,7 +151,8 @@ def truncation(a) -> None:
         run = train(a.out / f"trunc_{strategy}", a.minutes, "--data", a.data, "--truncation", strategy,
                     *CHAR_MODEL)
         curves[strategy] = val_curve(run)
-    print(f"\n(c) truncation strategies on {Path(a.data).name}, {a.minutes:g} min each (val loss over 40 windows)\n")
+    limit = f"{a.minutes:g} min" + (f" or {STEPS} steps" if STEPS else "")
+    print(f"\n(c) truncation strategies on {Path(a.data).name}, {limit} each (val loss over 40 windows)\n")
     print("| truncation | steps | minutes | last val (nats/char) | best val |")
     print("|---|---|---|---|---|")
     for s, c in curves.items():
@@ -172,7 +173,7 @@ def truncation(a) -> None:
         ax.set_ylabel("validation loss (nats/char)")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"--truncation on {Path(a.data).name} ({a.minutes:g} min each)")
+    fig.suptitle(f"--truncation on {Path(a.data).name} ({limit} each)")
     fig.tight_layout()
     png = a.out / "units_truncation.png"
     fig.savefig(png, dpi=100)
@@ -225,11 +226,13 @@ def main():
     p.add_argument("--minutes", type=float, default=10.0, help="per training run")
     p.add_argument("--vocab-size", type=int, default=10000, help="(b): word vocabulary, <unk> and <eos> included")
     p.add_argument("--timing-vocab", type=int, default=30000)
+    p.add_argument("--eval-every", type=int, default=100, help="(a), (c): steps between validations")
     p.add_argument("--steps", type=int, default=0, help="also stop each run after this many steps (0 = time only): "
                    "on a shared machine equal steps compare fairer than equal minutes")
     a = p.parse_args()
     global STEPS
     STEPS = a.steps
+    CHAR_MODEL[CHAR_MODEL.index("--eval-every") + 1] = str(a.eval_every)
     a.out.mkdir(parents=True, exist_ok=True)
     for name, f in (("charbyte", charbyte), ("words", words), ("truncation", truncation), ("timing", timing)):
         if a.what in (name, "all"):

@@ -280,8 +280,6 @@ class CharLMJob:
         # where the data stands: the windows of epoch `epoch` (drawn from the seed and the epoch for
         # variable and randomized truncation), the first of which was step `epoch_start`
         self.epoch, self.epoch_start = 0, 0
-        if cfg.truncation == "randomized":  # the carried gradient's factors need the readable loop
-            model.rnn.backend = "reference"
 
     def _window(self, step: int):
         k = step - self.epoch_start
@@ -298,16 +296,23 @@ class CharLMJob:
         x, y = w.x, w.y
         if w.lr_scale != 1.0:  # AWD-LSTM: lr × T_k / T (the loop set this step's lr just before)
             self.optimizer.lr *= w.lr_scale
-        with model.blas_scope(*x.shape):
-            loss, self.state = model.loss(x, y, self.state)
-            stats = None
-            if cfg.log_hidden_stats and (step + 1) % cfg.log_hidden_stats == 0:
-                stats = model.rnn.hidden_state_stats()  # mean and variance of h per layer, from this forward
-            if math.isfinite(loss):  # the loop stops on a non-finite loss; no gradient is needed then
-                if cfg.truncation == "randomized":
-                    model.backward(recurrent_scale=w.recurrent_scale)
-                else:
-                    model.backward()
+        randomized = cfg.truncation == "randomized"
+        if randomized:  # the carried gradient's factors need the readable loop, forward and backward
+            backend, model.rnn.backend = model.rnn.backend, "reference"  # (evaluation and sampling keep theirs)
+        try:
+            with model.blas_scope(*x.shape):
+                loss, self.state = model.loss(x, y, self.state)
+                stats = None
+                if cfg.log_hidden_stats and (step + 1) % cfg.log_hidden_stats == 0:
+                    stats = model.rnn.hidden_state_stats()  # mean and variance of h per layer, from this forward
+                if math.isfinite(loss):  # the loop stops on a non-finite loss; no gradient is needed then
+                    if randomized:
+                        model.backward(recurrent_scale=w.recurrent_scale)
+                    else:
+                        model.backward()
+        finally:
+            if randomized:
+                model.rnn.backend = backend
         return StepResult(loss, y.size, stats)
 
     def log_fields(self, step: int) -> dict:
