@@ -6,7 +6,6 @@ Evaluation runs the model in eval mode (no dropout) and computes the loss withou
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
