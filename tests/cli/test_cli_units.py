@@ -214,3 +214,7 @@ def test_word_model_refuses_unknown_prime_words(tmp_path, split_files, capsys):
     captured = _one_line_error(capsys, ["sample", str(out / "best.safetensors"), "--prime", "the zebra"],
                                "1 word(s) this model does not know ('zebra')")
     assert captured.out == ""
+    # the character-only tools say so in one line
+    _one_line_error(capsys, ["inspect", "gates", str(out / "best.safetensors"), "--out", str(tmp_path / "g.png")],
+                    "bptt inspect reads character models")
+    assert not (tmp_path / "g.png").exists()
