@@ -171,7 +171,8 @@ def _one_line_error(capsys, argv, expect):
     return captured
 
 
-@pytest.mark.parametrize("case", ["empty-valid", "latin1-test", "vocab-0", "vocab-too-big", "transformer-randomized"])
+@pytest.mark.parametrize("case", ["empty-valid", "latin1-test", "vocab-0", "vocab-too-big", "transformer-randomized",
+                                  "randomized-layer-norm"])
 def test_bad_training_input(tmp_path, split_files, capsys, case):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -183,6 +184,7 @@ def test_bad_training_input(tmp_path, split_files, capsys, case):
         "vocab-0": (["--unit", "word", "--vocab-size", "0"], "--vocab-size must be >= 3"),
         "vocab-too-big": (["--unit", "word", "--vocab-size", "50"], "--vocab-size 50 is larger than the training text"),
         "transformer-randomized": (["--model", "transformer", "--truncation", "randomized"], "no recurrence"),
+        "randomized-layer-norm": (["--truncation", "randomized", "--layer-norm"], "does not combine with --layer-norm"),
     }[case]
     out = tmp_path / "run"
     out.mkdir()

@@ -210,11 +210,11 @@ def test_hidden_stats_read_the_last_forward(split, monkeypatch):
     with pytest.raises(ValueError, match="forward pass first"):
         model.rnn.hidden_state_stats()
     if split:  # the batch run as slices in threads: the stats read every slice's cache
-        from bptt import kernels
+        from bptt.runtime import policy, threads
 
-        monkeypatch.setattr(kernels, "_SPLIT_MIN_ROWS", 1)
-        monkeypatch.setattr(kernels, "_SMALL_MACS", -1)
-        monkeypatch.setattr(kernels, "blas_threads", lambda: 2)
+        monkeypatch.setattr(policy, "SPLIT_MIN_ROWS", 1)
+        monkeypatch.setattr(policy, "SMALL_MACS", -1)
+        monkeypatch.setattr(threads, "blas_threads", lambda: 2)
     ids = np.random.default_rng(0).integers(0, 7, size=(6, 2))
     model.forward(ids)
     assert len(model.rnn._ctx.parts) == (2 if split else 0)

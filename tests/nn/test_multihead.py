@@ -168,7 +168,7 @@ def test_sdpa_matches_torch(torch, case):
     out, cache = scaled_dot_product_attention(q, k, v, **kw)
     grads = scaled_dot_product_attention_backward(g, cache)
     assert rel_error(out, tout.detach().numpy()) < 1e-12
-    for mine, theirs in zip(grads, (tq, tk, tv)):
+    for mine, theirs in zip(grads, (tq, tk, tv), strict=True):
         assert rel_error(mine, theirs.grad.numpy()) < 1e-12
     if case == "dead_row":
         assert np.all(out[:, :, 2] == 0.0) and np.all(cache.weights[:, :, 2] == 0.0)

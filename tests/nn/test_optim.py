@@ -68,7 +68,7 @@ def _run_torch(torch, name, kw, triples, grads):
     tparams = [torch.tensor(p.copy(), requires_grad=True) for _, p, _ in triples]
     opt = getattr(torch.optim, TORCH_NAMES[name])(tparams, foreach=False, **kw)
     for gs in grads:
-        for (n, _, _), tp in zip(triples, tparams):
+        for (n, _, _), tp in zip(triples, tparams, strict=True):
             tp.grad = torch.from_numpy(gs[n].copy())
         opt.step()
     return [tp.detach().numpy() for tp in tparams]
@@ -83,7 +83,7 @@ def test_matches_torch(torch, rng, name, kw, dtype, tol):
     opt = make_optimizer(name, triples, **kw)
     _run_bptt(opt, triples, grads)
     assert opt.step_count == 7
-    for (n, p, _), e in zip(triples, expected):
+    for (n, p, _), e in zip(triples, expected, strict=True):
         assert p.dtype == dtype
         assert rel_error(p, e) < tol, (n, rel_error(p, e))
 
@@ -111,7 +111,7 @@ def test_compiled_step_equals_numpy_formulas(rng, monkeypatch, name, kw, dtype, 
         runs.append(([p for _, p, _ in triples], opt.state))
     assert taken == [True] * 7 * len(SHAPES)  # every update of the first run was compiled
     (p1, s1), (p2, s2) = runs
-    for a, b in zip(p1, p2):
+    for a, b in zip(p1, p2, strict=True):
         assert a.dtype == dtype and rel_error(a, b) < tol
     for buf in s1:
         for n in s1[buf]:
@@ -128,12 +128,12 @@ def test_lr_change_between_steps_matches_torch(torch, rng):
     opt = Adam(triples, lr=0.01)
     for t, gs in enumerate(grads):
         opt.lr = topt.param_groups[0]["lr"] = sched(t)
-        for (n, _, g), tp in zip(triples, tparams):
+        for (n, _, g), tp in zip(triples, tparams, strict=True):
             g[...] = gs[n]
             tp.grad = torch.from_numpy(gs[n].copy())
         opt.step()
         topt.step()
-    for (_, p, _), tp in zip(triples, tparams):
+    for (_, p, _), tp in zip(triples, tparams, strict=True):
         assert rel_error(p, tp.detach().numpy()) < 1e-12
 
 
@@ -196,7 +196,7 @@ def test_state_dict_resume_is_exact(rng, name, kw):
     opt2.load_state_dict(arrays, meta)
     assert opt2.step_count == 3 and opt2.lr == kw["lr"]
     _run_bptt(opt2, second, grads[3:])
-    for (_, a, _), (_, b, _) in zip(full, second):
+    for (_, a, _), (_, b, _) in zip(full, second, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -262,7 +262,7 @@ def test_clip_grad_norm_matches_torch(torch, rng, max_norm):
     tnorm = torch.nn.utils.clip_grad_norm_(tgrads, max_norm)
     norm = clip_grad_norm(grads, max_norm)
     assert abs(norm - tnorm.item()) <= 1e-12 * norm
-    for g, t in zip(grads, tgrads):
+    for g, t in zip(grads, tgrads, strict=True):
         assert rel_error(g, t.grad.numpy()) < 1e-12
     if max_norm < norm:
         total = math.sqrt(sum(float(np.sum(g * g)) for g in grads))

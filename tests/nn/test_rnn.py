@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import require_numba, require_torch
+from conftest import require_torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -345,24 +345,23 @@ def test_linear_by_row_slices_equals_whole(dtype, monkeypatch):
     """Inside a step whose BLAS is held to one thread (a recurrent layer running in
     threads), Linear runs by slices of rows in two threads: same output and input
     gradient, and the weight and bias gradients summed over the slices."""
-    from bptt import kernels
     from bptt.nn import ops
+    from bptt.runtime import threads as blas
 
-    require_numba()
     rng = np.random.default_rng(5)
     x = rng.standard_normal((40, 50, 16)).astype(dtype)  # 2,000 rows: two slices of 1,000
     dy = rng.standard_normal((40, 50, 9)).astype(dtype)
     lin = bptt.Linear(16, 9, dtype=dtype, rng=1)
     results = []
     for threads in (1, 2):
-        monkeypatch.setattr(kernels, "_OUTER_THREADS", [threads] if threads > 1 else [])
-        monkeypatch.setattr(kernels, "blas_threads", lambda t=threads: t)
+        monkeypatch.setattr(blas, "OUTER_THREADS", [threads] if threads > 1 else [])
+        monkeypatch.setattr(blas, "blas_threads", lambda t=threads: t)
         assert len(ops._row_parts(2000)) == threads
         lin.zero_grad()
         y = lin.forward(x)
         dx = lin.backward(dy)
         results.append((y, dx, lin.grads["weight"].copy(), lin.grads["bias"].copy()))
     tol = 1e-12 if dtype == np.float64 else 1e-5
-    for whole, sliced in zip(*results):
+    for whole, sliced in zip(*results, strict=True):
         assert rel_error(sliced, whole) < tol
     assert rel_error(results[0][2], dy.reshape(-1, 9).T.astype(np.float64) @ x.reshape(-1, 16)) < tol

@@ -49,7 +49,7 @@ def test_both_graphs_match_the_charlm(tmp_path, model, embedding):
         assert meta["step"] == 12 and meta["config"] == lm.config.to_dict() and meta["kind"] == "charlm"
         got, got_state = om.forward(ids)
         assert got.shape == want.shape and np.max(np.abs(got - want)) < 1e-5
-        for g, w in zip(*(s if isinstance(s, tuple) else (s,) for s in (got_state, want_state))):
+        for g, w in zip(*(s if isinstance(s, tuple) else (s,) for s in (got_state, want_state)), strict=True):
             assert np.max(np.abs(g - w)) < 1e-5
         lm.reset_state()  # step by step, state kept, against the CharLM's own step
         om.reset_state()
@@ -100,7 +100,7 @@ def test_float64_charlm_in_the_reference_evaluator(tmp_path):
     h0 = np.zeros((2, 2, 6))
     got = ReferenceEvaluator(str(path)).run(None, {"ids": ids, "h_0": h0, "c_0": h0})
     want, (h, c) = lm.forward(ids)
-    for g, w in zip(got, (want, h, c)):
+    for g, w in zip(got, (want, h, c), strict=True):
         assert g.dtype == np.float64 and np.max(np.abs(g - w)) < 1e-10
 
 

@@ -40,7 +40,7 @@ def test_encoder_and_decoder_step_match(tmp_path, cell, attention, bidirectional
     la, sa, wa = model.decode_step(tokens, want.state, want)
     lb, sb, wb = om.decode_step(tokens, want.state, want)
     assert lb.dtype == np.float64 and np.abs(la - lb).max() < 1e-5
-    assert max(np.abs(g - w).max() for g, w in zip(_states(sb), _states(sa))) < 1e-5
+    assert max(np.abs(g - w).max() for g, w in zip(_states(sb), _states(sa), strict=True)) < 1e-5
     assert (wa is None) == (wb is None) and (wa is None or np.abs(wa - wb).max() < 1e-5)
     if wb is not None:
         assert np.all(wb[~want.mask] == 0.0)  # padded source slots get exactly no weight

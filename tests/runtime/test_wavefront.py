@@ -14,8 +14,9 @@ import pytest
 from conftest import require_numba
 
 import bptt
-from bptt import kernels
 from bptt.nn.ops import scatter_add_rows
+from bptt.runtime import policy
+from bptt.runtime import threads as blas
 from bptt.runtime.wavefront import run_wavefront
 
 require_numba()
@@ -117,7 +118,7 @@ def test_wavefront_reraises_and_stops():
 
 # ---------------------------------------------------------------------------- pipelined layers
 def layer_run(layer, x, state, lengths, dout, dstate, threads, monkeypatch, one_hot=False):
-    monkeypatch.setattr(kernels, "blas_threads", lambda: threads)
+    monkeypatch.setattr(blas, "blas_threads", lambda: threads)
     layer.rng = np.random.default_rng(11)  # the same dropout masks in both runs
     layer.zero_grad()
     out, st = layer.forward(x, state, lengths=lengths, one_hot=one_hot)
@@ -155,7 +156,7 @@ def test_pipelined_equals_layer_by_layer(mode, L, monkeypatch):
     got = layer_run(layer, x, state, lengths, dout, dstate, 2, monkeypatch)
     assert ref[5] == 1 and got[5] == 8, "the second run must actually be pipelined"
     assert rel(got[0], ref[0]) < 1e-12
-    for a, b in zip(flat(got[1]) + flat(got[3]), flat(ref[1]) + flat(ref[3])):
+    for a, b in zip(flat(got[1]) + flat(got[3]), flat(ref[1]) + flat(ref[3]), strict=True):
         assert rel(a, b) < 1e-12
     assert rel(got[2], ref[2]) < 1e-12
     for k in ref[4]:
@@ -163,7 +164,7 @@ def test_pipelined_equals_layer_by_layer(mode, L, monkeypatch):
 
 
 def test_bidirectional_and_small_stay_layer_by_layer(monkeypatch):
-    monkeypatch.setattr(kernels, "blas_threads", lambda: 2)
+    monkeypatch.setattr(blas, "blas_threads", lambda: 2)
     bi = bptt.LSTM(3, 24, 2, bidirectional=True, rng=0)
     bi(np.zeros((5, 6, 3), np.float32))
     assert len(bi._ctx.chunks) == 1
@@ -176,9 +177,9 @@ def test_bidirectional_and_small_stay_layer_by_layer(monkeypatch):
 def test_pipelined_matches_torch(torch, monkeypatch, schedule):
     """The pipelined path, and the batch cut in slices run in threads, against PyTorch
     directly (float32 at training-like sizes)."""
-    monkeypatch.setattr(kernels, "blas_threads", lambda: 2)
+    monkeypatch.setattr(blas, "blas_threads", lambda: 2)
     if schedule == "wavefront":
-        monkeypatch.setattr(kernels, "_SPLIT_MIN_ROWS", 1 << 62)
+        monkeypatch.setattr(policy, "SPLIT_MIN_ROWS", 1 << 62)
     ours = bptt.LSTM(20, 48, 2, rng=0)
     theirs = torch.nn.LSTM(20, 48, 2)
     with torch.no_grad():
@@ -268,7 +269,7 @@ def test_pipelined_one_hot_equals_layer_by_layer(L, monkeypatch):
     assert ref[5] == 1 and got[5] == 8
     assert ref[2] is None and got[2] is None
     assert rel(got[0], ref[0]) < 1e-12
-    for a, b in zip(flat(got[1]) + flat(got[3]), flat(ref[1]) + flat(ref[3])):
+    for a, b in zip(flat(got[1]) + flat(got[3]), flat(ref[1]) + flat(ref[3]), strict=True):
         assert rel(a, b) < 1e-12
     for k in ref[4]:
         assert rel(got[4][k], ref[4][k]) < 1e-12, k

@@ -148,7 +148,7 @@ def test_beam_width_one_is_greedy(cfg, dtype):
         assert g.tokens == r.tokens
         np.testing.assert_array_equal(g.logprob, r.logprob)
         if cfg[1] != "none":
-            for a, c in zip(g.attention, r.attention):
+            for a, c in zip(g.attention, r.attention, strict=True):
                 np.testing.assert_array_equal(a, c)
 
 

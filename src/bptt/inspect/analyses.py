@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from bptt.nn.gates import gate_slice
 from bptt.nn.recurrence import Weights, sequence_backward
 from bptt.lm.data import DataError
 from bptt.nn.losses import softmax
@@ -54,7 +55,7 @@ __all__ = [
 
 #: the gates that are sigmoids (the tanh candidate g / n is not a gate)
 GATE_NAMES = {"lstm": ("input", "forget", "output"), "gru": ("reset", "update")}
-_GATE_SLOTS = {"lstm": (0, 1, 3), "gru": (0, 1)}  # their blocks in the stacked (N, G) gates
+_GATE_LETTERS = {"input": "i", "forget": "f", "output": "o", "reset": "r", "update": "z"}  # bptt.nn.gates' names
 
 
 # ============================================================================ running the model
@@ -64,6 +65,8 @@ _GATE_SLOTS = {"lstm": (0, 1, 3), "gru": (0, 1)}  # their blocks in the stacked 
 def _reference_loop(model):
     """Run the recurrent layer with the reference loop (per-step caches we can read)."""
     rnn = model.rnn
+    if rnn.regularizer is not None:  # its caches are bptt.nn.regularized_loop's, which these analyses do not read
+        raise ValueError(f"bptt inspect does not support models with regularised or normalised cells yet ({rnn!r})")
     saved = rnn.backend
     rnn.backend = "reference"
     try:
@@ -90,8 +93,7 @@ def _layer_traces(rnn, output) -> list[LayerTrace]:
         c = gates = None
         if rnn.mode == "lstm":
             gates = np.stack([s.gates for s in steps])
-            H = rnn.hidden_size
-            i, f, g = gates[..., :H], gates[..., H : 2 * H], gates[..., 2 * H : 3 * H]
+            i, f, g = (gates[..., gate_slice("lstm", name, rnn.hidden_size)] for name in ("i", "f", "g"))
             c = f * np.stack([s.c_prev for s in steps]) + i * g  # c_t = f ⊙ c_{t−1} + i ⊙ g
         elif rnn.mode == "gru":
             gates = np.stack([s.gates for s in steps])
@@ -179,7 +181,7 @@ def state_gradients(model, ids, targets):
         def keep(t, dh, dc, steps=cache.steps, dh_all=dh_all, dc_all=dc_all):
             dh_all[t] = dh  # h_t fans out to the layer above and to step t+1
             if dc is not None:  # the whole gradient on c_t, as lstm_step_backward forms it
-                o = steps[t].gates[:, 3 * rnn.hidden_size :]
+                o = steps[t].gates[:, gate_slice("lstm", "o", rnn.hidden_size)]
                 dc_all[t] = dc + dh * o * (1.0 - steps[t].tanh_c * steps[t].tanh_c)
 
         dgx, _, _, _, _ = sequence_backward(dy, None, None, cache, Weights(W_hh, b_hh), on_step=keep)
@@ -228,8 +230,8 @@ def gate_saturation(gates, mode: str, hidden: int, lo: float = 0.1, hi: float = 
     """
     flat = gates.reshape(-1, gates.shape[-1])
     out = {}
-    for name, slot in zip(GATE_NAMES[mode], _GATE_SLOTS[mode]):
-        g = flat[:, slot * hidden : (slot + 1) * hidden]
+    for name in GATE_NAMES[mode]:
+        g = flat[:, gate_slice(mode, _GATE_LETTERS[name], hidden)]
         out[name] = {"left": (g < lo).mean(axis=0), "right": (g > hi).mean(axis=0)}
     return out
 

@@ -6,8 +6,9 @@ Shape legend: T time steps, N batch streams, V vocabulary, E embedding size
 Forward, for ids x (T, N) and targets y (T, N)::
 
     e      = onehot(x) or Embedding(x)                      (T, N, E)
+             (embedding_dropout: whole rows of the embedding dropped, e = (W_e ⊙ m)[x], m (V, 1))
     h, s   = RNN(e, s₀)                                     (T, N, H), final state s
-    z      = dropout(h) W_decᵀ + b_dec                      (T, N, V)   logits
+    z      = dropout(h) W_decᵀ + b_dec                      (T, N, V)   logits  (tie_weights: W_dec = W_e)
     loss   = −mean log softmax(z)[y]                        nats per character
 
 and backward the same read upwards: ∂L/∂z = (ŷ − onehot(y)) / (T·N), then the
@@ -18,7 +19,13 @@ but no gradient flows back through it.
 Parameter names follow PyTorch module names (``embed.weight``,
 ``rnn.weight_ih_l0``, ``decoder.weight``...), so a PyTorch model built of
 ``nn.Embedding`` / ``nn.LSTM`` / ``nn.Linear`` with those attribute names loads
-with ``load_state_dict`` unchanged.
+with ``load_state_dict`` unchanged.  With ``tie_weights`` there is one matrix,
+``embed.weight``, and the decoder keeps only ``decoder.bias``.
+
+The recurrent layer's regularisers (``recurrent_dropout``, ``weight_drop``, ``zoneout``,
+``layer_norm``, ``peephole``) are options of :class:`bptt.nn.rnn.RNNBase`, run by
+:mod:`bptt.nn.regularized_loop`; ``embedding_dropout`` and ``tie_weights`` live here
+(AWD-LSTM, Merity et al. 2017; tying: Inan et al. 2017, Press & Wolf 2017).
 """
 
 from __future__ import annotations
@@ -29,10 +36,13 @@ import numpy as np
 
 from bptt import checkpoint as ckpt
 from bptt.nn.cells import resolve_rng
+from bptt.nn.gates import gate_slice
 from bptt.nn.layers import Dropout, Embedding, Linear
 from bptt.nn.rnn import GRU, LSTM, RNN
 from bptt.nn.losses import cross_entropy
 from bptt.nn.module import Module
+from bptt.nn.ops import affine_backward, affine_forward
+from bptt.nn.regularized_loop import check_options
 
 __all__ = ["CharLMConfig", "CharLM", "CHECKPOINT_KIND", "load_model", "build_model", "config_from_dict"]
 
@@ -52,6 +62,20 @@ class CharLMConfig:
     init: str = "torch"  # torch: U(±1/√H) | charrnn: U(±0.08)
     forget_bias: float = 0.0  # added to the LSTM forget-gate biases after init (char-rnn uses 1)
     dtype: str = "float32"
+    # regularisers of the recurrent layer (bptt.nn.regularized_loop); all off: the torch-exact layer
+    recurrent_dropout: float = 0.0  # variational dropout of h_{t−1} in the recurrent product
+    weight_drop: float = 0.0  # DropConnect on W_hh, one mask per window
+    zoneout: float = 0.0  # zoneout of h (and c)
+    layer_norm: bool = False  # layer-normalised gates (and c, LSTM)
+    peephole: bool = False  # LSTM peepholes
+    # of the model itself
+    embedding_dropout: float = 0.0  # drop whole rows of the embedding (a character vanishes everywhere)
+    tie_weights: bool = False  # decoder weight = embedding weight (needs embedding == hidden)
+
+    def rnn_options(self) -> dict:
+        """The recurrent layer's regulariser options (constructor keywords)."""
+        return {"recurrent_dropout": self.recurrent_dropout, "weight_drop": self.weight_drop, "zoneout": self.zoneout,
+                "layer_norm": self.layer_norm, "peephole": self.peephole}
 
     def validate(self) -> CharLMConfig:
         problems = []
@@ -68,6 +92,18 @@ class CharLMConfig:
             problems.append(f"init must be torch or charrnn, got {self.init!r}")
         if self.dtype not in ("float32", "float64"):
             problems.append(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if not isinstance(self.embedding_dropout, (int, float)) or not 0.0 <= self.embedding_dropout < 1.0:
+            problems.append(f"embedding_dropout must be a number in [0, 1), got {self.embedding_dropout!r}")
+        elif self.embedding_dropout and not self.embedding:
+            problems.append("embedding_dropout needs a learned embedding (embedding > 0; one-hot input has none)")
+        if self.tie_weights and self.embedding != self.hidden:
+            problems.append(f"tie_weights needs embedding == hidden (the decoder's weight is the embedding's), "
+                            f"got embedding {self.embedding} and hidden {self.hidden}")
+        if self.model in ("lstm", "gru", "rnn"):
+            try:
+                check_options(self.model, **self.rnn_options())
+            except ValueError as e:
+                problems.append(str(e))
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -100,17 +136,24 @@ class CharLM(Module):
         self.embed = self.add_module("embed", Embedding(V, E, dtype=dtype, rng=self.rng)) if config.embedding else None
         layer_cls = {"lstm": LSTM, "gru": GRU, "rnn": RNN}[config.model]
         self.rnn = self.add_module("rnn", layer_cls(E, H, num_layers=config.layers, dropout=config.dropout,
-                                                    dtype=dtype, rng=self.rng))
+                                                    dtype=dtype, rng=self.rng, **config.rnn_options()))
         self.drop = self.add_module("drop", Dropout(config.dropout, rng=self.rng))
-        self.decoder = self.add_module("decoder", Linear(H, V, dtype=dtype, rng=self.rng))
+        if config.tie_weights:
+            self.decoder = self.add_module("decoder", TiedDecoder(self.embed, H, dtype=dtype, rng=self.rng))
+        else:
+            self.decoder = self.add_module("decoder", Linear(H, V, dtype=dtype, rng=self.rng))
         if config.init == "charrnn":
-            for _, p, _ in self.named_parameters():
-                p[...] = self.rng.uniform(-0.08, 0.08, size=p.shape)
+            for name, p, _ in self.named_parameters():
+                if ".ln_" not in name:  # layer-norm gains stay 1 and biases 0
+                    p[...] = self.rng.uniform(-0.08, 0.08, size=p.shape)
         if config.model == "lstm" and config.forget_bias:
+            # with layer norm, b_ih sits inside LN_ih (normalised away): the shift goes to LN_ih's bias β
+            target = "ln_ih_bias" if config.layer_norm else "bias_ih"
             for name, p, _ in self.rnn.named_parameters():
-                if name.startswith("bias_ih"):  # gates i, f, g, o: f is the second quarter
-                    p[H : 2 * H] += config.forget_bias
+                if name.startswith(target):
+                    p[gate_slice("lstm", "f", H)] += config.forget_bias
         self._dlogits = None
+        self._row_keep = None  # (T, N, 1) embedding-dropout factors of the last forward's rows
 
     @property
     def vocab_size(self) -> int:
@@ -119,7 +162,9 @@ class CharLM(Module):
     def extra_repr(self):
         c = self.config
         inp = f"embedding {c.embedding}" if c.embedding else "one-hot"
-        return f"{c.model} {c.layers}x{c.hidden}, V={c.vocab_size}, {inp}, dropout={c.dropout}"
+        extra = "".join(f", {k}={v}" for k, v in (c.rnn_options() | {"embedding_dropout": c.embedding_dropout,
+                                                                         "tie_weights": c.tie_weights}).items() if v)
+        return f"{c.model} {c.layers}x{c.hidden}, V={c.vocab_size}, {inp}, dropout={c.dropout}{extra}"
 
     def inputs(self, ids):
         """The recurrent layer's input: embeddings, or one-hot vectors (T, N, V) built explicitly."""
@@ -143,7 +188,16 @@ class CharLM(Module):
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise ValueError(f"ids must be in [0, {self.vocab_size}), got [{ids.min()}, {ids.max()}]")
         if self.embed is not None:
-            h, state = self.rnn(self.embed(ids), state)
+            e = self.embed(ids)
+            self._row_keep = None
+            if self.training and self.config.embedding_dropout:
+                # one mask over the vocabulary per forward: a dropped character is zero at every position
+                # (AWD-LSTM's embedded dropout), the kept rows scaled by 1/(1 − p)
+                p = self.config.embedding_dropout
+                keep = (self.rng.random(self.vocab_size) >= p).astype(e.dtype) / e.dtype.type(1.0 - p)  # (V,)
+                self._row_keep = keep[ids][..., None]  # (T, N, 1)
+                e = e * self._row_keep
+            h, state = self.rnn(e, state)
         else:  # one-hot: the layer takes the indices and gathers rows of W_ih instead of multiplying
             h, state = self.rnn(ids, state, one_hot=True)
         return self.decoder(self.drop(h)), state
@@ -169,7 +223,7 @@ class CharLM(Module):
         # the final state's gradient is 0 (truncated BPTT); a one-hot input needs no gradient
         de, _ = self.rnn.backward(dh, need_input_grad=self.embed is not None, recurrent_scale=recurrent_scale)
         if self.embed is not None:
-            self.embed.backward(de)
+            self.embed.backward(de if self._row_keep is None else de * self._row_keep)
 
     # ------------------------------------------------------------------ generation
     def reset_state(self):
@@ -180,6 +234,32 @@ class CharLM(Module):
         ids = np.asarray(ids).reshape(-1)
         h = self.rnn.step(self.inputs(ids))  # (N, H)
         return self.decoder(h)
+
+
+class TiedDecoder(Module):
+    """The decoder of a model with tied weights: z = h W_eᵀ + b, W_e the embedding's (V, H) weight.
+
+    Only the bias ``bias`` (V,) is its own parameter.  Its backward adds ∂L/∂W_e = ∂L/∂zᵀ h into the
+    embedding's gradient, where the embedding's own backward adds its rows: the two uses summed.
+    """
+
+    def __init__(self, embed, hidden, dtype=np.float32, rng=None):
+        super().__init__()
+        self.embed = embed  # not a child: its weight is counted (and saved) once, as embed.weight
+        k = 1.0 / np.sqrt(hidden)
+        self.add_param("bias", resolve_rng(rng).uniform(-k, k, embed.num_embeddings).astype(dtype))  # (V,)
+        self._ctx = None
+
+    def extra_repr(self):
+        return f"tied to the embedding {self.embed.num_embeddings}x{self.embed.embedding_dim}"
+
+    def forward(self, h):
+        self._ctx = h
+        return affine_forward(h, self.embed.params["weight"], self.params["bias"])
+
+    def backward(self, dz):
+        h = self._saved(self._ctx)
+        return affine_backward(dz, h, self.embed.params["weight"], self.embed.grads["weight"], self.grads["bias"])
 
 
 # ============================================================================ loading

@@ -74,6 +74,14 @@ class TrainConfig:
     init: str = field(default="torch", metadata={"help": "weight init: torch U(±1/√H) or charrnn U(±0.08)", "choices": ["torch", "charrnn"]})
     forget_bias: float = field(default=0.0, metadata={"help": "added to the LSTM forget-gate bias at init"})
     dtype: str = field(default="float32", metadata={"help": "float type", "choices": ["float32", "float64"]})
+    # regularisers (docs/regularization.md); any of the first five runs the recurrent layer's NumPy loop
+    recurrent_dropout: float = field(default=0.0, metadata={"help": "variational dropout of h(t-1) in the recurrent product, one mask per stream (Keras' recurrent_dropout)"})
+    weight_drop: float = field(default=0.0, metadata={"help": "DropConnect on the recurrent weights W_hh, one mask per window (AWD-LSTM)"})
+    zoneout: float = field(default=0.0, metadata={"help": "zoneout rate of h (and c): keep the previous value with this probability"})
+    layer_norm: bool = field(default=False, metadata={"help": "layer-normalised gate pre-activations (and cell state, LSTM)"})
+    peephole: bool = field(default=False, metadata={"help": "LSTM peephole connections (cell state to gates)"})
+    embedding_dropout: float = field(default=0.0, metadata={"help": "drop whole rows of the embedding (needs --embedding > 0)"})
+    tie_weights: bool = field(default=False, metadata={"help": "decoder weight = embedding weight (needs --embedding equal to --hidden)"})
     # data layout
     seq_len: int = field(default=50, metadata={"help": "time steps per window (truncated BPTT length)"})
     batch_size: int = field(default=50, metadata={"help": "parallel streams per batch"})
@@ -113,7 +121,10 @@ class TrainConfig:
             return TransformerLMConfig(vocab_size, self.layers, self.d_model, self.heads, self.context or self.seq_len,
                                        self.dropout, self.dtype).validate()
         return CharLMConfig(vocab_size, self.model, self.hidden, self.layers, self.dropout, self.embedding,
-                            self.init, self.forget_bias, self.dtype).validate()
+                            self.init, self.forget_bias, self.dtype, recurrent_dropout=self.recurrent_dropout,
+                            weight_drop=self.weight_drop, zoneout=self.zoneout, layer_norm=self.layer_norm,
+                            peephole=self.peephole, embedding_dropout=self.embedding_dropout,
+                            tie_weights=self.tie_weights).validate()
 
     def validate(self) -> TrainConfig:
         problems = check_fields(
@@ -131,6 +142,18 @@ class TrainConfig:
             raise ValueError(f"--seq-len {self.seq_len} is longer than the transformer's --context {self.context}")
         if self.model == "transformer" and self.log_hidden_stats:
             raise ValueError("--log-hidden-stats reads a recurrent layer's states; a transformer has none")
+        if self.model == "transformer":
+            recurrent = [f"--{n.replace('_', '-')}" for n in ("recurrent_dropout", "weight_drop", "zoneout", "layer_norm",
+                                                             "peephole", "embedding_dropout", "tie_weights")
+                         if getattr(self, n)]
+            if recurrent:
+                raise ValueError(f"{', '.join(recurrent)}: options of the recurrent models, not of --model transformer")
+        if self.truncation == "randomized" and self.model != "transformer":
+            cell = [f"--{n.replace('_', '-')}" for n in ("recurrent_dropout", "weight_drop", "zoneout", "layer_norm",
+                                                         "peephole") if getattr(self, n)]
+            if cell:
+                raise ValueError(f"--truncation randomized runs the plain recurrent loop (ARTBP's factors on the "
+                                 f"carried gradient); it does not combine with {', '.join(cell)}")
         if self.model == "transformer" and self.truncation == "randomized":
             raise ValueError("--truncation randomized scales the gradient carried from step to step (ARTBP); "
                              "a transformer has no recurrence: use fixed or variable")
@@ -354,13 +377,19 @@ class CharLMJob:
                 "data": {"epoch": self.epoch, "epoch_start": self.epoch_start}}
 
     def checkpoint_tensors(self) -> dict:
+        out = {}
+        reg = _regularizer(self.model)
+        if reg is not None and reg.mask_state():  # the streams' locked dropout masks (bptt.nn.regularized_loop)
+            out["masks"] = reg.mask_state()
         if self.state is None:
-            return {}
+            return out
         h, c = self.state if isinstance(self.state, tuple) else (self.state, None)
-        return {"state": {"h": h} if c is None else {"h": h, "c": c}}
+        return out | {"state": {"h": h} if c is None else {"h": h, "c": c}}
 
     def restore(self, tensors: dict, meta: dict) -> None:
         self.model.rng.bit_generator.state = ckpt.restore_rng(meta["rng"]).bit_generator.state
+        if _regularizer(self.model) is not None:
+            _regularizer(self.model).load_mask_state(self.model.rnn, tensors.get("masks", {}))
         st = tensors.get("state")
         if st:
             self.state = (st["h"], st["c"]) if "c" in st else st["h"]
@@ -370,6 +399,12 @@ class CharLMJob:
             pos = {"epoch": step // K, "epoch_start": step // K * K}
         self.epoch, self.epoch_start = int(pos["epoch"]), int(pos["epoch_start"])
         self.batches.set_epoch(self.epoch)
+
+
+def _regularizer(model):
+    """The recurrent layer's regulariser (bptt.nn.regularized_loop), or None (none on, or a transformer)."""
+    rnn = getattr(model, "rnn", None)
+    return None if rnn is None else rnn.regularizer
 
 
 def _make_schedule(cfg: TrainConfig, steps_per_epoch: int, total_steps: int):
@@ -406,7 +441,7 @@ def check_out_dir(out_dir: Path):
 
 # what the saved weights and optimizer state were made with
 _FIXED_ON_RESUME = ("model", "hidden", "layers", "embedding", "d_model", "heads", "context", "dtype", "optimizer",
-                    "unit", "vocab_size", "truncation")
+                    "layer_norm", "peephole", "tie_weights", "unit", "vocab_size", "truncation")
 
 #: ``--unit word`` with the default ``--embedding 0``: the embedding size used (one-hot over a word
 #: vocabulary would make the input layer V × G).

@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from bptt.nn import gates
 from bptt.nn.module import Module, as_float_array
 
 __all__ = [
@@ -225,7 +226,7 @@ class _CellBase(Module):
     ``reset_state()`` (the classic ``y = rnn.step(x)`` used for sampling).
     """
 
-    gate_count = 1
+    gate_count = 1  # g, the gates stacked in each weight (bptt.nn.gates); set by each cell
     has_cell_state = False
 
     def __init__(self, input_size, hidden_size, bias=True, dtype=np.float32, rng=None):
@@ -306,7 +307,7 @@ class RNNCell(_CellBase):
     Returns: h' with h's shape.  ``backward(dh')`` returns ``(dx, dh)``.
     """
 
-    gate_count = 1
+    gate_count = gates.gate_count("rnn_tanh")
 
     def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", dtype=np.float32, rng=None):
         if nonlinearity not in ("tanh", "relu"):
@@ -342,7 +343,7 @@ class LSTMCell(_CellBase):
     Returns: (h', c').  ``backward(dh', dc'=None)`` returns ``(dx, (dh, dc))``.
     """
 
-    gate_count = 4
+    gate_count = gates.gate_count("lstm")
     has_cell_state = True
 
     def forward(self, x, state=None):
@@ -381,7 +382,7 @@ class GRUCell(_CellBase):
     Returns: h'.  ``backward(dh')`` returns ``(dx, dh)``.
     """
 
-    gate_count = 3
+    gate_count = gates.gate_count("gru")
 
     def forward(self, x, hx=None):
         x = self._check_x(x)

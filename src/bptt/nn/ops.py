@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bptt.runtime import threads  # read at run time: threads.blas_threads() (tests monkeypatch it there)
 from bptt.runtime.wavefront import run_parallel  # one job runs in the calling thread: no pool, no overhead
 
 __all__ = [
@@ -30,18 +31,15 @@ def _row_parts(rows):
     """Slices of ``rows`` for parallel threads, or one slice.
 
     Several only inside a model step whose BLAS is held to one thread because
-    its recurrent layers run in threads of their own (:func:`bptt.kernels.single_thread_blas`):
+    its recurrent layers run in threads of their own (:func:`bptt.runtime.threads.single_thread_blas`):
     there the products around the layer (a language model's decoder) would
     otherwise run on one core while the other waits.
     """
-    import sys
-
-    kernels = sys.modules.get("bptt.kernels")  # not imported: no such scope can be active
-    if kernels is None or not kernels._OUTER_THREADS or rows < 2 * _MIN_ROWS_PER_THREAD:
+    if not threads.inside_single_thread_blas() or rows < 2 * _MIN_ROWS_PER_THREAD:
         return [slice(0, rows)]
     from bptt.runtime.wavefront import even_slices
 
-    return even_slices(rows, min(kernels.blas_threads(), rows // _MIN_ROWS_PER_THREAD))
+    return even_slices(rows, min(threads.blas_threads(), rows // _MIN_ROWS_PER_THREAD))
 
 
 def affine_forward(x, W, b):
@@ -95,7 +93,7 @@ def embedding_backward(dy, ids, dW):
 
 def scatter_add_rows(out, ids, rows):
     """out[ids[i]] += rows[i] for every i (repeated ids accumulate): ``np.add.at``, compiled."""
-    from bptt import kernels# lazily: importing Numba is slow
+    from bptt import kernels  # lazily: importing Numba is slow
 
     kernels.scatter_add_rows(out, ids, rows)
 

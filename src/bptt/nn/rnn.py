@@ -13,7 +13,7 @@ A recurrent layer's forward, per layer k and direction d::
 
 (run chunk by chunk as a wavefront over the layers when there are cores to spare,
 see :mod:`bptt.runtime.wavefront`, or on slices of the batch, one thread each, see
-``RNNBase._batch_parts``), and its backward, the same read upwards::
+:func:`bptt.runtime.policy.batch_parts`), and its backward, the same read upwards::
 
     dgx, dgh, dh_0 = the time loop backwards
     ∂L/∂W_ih = dgxᵀ X_k,  ∂L/∂W_hh = dghᵀ H_prev    one matrix product each over all T·N rows
@@ -29,10 +29,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bptt.nn import recurrence
+from bptt.nn import gates, recurrence
+from bptt.nn.regularized_loop import Regularization, check_options, option_hint
 from bptt.nn.cells import resolve_rng, uniform_init
 from bptt.nn.module import Module, as_float_array
 from bptt.nn.ops import dropout_mask, scatter_add_rows
+from bptt.runtime import policy
+from bptt.runtime.threads import keep_freed_memory, single_thread_blas
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNBase", "lengths_to_mask"]
 
@@ -81,13 +84,13 @@ def _shifted(shift, j):
     return shift and j % 2 == 0
 
 
-def _run_slices(kernels, jobs):
+def _run_slices(jobs):
     """Run one job per batch slice, each in a thread with one BLAS thread (see
-    RNNBase._batch_parts) → (their results, and the first three fields of the
+    :func:`bptt.runtime.policy.batch_parts`) → (their results, and the first three fields of the
     results joined along the batch axis, None where the slices have None)."""
     from bptt.runtime.wavefront import run_parallel
 
-    with kernels.single_thread_blas():
+    with single_thread_blas():
         results = run_parallel(jobs)
     joined = tuple(None if results[0][i] is None else np.concatenate([r[i] for r in results], axis=1) for i in range(3))
     return results, joined
@@ -138,7 +141,6 @@ class RNNBase(Module):
     """
 
     mode = "rnn_tanh"
-    gate_count = 1
 
     def __init__(
         self,
@@ -152,8 +154,12 @@ class RNNBase(Module):
         proj_size=0,
         dtype=np.float32,
         rng=None,
+        **regularization,
     ):
         super().__init__()
+        # recurrent_dropout, input_dropout, output_dropout, weight_drop, zoneout, zoneout_c, layer_norm,
+        # peephole: see bptt.nn.regularized_loop (checked before anything is built)
+        options = check_options(self.mode, proj_size, **regularization)
         for name, v, lo in (("input_size", input_size, 1), ("hidden_size", hidden_size, 1), ("num_layers", num_layers, 1)):
             if int(v) != v or int(v) < lo:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -187,8 +193,21 @@ class RNNBase(Module):
                     self.add_param(f"weight_hr_l{k}{sfx}", uniform_init(self.rng, (P, H), bound, self._dtype))  # (P, H)
         self._ctx = None
         self.state = None
+        # with any option on, forward/backward/step run bptt.nn.regularized_loop (NumPy); else None
+        self.regularizer = Regularization(self, options) if options.active else None
+
+    def load_state_dict(self, state, strict=True):
+        try:
+            super().load_state_dict(state, strict)
+        except ValueError as e:  # name the option that the unexpected or missing keys belong to
+            raise type(e)(str(e) + option_hint(set(state) ^ set(self.params))) from None
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def gate_count(self) -> int:
+        """g, the gates stacked in each weight (1 RNN, 4 LSTM, 3 GRU; :data:`bptt.nn.gates.GATES`)."""
+        return gates.gate_count(self.mode)
+
     @property
     def out_size(self) -> int:
         """P: the width of h (proj_size if set, else hidden_size)."""
@@ -204,6 +223,8 @@ class RNNBase(Module):
         for name, default in (("bias", True), ("batch_first", False), ("dropout", 0.0), ("bidirectional", False), ("proj_size", 0)):
             if getattr(self, name) != default:
                 s += f", {name}={getattr(self, name)}"
+        if self.regularizer is not None:
+            s += "".join(f", {k}={v}" for k, v in self.regularizer.opts._asdict().items() if v)
         return s
 
     def _direction_params(self, k, d):
@@ -230,68 +251,27 @@ class RNNBase(Module):
         """The context to run a model step around this layer in, for input (T, N, ·).
 
         When the layer runs in threads of its own (a wavefront, one thread per
-        layer, or slices of the batch, see :meth:`_batch_parts`), every BLAS
+        layer, or slices of the batch: :mod:`bptt.runtime.policy`), every BLAS
         product of the step should be single-threaded, the model's own too (see
-        :func:`bptt.kernels.single_thread_blas`); otherwise this does nothing.
+        :func:`bptt.runtime.threads.single_thread_blas`); otherwise this does nothing.
         """
-        kernels = self._kernels()
-        if self._schedule(T, N, kernels)[1] > 1 or len(self._batch_parts(N, kernels)) > 1:
-            return kernels.single_thread_blas()
+        if self.regularizer is not None:
+            return contextlib.nullcontext()  # the NumPy reference loop: no threads of its own
+        fused = self._kernels() is not None
+        if self._time_chunks(T, N, fused)[1] > 1 or len(self._batch_parts(N, fused)) > 1:
+            return single_thread_blas()
         return contextlib.nullcontext()
 
-    def _batch_parts(self, N, kernels):
-        """The batch slices to run in parallel threads, each through the whole stack: one per
-        core when every slice keeps at least ``kernels._SPLIT_MIN_ROWS`` rows, else [0:N].
+    def _batch_parts(self, N, fused):
+        """The batch slices to run in threads, each through the whole stack
+        (:func:`bptt.runtime.policy.batch_parts`)."""
+        macs = N * self.gate_count * self.hidden_size * self.out_size  # one step's product h_{t−1} W_hhᵀ
+        return policy.batch_parts(N, macs, self.training, fused)
 
-        A per-step product of N rows is too small for BLAS threads, so a layer's time
-        loop keeps one core busy; the wavefront gives the other core the next layer,
-        with a pipeline to fill and drain and work to balance.  Slices of the batch are
-        independent through every step of every layer, bidirectional and one-layer
-        stacks too; only the weight gradients are summed.  Against the wavefront, same
-        process, alternating (2 cores, T = 50, training step): 2×128 at N = 50 1.03-1.24×
-        (LSTM), 0.93-1.21× (GRU), 1.09-1.21× (RNN) over three runs; 2×128 LSTM at N = 32
-        and 16 1.20× and 1.26×; one-layer stacks, which have no wavefront, 1.24-1.44×.
-        In training mode, products of 12 M multiply-adds and more stay with the wavefront
-        (see ``kernels._SPLIT_MAX_MACS``): the backward of a split needs a second set of
-        weight gradients.  In eval mode, where a backward is not expected (it still works,
-        with that memory), every size splits: forward only, against the wavefront, LSTM
-        2×256 1.26×, 2×512 1.16×, 1×1024 (N = 64) 1.05×; GRU 1.14-1.18×, RNN 1.15-1.16× at
-        2×512 and 1×1024 (same process, alternating, outputs identical up to summation order).
-        """
-        whole = [slice(0, N)]
-        if kernels is None or N < 2 * kernels._SPLIT_MIN_ROWS:
-            return whole
+    def _time_chunks(self, T, N, fused):
+        """(time chunks, threads) of the wavefront over the layers (:func:`bptt.runtime.policy.time_chunks`)."""
         macs = N * self.gate_count * self.hidden_size * self.out_size
-        if macs <= kernels._SMALL_MACS or (self.training and macs >= kernels._SPLIT_MAX_MACS):
-            return whole  # a step of µs (compiled loops), or products for the wavefront (see _SPLIT_MAX_MACS)
-        n = min(kernels.blas_threads(), N // kernels._SPLIT_MIN_ROWS)
-        if n < 2:
-            return whole
-        from bptt.runtime.wavefront import even_slices
-
-        return even_slices(N, n)
-
-    def _schedule(self, T, N, kernels):
-        """Time chunks and threads for :func:`bptt.runtime.wavefront.run_wavefront`.
-
-        One chunk and one thread (layer after layer) unless this is a
-        unidirectional stack on the fused kernels' BLAS path and BLAS may use
-        more than one thread: then 8 chunks (fewer if T < 8), so the pipeline
-        fills after 1/8 of a layer's steps (4, 8, 12 and 16 chunks measured
-        alike, within noise, for a 2×128 LSTM training step at T = 50).
-        Bidirectional stacks need a layer's whole output before the next
-        layer's reverse direction can start.
-        """
-        whole = [(0, T)], 1
-        if kernels is None or self.num_layers < 2 or self.bidirectional or T < 2:
-            return whole
-        if N * self.gate_count * self.hidden_size * self.out_size <= kernels._SMALL_MACS:
-            return whole  # compiled-loop sizes: a step takes µs, less than handing a chunk over
-        threads = kernels.blas_threads()
-        if threads < 2:
-            return whole
-        bounds = [round(T * i / min(T, 8)) for i in range(min(T, 8) + 1)]
-        return list(zip(bounds[:-1], bounds[1:])), threads
+        return policy.time_chunks(T, macs, self.num_layers, self.bidirectional, fused)
 
     def _check_input(self, x, one_hot=False):
         name = type(self).__name__
@@ -364,6 +344,8 @@ class RNNBase(Module):
         ((N, T) with batch_first, (T,) unbatched), standing for one-hot vectors of
         input_size features: the same results as passing the one-hot array, but
         the first layer's input product x W_ihᵀ becomes a row gather of W_ihᵀ."""
+        if self.regularizer is not None:
+            return self.regularizer.forward(self, x, state, lengths, one_hot)
         x, batched = self._check_input(x, one_hot)
         T, N = x.shape[:2]
         if lengths is not None and not batched:
@@ -375,19 +357,19 @@ class RNNBase(Module):
         # dropout masks drawn up front, in layer order: the same draws as layer by layer
         drops = [None] + [dropout_mask((T, N, K * P), self.dropout, self.rng, self._dtype)
                           if self.training and self.dropout > 0 else None for _ in range(1, L)]
-        parts = self._batch_parts(N, kernels)
-        if len(parts) > 1:  # batch slices in parallel threads, each the whole stack (see _batch_parts)
-            kernels.keep_freed_memory()  # else each step's caches are new pages (see there)
+        parts = self._batch_parts(N, kernels is not None)
+        if len(parts) > 1:  # batch slices in parallel threads, each the whole stack (see policy.batch_parts)
+            keep_freed_memory()  # else each step's caches are new pages (see there)
 
             def part(s):
                 return self._forward_stack(np.ascontiguousarray(x[:, s]), h0[:, s], None if c0 is None else c0[:, s],
                                            None if mask is None else mask[:, s],
                                            [None if m is None else m[:, s] for m in drops], one_hot, kernels, [(0, T)], 1)
 
-            results, (output, h_n, c_n) = _run_slices(kernels, [functools.partial(part, s) for s in parts])
+            results, (output, h_n, c_n) = _run_slices([functools.partial(part, s) for s in parts])
             self._ctx = _Context([], batched, output.shape, one_hot, [(0, T)], 1, [(s, r[3]) for s, r in zip(parts, results)])
         else:
-            chunks, threads = self._schedule(T, N, kernels)
+            chunks, threads = self._time_chunks(T, N, kernels is not None)
             output, h_n, c_n, ctx = self._forward_stack(x, h0, c0, mask, drops, one_hot, kernels, chunks, threads)
             self._ctx = ctx._replace(batched=batched)
         if not batched:
@@ -439,7 +421,7 @@ class RNNBase(Module):
 
         from bptt.runtime.wavefront import run_wavefront
 
-        with kernels.single_thread_blas() if threads > 1 else contextlib.nullcontext():
+        with single_thread_blas() if threads > 1 else contextlib.nullcontext():
             run_wavefront(L, len(chunks), layer_chunk, threads)  # each layer's thread uses one BLAS thread
 
         h_n = np.empty_like(h0)
@@ -520,6 +502,11 @@ class RNNBase(Module):
         :func:`bptt.nn.recurrence.sequence_backward`).  It runs the readable reference loop, so the
         forward must have run on it too (``layer.backend = "reference"``); unidirectional layers only.
         """
+        if recurrent_scale is not None and self.regularizer is not None:
+            raise ValueError("recurrent_scale is not supported by regularised or normalised cells "
+                             "(bptt.nn.regularized_loop); use the plain layer")
+        if self.regularizer is not None:
+            return self.regularizer.backward(self, doutput, dstate, need_input_grad)
         ctx = self._saved(self._ctx)
         if recurrent_scale is not None:
             if self.bidirectional:
@@ -548,7 +535,7 @@ class RNNBase(Module):
                                             None if dc_n is None else dc_n[:, s], need_input_grad, kernels, grads) + (grads,)
 
             jobs = [functools.partial(part, i, s, sub) for i, (s, sub) in enumerate(ctx.parts)]
-            results, (dx, dh0, dc0) = _run_slices(kernels, jobs)
+            results, (dx, dh0, dc0) = _run_slices(jobs)
             for r in results[1:]:
                 for name, g in r[3].items():
                     self._own_grads[name] += g
@@ -646,7 +633,7 @@ class RNNBase(Module):
 
         dh0 = np.zeros((L * K, N, P), self._dtype)
         dc0 = np.zeros((L * K, N, self.hidden_size), self._dtype) if self.mode == "lstm" else None
-        with kernels.single_thread_blas() if threads > 1 else contextlib.nullcontext():
+        with single_thread_blas() if threads > 1 else contextlib.nullcontext():
             run_wavefront(L, len(chunks), layer_chunk, threads, finish)
         return dxs[0], dh0, dc0
 
@@ -716,6 +703,9 @@ class RNNBase(Module):
         """The caches of the last forward, per layer: ``(x, [SequenceCache per direction])`` with x the
         layer's input (T, N, D_k).  Per-step values (gates, states) are in the caches of the reference
         backend (``layer.backend = "reference"``); a forward run in batch slices has none to offer."""
+        if self.regularizer is not None:
+            raise ValueError("a layer with regularised or normalised cells keeps bptt.nn.regularized_loop's caches "
+                             "(layer.regularizer.ctx), not these")
         ctx = self._ctx
         if ctx is None:
             raise ValueError("no forward pass to read (the layer has no cache)")
@@ -730,6 +720,8 @@ class RNNBase(Module):
         carried state and the first T−1 outputs), which every backend keeps for ∂L/∂W_hh and which
         is taken before inter-layer dropout.  Returns {"h_mean_l0": …, "h_var_l0": …, "h_mean_l1": …}.
         """
+        if self.regularizer is not None:
+            return self.regularizer.hidden_state_stats()
         ctx = self._ctx
         if ctx is None:
             raise ValueError("hidden_state_stats needs a forward pass first (the layer has no cache)")
@@ -751,6 +743,8 @@ class RNNBase(Module):
 
         x (N, D) or (D,) → y (N, P) or (P,); the new state is kept until :meth:`reset_state`.
         """
+        if self.regularizer is not None:
+            return self.regularizer.step(self, x)
         if self.bidirectional:
             raise ValueError("step() needs a unidirectional layer: the reverse direction reads the future")
         x = as_float_array(x, self._dtype, "input")
@@ -791,15 +785,14 @@ class RNN(RNNBase):
     see :class:`RNNBase` for inputs, outputs and ``backward``.
     """
 
-    gate_count = 1
-
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, dtype=np.float32, rng=None):
+                 dropout=0.0, bidirectional=False, dtype=np.float32, rng=None, **regularization):
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.mode = "rnn_" + nonlinearity
         self.nonlinearity = nonlinearity
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0, dtype, rng)
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0, dtype, rng,
+                         **regularization)
 
 
 class LSTM(RNNBase):
@@ -813,7 +806,6 @@ class LSTM(RNNBase):
     """
 
     mode = "lstm"
-    gate_count = 4
 
 
 class GRU(RNNBase):
@@ -826,8 +818,8 @@ class GRU(RNNBase):
     """
 
     mode = "gru"
-    gate_count = 3
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, dtype=np.float32, rng=None):
-        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0, dtype, rng)
+                 bidirectional=False, dtype=np.float32, rng=None, **regularization):
+        super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0, dtype, rng,
+                         **regularization)

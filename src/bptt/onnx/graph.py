@@ -188,6 +188,9 @@ def emit_recurrent(b: Builder, layer, x: str, lengths: str | None = None, h0: st
     lengths (N,) int64 or None; h0 (L·K, N, P), c0 (L·K, N, H) or None (zeros).
     Returns (y (T, N, K·P), h_n (L·K, N, P), c_n (L·K, N, H) or None).
     """
+    reg = layer.regularizer  # dropouts and weight drop are the identity in eval mode; these change the function
+    if reg is not None and (reg.opts.layer_norm or reg.opts.peephole or reg.opts.zoneout or reg.opts.z_c):
+        raise OnnxError(f"ONNX export does not support layer_norm, peephole or zoneout yet ({layer!r})")
     L, K, H, P = layer.num_layers, layer.num_directions, layer.hidden_size, layer.out_size
     lstm = layer.mode == "lstm"
     seq_lens = b.node("Cast", [lengths], base="seq_lens", to=b.onnx.TensorProto.INT32) if lengths else ""

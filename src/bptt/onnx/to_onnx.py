@@ -120,7 +120,8 @@ def export_charlm(model, vocab, path, *, graph: str = "sequence", opset: int = D
                axis=0)
     y, h_n, c_n = emit_recurrent(b, rnn, x, None, h0, c0)
     dec = model.decoder.params
-    logits = b.node("Add", [b.node("MatMul", [y, b.const(np.ascontiguousarray(dec["weight"].T), "decoder_weight_T")]),
+    W_dec = model.embed.params["weight"] if cfg.tie_weights else dec["weight"]  # tied: the embedding's (V, H)
+    logits = b.node("Add", [b.node("MatMul", [y, b.const(np.ascontiguousarray(W_dec.T), "decoder_weight_T")]),
                             b.const(dec["bias"], "decoder_bias")], base="logits_tnv")
     if graph == "step":
         logits = b.node("Squeeze", [logits, b.ints([0])], base="logits_nv")

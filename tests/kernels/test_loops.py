@@ -1,4 +1,4 @@
-"""The fused kernels (bptt.kernels) equal the reference loop (bptt.nn.recurrence).
+"""The fused kernels' loops (bptt.kernels.loops) equal the reference loop (bptt.nn.recurrence).
 
 Every case runs the same layer twice, ``backend = "reference"`` and ``"fused"``,
 and compares outputs, final states, input and state gradients and every
@@ -16,7 +16,10 @@ from conftest import require_numba
 
 import bptt
 from bptt import kernels
+from bptt.kernels import gemm, loops
 from bptt.nn import recurrence
+from bptt.runtime import policy
+from bptt.runtime import threads as blas
 
 require_numba()
 
@@ -69,10 +72,10 @@ def assert_same(layer, x, state, lengths, dout, dstate, tol):
     ref = run(layer, "reference", x, state, lengths, dout, dstate)
     fus = run(layer, "fused", x, state, lengths, dout, dstate)
     assert rel(fus[0], ref[0]) < tol, "output"
-    for a, b in zip(flat(fus[1]), flat(ref[1])):
+    for a, b in zip(flat(fus[1]), flat(ref[1]), strict=True):
         assert rel(a, b) < tol, "final state"
     assert rel(fus[2], ref[2]) < tol, "dx"
-    for a, b in zip(flat(fus[3]), flat(ref[3])):
+    for a, b in zip(flat(fus[3]), flat(ref[3]), strict=True):
         assert rel(a, b) < tol, "d initial state"
     assert ref[4].keys() == fus[4].keys()
     for k in ref[4]:
@@ -86,45 +89,19 @@ def path(request, monkeypatch):
     compiled loop calling BLAS, the fallback loop in Python with np.matmul (no cblas
     symbol found), and the panel loop with the batch cut in slices run in two threads
     (any N ≥ 2 here)."""
-    monkeypatch.setattr(kernels, "_SMALL_MACS", 1 << 40 if request.param == "compiled" else -1)
+    monkeypatch.setattr(policy, "SMALL_MACS", 1 << 40 if request.param == "compiled" else -1)
     if request.param in ("blas", "python-loop"):
-        monkeypatch.setattr(kernels, "_PANEL_PRODUCTS", False)
+        monkeypatch.setattr(policy, "PANEL_PRODUCTS", False)
     if request.param == "python-loop":
-        monkeypatch.setattr(kernels, "_GEMM", {"f": None, "d": None})
+        monkeypatch.setattr(loops, "gemm_function", lambda dtype: None)
     if request.param == "batch-split":
-        monkeypatch.setattr(kernels, "_SPLIT_MIN_ROWS", 1)
-        monkeypatch.setattr(kernels, "blas_threads", lambda: 2)
+        monkeypatch.setattr(policy, "SPLIT_MIN_ROWS", 1)
+        monkeypatch.setattr(blas, "blas_threads", lambda: 2)
     return request.param
 
 
-def test_blas_is_callable_from_compiled_code():
-    """NumPy's BLAS was found for both dtypes (else every large layer takes the slower Python loop)."""
-    assert kernels._gemm_function(np.float32) is not None
-    assert kernels._gemm_function(np.float64) is not None
-
-
-needs_panels = pytest.mark.skipif(not kernels._PANEL_PRODUCTS, reason="no register-blocked products on this CPU")
-
-
-@needs_panels
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_panel_products_equal_matmul(dtype):
-    """``_panel_times`` against a float64 product: whole and partial panels (n not a
-    multiple of the panel width), 1 to 13 rows (every block height), rows of A and of
-    the output farther apart than their length, and the per-step shapes it is for."""
-    rng = np.random.default_rng(zlib.crc32(np.dtype(dtype).name.encode()))
-    PW = kernels._panel_width(dtype)
-    shapes = [(25, 128, 512), (50, 512, 128), (1, 1, 1), (6, 3, PW), (7, 5, PW + 1), (13, 64, 2 * PW - 3)]
-    shapes += [(int(rng.integers(1, 14)), int(rng.integers(1, 200)), int(rng.integers(1, 300))) for _ in range(20)]
-    for M, K, n in shapes:
-        A = rng.standard_normal((M, K + 3)).astype(dtype)[:, :K]  # rows K + 3 apart
-        B = rng.standard_normal((K, n)).astype(dtype)
-        out = np.full((M, n + 5), np.nan, dtype)
-        kernels._panel_times(A, kernels.pack_panels(B), out[:, :n], np.empty((6, PW), dtype))
-        want = A.astype(np.float64) @ B.astype(np.float64)
-        scale = np.abs(A).astype(np.float64) @ np.abs(B).astype(np.float64)  # the size of the rounding
-        assert np.all(np.abs(out[:, :n] - want) <= 4 * K * np.finfo(dtype).eps * scale), (M, K, n)
-        assert np.isnan(out[:, n:]).all(), "wrote past the output's columns"
+needs_panels = pytest.mark.skipif(not (gemm.HAS_PANELS and policy.PANEL_PRODUCTS),
+                                  reason="no register-blocked products on this CPU (or BPTT_PANEL_PRODUCTS=0)")
 
 
 @needs_panels
@@ -133,9 +110,9 @@ def test_panel_products_equal_matmul(dtype):
 def test_fused_equals_reference_whole_panels(mode, dtype, monkeypatch):
     """Layers wide enough that the step products fill whole panels (the random cases
     above are narrower than one), with lengths, both directions and a projection."""
-    monkeypatch.setattr(kernels, "_SMALL_MACS", -1)
+    monkeypatch.setattr(policy, "SMALL_MACS", -1)
     rng = np.random.default_rng(zlib.crc32(f"panels {mode} {np.dtype(dtype).name}".encode()))
-    H = kernels._panel_width(dtype) // 2 + 3
+    H = gemm.panel_width(dtype) // 2 + 3
     case = random_case(rng, mode, dtype, 5, 9, 4, H, 2, True, H - 5 if mode == "lstm" else 0, True, True)
     assert_same(*case, TOL[dtype])
 
@@ -184,7 +161,7 @@ def test_sequence_level_contract():
         for reverse in (False, True):
             r = recurrence.sequence_forward(mode, gx, h0, c0, W, mask, reverse)
             k = kernels.sequence_forward(mode, gx, h0, c0, W, mask, reverse)
-            for a, b in zip(k[:3], r[:3]):
+            for a, b in zip(k[:3], r[:3], strict=True):
                 if b is None:
                     assert a is None
                 else:
@@ -193,7 +170,7 @@ def test_sequence_level_contract():
             dy = rng.standard_normal((T, N, H))
             rb = recurrence.sequence_backward(dy, None, None, r[3], W)
             kb = kernels.sequence_backward(dy, None, None, k[3], W)
-            for a, b in zip(kb, rb):
+            for a, b in zip(kb, rb, strict=True):
                 if b is None:
                     assert a is None
                 else:
@@ -222,55 +199,3 @@ def test_step_matches_forward():
         layer.reset_state()
         got1 = np.stack([layer.step(x) for x in xs[:, 0]])  # unbatched (D,) input
         assert rel(got1, ref[:, 0]) < 1e-12
-
-
-@pytest.mark.parametrize("mode", ["rnn_tanh", "lstm", "gru"])
-def test_batch_split_equals_whole_batch(mode, monkeypatch):
-    """A batch cut in slices run in threads (RNNBase._batch_parts) gives the whole batch's
-    numbers: same dropout masks, outputs, states, input and parameter gradients."""
-    monkeypatch.setattr(kernels, "blas_threads", lambda: 2)
-    monkeypatch.setattr(kernels, "_SMALL_MACS", -1)  # the BLAS loop, as at the sizes that split
-    rng = np.random.default_rng(11)
-    T, N, D, H = 7, 19, 5, 6  # an odd N: slices of 10 and 9 rows
-    x = rng.standard_normal((T, N, D))
-    lengths = rng.integers(1, T + 1, N)
-    dout = rng.standard_normal((T, N, H))
-    results = []
-    for min_rows in (8, 1 << 62):  # split in two, then not at all
-        monkeypatch.setattr(kernels, "_SPLIT_MIN_ROWS", min_rows)
-        cls = {"rnn_tanh": bptt.RNN, "lstm": bptt.LSTM, "gru": bptt.GRU}[mode]
-        layer = cls(D, H, 2, dropout=0.4, dtype=np.float64, rng=3)
-        layer.backend = "fused"
-        out, state = layer(x, lengths=lengths)
-        parts = [s for s, _ in layer._ctx.parts]
-        dx, dstate = layer.backward(dout)
-        arrays = [out, *flat(state), dx, *flat(dstate), *(layer.grads[k].copy() for k in sorted(layer.grads))]
-        results.append((parts, arrays))
-    (parts, split), (whole_parts, whole) = results
-    assert parts == [slice(0, 10), slice(10, 19)] and whole_parts == []
-    assert len(split) == len(whole)
-    for a, b in zip(split, whole):
-        assert rel(a, b) < 1e-12
-
-
-def test_eval_mode_splits_above_the_training_bound(monkeypatch):
-    """Products above kernels._SPLIT_MAX_MACS split the batch in eval mode only (no second
-    set of weight gradients to pay for), with the whole batch's numbers; a backward after
-    an eval-mode split still gives the whole batch's gradients."""
-    monkeypatch.setattr(kernels, "blas_threads", lambda: 2)
-    monkeypatch.setattr(kernels, "_SMALL_MACS", -1)
-    monkeypatch.setattr(kernels, "_SPLIT_MAX_MACS", 1)  # every product counts as large
-    rng = np.random.default_rng(5)
-    T, N, D, H = 6, 16, 4, 5
-    x, dout = rng.standard_normal((T, N, D)), rng.standard_normal((T, N, H))
-    results = {}
-    for training in (True, False):
-        layer = bptt.LSTM(D, H, 2, dtype=np.float64, rng=2).train(training)
-        layer.backend = "fused"
-        out, state = layer(x)
-        parts = [s for s, _ in layer._ctx.parts]
-        dx, dstate = layer.backward(dout)
-        results[training] = parts, [out, *flat(state), dx, *flat(dstate), *(layer.grads[k] for k in sorted(layer.grads))]
-    assert results[True][0] == [] and results[False][0] == [slice(0, 8), slice(8, 16)]
-    for a, b in zip(results[False][1], results[True][1]):
-        assert rel(a, b) < 1e-12

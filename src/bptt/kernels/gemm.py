@@ -1,0 +1,330 @@
+"""Matrix products for the compiled time loops: register-blocked panels, hand loops, and BLAS called from compiled code.
+
+Shape legend: A (M, K) times B (K, n) into out (M, n); a step product is
+h_{t−1} (N, P) times W_hhᵀ (P, G), so M = N, K = P, n = G (G = g·H stacked gates);
+PW the columns of one packed panel, Bp (⌈n / PW⌉, K, PW) a packed B.
+
+``times(gemm, one, zero, A, B, Bp, tmp, out)`` is the one product the loops of
+:mod:`bptt.kernels.loops` call; it picks one of three ways (the choice of way is
+:mod:`bptt.runtime.policy`'s, made per run):
+
+* hand loops (``mm_acc``) shaped as ``axpy`` over contiguous rows
+  (``out[n, :] += A[n, p] · B[p, :]``), which vectorise without reordering sums: for
+  small products (e.g. N = 1, H = 100) a BLAS call would cost more than the product;
+* register-blocked products (``panel_times``) on weights packed once per sequence
+  into column panels (``pack_panels``): the weights are the same for all T steps, so
+  packing them per call, as BLAS must, is wasted; a block of the product stays in
+  vector registers for the whole sum over k.  x86 with FMA only (``panel_vectors``);
+* NumPy's own BLAS ``cblas_?gemm``, found through threadpoolctl and called through
+  ctypes from inside the compiled loop (``gemm_function``), so no Python runs per
+  step and the GIL is not taken.  ``gemm_function`` returns None where no such
+  symbol is found (other NumPy builds); the loops then run in Python with np.matmul.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from bptt.kernels.mathfn import HAVE_NUMBA
+from bptt.runtime import policy, threads
+
+__all__ = ["times", "mm_acc", "panel_times", "pack_panels", "panel_width", "panel_vectors", "Panels", "gemm_function",
+           "VECTOR_BYTES", "PANEL_VECTORS", "HAS_PANELS"]
+
+if HAVE_NUMBA:
+    from llvmlite import ir as _ir
+    from numba import njit, types
+    from numba.extending import intrinsic
+
+    from bptt.kernels.mathfn import JIT, wide_vectors
+
+
+def panel_vectors():
+    """(bytes per vector register, vectors per panel row) for the register-blocked step products
+    (``panel_times``), or (0, 0) where this CPU cannot run them (no Numba, no FMA, not x86;
+    whether they are used is :data:`bptt.runtime.policy.PANEL_PRODUCTS`).  A block of 6 rows
+    × PANEL_VECTORS vectors of accumulators must fit the register file: 24 of AVX-512's 32
+    registers, 12 of AVX2's 16."""
+    if not HAVE_NUMBA:
+        return 0, 0
+    try:
+        from llvmlite import binding
+
+        features = binding.get_host_cpu_features()
+    except Exception:  # pragma: no cover - no feature list (not x86): BLAS for every product
+        return 0, 0
+    if features.get("avx512f") and features.get("fma"):
+        return 64, 4
+    if features.get("avx2") and features.get("fma"):
+        return 32, 2
+    return 0, 0
+
+
+VECTOR_BYTES, PANEL_VECTORS = panel_vectors()
+HAS_PANELS = VECTOR_BYTES > 0  # this CPU can run panel_times (policy.PANEL_PRODUCTS says whether to)
+
+if HAVE_NUMBA:
+    # ======================================================================== small products
+    @njit(**JIT)
+    def mm_acc(A, Bt, out, zero):
+        """out (N, K) (=|+=) A (N, M) · Bt (M, K): rows of Bt added as axpys (vectorised)."""
+        wide_vectors()
+        N, M = A.shape
+        K = Bt.shape[1]
+        for n in range(N):
+            if zero:
+                for k in range(K):
+                    out[n, k] = 0.0
+            for j in range(M):
+                a = A[n, j]
+                if a != 0.0:
+                    for k in range(K):
+                        out[n, k] += a * Bt[j, k]
+
+    # ======================================================================== register-blocked products
+    # A per-step product h_{t−1} W_hhᵀ is small (25×128 by 128×512 per batch slice) and
+    # its weights stay the same for all T steps.  BLAS packs both operands on every call
+    # and ran such products at 54–90 GFLOP/s on one core (AMD EPYC, Zen 4), below its
+    # 92–96 on a large product.  These kernels take the weights packed once per sequence
+    # (``pack_panels``) and keep a block of C in vector registers for the whole sum
+    # over k: 102–110 GFLOP/s on the same products (1.14–1.9× OpenBLAS, same run;
+    # BENCHMARKS.md has the table).
+    def _panel_block_kernel(R):
+        """An intrinsic ``block(zero, a, lda, b, c, ldc, K)``: C[0:R, 0:PW] = A[0:R, 0:K] · B_panel.
+
+        a, c: addresses of A and C (rows lda, ldc elements apart); b: a packed panel,
+        K rows of PW = PANEL_VECTORS·w contiguous elements (w = lanes of a vector of
+        the dtype of ``zero``).  The R·PANEL_VECTORS accumulators are SSA values,
+        so LLVM keeps them in registers: per k, PANEL_VECTORS vector loads of B and
+        R broadcasts of A feed R·PANEL_VECTORS fused multiply-adds.  K ≥ 1.
+        """
+
+        @intrinsic
+        def block(typingctx, zero, a, lda, b, c, ldc, K):
+            if zero not in (types.float32, types.float64):
+                return None
+            sig = types.void(zero, types.intp, types.intp, types.intp, types.intp, types.intp, types.intp)
+            item = 4 if zero == types.float32 else 8
+            fp = _ir.FloatType() if item == 4 else _ir.DoubleType()
+            lanes = VECTOR_BYTES // item
+
+            def codegen(context, builder, signature, args):
+                _, a_i, lda_i, b_i, c_i, ldc_i, K_i = args
+                i64, vec = _ir.IntType(64), _ir.VectorType(fp, lanes)
+                A, B, C = (builder.inttoptr(p, fp.as_pointer()) for p in (a_i, b_i, c_i))
+
+                def const(v):
+                    return _ir.Constant(i64, v)
+
+                def vector_at(base, offset):
+                    return builder.bitcast(builder.gep(base, [offset]), vec.as_pointer())
+
+                name = f"llvm.fma.v{lanes}f{8 * item}"
+                fma = builder.module.globals.get(name) or _ir.Function(
+                    builder.module, _ir.FunctionType(vec, [vec, vec, vec]), name)
+                V = PANEL_VECTORS
+                entry = builder.block
+                loop, done = builder.append_basic_block("panel.k"), builder.append_basic_block("panel.done")
+                builder.branch(loop)
+                builder.position_at_end(loop)
+                k = builder.phi(i64)
+                acc = [[builder.phi(vec) for _ in range(V)] for _ in range(R)]
+                b_row = builder.mul(k, const(V * lanes))  # B_panel[k, :]
+                bv = [builder.load(vector_at(B, builder.add(b_row, const(v * lanes))), align=item) for v in range(V)]
+                splat = _ir.Constant(_ir.VectorType(_ir.IntType(32), lanes), [0] * lanes)
+                new = []
+                for r in range(R):  # acc[r][v] += A[r, k] · B_panel[k, v·w : (v+1)·w]
+                    x = builder.load(builder.gep(A, [builder.add(builder.mul(const(r), lda_i), k)]))
+                    xv = builder.insert_element(_ir.Constant(vec, _ir.Undefined), x, _ir.Constant(_ir.IntType(32), 0))
+                    xv = builder.shuffle_vector(xv, _ir.Constant(vec, _ir.Undefined), splat)
+                    new.append([builder.call(fma, [xv, bv[v], acc[r][v]]) for v in range(V)])
+                k_next = builder.add(k, const(1))
+                k.add_incoming(const(0), entry)
+                k.add_incoming(k_next, loop)
+                for r in range(R):
+                    for v in range(V):
+                        acc[r][v].add_incoming(_ir.Constant(vec, [0.0] * lanes), entry)
+                        acc[r][v].add_incoming(new[r][v], loop)
+                builder.cbranch(builder.icmp_signed("<", k_next, K_i), loop, done)
+                builder.position_at_end(done)
+                for r in range(R):
+                    for v in range(V):
+                        offset = builder.add(builder.mul(const(r), ldc_i), const(v * lanes))
+                        builder.store(new[r][v], vector_at(C, offset), align=item)
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+        return block
+
+    _block1, _block2, _block3, _block4, _block5, _block6 = (_panel_block_kernel(r) for r in range(1, 7))
+
+    @njit(**JIT)
+    def panel_times(A, Bp, out, tmp):
+        """out (M, n) = A (M, K) B, with B packed by :func:`pack_panels` as Bp (n_panels, K, PW).
+
+        Rows go in blocks of at most 6, as even as possible (25 rows: five blocks of 5,
+        not four of 6 and one of 1, which would use a fifth of the registers); a last
+        panel narrower than PW is computed into ``tmp`` (6, PW) and its columns copied.
+        Rows of A and out must be contiguous.
+        """
+        wide_vectors()
+        M, K = A.shape
+        n = out.shape[1]
+        n_panels, PW = Bp.shape[0], Bp.shape[2]
+        size = A.itemsize
+        zero = A.dtype.type(0)
+        blocks = (M + 5) // 6
+        lda, ldc = A.strides[0] // size, out.strides[0] // size
+        for jp in range(n_panels):
+            j0 = jp * PW
+            width = min(PW, n - j0)
+            b = Bp[jp].ctypes.data
+            for blk in range(blocks):
+                i0, i1 = M * blk // blocks, M * (blk + 1) // blocks
+                a = A.ctypes.data + i0 * lda * size
+                c, ld = (out.ctypes.data + (i0 * ldc + j0) * size, ldc) if width == PW else (tmp.ctypes.data, PW)
+                r = i1 - i0
+                if r == 6:
+                    _block6(zero, a, lda, b, c, ld, K)
+                elif r == 5:
+                    _block5(zero, a, lda, b, c, ld, K)
+                elif r == 4:
+                    _block4(zero, a, lda, b, c, ld, K)
+                elif r == 3:
+                    _block3(zero, a, lda, b, c, ld, K)
+                elif r == 2:
+                    _block2(zero, a, lda, b, c, ld, K)
+                else:
+                    _block1(zero, a, lda, b, c, ld, K)
+                if width < PW:
+                    for i in range(r):
+                        for j in range(width):
+                            out[i0 + i, j0 + j] = tmp[i, j]
+
+    # ======================================================================== products inside the loops
+    # ``gemm`` is NumPy's own BLAS ?gemm as a ctypes function (see gemm_function),
+    # or None for small sizes, where hand loops beat a BLAS call; Numba compiles
+    # the branch for None away.  Weights come transposed and contiguous, so BLAS
+    # reads B untransposed: measured 44 against 58 µs for the 50×128 by 128×512
+    # step product, 726 against 1019 µs at H = 512.  Calling BLAS from compiled code keeps the time
+    # loop free of Python, and of the GIL, which matters when one thread per
+    # layer runs (bptt.runtime.wavefront).
+    _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+
+    @njit(inline="always", **JIT)
+    def times(gemm, one, zero, A, B, Bp, tmp, out):
+        """out = A B.   A (M, K), B (K, N'); Bp is B packed (``pack_panels``) or empty."""
+        if Bp.shape[0]:
+            panel_times(A, Bp, out, tmp)
+        elif gemm is None:
+            mm_acc(A, B, out, True)
+        else:
+            M, K = A.shape
+            n = B.shape[1]
+            gemm(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, M, n, K, one, A.ctypes.data, K, B.ctypes.data, n, zero,
+                 out.ctypes.data, n)
+
+
+def panel_width(dtype):
+    """PW, the columns of one packed panel: PANEL_VECTORS vectors of ``dtype``."""
+    return PANEL_VECTORS * VECTOR_BYTES // np.dtype(dtype).itemsize
+
+
+def pack_panels(B):
+    """B (K, n) → (⌈n / PW⌉, K, PW) contiguous: column panels of PW = PANEL_VECTORS vectors,
+    the last padded with zeros, each read by ``panel_times`` row after row."""
+    K, n = B.shape
+    PW = panel_width(B.dtype)
+    n_panels = -(-n // PW)
+    packed = np.empty((n_panels, K, PW), B.dtype)
+    whole = n // PW
+    packed[:whole] = B[:, : whole * PW].reshape(K, whole, PW).transpose(1, 0, 2)  # one strided copy
+    if whole < n_panels:
+        packed[whole, :, : n - whole * PW] = B[:, whole * PW :]
+        packed[whole, :, n - whole * PW :] = 0
+    return packed
+
+
+class Panels:
+    """The step products' weights packed for ``panel_times``, made on first use by a run."""
+
+    def __init__(self):
+        self.packed = None
+
+    def get(self, small, macs, weights):
+        """(packed weights, packed projection (empty without one), scratch) when this run's
+        step products should use ``panel_times``, else None.
+
+        They do when the products are not hand loops (``small``), the kernels exist for
+        this CPU (and :data:`bptt.runtime.policy.PANEL_PRODUCTS` allows them), and BLAS would
+        run the product on one thread: below ``policy.ONE_THREAD_MACS``, or inside
+        :func:`bptt.runtime.threads.single_thread_blas` (the wavefront and the batch split).  Longer
+        products on several BLAS threads stay with BLAS.
+        """
+        if small or not (policy.PANEL_PRODUCTS and HAS_PANELS):
+            return None
+        if not (macs < policy.ONE_THREAD_MACS or threads.inside_single_thread_blas() or threads.blas_threads() == 1):
+            return None
+        if self.packed is None:
+            W, W_r = weights
+            tmp = np.empty((6, panel_width(W.dtype)), W.dtype)
+            self.packed = (pack_panels(W), np.empty((0, 0, 0), W.dtype) if W_r is None else pack_panels(W_r), tmp)
+        return self.packed
+
+
+# ============================================================================ BLAS for compiled code
+_GEMM: dict = {}  # dtype char -> ctypes ?gemm function or None
+
+
+def gemm_function(dtype):
+    """NumPy's own BLAS ``cblas_?gemm`` as a ctypes function the compiled loops can call, or None.
+
+    Found through threadpoolctl (the library file NumPy loaded) under the names
+    NumPy's wheels (``scipy_cblas_sgemm64_``, 64-bit integers) and other builds
+    (``cblas_sgemm64_``, ``cblas_sgemm``) use, and checked on a small product
+    before use.  None (BPTT_KERNEL_BLAS=0, or nothing found) keeps the time loop
+    in Python with ``np.matmul`` per step.
+    """
+    key = np.dtype(dtype).char
+    if key not in _GEMM:
+        fn = None
+        if HAVE_NUMBA and os.environ.get("BPTT_KERNEL_BLAS", "1") != "0":
+            try:
+                fn = _load_gemm(key)
+            except Exception:  # any surprise: keep the NumPy route
+                fn = None
+        _GEMM[key] = fn
+    return _GEMM[key]
+
+
+def _load_gemm(key):
+    import ctypes
+
+    libs = threads.blas_controllers()
+    if libs is None:
+        return None
+    t, real = ("s", ctypes.c_float) if key == "f" else ("d", ctypes.c_double)
+    dtype = np.dtype(key)
+    for controller in libs.lib_controllers:
+        lib = ctypes.CDLL(controller.filepath)
+        for name in (f"scipy_cblas_{t}gemm64_", f"cblas_{t}gemm64_", f"cblas_{t}gemm"):
+            fn = getattr(lib, name, None)
+            if fn is None:
+                continue
+            integer = ctypes.c_int64 if name.endswith("64_") else ctypes.c_int
+            fn.restype = None
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer, integer, real, ctypes.c_void_p,
+                           integer, ctypes.c_void_p, integer, real, ctypes.c_void_p, integer]
+            rng = np.random.default_rng(0)
+            A, B = rng.standard_normal((3, 5)).astype(dtype), rng.standard_normal((4, 5)).astype(dtype)
+            out = np.zeros((3, 4), dtype)
+            times(fn, dtype.type(1), dtype.type(0), A, np.ascontiguousarray(B.T), np.empty((0, 0, 0), dtype),
+                   np.empty((0, 0), dtype), out)  # compiled, as used
+            if np.allclose(out, A @ B.T, rtol=1e-5, atol=1e-5):
+                return fn
+    return None
+
+

@@ -1,0 +1,452 @@
+"""The loop drivers: a layer direction's whole time loop, forward and backward, compiled.
+
+Shape legend: T time steps, N batch, H hidden units, G = g·H stacked gate
+pre-activations (g = 1 RNN, 4 LSTM, 3 GRU: :func:`bptt.nn.gates.gate_count`), P the
+width of h (P = H unless an LSTM has a projection), D input features, L layers, s
+the step counter (s-th step run).
+
+``sequence_impl(mode, dtype, required)`` returns ``(forward, backward)`` with the
+contract of :func:`bptt.nn.recurrence.sequence_forward` /
+:func:`bptt.nn.recurrence.sequence_backward` (the reference these equal), or None
+(use the reference loop) when Numba is missing or fails to compile and
+``required`` is False.  :class:`ForwardRun` / :class:`BackwardRun` run a layer a
+chunk of steps at a time (for :mod:`bptt.runtime.wavefront`); :func:`layer_step`
+runs one step through a whole stack (sampling).
+
+Every time step is (1) one matrix product with the recurrent weights
+(:func:`bptt.kernels.gemm.times`: hand loops, register-blocked panels or BLAS,
+chosen per run by the sizes in :mod:`bptt.runtime.policy`) and (2) the
+element-wise gate maths (:mod:`bptt.kernels.steps`).  The loop over a range of
+steps is one compiled function (``_forward_loop`` / ``_backward_loop``), so no
+Python runs per step and the GIL is not taken.  Where no BLAS callable from
+compiled code was found (``gemm_function`` is None: other NumPy builds) and the
+product is not one for hand loops or panels, the same loop runs in Python with
+np.matmul per step (``_steps_numpy``).
+
+States live in (T+1, N, P) arrays ``hs`` (and ``cs`` for the LSTM cell) in time
+order: the state entering step t is ``hs[t + rev]`` and the one leaving it is
+``hs[t + 1 − rev]`` (rev = 1 for the reverse direction).  So ``h_prev`` — the
+(T, N, P) rows of ∂L/∂W_hh that the layer reads — is the contiguous view
+``hs[rev : T + rev]`` and is never copied.
+
+Masks (variable lengths), as in :mod:`bptt.nn.recurrence`: a padded step keeps its
+state and outputs zero; backwards, the carried gradient passes it unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from bptt.kernels.gemm import Panels, gemm_function
+from bptt.kernels.mathfn import HAVE_NUMBA
+from bptt.nn.gates import GATES, gate_count
+from bptt.runtime import policy
+
+__all__ = ["KernelCache", "ForwardRun", "BackwardRun", "sequence_forward", "sequence_backward", "available",
+           "sequence_impl", "layer_step"]
+
+if HAVE_NUMBA:
+    from numba import njit
+
+    from bptt.kernels.gemm import times
+    from bptt.kernels.mathfn import JIT, wide_vectors
+    from bptt.kernels.steps import (gru_bw_step, gru_fw_step, lstm_bw_step, lstm_fw_step, masked_sum, merge_grad,
+                                    merge_step, rnn_bw_step, rnn_fw_step)
+
+
+class KernelCache(NamedTuple):
+    """What the fused backward needs.  Arrays are in time order (index t = step t)."""
+
+    mode: str
+    reverse: bool
+    mask: np.ndarray | None  # (T, N) bool or None
+    h_prev: np.ndarray  # (T, N, P) state entering step t (a view of hs)
+    hs: np.ndarray  # (T+1, N, P) all states, see the module docstring
+    cs: np.ndarray | None  # (T+1, N, H) LSTM cell states, same layout
+    gates: np.ndarray  # (T, N, G) activated gates; RNN: h̃_t (T, N, H)
+    aux: np.ndarray | None  # LSTM: tanh(c_t) (T, N, H); GRU: gh_n (T, N, H)
+    m: np.ndarray | None  # LSTM with projection: m_t = o ⊙ tanh(c_t) (T, N, H)
+    small: bool  # whether the compiled-loop path ran (backward uses the same)
+
+
+# ============================================================================ the time loops, compiled
+if HAVE_NUMBA:
+    @njit(**JIT)
+    def _forward_loop(kind, rev, t0, t1, gemm, one, zero, gx, WhhT, b_hh, WhrT, hs, cs, y, gates, aux, m_all,
+                      mask, has_mask, proj, WhhP, WhrP, tmp):
+        """The forward loop over times [t0, t1) (kind 0 tanh, 1 relu, 2 LSTM, 3 GRU): per step the
+        product a = h_{t−1} W_hhᵀ, then the fused step.  WhhT = W_hhᵀ (P, G), WhrT = W_hrᵀ (H, P);
+        WhhP, WhrP the same packed for ``panel_times`` (or empty: BLAS or ``mm_acc``)."""
+        wide_vectors()
+        N, G = gx.shape[1], gx.shape[2]
+        a = np.empty((N, G), gx.dtype)
+        h_new = np.empty((N, hs.shape[2]), gx.dtype)
+        for s in range(t1 - t0):
+            t = t1 - 1 - s if rev else t0 + s
+            times(gemm, one, zero, hs[t + rev], WhhT, WhhP, tmp, a)  # a = h_{t−1} W_hhᵀ
+            if kind == 2:
+                lstm_fw_step(t, rev, a, gx, hs, cs, y, gates, aux, m_all, mask, has_mask, proj)
+                if proj:
+                    times(gemm, one, zero, m_all[t], WhrT, WhrP, tmp, h_new)  # h̃_t = m_t W_hrᵀ
+                    merge_step(t, rev, h_new, hs, y, mask, has_mask)
+            elif kind == 3:
+                gru_fw_step(t, rev, a, gx, b_hh, hs, y, gates, aux, mask, has_mask)
+            else:
+                rnn_fw_step(t, rev, a, gx, hs, y, gates, mask, has_mask, kind == 1)
+
+    @njit(**JIT)
+    def _backward_loop(kind, H, rev, t0, t1, gemm, one, zero, dy, dh, dc, W_hh, W_hr, hs, cs, gates, aux, dgx, dgh,
+                       dh_all, mask, has_mask, proj, W_hhP, W_hrP, tmp):
+        """The backward loop over times [t0, t1), read backwards (dh, dc updated in place):
+        per step the fused step, then the product with W_hh carrying dh to step t−1.  H: the hidden
+        units (the LSTM's dm (N, H) with a projection)."""
+        wide_vectors()
+        N, P = dy.shape[1], dy.shape[2]
+        prod = np.empty((N, P), dy.dtype)
+        dm = np.empty((N, H), dy.dtype)
+        for s in range(t1 - t0):
+            t = t0 + s if rev else t1 - 1 - s  # the forward order, read backwards
+            if kind == 2:
+                if proj:
+                    masked_sum(t, dh, dy, dh_all, mask, has_mask)
+                    times(gemm, one, zero, dh_all[t], W_hr, W_hrP, tmp, dm)  # dm = dh̃ W_hr
+                lstm_bw_step(t, rev, dy, dh, dc, dm, cs, gates, aux, dgx, mask, has_mask, proj)
+            elif kind == 3:
+                gru_bw_step(t, rev, dy, dh, hs, gates, aux, dgx, dgh, mask, has_mask)
+            else:
+                rnn_bw_step(t, dy, dh, gates, dgx, mask, has_mask, kind == 1)
+            if kind == 3 or has_mask:  # GRU: dh += dgh W_hh;  padded rows keep their dh
+                times(gemm, one, zero, dgh[t], W_hh, W_hhP, tmp, prod)
+                merge_grad(t, prod, dh, mask, has_mask, kind == 3)
+            else:
+                times(gemm, one, zero, dgx[t], W_hh, W_hhP, tmp, dh)  # dh = da W_hh
+
+
+_KIND = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
+_NO_MASK = np.ones((1, 1), dtype=np.bool_)
+
+
+# ============================================================================ Python drivers
+def _prepare(mode, gx, weights, dtype):
+    gx = np.ascontiguousarray(gx, dtype=dtype)
+    b_hh = weights.b_hh
+    if b_hh is not None and mode != "gru":
+        gx = gx + b_hh.astype(dtype)  # RNN/LSTM: b_hh joins the same sum (layers fold it already)
+        b_hh = None
+    return gx, b_hh
+
+
+class ForwardRun:
+    """The fused forward of one layer direction, run a range of time steps at a time.
+
+    ``run = ForwardRun(mode, h0, c0, weights, gx, mask, reverse)`` takes the
+    input projections gx (T, N, G) (b_hh folded in, except for the GRU), which
+    the caller may fill chunk by chunk: ``run.steps(t0, t1)`` needs gx[t0:t1]
+    and runs times [t0, t1) (in reverse order for the reverse direction), after
+    the chunks before them.  ``run.result()`` → ``(y, h_n, c_n, cache)`` as
+    :func:`sequence_forward`.  Chunks let :mod:`bptt.nn.rnn` start layer k+1 on
+    the first steps of layer k's output while layer k goes on.
+    """
+
+    def __init__(self, mode, h0, c0, weights, gx, mask=None, reverse=False):
+        self.mode, self.kind, self.gx = mode, _KIND[mode], gx
+        T, N, G = gx.shape
+        dtype = gx.dtype
+        self.W_hh = np.ascontiguousarray(weights.W_hh, dtype=dtype)
+        P = self.W_hh.shape[1]
+        self.H = H = G // gate_count(mode)
+        self.rev = rev = int(bool(reverse))
+        self.proj = weights.W_hr is not None
+        self.W_hr = np.ascontiguousarray(weights.W_hr, dtype=dtype) if self.proj else None
+        self.has_mask = mask is not None
+        self.mask = np.ascontiguousarray(mask, dtype=np.bool_) if self.has_mask else _NO_MASK
+        self.b = None
+        if self.kind == 3:
+            self.b = np.zeros(G, dtype) if weights.b_hh is None else np.ascontiguousarray(weights.b_hh, dtype=dtype)
+
+        self.hs = np.empty((T + 1, N, P), dtype)  # states, time order (see module docstring)
+        self.hs[T if rev else 0] = h0
+        self.cs = None
+        if self.kind == 2:
+            self.cs = np.empty((T + 1, N, H), dtype)
+            self.cs[T if rev else 0] = c0
+        self.y = np.empty((T, N, P), dtype)
+        self.gates = np.empty((T, N, G), dtype)
+        self.aux = np.empty((T, N, H), dtype) if self.kind >= 2 else None
+        self.m_all = np.empty((T, N, H), dtype) if self.proj else None
+        self.small = N * G * P <= policy.SMALL_MACS
+        self.macs = N * G * P
+        # transposed once per sequence: the products read them untransposed (faster in BLAS)
+        self.WhhT = np.ascontiguousarray(self.W_hh.T)
+        self.WhrT = np.ascontiguousarray(self.W_hr.T) if self.proj else self.gates[0, :0, :0]
+        self.panels = Panels()
+
+    def steps(self, t0, t1):
+        """Run times [t0, t1) (t1−1 down to t0 in the reverse direction)."""
+        kind, rev, proj, dtype = self.kind, self.rev, self.proj, self.gx.dtype
+        panels = self.panels.get(self.small, self.macs, (self.WhhT, self.WhrT if proj else None))
+        gemm = None if self.small or panels else gemm_function(dtype)
+        if self.small or panels or gemm is not None:
+            none = self.gates[:0, :0, :0]
+            WhhP, WhrP, tmp = panels or (none, none, none.reshape(0, 0))
+            with policy.step_blas_limit(self.macs):
+                _forward_loop(
+                    kind, rev, t0, t1, gemm, dtype.type(1), dtype.type(0), self.gx, self.WhhT,
+                    self.b if kind == 3 else self.gates[0, 0, :0], self.WhrT, self.hs,
+                    self.cs if self.cs is not None else none, self.y, self.gates,
+                    self.aux if self.aux is not None else none, self.m_all if proj else none, self.mask,
+                    self.has_mask, proj, WhhP, WhrP, tmp,
+                )
+            return
+        with policy.step_blas_limit(self.macs):
+            self._steps_numpy(t0, t1)
+
+    def _steps_numpy(self, t0, t1):
+        """``_forward_loop`` in Python with np.matmul per step: no BLAS callable from compiled code."""
+        kind, rev, proj, dtype = self.kind, self.rev, self.proj, self.gx.dtype
+        N, G = self.gx.shape[1], self.gx.shape[2]
+        a = np.empty((N, G), dtype)
+        h_new = np.empty((N, self.hs.shape[2]), dtype) if proj else None
+        hs, cs, y, gx, gates, aux = self.hs, self.cs, self.y, self.gx, self.gates, self.aux
+        mask, has_mask = self.mask, self.has_mask
+        for t in (range(t1 - 1, t0 - 1, -1) if rev else range(t0, t1)):
+            np.matmul(hs[t + rev], self.WhhT, out=a)  # a = h_{t−1} W_hhᵀ  (BLAS)
+            if kind == 2:
+                lstm_fw_step(t, rev, a, gx, hs, cs, y, gates, aux, self.m_all if proj else aux, mask, has_mask, proj)
+                if proj:
+                    np.matmul(self.m_all[t], self.WhrT, out=h_new)  # h̃_t = m_t W_hrᵀ
+                    merge_step(t, rev, h_new, hs, y, mask, has_mask)
+            elif kind == 3:
+                gru_fw_step(t, rev, a, gx, self.b, hs, y, gates, aux, mask, has_mask)
+            else:
+                rnn_fw_step(t, rev, a, gx, hs, y, gates, mask, has_mask, kind == 1)
+
+    def result(self):
+        T, rev = self.y.shape[0], self.rev
+        h_n = self.hs[0] if rev else self.hs[T]
+        c_n = None if self.cs is None else (self.cs[0] if rev else self.cs[T])
+        cache = KernelCache(self.mode, bool(rev), self.mask if self.has_mask else None, self.hs[rev : T + rev],
+                            self.hs, self.cs, self.gates, self.aux, self.m_all, self.small)
+        return self.y, h_n, c_n, cache
+
+
+def sequence_forward(mode, gx, h0, c0, weights, mask=None, reverse=False):
+    """Fused :func:`bptt.nn.recurrence.sequence_forward`: same arguments, same results."""
+    dtype = np.asarray(gx).dtype
+    gx, b_hh = _prepare(mode, gx, weights, dtype)
+    run = ForwardRun(mode, h0, c0, weights._replace(b_hh=b_hh), gx, mask, reverse)
+    run.steps(0, gx.shape[0])
+    return run.result()
+
+
+class BackwardRun:
+    """The fused backward of one layer direction, a range of time steps at a time.
+
+    ``run = BackwardRun(dy, dh_n, dc_n, cache, weights)``; the caller may fill
+    dy (T, N, P) chunk by chunk: ``run.steps(t0, t1)`` needs dy[t0:t1] and runs
+    times t1−1 down to t0 (t0 up to t1−1 in the reverse direction), after the
+    chunks that come before them in that order.  ``run.result()`` →
+    ``(dgx, dgh, dh_0, dc_0, dW_hr)`` as :func:`sequence_backward`.  dgx is
+    written over ``cache.gates``: a cache serves one backward pass.
+    """
+
+    def __init__(self, dy, dh_n, dc_n, cache: KernelCache, weights):
+        self.cache = cache
+        self.dtype = dtype = cache.gates.dtype
+        self.dy = dy
+        T, N, P = dy.shape
+        self.kind = kind = _KIND[cache.mode]
+        self.W_hh = np.ascontiguousarray(weights.W_hh, dtype=dtype)
+        G = self.W_hh.shape[0]
+        self.H = H = G // gate_count(cache.mode)
+        self.rev = int(cache.reverse)
+        self.proj = weights.W_hr is not None
+        self.W_hr = np.ascontiguousarray(weights.W_hr, dtype=dtype) if self.proj else None
+        self.has_mask = cache.mask is not None
+        self.mask = cache.mask if self.has_mask else _NO_MASK
+        self.dh = np.zeros((N, P), dtype) if dh_n is None else np.array(dh_n, dtype=dtype)  # a copy updated in place
+        self.dc = None
+        if kind == 2:
+            self.dc = np.zeros((N, H), dtype) if dc_n is None else np.array(dc_n, dtype=dtype)
+        # ∂L/∂a_t overwrites the activated gates of step t, which the backward step reads just
+        # before (the forward cache is consumed): one (T, N, G) buffer less at the peak
+        self.dgx = cache.gates
+        self.dgh = np.empty((T, N, G), dtype) if kind == 3 else self.dgx
+        self.dh_all = np.empty((T, N, P), dtype) if self.proj else None
+        self.macs = N * G * P
+        self.panels = Panels()
+
+    def steps(self, t0, t1):
+        """Run times t1−1 down to t0 (t0 up to t1−1 in the reverse direction)."""
+        c, kind, rev, proj = self.cache, self.kind, self.rev, self.proj
+        dy, dh, dc, dgx, dgh, dh_all, mask, has_mask = (self.dy, self.dh, self.dc, self.dgx, self.dgh, self.dh_all,
+                                                        self.mask, self.has_mask)
+        panels = self.panels.get(c.small, self.macs, (self.W_hh, self.W_hr if proj else None))
+        gemm = None if c.small or panels else gemm_function(self.dtype)
+        if c.small or panels or gemm is not None:
+            dummy = dgx[:0, :0, :0]
+            W_hhP, W_hrP, tmp = panels or (dummy, dummy, dummy.reshape(0, 0))
+            with policy.step_blas_limit(self.macs):
+                _backward_loop(
+                    kind, self.H, rev, t0, t1, gemm, self.dtype.type(1), self.dtype.type(0), dy, dh,
+                    dc if dc is not None else dgx[0, :0, :0], self.W_hh, self.W_hr if proj else dgx[0, :0, :0], c.hs,
+                    c.cs if c.cs is not None else dummy, c.gates, c.aux if c.aux is not None else dummy, dgx, dgh,
+                    dh_all if proj else dummy, mask, has_mask, proj, W_hhP, W_hrP, tmp,
+                )
+            return
+        with policy.step_blas_limit(self.macs):
+            self._steps_numpy(t0, t1)
+
+    def _steps_numpy(self, t0, t1):
+        """``_backward_loop`` in Python with np.matmul per step: no BLAS callable from compiled code."""
+        c, kind, rev, proj = self.cache, self.kind, self.rev, self.proj
+        dy, dh, dc, dgx, dgh, dh_all, mask, has_mask = (self.dy, self.dh, self.dc, self.dgx, self.dgh, self.dh_all,
+                                                        self.mask, self.has_mask)
+        N, P = dh.shape
+        prod = np.empty((N, P), self.dtype)
+        dm = np.empty((N, self.H), self.dtype) if proj else dh
+        for t in (range(t0, t1) if rev else range(t1 - 1, t0 - 1, -1)):  # the forward order, read backwards
+            if kind == 2:
+                if proj:
+                    masked_sum(t, dh, dy, dh_all, mask, has_mask)
+                    np.matmul(dh_all[t], self.W_hr, out=dm)  # dm = dh̃ W_hr
+                lstm_bw_step(t, rev, dy, dh, dc, dm, c.cs, c.gates, c.aux, dgx, mask, has_mask, proj)
+            elif kind == 3:
+                gru_bw_step(t, rev, dy, dh, c.hs, c.gates, c.aux, dgx, dgh, mask, has_mask)
+            else:
+                rnn_bw_step(t, dy, dh, c.gates, dgx, mask, has_mask, kind == 1)
+            if kind == 3 or has_mask:  # GRU: dh += dgh W_hh;  padded rows keep their dh
+                np.matmul(dgh[t], self.W_hh, out=prod)
+                merge_grad(t, prod, dh, mask, has_mask, kind == 3)
+            else:
+                np.matmul(dgx[t], self.W_hh, out=dh)  # dh = da W_hh
+
+    def result(self):
+        dW_hr = None
+        if self.proj:  # ∂L/∂W_hr = Σ_t dh̃_tᵀ m_t, one product over all steps
+            P = self.dh.shape[1]
+            dW_hr = self.dh_all.reshape(-1, P).T @ self.cache.m.reshape(-1, self.H)
+        return self.dgx, self.dgh, self.dh, self.dc, dW_hr
+
+
+def sequence_backward(dy, dh_n, dc_n, cache: KernelCache, weights):
+    """Fused :func:`bptt.nn.recurrence.sequence_backward`: same arguments, same results
+    (the cache's gate buffer becomes dgx, so a cache serves one backward pass)."""
+    dy = np.ascontiguousarray(dy, dtype=cache.gates.dtype)
+    run = BackwardRun(dy, dh_n, dc_n, cache, weights)
+    run.steps(0, dy.shape[0])
+    return run.result()
+
+
+# ============================================================================ availability
+_STATE: dict = {}  # (mode, dtype) -> None when ready, else the reason it is not
+
+
+def _warm_up(mode, dtype):
+    """Compile (or load from Numba's on-disk cache) the kernels of one mode and dtype."""
+    from bptt.nn.recurrence import Weights
+
+    rng = np.random.default_rng(0)
+    g = gate_count(mode)
+    for N, H in ((1, 2), (64, 32)):  # the compiled-loop path, then the BLAS-loop path
+        P = H
+        W = Weights(rng.standard_normal((g * H, P)).astype(dtype), rng.standard_normal(g * H).astype(dtype),
+                    rng.standard_normal((P, H)).astype(dtype) if mode == "lstm" else None)
+        gx = rng.standard_normal((2, N, g * H)).astype(dtype)
+        c0 = np.zeros((N, H), dtype) if mode == "lstm" else None
+        y, _, _, cache = sequence_forward(mode, gx, np.zeros((N, P), dtype), c0, W, np.ones((2, N), bool), False)
+        sequence_backward(np.ones_like(y), None, None, cache, W)
+
+
+def available(mode="lstm", dtype=np.float32) -> bool:
+    """True when the fused kernels of ``mode``/``dtype`` compile (the first call compiles or loads the cache)."""
+    key = (mode, np.dtype(dtype))
+    if key not in _STATE:
+        if not HAVE_NUMBA:
+            _STATE[key] = "numba is not installed"
+        elif mode not in GATES or key[1] not in (np.float32, np.float64):
+            _STATE[key] = f"no fused kernel for mode={mode!r}, dtype={key[1]}"
+        else:
+            try:
+                _warm_up(mode, key[1])
+                _STATE[key] = None
+            except Exception as exc:  # compilation failed: fall back to the reference loop
+                _STATE[key] = f"{type(exc).__name__}: {exc}"
+    return _STATE[key] is None
+
+
+def sequence_impl(mode, dtype, required=False):
+    """``(sequence_forward, sequence_backward)`` for ``mode`` and ``dtype``, or None.
+
+    None means "use bptt.nn.recurrence" (Numba missing or failing to compile); with
+    ``required=True`` that raises RuntimeError instead.
+    """
+    if available(mode, dtype):
+        return sequence_forward, sequence_backward
+    if required:
+        raise RuntimeError(f"fused kernels are not available: {_STATE[(mode, np.dtype(dtype))]}")
+    return None
+
+
+# ============================================================================ one step of a stacked layer
+def layer_step(mode, params, x, h0, c0):
+    """One time step through every layer of a unidirectional stack, for sampling.
+
+    params: per layer (W_ih (G, D_k), b_ih, W_hh (G, P), b_hh, W_hr or None);
+    x (N, D); h0 (L, N, P); c0 (L, N, H) or None.
+    Returns y (N, P), h_n (L, N, P), c_n (L, N, H) or None — what
+    ``RNNBase.forward`` returns for a one-step sequence, without its bookkeeping:
+    per layer two BLAS products (x W_ihᵀ, h W_hhᵀ) and one fused step, T = 1.
+    """
+    kind = _KIND[mode]
+    dtype = x.dtype
+    N = x.shape[0]
+    L, _, P = h0.shape
+    h_n = np.empty_like(h0)
+    c_n = None if c0 is None else np.empty_like(c0)
+    W_hh = params[-1][2]
+    with policy.sampling_blas_limit(W_hh.nbytes, N * W_hh.shape[0] * P):  # (memory-bound products: see there)
+        return _layer_step(kind, params, x, h0, c0, h_n, c_n, dtype, N, L, P)
+
+
+def _layer_step(kind, params, x, h0, c0, h_n, c_n, dtype, N, L, P):
+    inp = x
+    for k in range(L):
+        W_ih, b_ih, W_hh, b_hh, W_hr = params[k]
+        G = W_hh.shape[0]
+        gx = np.empty((1, N, G), dtype)
+        np.matmul(inp, W_ih.T, out=gx[0])  # x W_ihᵀ
+        if b_ih is not None:
+            gx[0] += b_ih
+        a = np.empty((N, G), dtype)
+        np.matmul(h0[k], W_hh.T, out=a)  # h_{t−1} W_hhᵀ
+        hs = np.empty((2, N, P), dtype)
+        hs[0] = h0[k]
+        y = np.empty((1, N, P), dtype)
+        if kind == 3:
+            b = np.zeros(G, dtype) if b_hh is None else b_hh
+            gates, aux = np.empty((1, N, G), dtype), np.empty((1, N, P), dtype)
+            gru_fw_step(0, 0, a, gx, b, hs, y, gates, aux, _NO_MASK, False)
+        else:
+            if b_hh is not None:
+                gx[0] += b_hh
+            gates = np.empty((1, N, G), dtype)
+            if kind == 2:
+                H = c0.shape[2]
+                cs = np.empty((2, N, H), dtype)
+                cs[0] = c0[k]
+                aux = np.empty((1, N, H), dtype)
+                proj = W_hr is not None
+                m = np.empty((1, N, H), dtype) if proj else aux
+                lstm_fw_step(0, 0, a, gx, hs, cs, y, gates, aux, m, _NO_MASK, False, proj)
+                if proj:
+                    np.matmul(m[0], W_hr.T, out=hs[1])  # h̃ = m W_hrᵀ
+                    y[0] = hs[1]
+                c_n[k] = cs[1]
+            else:
+                rnn_fw_step(0, 0, a, gx, hs, y, gates, _NO_MASK, False, kind == 1)
+        h_n[k] = hs[1]
+        inp = y[0]
+    return inp, h_n, c_n

@@ -1,0 +1,145 @@
+"""Scheduling policy: which way each recurrent step product runs, and on how many threads.
+
+Shape legend: T time steps, N batch, H hidden units, P the width of h, G = g·H
+stacked gates; ``macs`` = N·G·P, the multiply-adds of one step's recurrent
+product h_{t−1} W_hhᵀ.
+
+The thresholds are public module-level names, read as ``policy.NAME`` at run time
+(so a test can monkeypatch them here); those with a ``BPTT_*`` environment variable
+(named in the comments) read it once, at import.  Every figure was measured on 2 shared cores (AMD EPYC); see
+the comments and BENCHMARKS.md.
+
+* ``SMALL_MACS``: at or below it a layer's whole time loop runs compiled with
+  hand-written products (:mod:`bptt.kernels.loops`); above, products go to the
+  register-blocked panels or to BLAS.
+* ``ONE_THREAD_MACS``: below it a step's BLAS call runs on one thread
+  (:func:`step_blas_limit`).
+* ``PANEL_PRODUCTS``: whether register-blocked products may be used at all.
+* ``SPLIT_MIN_ROWS`` / ``SPLIT_MAX_MACS``: when a batch runs as slices in
+  threads (:func:`batch_parts`); otherwise a stack may run as a wavefront
+  over its layers (:func:`time_chunks`).
+* ``STEP_THREADS_BYTES``: when one sampling step lets BLAS use its threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from bptt.runtime import threads
+
+__all__ = ["SMALL_MACS", "ONE_THREAD_MACS", "PANEL_PRODUCTS", "SPLIT_MIN_ROWS", "SPLIT_MAX_MACS",
+           "STEP_THREADS_BYTES", "WAVEFRONT_CHUNKS", "step_blas_limit", "sampling_blas_limit", "batch_parts",
+           "time_chunks"]
+
+# Below this many multiply-adds per recurrent product, the whole sequence runs in
+# one Numba function with hand-written products (no Python or BLAS call per step).
+SMALL_MACS = int(os.environ.get("BPTT_SMALL_MACS", 48_000))
+
+# Per-step products below this many multiply-adds run with one BLAS thread.  A
+# sequence makes 2T small BLAS calls in a row; with two OpenBLAS threads each call
+# waits for the other thread, which on a shared 2-core machine (measured: a
+# 50×1024×256 step product, other processes running) made a training step 5×
+# slower than with one thread.  Above the threshold the product is long enough
+# for threads to pay.  Uses threadpoolctl (a dependency); BPTT_STEP_THREADS_MACS=0
+# turns the limit off.
+ONE_THREAD_MACS = int(os.environ.get("BPTT_STEP_THREADS_MACS", 16_000_000))
+
+# Register-blocked step products on packed weights (bptt.kernels.gemm) where the CPU has
+# them; BPTT_PANEL_PRODUCTS=0 keeps every such product with BLAS.
+PANEL_PRODUCTS = os.environ.get("BPTT_PANEL_PRODUCTS", "1") != "0"
+
+# Batches of at least twice this many rows run in slices, one thread each (batch_parts),
+# when a step's product has fewer multiply-adds than SPLIT_MAX_MACS; BPTT_SPLIT_MIN_ROWS=0 turns that off.
+# Above 12 M (measured at 13 M: LSTM 2×256 and RNN 2×512 at N = 50) the split gained at most 1.10× and
+# its extra memory (each slice's copy of a dense input, a second set of weight gradients) put the RNN
+# 2×512 training step at 60 MB of peak growth against PyTorch's 57 (the wavefront: 46).  The bound holds
+# in training mode only: an eval-mode forward splits at every size (see batch_parts).
+SPLIT_MIN_ROWS = int(os.environ.get("BPTT_SPLIT_MIN_ROWS", 8)) or 1 << 62
+SPLIT_MAX_MACS = 12_000_000
+
+# One step at a small batch (sampling) is a few matrix–vector products, limited by how
+# fast the weights stream from memory, not by arithmetic.  Once a layer's recurrent
+# weights outgrow a core's cache a second BLAS thread adds bandwidth: measured per
+# character of a 2-layer LSTM (N = 1), one thread against BLAS's two: H = 384
+# (2.4 MB) 540 → 324 µs, H = 512 (4.2 MB) 745 → 493 µs, H = 1024 4533 → 1555 µs;
+# at H = 128 and 256 (≤ 1 MB) no difference.  Below this size the one-thread rule of
+# step_blas_limit stands.
+STEP_THREADS_BYTES = 2 * 1024 * 1024
+
+# A wavefront cuts T into this many chunks (fewer if T is shorter), so the pipeline fills
+# after 1/8 of a layer's steps: 4, 8, 12 and 16 chunks measured alike, within noise, for
+# a 2×128 LSTM training step at T = 50.
+WAVEFRONT_CHUNKS = 8
+
+
+def step_blas_limit(macs):
+    """A context manager limiting BLAS to one thread for per-step products of ``macs``, or a no-op."""
+    if macs >= ONE_THREAD_MACS:
+        return contextlib.nullcontext()
+    return threads.single_thread_blas()
+
+
+def sampling_blas_limit(weight_bytes, macs):
+    """The BLAS limit for one sampling step whose largest recurrent weight has ``weight_bytes``:
+    memory-bound products (``STEP_THREADS_BYTES`` and more) keep BLAS's threads for their
+    bandwidth, smaller ones follow :func:`step_blas_limit`."""
+    if weight_bytes >= STEP_THREADS_BYTES:
+        return contextlib.nullcontext()
+    return step_blas_limit(macs)
+
+
+def batch_parts(N, macs, training, fused):
+    """The batch slices a recurrent stack runs in parallel threads, each slice through the
+    whole stack: one per core when every slice keeps at least ``SPLIT_MIN_ROWS`` rows,
+    else [0:N].  ``macs`` is one step's product N·G·P, ``fused`` whether the layer runs on
+    the compiled kernels (the reference loop never splits).
+
+    A per-step product of N rows is too small for BLAS threads, so a layer's time
+    loop keeps one core busy; the wavefront gives the other core the next layer,
+    with a pipeline to fill and drain and work to balance.  Slices of the batch are
+    independent through every step of every layer, bidirectional and one-layer
+    stacks too; only the weight gradients are summed.  Against the wavefront, same
+    process, alternating (2 cores, T = 50, training step): 2×128 at N = 50 1.03-1.24×
+    (LSTM), 0.93-1.21× (GRU), 1.09-1.21× (RNN) over three runs; 2×128 LSTM at N = 32
+    and 16 1.20× and 1.26×; one-layer stacks, which have no wavefront, 1.24-1.44×.
+    In training mode, products of ``SPLIT_MAX_MACS`` multiply-adds and more stay with
+    the wavefront: the backward of a split needs a second set of weight gradients.  In
+    eval mode, where a backward is not expected (it still works, with that memory),
+    every size splits: forward only, against the wavefront, LSTM 2×256 1.26×, 2×512
+    1.16×, 1×1024 (N = 64) 1.05×; GRU 1.14-1.18×, RNN 1.15-1.16× at 2×512 and 1×1024
+    (same process, alternating, outputs identical up to summation order).
+    """
+    whole = [slice(0, N)]
+    if not fused or N < 2 * SPLIT_MIN_ROWS:
+        return whole
+    if macs <= SMALL_MACS or (training and macs >= SPLIT_MAX_MACS):
+        return whole  # a step of µs (compiled loops), or products for the wavefront (see SPLIT_MAX_MACS)
+    n = min(threads.blas_threads(), N // SPLIT_MIN_ROWS)
+    if n < 2:
+        return whole
+    from bptt.runtime.wavefront import even_slices
+
+    return even_slices(N, n)
+
+
+def time_chunks(T, macs, num_layers, bidirectional, fused):
+    """``(chunks, threads)`` for :func:`bptt.runtime.wavefront.run_wavefront`: the time
+    chunks [(t0, t1)] a stack's layers run in, and the threads running them.
+
+    One chunk and one thread (layer after layer) unless this is a unidirectional
+    stack on the fused kernels' BLAS path and BLAS may use more than one thread:
+    then ``WAVEFRONT_CHUNKS`` chunks (fewer if T is shorter).  Bidirectional stacks
+    need a layer's whole output before the next layer's reverse direction can start.
+    """
+    whole = [(0, T)], 1
+    if not fused or num_layers < 2 or bidirectional or T < 2:
+        return whole
+    if macs <= SMALL_MACS:
+        return whole  # compiled-loop sizes: a step takes µs, less than handing a chunk over
+    n = threads.blas_threads()
+    if n < 2:
+        return whole
+    c = min(T, WAVEFRONT_CHUNKS)
+    bounds = [round(T * i / c) for i in range(c + 1)]
+    return list(zip(bounds[:-1], bounds[1:])), n
