@@ -19,6 +19,7 @@ __all__ = [
     "embedding_forward",
     "embedding_backward",
     "dropout_mask",
+    "lengths_to_mask",
 ]
 
 
@@ -106,3 +107,25 @@ def dropout_mask(shape, p, rng: np.random.Generator, dtype):
         return np.zeros(shape, dtype)
     keep = rng.random(shape) >= p
     return keep.astype(dtype) / dtype.type(1.0 - p)
+
+
+def lengths_to_mask(lengths, T: int, N: int):
+    """(T, N) bool mask, True where t < lengths[n]; None when every length is T.
+
+    Lengths may come in any order (like ``pack_padded_sequence(enforce_sorted=False)``).
+    """
+    if lengths is None:
+        return None
+    arr = np.asarray(lengths)
+    if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"lengths must be integers, got dtype {arr.dtype}")
+    if arr.shape != (N,):
+        raise ValueError(f"lengths must have shape ({N},) (one per batch item), got {arr.shape}")
+    if not np.all(arr == np.round(arr)):
+        raise ValueError("lengths must be whole numbers")
+    arr = arr.astype(np.int64)
+    if arr.min() < 1 or arr.max() > T:
+        raise ValueError(f"lengths must be in [1, {T}] (the padded length), got [{arr.min()}, {arr.max()}]")
+    if np.all(arr == T):
+        return None
+    return np.arange(T)[:, None] < arr[None, :]

@@ -49,7 +49,7 @@ import numpy as np
 from bptt.nn import regularized as cell
 from bptt.nn.cells import uniform_init
 from bptt.nn.module import as_float_array
-from bptt.nn.ops import dropout_mask
+from bptt.nn.ops import dropout_mask, lengths_to_mask
 
 __all__ = ["Options", "check_options", "Regularization", "option_hint"]
 
@@ -204,7 +204,6 @@ class Regularization:
     # ------------------------------------------------------------------ inputs
     def _check(self, layer, x, state, lengths, one_hot):
         """(x (T, N, D) float, batched, h0 (L·K, N, H), c0 or None, mask (T, N) or None)."""
-        from bptt.nn.rnn import lengths_to_mask  # the layers import this module
 
         name = type(layer).__name__
         if one_hot:

@@ -33,33 +33,11 @@ from bptt.nn import gates, recurrence
 from bptt.nn.regularized_loop import Regularization, check_options, option_hint
 from bptt.nn.cells import resolve_rng, uniform_init
 from bptt.nn.module import Module, as_float_array
-from bptt.nn.ops import dropout_mask, scatter_add_rows
+from bptt.nn.ops import dropout_mask, lengths_to_mask, scatter_add_rows
 from bptt.runtime import policy
 from bptt.runtime.threads import keep_freed_memory, single_thread_blas
 
-__all__ = ["RNN", "LSTM", "GRU", "RNNBase", "lengths_to_mask"]
-
-
-def lengths_to_mask(lengths, T: int, N: int):
-    """(T, N) bool mask, True where t < lengths[n]; None when every length is T.
-
-    Lengths may come in any order (like ``pack_padded_sequence(enforce_sorted=False)``).
-    """
-    if lengths is None:
-        return None
-    arr = np.asarray(lengths)
-    if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"lengths must be integers, got dtype {arr.dtype}")
-    if arr.shape != (N,):
-        raise ValueError(f"lengths must have shape ({N},) (one per batch item), got {arr.shape}")
-    if not np.all(arr == np.round(arr)):
-        raise ValueError("lengths must be whole numbers")
-    arr = arr.astype(np.int64)
-    if arr.min() < 1 or arr.max() > T:
-        raise ValueError(f"lengths must be in [1, {T}] (the padded length), got [{arr.min()}, {arr.max()}]")
-    if np.all(arr == T):
-        return None
-    return np.arange(T)[:, None] < arr[None, :]
+__all__ = ["RNN", "LSTM", "GRU", "RNNBase"]
 
 
 class _LayerCache(NamedTuple):
