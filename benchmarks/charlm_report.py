@@ -17,8 +17,10 @@ THRESHOLDS = (1.70, 1.60, 1.56, 1.50, 1.47)
 
 def load(run: Path):
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
-    val = [(r["time"] / 60, r["iter"], r["val_loss"]) for r in records if "val_loss" in r]
-    cps = [r["chars_per_sec"] for r in records if "chars_per_sec" in r]
+    # "step"/"items_per_sec" (bptt.trainer's log), or "iter"/"chars_per_sec" (logs written before it)
+    val = [(r["time"] / 60, r.get("step", r.get("iter")), r["val_loss"]) for r in records if "val_loss" in r]
+    cps = [r.get("items_per_sec", r.get("chars_per_sec")) for r in records
+           if "items_per_sec" in r or "chars_per_sec" in r]
     return val, cps
 
 

@@ -10,7 +10,8 @@ import json
 import math
 from pathlib import Path
 
-__all__ = ["plot_training_log", "plot_gradient_flow", "plot_gate_saturation", "pyplot", "read_log"]
+__all__ = ["plot_training_log", "plot_gradient_flow", "plot_gate_saturation", "plot_attention", "plot_attention_heads",
+           "pyplot", "read_log"]
 
 
 def pyplot():
@@ -167,3 +168,25 @@ def plot_attention(weights, src_tokens, out_tokens, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_attention_heads(weights, src_tokens, out_tokens, path, title="last decoder layer, cross-attention"):
+    """A grid of heatmaps, one per head: weights (h, T, S), source tokens on x, output tokens on y."""
+    plt = pyplot()
+    h, T, S = weights.shape
+    cols = min(h, 4)
+    rows = -(-h // cols)
+    cell_w, cell_h = max(2.5, 0.28 * S + 1.0), max(2.2, 0.28 * T + 0.9)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell_w, rows * cell_h), squeeze=False)
+    xt = [repr(t)[1:-1] if t != " " else "␣" for t in src_tokens]
+    for j, ax in enumerate(axes.flat):
+        if j >= h:
+            ax.axis("off")
+            continue
+        im = ax.imshow(weights[j], cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+        ax.set_title(f"head {j}", fontsize=9)
+        ax.set_xticks(range(S), xt, fontsize=7)
+        ax.set_yticks(range(T), out_tokens, fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.colorbar(im, ax=axes, fraction=0.02)
+    _save(fig, plt, path)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from bptt.lm.data import DataError, TBPTTBatches
+from bptt.nn.rnn import GRU, LSTM, RNN
 from bptt.lm.windows import FixedBatches, RandomizedBatches, VariableBatches, Window, make_batches
 
 
@@ -225,3 +226,74 @@ def test_too_short_and_unknown_strategy():
     with pytest.raises(IndexError):
         b.batch(len(b))
     assert isinstance(b.window(-1), Window)
+
+
+# ---------------------------------------------------------------------------- ... through the real layers
+def _layer_gradient(layer, x, a, windows, scale):
+    """Σ over windows of the gradients of L = Σ_t <a_t, y_t> through ``layer`` (bptt.nn.rnn), the state
+    carried from window to window without gradient, each window's backward given ``scale(T_k)``."""
+    layer.zero_grad()
+    state, start = None, 0
+    for n in windows:
+        y, state = layer(x[start : start + n], state)
+        r = scale(n)
+        layer.backward(a[start : start + n], recurrent_scale=None if r is None else r)
+        start += n
+    return {k: g.copy() for k, g in layer.grads.items()}
+
+
+@pytest.mark.parametrize("cls", [RNN, LSTM, GRU])
+def test_artbp_through_the_rnn_layers_backward_is_unbiased(rng, cls):
+    """The same exact expectation as above, through RNNBase.backward(recurrent_scale=...) of a stacked
+    float64 layer (two layers: every path crosses each time boundary once, in one of them)."""
+    S, T, m = 7, 3, 2
+    layer = cls(2, 3, num_layers=2, dtype=np.float64, rng=1)
+    layer.backend = "reference"
+    x, a = rng.standard_normal((S, 2, 2)), rng.standard_normal((S, 2, 3))
+    b = RandomizedBatches(np.arange(2 * S + 1), 2, T, min_len=m)
+    c = b.cut_probability
+
+    def prob(parts):
+        pr = 1.0
+        for i, n in enumerate(parts):
+            pr *= math.prod(1 - c(j) for j in range(1, n))
+            if i < len(parts) - 1:
+                pr *= c(n)
+        return pr
+
+    full = _layer_gradient(layer, x, a, [S], lambda n: None)
+    artbp = {k: np.zeros_like(g) for k, g in full.items()}
+    tbptt = {k: np.zeros_like(g) for k, g in full.items()}
+    for parts in _compositions(S):
+        pr = prob(parts)
+        if pr == 0.0:
+            continue
+        for acc, scale in ((artbp, b.compensation), (tbptt, lambda n: None)):
+            for k, g in _layer_gradient(layer, x, a, parts, scale).items():
+                acc[k] += pr * g
+    for k in full:
+        np.testing.assert_allclose(artbp[k], full[k], rtol=1e-10, atol=1e-12, err_msg=k)
+    hh = "weight_hh_l0"
+    assert np.abs(tbptt[hh] - full[hh]).max() > 1e-3 * np.abs(full[hh]).max()  # without the factors: biased
+
+
+def test_recurrent_scale_of_ones_changes_nothing_and_needs_the_reference_forward(rng):
+    layer = LSTM(3, 4, num_layers=2, dtype=np.float64, rng=0)
+    layer.backend = "reference"
+    x, dy = rng.standard_normal((5, 2, 3)), rng.standard_normal((5, 2, 4))
+    grads = []
+    for r in (None, np.ones(5)):
+        layer.zero_grad()
+        layer(x)
+        dx, _ = layer.backward(dy, recurrent_scale=r)
+        grads.append((dx, {k: g.copy() for k, g in layer.grads.items()}))
+    np.testing.assert_array_equal(grads[0][0], grads[1][0])
+    for k in grads[0][1]:
+        np.testing.assert_array_equal(grads[0][1][k], grads[1][1][k])
+    layer(x)
+    with pytest.raises(ValueError, match=r"shape \(T,\)"):
+        layer.backward(dy, recurrent_scale=np.ones(4))
+    layer.backend = "fused"  # compiled kernels keep no per-step caches for the reference loop
+    layer(x)
+    with pytest.raises(ValueError, match="reference backend"):
+        layer.backward(dy, recurrent_scale=np.ones(5))

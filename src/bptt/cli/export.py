@@ -46,6 +46,9 @@ def cmd_export(args) -> int:
     from bptt.onnx.to_onnx import export_charlm
 
     model, vocab, meta = load_model(args.checkpoint)
+    if vocab.kind != "char" or vocab.unk_id is not None:
+        raise ValueError(f"bptt export writes character models without <unk>; this checkpoint's units are {vocab!r}")
+    vocab = vocab.vocab
     keep = {k: meta[k] for k in ("step", "best", "eval", "saved_at") if k in meta}
     keep["source"] = str(args.checkpoint)
     path = export_charlm(model, vocab, args.out, graph=args.graph, opset=args.opset, meta=keep)
@@ -59,6 +62,8 @@ def _export_seq2seq(args) -> int:
     from bptt.seq2seq.train import load_model
 
     model, meta, _ = load_model(args.checkpoint)
+    if meta["config"].get("arch") == "transformer":
+        raise ValueError(f"{args.checkpoint}: ONNX export of a seq2seq Transformer is not supported (only --arch rnn)")
     keep = {k: meta[k] for k in ("src_vocab", "tgt_vocab", "task", "level", "max_src_len", "max_tgt_len", "step")}
     keep["source"] = str(args.checkpoint)
     enc, dec = export_seq2seq(model, args.out, opset=args.opset, meta=keep)

@@ -1,4 +1,4 @@
-"""``bptt inspect gradients | units | gates``: the command line of :mod:`bptt.inspect`."""
+"""``bptt inspect gradients | units | gates | attention``: the command line of :mod:`bptt.inspect`."""
 
 from __future__ import annotations
 
@@ -22,10 +22,11 @@ from bptt.inspect.analyses import (
     trace,
     unit_correlations,
 )
+from bptt.inspect.attention import attention_maps, attention_page
 from bptt.inspect.page import units_page
 from bptt.lm.data import DataError, Vocab, default_corpus, read_text
 
-__all__ = ["register", "cmd_gradients", "cmd_units", "cmd_gates"]
+__all__ = ["register", "cmd_gradients", "cmd_units", "cmd_gates", "cmd_attention"]
 
 
 def _load_text(path, encoding="utf-8", start=0, max_chars=0) -> tuple[str, str]:
@@ -53,6 +54,8 @@ def _load_checkpoint(path, dtype=None):
     from bptt.lm.model import load_model
 
     model, vocab, meta = load_model(path, dtype=dtype)
+    if vocab.kind != "char":
+        raise ValueError(f"bptt inspect reads character models; {path} predicts {vocab.unit_name}s")
     c = model.config
     it = meta.get("step")
     label = f"{c.model} {c.layers}x{c.hidden} trained" + (f" ({it} steps)" if it is not None else "") + f" [{Path(path).parent.name or path}]"
@@ -220,10 +223,41 @@ def cmd_gates(args) -> int:
     return 0
 
 
+def cmd_attention(args) -> int:
+    from bptt.lm.model import load_model
+
+    model, vocab, meta = load_model(args.checkpoint)
+    c = model.config
+    if getattr(c, "model", None) != "transformer":
+        raise ValueError(f"bptt inspect attention needs a transformer char model (bptt train --model transformer); "
+                         f"{args.checkpoint} holds a {c.model}")
+    if args.prompt is not None:
+        text, what = args.prompt, "the prompt"
+    else:
+        if args.max_chars < 0:
+            raise ValueError("--max-chars must be >= 0")
+        text, what = _load_text(args.text, args.encoding, args.start, args.max_chars or c.context)
+    if not 1 <= len(text) <= c.context:
+        raise DataError(f"{what} has {len(text):,} characters; the model attends over 1 to {c.context} "
+                        f"(its context): give a shorter one")
+    step = meta.get("step")
+    label = f"transformer {c.layers}x{c.d_model}, {c.heads} heads" + (f" ({step} steps)" if step is not None else "")
+    ids = _encode_known(vocab, text, what, label)
+    weights, logits = attention_maps(model, ids)
+    pred_ids, pred_probs = top_predictions(logits, 5)
+    title = f"{label} [{Path(args.checkpoint).parent.name or args.checkpoint}]: self-attention"
+    subtitle = f"{len(text)} characters of {what}; {c.layers} layers x {c.heads} heads"
+    page = attention_page(text, weights, title, subtitle, pred_ids, pred_probs, vocab.chars)
+    (out,) = _out_paths(args.out, ".html")
+    out.write_text(page, encoding="utf-8")
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def register(subparsers) -> argparse.ArgumentParser:
-    """Add ``bptt inspect gradients|units|gates`` to the CLI's subparsers."""
-    p = subparsers.add_parser("inspect", help="look inside a network: gradient flow, units, gate saturation")
-    sub = p.add_subparsers(dest="inspect_command", metavar="{gradients,units,gates}", required=True)
+    """Add ``bptt inspect gradients|units|gates|attention`` to the CLI's subparsers."""
+    p = subparsers.add_parser("inspect", help="look inside a network: gradient flow, units, gate saturation, attention")
+    sub = p.add_subparsers(dest="inspect_command", metavar="{gradients,units,gates,attention}", required=True)
 
     def text_options(q, default_max):
         q.add_argument("--text", help="text file to run the model on (default: the built-in Python-source corpus)")
@@ -265,4 +299,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--streams", type=int, default=20, help="parallel streams the text is cut into (default: 20)")
     add_out_option(s, "gates.png", "PNG path; the JSON goes beside it")
     s.set_defaults(func=cmd_gates)
+
+    a = sub.add_parser("attention", help="HTML page: every head's attention over a prompt (transformer char models)")
+    a.add_argument("checkpoint")
+    a.add_argument("--prompt", help="the text to look at (default: --text, cut by --start/--max-chars)")
+    text_options(a, 0)  # 0: the model's context
+    add_out_option(a, "attention.html", "the HTML file to write")
+    a.set_defaults(func=cmd_attention)
     return p

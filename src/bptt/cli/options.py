@@ -13,7 +13,7 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-_TYPES = {"int": int, "float": float, "str": str, "str | None": str}
+_TYPES = {"int": int, "float": float, "str": str, "str | None": str, "int | None": int}
 
 
 def add_dataclass_options(parser: argparse.ArgumentParser, cls, suppress: bool = True) -> None:

@@ -16,7 +16,7 @@ from bptt.seq2seq.data import SeqData
 from bptt.seq2seq.decode import decode_max_len, evaluate, translate_batch
 from bptt.seq2seq.tasks import detokenize, load_pairs, tokenize
 from bptt.seq2seq.train import Seq2SeqTrainConfig, load_model, train
-from bptt.viz import plot_attention
+from bptt.viz import plot_attention, plot_attention_heads
 
 __all__ = ["register", "cmd_train", "cmd_translate", "cmd_eval"]
 
@@ -75,7 +75,10 @@ def cmd_translate(args) -> int:
                                         args.beam, args.alpha, return_attention=bool(args.attention_png))
     for ids in outs:
         print(detokenize(data.tgt_vocab.decode(ids), data.level))
-    if args.attention_png:
+    if args.attention_png and hasattr(model, "cross_attention_heads"):  # a Transformer: one heatmap per head
+        heads = model.cross_attention_heads(data.src_vocab.encode(toks[0]), outs[0])  # (h, T_out + 1, S)
+        plot_attention_heads(heads, toks[0], data.tgt_vocab.decode(outs[0]) + ["</s>"], args.attention_png)
+    elif args.attention_png:
         if atts[0] is None:
             raise DataError("--attention-png needs a model trained with attention (this one has --attention none)")
         out_toks = data.tgt_vocab.decode(outs[0]) + ["</s>"]
@@ -123,7 +126,8 @@ def register(subparsers):
         q.add_argument("checkpoint", help="model.safetensors of bptt seq2seq train, or the folder of its ONNX export")
         if name == "translate":
             q.add_argument("text")
-            q.add_argument("--attention-png", help="save the attention heatmap here")
+            q.add_argument("--attention-png", help="save the attention heatmap here (transformer: the last decoder "
+                                                   "layer's cross-attention, one heatmap per head)")
             q.set_defaults(func=cmd_translate)
         else:
             q.add_argument("--data", help="TSV file of pairs (default: the task's held-out set)")

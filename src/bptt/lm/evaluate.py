@@ -1,26 +1,26 @@
-"""Evaluating a language model: mean loss over TBPTT windows, and nats/bits per character on any text.
+"""Evaluating a language model: mean loss over TBPTT windows, and per-unit figures on any text.
 
-Shape legend: T time steps per window, N parallel streams, V vocabulary.  Evaluation runs the model
-in eval mode (no dropout) and computes the loss without its gradient.
+Shape legend: T time steps per window, N parallel streams, V vocabulary, L ids of a text.
+Evaluation runs the model in eval mode (no dropout) and computes the loss without its gradient.
 """
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
-from bptt.lm.data import DataError, TBPTTBatches, Vocab
+from bptt.lm.data import DataError, TBPTTBatches
+from bptt.lm.units import as_units, lm_metrics
 from bptt.nn.losses import cross_entropy
 
-__all__ = ["evaluate", "evaluate_text"]
+__all__ = ["evaluate", "evaluate_ids", "evaluate_text"]
 
 
 def evaluate(model, batches: TBPTTBatches, max_windows: int = 0, world=None) -> float:
-    """Mean loss in nats/char over the windows of ``batches``, the state carried across them.
+    """Mean loss in nats per unit over the windows of ``batches``, the state carried across them.
 
     With a data-parallel ``world`` (:mod:`bptt.dist`) each rank runs its own streams
-    (columns ``world.shard(N)``) and the sums of losses and characters are reduced over ranks.
+    (columns ``world.shard(N)``) and the sums of losses and units are reduced over ranks.
     """
     was_training = model.training
     model.eval()
@@ -41,28 +41,20 @@ def evaluate(model, batches: TBPTTBatches, max_windows: int = 0, world=None) -> 
     return total / max(count, 1)
 
 
-def evaluate_text(model, vocab: Vocab, text: str, window: int = 100, streams: int = 32) -> dict:
-    """Loss of ``model`` on ``text``: nats/char, bits/char, perplexity.
+def evaluate_ids(model, ids: np.ndarray, window: int = 100, streams: int = 32) -> tuple[float, int]:
+    """(summed loss in nats, predicted ids) of ``model`` on the (L,) ids: every id but the first.
 
-    Characters outside the vocabulary are left out of the text and reported
-    (count and which).  The text is cut into up to ``streams`` contiguous
-    streams read in parallel, each in windows of ``window`` steps with the state
-    carried; every character but the first of each stream is predicted from
-    all that precedes it in its stream.  The last stream is padded and the
-    padding masked out of the loss, so no character is skipped.
+    The ids are cut into up to ``streams`` contiguous streams read in parallel, each in windows of
+    ``window`` steps with the state carried; every id but the first of each stream is predicted from
+    all that precedes it in its stream (with fewer than 4·window·2 ids: one stream, i.e. from all
+    that precedes it).  The last stream is padded and the padding masked out of the loss.
     """
-    unknown = vocab.unknown(text)
-    unknown_count = 0
-    if unknown:
-        bad = set(unknown)
-        unknown_count = sum(1 for ch in text if ch in bad)
-        text = "".join(ch for ch in text if ch not in bad)
+    ids = np.asarray(ids).astype(np.int64)
+    if len(ids) < 2:
+        raise DataError(f"need at least 2 known units to evaluate, got {len(ids)}")
     context = getattr(getattr(model, "config", None), "context", None)
     if context:  # a Transformer reads at most its context at once: windows no longer than that
         window = min(window, context)
-    ids = vocab.encode(text).astype(np.int64)
-    if len(ids) < 2:
-        raise DataError(f"need at least 2 known characters to evaluate, got {len(ids)}")
     x, y = ids[:-1], ids[1:]
     N = max(1, min(streams, len(x) // (4 * window)))
     S = -(-len(x) // N)  # ceil: stream length
@@ -70,6 +62,7 @@ def evaluate_text(model, vocab: Vocab, text: str, window: int = 100, streams: in
     valid = np.concatenate([np.ones(len(x), bool), np.zeros(pad, bool)]).reshape(N, S).T  # (S, N)
     x = np.concatenate([x, np.zeros(pad, np.int64)]).reshape(N, S).T
     y = np.concatenate([y, np.zeros(pad, np.int64)]).reshape(N, S).T
+    was_training = model.training
     model.eval()
     state, total = None, 0.0
     for t0 in range(0, S, window):
@@ -78,6 +71,46 @@ def evaluate_text(model, vocab: Vocab, text: str, window: int = 100, streams: in
             loss, _ = cross_entropy(logits, y[t0 : t0 + window], mask=valid[t0 : t0 + window], reduction="sum",
                                     need_grad=False)
         total += loss
-    nats = total / len(ids[1:])
-    return {"loss": nats, "bits_per_char": nats / math.log(2), "perplexity": math.exp(nats),
-            "characters": int(len(ids) - 1), "unknown_count": unknown_count, "unknown_chars": unknown}
+    model.train(was_training)
+    return float(total), int(len(ids) - 1)
+
+
+def evaluate_text(model, vocab, text, window: int = 100, streams: int = 32) -> dict:
+    """Loss of ``model`` on ``text`` (str; bytes for a byte model) in the model's own units.
+
+    ``vocab`` is the model's units (:mod:`bptt.lm.units`) or a :class:`bptt.lm.data.Vocab`.
+    Returns loss (nats per unit), bits_per_unit, perplexity, unit, count (predicted units) and
+    unknown_count / unknown (units outside the vocabulary), plus the figures usual for the unit:
+
+    * characters: bits_per_char, characters; unseen characters are mapped to <unk> when the
+      vocabulary has one, else left out of the text (unknown_chars lists them);
+    * bytes: bits_per_byte, bytes, and nats_per_char = total nats / (characters − 1) of the text
+      decoded as UTF-8 (invalid bytes count one character each), to compare with a character model;
+    * words: words, and perplexity per word (every token, <eos> included, is a predicted word);
+      unseen words are <unk> (counted).
+    """
+    units = as_units(vocab)
+    if units.kind == "char" and units.unk_id is None:
+        unknown = units.unknown(text)
+        unknown_count = 0
+        if unknown:  # without <unk>: left out of the text, and reported
+            bad = set(unknown)
+            unknown_count = sum(1 for ch in text if ch in bad)
+            text = "".join(ch for ch in text if ch not in bad)
+        enc_ids = units.encode(text)
+    else:
+        enc = units.encode_counted(text)
+        enc_ids, unknown_count, unknown = enc.ids, enc.unknown, enc.unknown_units
+    total, count = evaluate_ids(model, enc_ids, window, streams)
+    result = lm_metrics(total, count, units)
+    result |= {"unknown_count": int(unknown_count), "unknown": [str(u) for u in unknown]}
+    if units.kind == "char":
+        result |= {"bits_per_char": result["bits_per_unit"], "characters": count, "unknown_chars": unknown}
+    elif units.kind == "byte":
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        chars = len(data.decode("utf-8", "replace"))
+        result |= {"bits_per_byte": result["bits_per_unit"], "bytes": count,
+                   "nats_per_char": total / max(chars - 1, 1), "decoded_characters": chars}
+    else:
+        result |= {"words": count}
+    return result

@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from bptt import checkpoint as ckpt
-from bptt.lm.data import Vocab
 from bptt.nn.cells import resolve_rng
 from bptt.nn.gates import gate_slice
 from bptt.nn.layers import Dropout, Embedding, Linear
@@ -209,14 +208,20 @@ class CharLM(Module):
         loss, self._dlogits = cross_entropy(logits, targets)
         return loss, state
 
-    def backward(self, dlogits=None):
-        """Backprop from ∂L/∂logits (default: the one saved by :meth:`loss`) into every parameter."""
+    def backward(self, dlogits=None, recurrent_scale=None):
+        """Backprop from ∂L/∂logits (default: the one saved by :meth:`loss`) into every parameter.
+
+        ``recurrent_scale`` (T,): ARTBP's factors on the gradient carried from step t to t − 1 in
+        every layer (see :meth:`bptt.nn.rnn.RNNBase.backward`; the forward must have run with
+        ``self.rnn.backend = "reference"``).  Every path from a loss at step u to step t < u crosses
+        each boundary t < j ≤ u once, in some layer, so every path gets the factor Π r_j.
+        """
         if dlogits is None:
             dlogits = self._saved(self._dlogits)
             self._dlogits = None
         dh = self.drop.backward(self.decoder.backward(dlogits))
         # the final state's gradient is 0 (truncated BPTT); a one-hot input needs no gradient
-        de, _ = self.rnn.backward(dh, need_input_grad=self.embed is not None)
+        de, _ = self.rnn.backward(dh, need_input_grad=self.embed is not None, recurrent_scale=recurrent_scale)
         if self.embed is not None:
             self.embed.backward(de if self._row_keep is None else de * self._row_keep)
 
@@ -279,13 +284,21 @@ def build_model(config, rng=None):
 
 
 def load_model(path, dtype: str | None = None):
-    """(model, vocab, meta) from a checkpoint written by ``bptt train`` (any architecture)."""
+    """(model, units, meta) from a checkpoint written by ``bptt train`` (any architecture).
+
+    ``units`` (:mod:`bptt.lm.units`) come from ``meta["units"]``; a checkpoint written before units
+    existed has ``meta["vocab"]``, a list of characters, and loads as character units.
+    """
+    from bptt.lm.units import units_from_json
+
     tensors, meta = ckpt.load_checkpoint_of_kind(path, CHECKPOINT_KIND, "a character language model")
     try:
         config = config_from_dict(meta["config"])
         if dtype:
             config.dtype = dtype
-        vocab = Vocab.from_json(meta["vocab"])
+        vocab = units_from_json(meta["units"] if "units" in meta else meta["vocab"])
+        if len(vocab) != config.vocab_size:
+            raise ValueError(f"{len(vocab)} {vocab.unit_name} ids for a model of {config.vocab_size} outputs")
         model = build_model(config, rng=0)
         model.load_state_dict(tensors.get("model", {}))
     except (KeyError, TypeError, ValueError) as e:

@@ -1,4 +1,4 @@
-"""Sampling from a character language model, one character at a time.
+"""Sampling from a language model, one unit (character, byte, word) at a time.
 
 For logits z (V,) at temperature τ the next character is drawn from
 
@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bptt.lm.data import DataError, Vocab
+from bptt.lm.data import DataError
+from bptt.lm.units import as_units, encode_prime
 from bptt.nn.losses import softmax
 
 __all__ = ["next_char_distribution", "generate", "model_context"]
@@ -56,7 +57,7 @@ class _Stepper:
 
 def generate(
     model,
-    vocab: Vocab,
+    vocab,
     length: int,
     temperature: float = 1.0,
     top_k: int = 0,
@@ -65,10 +66,15 @@ def generate(
     rng: np.random.Generator | None = None,
     on_char: Callable[[str], None] | None = None,
 ) -> str:
-    """Generate ``length`` characters after ``prime``; returns them (without the prime).
+    """Generate ``length`` units (characters, bytes or words) after ``prime``; returns their text
+    (without the prime).
 
-    ``on_char`` is called with the prime, then with each character as soon as it is drawn (streaming).
-    An empty prime starts from a character drawn uniformly from the vocabulary, as char-rnn does.
+    ``vocab`` is the model's units (:mod:`bptt.lm.units`) or a :class:`bptt.lm.data.Vocab`.
+    ``on_char`` is called with the prime, then with the text of each unit as soon as it is drawn
+    (streaming): bytes pass through an incremental UTF-8 decoder, so a character is shown once its
+    bytes are complete and an invalid sequence shows as ``\\xNN``; words are joined with spaces
+    (none before punctuation, a newline for <eos>).  An empty prime starts from a character drawn
+    uniformly from the vocabulary (char-rnn's habit), from a newline byte, or from <eos>.
     """
     if length < 0:
         raise ValueError(f"length must be >= 0, got {length}")
@@ -76,11 +82,12 @@ def generate(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if top_k < 0:
         raise ValueError(f"top-k must be >= 0, got {top_k}")
-    vocab.require_known(prime, "the priming text")
+    units = as_units(vocab)
+    prime_ids = encode_prime(units, prime)
     context = model_context(model)
-    if context and len(prime) > context:
-        raise DataError(f"the priming text is {len(prime)} characters; this model reads at most {context} "
-                        f"(its context): give a shorter --prime")
+    if context and len(prime_ids) > context:
+        raise DataError(f"the priming text is {len(prime_ids)} {units.unit_name}s; this model reads at most "
+                        f"{context} (its context): give a shorter --prime")
     rng = rng or np.random.default_rng()
     if prime and on_char is not None:
         on_char(prime)
@@ -88,7 +95,15 @@ def generate(
     model.eval()
     model.reset_state()
     try:
-        ids = vocab.encode(prime) if prime else np.array([rng.integers(len(vocab))])
+        if len(prime_ids):
+            ids = prime_ids
+        elif units.kind == "char":
+            ids = np.array([rng.integers(len(units))])
+        else:
+            ids = np.array([ord("\n") if units.kind == "byte" else units.eos_id])
+        decode = units.decoder()
+        if len(prime_ids):
+            decode(prime_ids)  # the decoder's state (a word's spacing) continues after the prime
         step = _Stepper(model, context)
         logits = None
         for i in ids:  # prime the state
@@ -100,11 +115,16 @@ def generate(
             else:
                 p = next_char_distribution(logits, temperature, top_k)
                 nxt = int(rng.choice(p.size, p=p))
-            ch = vocab.decode([nxt])
-            out.append(ch)
-            if on_char is not None:
-                on_char(ch)
+            piece = decode([nxt])
+            out.append(piece)
+            if on_char is not None and piece:
+                on_char(piece)
             logits = step(nxt)
+        tail = decode([], final=True)  # bytes of an unfinished character: shown as \\xNN
+        if tail:
+            out.append(tail)
+            if on_char is not None:
+                on_char(tail)
         return "".join(out)
     finally:
         model.reset_state()

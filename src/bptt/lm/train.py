@@ -1,6 +1,6 @@
-"""Training a character language model, readable top to bottom.
+"""Training a language model (characters, bytes or words), readable top to bottom.
 
-    corpus → vocabulary → ids → train/val/test split → TBPTT windows (T, N)
+    corpus → units (vocabulary, from the training text only) → ids → train/val/test → TBPTT windows (T_k, N)
     the loop (bptt.trainer): lr_at(step) · forward · loss · backward · clip · optimizer step
                              · log · every --eval-every: validation loss, sample, checkpoint, plot
 
@@ -10,7 +10,16 @@ The run directory (``--out``) holds ``last.safetensors`` and ``best.safetensors`
 (each one file, replaced atomically, with a ``.json`` twin for people),
 ``log.jsonl`` (one line per logged step) and ``loss.png``.  A checkpoint holds
 the weights, the optimizer state, the carried hidden state, the RNG state and
-the position in the data, so ``--resume`` continues exactly where the run stopped.
+the position in the data (epoch and first step of the epoch, which fix the windows of
+every truncation strategy), so ``--resume`` continues exactly where the run stopped.
+
+Units (``--unit``, :mod:`bptt.lm.units`): ``char`` (the default; a memory-mapped corpus of any
+size), ``byte`` (V = 256, any file), ``word`` (``--vocab-size``, <unk>, <eos>; embeddings).
+Splits: ``--val-data``/``--test-data`` files, else the last ``--val-frac``/``--test-frac`` of
+``--data``; characters or words of a validation or test file that the training text lacks are
+<unk>, counted and reported.  Truncation (``--truncation``, :mod:`bptt.lm.windows`): fixed
+windows, AWD-LSTM's variable windows (learning rate × T_k/T), or ARTBP's randomized windows (the
+carried gradient × r_j in the backward, on the reference recurrent backend).
 
 Under ``mpiexec -n K`` the run is data parallel (:mod:`bptt.dist`) with no extra flag:
 ``--batch-size`` stays the global N, rank r trains streams ``shard(N)`` (its columns of every
@@ -29,14 +38,19 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from bptt import checkpoint as ckpt
 from bptt.config import check_fields
 from bptt.dist import current_world
-from bptt.lm.data import DataError, TBPTTBatches, Vocab, default_corpus, encode_file, encode_text, show_chars, split_corpus
-from bptt.lm.evaluate import evaluate
+from bptt.lm.data import (DataError, TBPTTBatches, Vocab, default_corpus, encode_file, encode_text, read_text, show_chars,
+                          split_corpus)
+from bptt.lm.evaluate import evaluate, evaluate_ids
+from bptt.lm.units import UNIT_KINDS, CharUnits, make_units, map_bytes, units_from_json, lm_metrics
+from bptt.kernels import single_thread_blas
+from bptt.lm.windows import STRATEGIES, make_batches
 from bptt.lm.model import CHECKPOINT_KIND, CharLM, CharLMConfig, build_model, config_from_dict, load_model
 from bptt.lm.transformer import TransformerLMConfig
 from bptt.nn.optim import make_optimizer, make_schedule
@@ -51,14 +65,19 @@ class TrainConfig:
     """Every option of ``bptt train`` (the CLI flags are generated from these fields)."""
 
     data: str | None = field(default=None, metadata={"help": "text file to train on (default: the Python standard library's source)"})
-    encoding: str = field(default="utf-8", metadata={"help": "text encoding of --data"})
+    encoding: str = field(default="utf-8", metadata={"help": "text encoding of --data, --val-data, --test-data (not read for --unit byte)"})
+    val_data: str | None = field(default=None, metadata={"help": "validation file (instead of --val-frac); unseen characters/words are <unk>"})
+    test_data: str | None = field(default=None, metadata={"help": "test file (instead of --test-frac), evaluated once at the end with the best checkpoint"})
+    unit: str = field(default="char", metadata={"help": "what the model predicts", "choices": list(UNIT_KINDS)})
+    vocab_size: int | None = field(default=None, metadata={"help": "--unit word: keep the most frequent words, V including <unk> and <eos> (default: every word)"})
+    truncation: str = field(default="fixed", metadata={"help": "BPTT windows: fixed, variable (AWD-LSTM) or randomized (ARTBP)", "choices": list(STRATEGIES)})
     out: str = field(default="runs/charlm", metadata={"help": "run directory for checkpoints, log and plot"})
     # model
     model: str = field(default="lstm", metadata={"help": "recurrent cell, or a decoder-only Transformer", "choices": ["lstm", "gru", "rnn", "transformer"]})
     hidden: int = field(default=128, metadata={"help": "hidden units per layer"})
     layers: int = field(default=2, metadata={"help": "stacked recurrent layers"})
     dropout: float = field(default=0.0, metadata={"help": "dropout between layers and before the decoder"})
-    embedding: int = field(default=0, metadata={"help": "embedding size; 0 = one-hot input"})
+    embedding: int = field(default=0, metadata={"help": "embedding size; 0 = one-hot input (--unit word: 256)"})
     d_model: int = field(default=128, metadata={"help": "transformer: width of the residual stream"})
     heads: int = field(default=4, metadata={"help": "transformer: attention heads (must divide --d-model)"})
     context: int = field(default=0, metadata={"help": "transformer: the most positions it attends over (0 = --seq-len)"})
@@ -139,6 +158,20 @@ class TrainConfig:
                          if getattr(self, n)]
             if recurrent:
                 raise ValueError(f"{', '.join(recurrent)}: options of the recurrent models, not of --model transformer")
+        if self.truncation == "randomized" and self.model != "transformer":
+            cell = [f"--{n.replace('_', '-')}" for n in ("recurrent_dropout", "weight_drop", "zoneout", "layer_norm",
+                                                         "peephole") if getattr(self, n)]
+            if cell:
+                raise ValueError(f"--truncation randomized runs the plain recurrent loop (ARTBP's factors on the "
+                                 f"carried gradient); it does not combine with {', '.join(cell)}")
+        if self.model == "transformer" and self.truncation == "randomized":
+            raise ValueError("--truncation randomized scales the gradient carried from step to step (ARTBP); "
+                             "a transformer has no recurrence: use fixed or variable")
+        if self.vocab_size is not None:
+            if self.unit != "word":
+                raise ValueError(f"--vocab-size applies to --unit word only (a {self.unit} vocabulary is fixed by the data)")
+            if self.vocab_size < 3:
+                raise ValueError(f"--vocab-size must be >= 3 (<unk>, <eos> and at least one word), got {self.vocab_size}")
         self.model_config(1)  # model fields
         return self
 
@@ -152,7 +185,7 @@ class TrainConfig:
 
 
 def load_corpus(cfg: TrainConfig, out_dir: Path, vocab: Vocab | None, log):
-    """The corpus as ids (memory-mapped for files) and its vocabulary."""
+    """The character corpus as ids (memory-mapped for files) and its vocabulary."""
     if cfg.data is None:
         text, description = default_corpus()
         log(f"corpus: built-in default, {description}")
@@ -172,6 +205,93 @@ def load_corpus(cfg: TrainConfig, out_dir: Path, vocab: Vocab | None, log):
     return remap[np.asarray(ids)], vocab  # same characters, different ids: translate (in memory)
 
 
+class Splits(NamedTuple):
+    units: object  # bptt.lm.units CharUnits | ByteUnits | WordUnits
+    train: np.ndarray  # (L,) ids of each split (a memory map for a char or byte corpus file)
+    val: np.ndarray
+    test: np.ndarray
+    unknown: dict  # split name -> units of it outside the vocabulary (mapped to <unk>)
+
+
+def _read_split(cfg: TrainConfig, flag: str, path: str, units):
+    """A --val-data / --test-data file encoded with the training units: (ids, unknown count, unknown units)."""
+    try:
+        data = map_bytes(path) if units.kind == "byte" else read_text(path, cfg.encoding)
+        if units.kind == "byte":
+            return np.asarray(data), 0, []
+        enc = units.encode_counted(data)
+    except DataError as e:
+        raise DataError(f"{flag}: {e}") from None
+    if len(enc.ids) < 2:
+        raise DataError(f"{flag}: {path} holds {len(enc.ids)} {units.unit_name}(s); expected at least 2 to evaluate")
+    return enc.ids, enc.unknown, enc.unknown_units
+
+
+def load_splits(cfg: TrainConfig, out_dir: Path, units, log) -> Splits:
+    """Units and ids of the train / validation / test splits.
+
+    The units are fitted on the training text only (or come from the checkpoint on resume).  A split
+    from a file (``--val-data``, ``--test-data``) replaces its fraction; the fractions cut the end of
+    ``--data``.  ``--unit char`` without split files is exactly the original path (a vocabulary of the
+    whole corpus, a memory-mapped ``corpus.npy``); with split files its vocabulary gains <unk>.
+    """
+    for flag, path in (("--val-data", cfg.val_data), ("--test-data", cfg.test_data)):
+        if path:  # before the corpus is read and encoded: a wrong split file costs nothing
+            p = Path(path)
+            if not p.is_file():
+                raise DataError(f"{flag}: {p}: no such file; expected a path to a file")
+            if p.stat().st_size == 0:
+                raise DataError(f"{flag}: {p}: file is empty; expected some text to evaluate on")
+    val_frac = 0.0 if cfg.val_data else cfg.val_frac
+    test_frac = 0.0 if cfg.test_data else cfg.test_frac
+    unknown = {"val": (0, []), "test": (0, [])}
+    if cfg.unit == "char":
+        want_unk = bool(cfg.val_data or cfg.test_data)
+        vocab = units.vocab if units is not None else None
+        ids, vocab = load_corpus(cfg, out_dir, vocab, log)
+        units = units or CharUnits(vocab.chars, unk=want_unk)
+        train_ids, val_ids, test_ids = split_corpus(ids, val_frac, test_frac)
+    elif cfg.unit == "byte":
+        if cfg.data is None:
+            text, description = default_corpus()
+            log(f"corpus: built-in default, {description}")
+            ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        else:
+            ids = map_bytes(cfg.data)
+            log(f"corpus: {cfg.data}, {len(ids):,} bytes")
+        units = units or make_units("byte", None)
+        train_ids, val_ids, test_ids = split_corpus(ids, val_frac, test_frac)
+    else:  # words: split the text first, then fit the vocabulary on the training part only
+        if cfg.data is None:
+            text, description = default_corpus()
+            log(f"corpus: built-in default, {description}")
+        else:
+            text = read_text(cfg.data, cfg.encoding)
+        a, b, _ = (len(part) for part in split_corpus(np.empty(len(text), np.uint8), val_frac, test_frac))
+        parts = {"train": text[:a], "val": text[a : a + b], "test": text[a + b :]}
+        if units is None:
+            try:
+                units = make_units("word", parts["train"], vocab_size=cfg.vocab_size)
+            except DataError as e:
+                raise DataError(str(e).replace("vocab_size", "--vocab-size")) from None
+        encoded = {name: units.encode_counted(part) for name, part in parts.items()}
+        train_ids, val_ids, test_ids = (encoded[n].ids for n in ("train", "val", "test"))
+        unknown |= {n: (encoded[n].unknown, encoded[n].unknown_units) for n in ("val", "test")}
+        log(f"corpus: {cfg.data or 'built-in default'}, {len(train_ids):,} training words, vocabulary "
+            f"{len(units):,} (with <unk>, <eos>); {encoded['train'].unknown:,} training words are <unk>")
+    for name, flag, path in (("val", "--val-data", cfg.val_data), ("test", "--test-data", cfg.test_data)):
+        if path:
+            split_ids, count, which = _read_split(cfg, flag, path, units)
+            val_ids, test_ids = (split_ids, test_ids) if name == "val" else (val_ids, split_ids)
+            unknown[name] = (count, which)
+    for name, split_ids in (("validation", val_ids), ("test", test_ids)):
+        count, which = unknown["val" if name == "validation" else "test"]
+        if len(split_ids):
+            note = f", {count:,} unknown (<unk>): {show_chars(which)}" if count else ", no unknown units"
+            log(f"{name}: {len(split_ids):,} {units.unit_name}s{note}")
+    return Splits(units, train_ids, val_ids, test_ids, {n: c for n, (c, _) in unknown.items()})
+
+
 # ============================================================================ the job the loop runs
 
 
@@ -183,60 +303,94 @@ class CharLMJob:
     metric = "val_loss"
     higher_is_better = False
 
-    def __init__(self, cfg: TrainConfig, model: CharLM, vocab: Vocab, batches: TBPTTBatches,
-                 val_batches: TBPTTBatches | None, max_steps: int, world=None):
-        self.cfg, self.model, self.vocab = cfg, model, vocab
-        self.batches, self.val_batches = batches, val_batches
+    def __init__(self, cfg: TrainConfig, model: CharLM, units, batches, val_batches: TBPTTBatches | None,
+                 max_steps: int, val_unknown: int = 0, world=None):
+        self.cfg, self.model, self.units = cfg, model, units
+        self.vocab = units  # the name older callers read
+        self.batches, self.val_batches, self.val_unknown = batches, val_batches, val_unknown
         self.optimizer = _make_optimizer(cfg, model)
         self.schedule = _make_schedule(cfg, len(batches), max_steps)
-        self.state = None  # the hidden state carried from one window to the next (this rank's streams)
+        self.state = None  # the hidden state carried from one window to the next
+        # where the data stands: the windows of epoch `epoch` (drawn from the seed and the epoch for
+        # variable and randomized truncation), the first of which was step `epoch_start`
+        self.epoch, self.epoch_start = 0, 0
         self.world = world if world is not None and world.size > 1 else None  # data parallel, or None
         N = batches.batch_size
         self.cols = slice(None) if self.world is None else self.world.shard(N)  # this rank's streams
         self.weight = 1.0 if self.world is None else self.world.weight(N)  # N_r / N
 
+    def _window(self, step: int):
+        k = step - self.epoch_start
+        if k >= len(self.batches):  # the epoch is done: the next one's windows
+            self.epoch, self.epoch_start, k = self.epoch + 1, step, 0
+            self.batches.set_epoch(self.epoch)
+        return k, self.batches.window(k)
+
     def forward_backward(self, step: int) -> StepResult:
         model, cfg = self.model, self.cfg
-        k = step % len(self.batches)
+        k, w = self._window(step)
         if k == 0:
             self.state = None  # streams restart at the beginning of the text
-        x, y = self.batches.batch(k)
-        if self.world is not None:
+        x, y = w.x, w.y
+        if self.world is not None:  # this rank's streams
             x, y = np.ascontiguousarray(x[:, self.cols]), np.ascontiguousarray(y[:, self.cols])
-        with model.blas_scope(*x.shape):
-            loss, self.state = model.loss(x, y, self.state)
-            stats = None
-            if cfg.log_hidden_stats and (step + 1) % cfg.log_hidden_stats == 0:
-                stats = model.rnn.hidden_state_stats()  # mean and variance of h per layer, from this forward
-            if math.isfinite(loss):  # the loop stops on a non-finite loss; no gradient is needed then
-                model.backward()
+        if w.lr_scale != 1.0:  # AWD-LSTM: lr × T_k / T (the loop set this step's lr just before)
+            self.optimizer.lr *= w.lr_scale
+        randomized = cfg.truncation == "randomized"
+        if randomized:  # the carried gradient's factors need the readable loop, forward and backward
+            backend, model.rnn.backend = model.rnn.backend, "reference"  # (evaluation and sampling keep theirs)
+        try:
+            # the reference loop's per-step products are small: one BLAS thread runs them 3-4x faster
+            # than two that wait for each other (measured 0.22-0.41 s against 0.92-1.40 s a step, 2x256)
+            with single_thread_blas() if randomized else model.blas_scope(*x.shape):
+                loss, self.state = model.loss(x, y, self.state)
+                stats = None
+                if cfg.log_hidden_stats and (step + 1) % cfg.log_hidden_stats == 0:
+                    stats = model.rnn.hidden_state_stats()  # mean and variance of h per layer, from this forward
+                if math.isfinite(loss):  # the loop stops on a non-finite loss; no gradient is needed then
+                    if randomized:
+                        model.backward(recurrent_scale=w.recurrent_scale)
+                    else:
+                        model.backward()
+        finally:
+            if randomized:
+                model.rnn.backend = backend
         return StepResult(loss, y.size, stats, self.weight)
 
     def log_fields(self, step: int) -> dict:
-        return {"epoch": step / len(self.batches)}
+        return {"epoch": self.epoch + (step - self.epoch_start) / len(self.batches)}
 
     def evaluate(self) -> dict:
         if self.val_batches is None:
             return {}
         val = evaluate(self.model, self.val_batches, self.cfg.eval_windows, world=self.world)
-        return {"val_loss": val, "val_bpc": val / math.log(2)}
+        record = {"val_loss": val, ("val_bpc" if self.units.kind == "char" else f"val_bits_per_{self.units.kind}"):
+                  val / math.log(2)}
+        if self.units.kind == "word":
+            record["val_perplexity"] = math.exp(val) if val < 700 else math.inf
+        if self.units.unk_id is not None:
+            record["val_unknown"] = self.val_unknown
+        return record
 
     def report(self, step: int, record: dict) -> list[str]:
         msg = f"step {step}: "
         if "val_loss" in record:
-            v = record["val_loss"]
-            msg += f"val loss {v:.4f} nats/char ({v / math.log(2):.3f} bits/char)" + (" (best)" if record["improved"] else "")
+            v, unit = record["val_loss"], self.units.kind
+            msg += f"val loss {v:.4f} nats/{unit} ({v / math.log(2):.3f} bits/{unit}"
+            msg += f", perplexity {math.exp(min(v, 700)):.2f})" if self.units.kind == "word" else ")"
+            msg += " (best)" if record["improved"] else ""
         lines = [msg]
         if self.cfg.sample_length:
             from bptt.lm.sample import generate
 
-            text = generate(self.model, self.vocab, self.cfg.sample_length, temperature=0.8,
+            text = generate(self.model, self.units, self.cfg.sample_length, temperature=0.8,
                             rng=np.random.default_rng(step))
             lines.append("sample: " + text.replace("\n", "\n        "))
         return lines
 
     def checkpoint_meta(self) -> dict:
-        meta = {"vocab": self.vocab.to_json(), "rng": ckpt.rng_state(self.model.rng)}
+        meta = {"units": self.units.to_json(), "rng": ckpt.rng_state(self.model.rng),
+                "data": {"epoch": self.epoch, "epoch_start": self.epoch_start}}
         if self.world is not None:  # every rank's dropout generator, for a resume with as many ranks
             meta["rank_rngs"] = self.world.gather(meta["rng"])
         return meta
@@ -277,6 +431,12 @@ class CharLMJob:
         if st:  # all N streams were saved; this rank carries its own
             mine = lambda a: np.ascontiguousarray(a[:, self.cols])  # noqa: E731
             self.state = (mine(st["h"]), mine(st["c"])) if "c" in st else mine(st["h"])
+        pos = meta.get("data")
+        if pos is None:  # written before truncation strategies: fixed windows, K per epoch
+            K, step = len(self.batches), int(meta["step"])
+            pos = {"epoch": step // K, "epoch_start": step // K * K}
+        self.epoch, self.epoch_start = int(pos["epoch"]), int(pos["epoch_start"])
+        self.batches.set_epoch(self.epoch)
 
 
 def _regularizer(model):
@@ -319,7 +479,11 @@ def check_out_dir(out_dir: Path):
 
 # what the saved weights and optimizer state were made with
 _FIXED_ON_RESUME = ("model", "hidden", "layers", "embedding", "d_model", "heads", "context", "dtype", "optimizer",
-                    "layer_norm", "peephole", "tie_weights")
+                    "layer_norm", "peephole", "tie_weights", "unit", "vocab_size", "truncation")
+
+#: ``--unit word`` with the default ``--embedding 0``: the embedding size used (one-hot over a word
+#: vocabulary would make the input layer V × G).
+WORD_EMBEDDING = 256
 
 
 def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None, world=None) -> dict:
@@ -337,16 +501,12 @@ def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None, world=No
     # every rank checks the arguments; rank 0 claims the run directory (held until the run ends: a second
     # writer, or a fresh run over this one, stops with one line); a failure on any rank stops all, once
     with world.agree(_claim, cfg, world):
-        trainer, summary_line = world.agree(_prepare, cfg, Path(cfg.out), log, explicit, world)
+        trainer, summary_line, finish = world.agree(_prepare, cfg, Path(cfg.out), log, explicit, world)
         if world.size > 1:
             log(world.layout_line())
             world.broadcast_model(trainer.job.model, trainer.job.optimizer)  # one start (or resume) for all
         log(summary_line)
-        summary = trainer.run()
-    if summary["best"] is not None:
-        best = summary["best"]
-        log(f"best validation loss {best:.4f} nats/char ({best / math.log(2):.4f} bits/char); checkpoints in {cfg.out}")
-    return summary
+        return finish(trainer.run())
 
 
 def _claim(cfg: TrainConfig, world):
@@ -363,7 +523,7 @@ def _prepare(cfg: TrainConfig, out_dir: Path, log, explicit: set[str] | None, wo
     """Configuration, data, model, job and loop, ready to run (on every rank)."""
     last_path = out_dir / "last.safetensors"
 
-    # ---------------------------------------------------------------- vocabulary and configuration
+    # ---------------------------------------------------------------- units and configuration
     resume_from = None
     if cfg.resume:
         if not last_path.exists():
@@ -378,25 +538,36 @@ def _prepare(cfg: TrainConfig, out_dir: Path, log, explicit: set[str] | None, wo
             setattr(saved, name, getattr(cfg, name))
         saved.resume, saved.overwrite, cfg = True, False, saved.validate()
         resume_from = (tensors, meta)
-        vocab = Vocab.from_json(meta["vocab"])
+        units = units_from_json(meta["units"] if "units" in meta else meta["vocab"])
     elif cfg.init_from:
-        init_model, vocab, _ = load_model(cfg.init_from)
+        init_model, units, _ = load_model(cfg.init_from)
+        if units.kind != cfg.unit:
+            raise DataError(f"--init-from {cfg.init_from} predicts {units.unit_name}s; this run has --unit {cfg.unit}")
     else:
-        vocab = None
+        units = None
+    if cfg.unit == "word" and cfg.model != "transformer" and cfg.embedding == 0:
+        if "embedding" in (explicit or ()):
+            raise DataError(f"--unit word needs an embedding (one-hot over a word vocabulary is V x the gates); "
+                            f"give --embedding > 0 (default for words: {WORD_EMBEDDING})")
+        cfg.embedding = WORD_EMBEDDING
+        log(f"--unit word: --embedding {WORD_EMBEDDING} (a learned embedding instead of one-hot input)")
 
     # ---------------------------------------------------------------- data
-    ids, vocab = load_corpus(cfg, out_dir, vocab, log)
-    train_ids, val_ids, test_ids = split_corpus(ids, cfg.val_frac, cfg.test_frac)
-    batches = TBPTTBatches(train_ids, cfg.batch_size, cfg.seq_len)
+    splits = load_splits(cfg, out_dir, units, log)
+    units, train_ids, val_ids, test_ids = splits.units, splits.train, splits.val, splits.test
+    options = {}
+    if cfg.truncation == "variable" and cfg.model == "transformer":  # windows no longer than the context
+        options["max_len"] = cfg.context or cfg.seq_len
+    batches = make_batches(cfg.truncation, train_ids, cfg.batch_size, cfg.seq_len, seed=cfg.seed, **options)
     val_batches = None
-    if cfg.val_frac > 0:
+    if len(val_ids):
         try:
             val_batches = TBPTTBatches(val_ids, cfg.batch_size, cfg.seq_len)
         except DataError as e:
-            raise DataError(f"validation split ({len(val_ids)} characters) is too short: {e}") from None
+            raise DataError(f"validation split ({len(val_ids)} {units.unit_name}s) is too short: {e}") from None
 
     # ---------------------------------------------------------------- model
-    model = build_model(cfg.model_config(len(vocab)), rng=cfg.seed)
+    model = build_model(cfg.model_config(len(units)), rng=cfg.seed)
     if cfg.init_from and not cfg.resume:
         if init_model.config.to_dict() | {"dtype": cfg.dtype} != model.config.to_dict():
             log(f"--init-from: using the checkpoint's architecture {init_model.config.to_dict()}")
@@ -409,7 +580,7 @@ def _prepare(cfg: TrainConfig, out_dir: Path, log, explicit: set[str] | None, wo
 
     if world.size > 1 and world.rank > 0:  # dropout masks of its own: rank r draws from seed + r
         model.rng.bit_generator.state = np.random.default_rng(cfg.seed + world.rank).bit_generator.state
-    job = CharLMJob(cfg, model, vocab, batches, val_batches, max_steps, world=world)
+    job = CharLMJob(cfg, model, units, batches, val_batches, max_steps, val_unknown=splits.unknown["val"], world=world)
     loop = LoopConfig(out_dir=out_dir, max_steps=max_steps, max_minutes=cfg.max_time, eval_every=cfg.eval_every,
                       log_every=cfg.log_every, grad_clip=cfg.grad_clip, clip_mode=cfg.clip_mode,
                       progress=cfg.progress)
@@ -419,5 +590,41 @@ def _prepare(cfg: TrainConfig, out_dir: Path, log, explicit: set[str] | None, wo
         job.restore(*resume_from)
         log(f"resuming {last_path} at step {trainer.step}")
 
-    return trainer, (f"model: {model!r}, {model.num_parameters():,} parameters; {steps_per_epoch} steps per epoch "
-                     f"(T={cfg.seq_len}, N={cfg.batch_size}); train {len(train_ids):,} / val {len(val_ids):,} characters")
+    unit = units.unit_name
+    line = (f"model: {model!r}, {model.num_parameters():,} parameters; {steps_per_epoch} steps per epoch "
+            f"(T={cfg.seq_len}, N={cfg.batch_size}, {cfg.truncation} windows); train {len(train_ids):,} / "
+            f"val {len(val_ids):,} {unit}s")
+
+    def finish(summary: dict) -> dict:
+        """After the run: the best loss, the unknown count, the test split."""
+        if summary["best"] is not None:
+            best = summary["best"]
+            log(f"best validation loss {best:.4f} nats/{units.kind} ({best / math.log(2):.4f} bits/{units.kind}); "
+                f"checkpoints in {out_dir}")
+        if splits.unknown["val"]:
+            summary["val_unknown"] = splits.unknown["val"]
+        if len(test_ids) and world.is_main:  # rank 0 alone: it reads the checkpoint it wrote
+            summary["test"] = evaluate_test(out_dir, test_ids, units, splits.unknown["test"], log)
+        return summary
+
+    return trainer, line, finish
+
+
+def evaluate_test(out_dir: Path, test_ids: np.ndarray, units, unknown: int, log) -> dict | None:
+    """The test split, once, with the best checkpoint (the last one when there is no validation split):
+    every id predicted from all that precedes it in its stream (:func:`bptt.lm.evaluate.evaluate_ids`)."""
+    path = out_dir / "best.safetensors"
+    if not path.exists():
+        path = out_dir / "last.safetensors"
+    if not path.exists():
+        return None
+    model, _, meta = load_model(path)
+    total, count = evaluate_ids(model, test_ids)
+    result = lm_metrics(total, count, units) | {"unknown_count": int(unknown), "checkpoint": path.name,
+                                                 "step": int(meta["step"])}
+    unit, per = units.unit_name, units.kind
+    msg = (f"test ({path.name}, step {result['step']}): {result['loss']:.4f} nats/{per} "
+           f"({result['bits_per_unit']:.4f} bits/{per}")
+    msg += f", perplexity {result['perplexity']:.2f})" if units.kind == "word" else ")"
+    log(msg + f" over {count:,} {unit}s, {unknown:,} unknown (<unk>)")
+    return result

@@ -64,6 +64,8 @@ __all__ = [
     "tokenize",
     "detokenize",
     "lm_metrics",
+    "as_units",
+    "encode_prime",
 ]
 
 UNIT_KINDS = ("char", "byte", "word")
@@ -144,7 +146,11 @@ class CharUnits:
         return len(self.chars) + (self.unk_id is not None)
 
     def __eq__(self, other) -> bool:
+        if isinstance(other, Vocab):  # the same characters, the same ids: a Vocab is CharUnits without <unk>
+            return self.unk_id is None and self.chars == other.chars
         return isinstance(other, CharUnits) and (self.chars, self.unk_id) == (other.chars, other.unk_id)
+
+    __hash__ = None
 
     def __repr__(self) -> str:
         return f"CharUnits({len(self.chars)} characters{' + <unk>' if self.unk_id is not None else ''})"
@@ -158,6 +164,10 @@ class CharUnits:
 
     def unknown(self, text: str) -> list[str]:
         return self.vocab.unknown(text)
+
+    def require_known(self, text: str, what: str = "the text", model: str = "the model") -> None:
+        """DataError naming the characters of ``text`` outside the vocabulary (see :meth:`Vocab.require_known`)."""
+        self.vocab.require_known(text, what, model)
 
     def encode_counted(self, text: str, chunk_chars: int = 1 << 20) -> Encoded:
         """(L,) ids; unseen characters -> <unk> (counted), or DataError without <unk>.
@@ -506,3 +516,38 @@ def lm_metrics(total_nats: float, count: int, units) -> dict:
         "unit": units.unit_name,
         "count": int(count),
     }
+
+
+# ---------------------------------------------------------------------------- priming text
+def as_units(vocab):
+    """Units for a :class:`bptt.lm.data.Vocab` (character units without <unk>) or units unchanged."""
+    if isinstance(vocab, Vocab):
+        return CharUnits(vocab.chars)
+    return vocab
+
+
+def encode_prime(units, prime: str) -> np.ndarray:
+    """(L,) ids of a priming text given on the command line, or a DataError in one line.
+
+    Characters and words must all be known to the model (a prime is not evaluated, it steers, so an
+    <unk> would steer blindly); a byte model takes the text's UTF-8 bytes, so a command-line
+    argument that is not valid UTF-8 (Python holds its bytes as lone surrogates) is refused.
+    """
+    units = as_units(units)
+    if units.kind == "byte":
+        try:
+            data = prime.encode("utf-8")
+        except UnicodeEncodeError as e:
+            ch = ord(prime[e.start])
+            what = f"byte 0x{ch - 0xDC00:02x}" if 0xDC80 <= ch <= 0xDCFF else f"character U+{ch:04X}"
+            raise DataError(f"the priming text is not valid UTF-8 ({what} at character {e.start}); "
+                            "a byte model is primed with UTF-8 text") from None
+        return units.encode(data)
+    if units.kind == "word":
+        unknown = units.unknown(prime)
+        if unknown:
+            raise DataError(f"the priming text has {len(unknown)} word(s) this model does not know "
+                            f"({show_chars(unknown)}); prime a word model with words of its vocabulary")
+        return units.encode(prime)
+    units.require_known(prime, "the priming text")
+    return units.encode(prime)

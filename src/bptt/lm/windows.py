@@ -61,8 +61,12 @@ the same factor; requiring Σ_{p≥d} P(position p) w_p = 1 for every lag d
 forces w_p = 0 below the largest lag, so no loss weighting is unbiased
 beyond a fixed lag.  The model's backward therefore needs the per-step factor
 ``recurrent_scale`` (a (T_k,) array); :func:`bptt.nn.losses.cross_entropy`'s
-weights are not the place for it.  Without it, ARTBP windows still work as
-random-length truncation, but the gradient is biased like plain TBPTT.
+weights are not the place for it.  It is
+:func:`bptt.nn.recurrence.sequence_backward`'s ``recurrent_scale`` argument,
+reached through ``RNNBase.backward`` and ``CharLM.backward`` (``bptt train
+--truncation randomized`` passes it; see docs/data.md).  Without it, ARTBP
+windows still work as random-length truncation, but the gradient is biased
+like plain TBPTT.
 
 Every epoch's window lengths come from ``np.random.default_rng([seed, epoch])``,
 so a run resumed at (epoch, k) sees exactly the same windows: no RNG state to save.

@@ -71,19 +71,22 @@ def causal_mask(L: int, S: int | None = None) -> np.ndarray:
     return np.triu(np.ones((L, S), dtype=bool), k=1)
 
 
-def _softmax_rows(s: np.ndarray, nan_if_all_masked: bool) -> np.ndarray:
-    """softmax over the last axis of scores that may hold −∞.
+def _softmax_rows(s: np.ndarray, nan_if_all_masked: bool, overwrite: bool = False) -> np.ndarray:
+    """softmax over the last axis of scores that may hold −∞ (computed in the array s if ``overwrite``).
 
     A row of only −∞ has no softmax: it becomes zeros (PyTorch's scaled_dot_product_attention)
     or NaN (a plain softmax, as in nn.MultiheadAttention with need_weights=True)."""
     m = s.max(axis=-1, keepdims=True)
     dead = np.isneginf(m)  # (…, L, 1) rows with every key masked out
-    if not nan_if_all_masked:
+    any_dead = bool(dead.any())
+    if any_dead and not nan_if_all_masked:
         m = np.where(dead, 0.0, m)  # exp(−∞ − 0) = 0: the row sums to 0 ...
+    a = s if overwrite else s.copy()  # s is not needed after this: exp in place saves two (B, L, S) temporaries
     with np.errstate(invalid="ignore"):  # the NaN of a dead row is wanted here
-        a = np.exp(s - m)  # NaN for a dead row when m = −∞ (−∞ − (−∞))
+        a -= m  # NaN for a dead row when m = −∞ (−∞ − (−∞))
+        np.exp(a, out=a)
     z = a.sum(axis=-1, keepdims=True)
-    if not nan_if_all_masked:
+    if any_dead and not nan_if_all_masked:
         z = np.where(dead, 1.0, z)  # ... and 0 / 1 = 0
     a /= z
     return a
@@ -114,8 +117,11 @@ def _attend(q, k, v, bias, scale, p, training, rng, nan_if_all_masked):
     s = np.matmul(q, np.swapaxes(k, -1, -2))  # (B, L, S)
     s *= scale
     if bias is not None:
-        s = s + bias
-    a = _softmax_rows(s, nan_if_all_masked)
+        if np.broadcast_shapes(s.shape, bias.shape) == s.shape:
+            s += bias  # in place: s is ours
+        else:
+            s = s + bias  # (a mask may widen an unbatched call's scores)
+    a = _softmax_rows(s, nan_if_all_masked, overwrite=True)
     drop = None
     if training and p > 0.0:
         drop = dropout_mask(a.shape, p, rng, a.dtype)  # r / (1 − p)
@@ -132,8 +138,12 @@ def _attend_backward(do, cache: SDPACache, dweights=None):
     if dweights is not None:
         dat = dat + dweights
     da = dat if drop is None else dat * drop
-    ds = a * (da - np.sum(a * da, axis=-1, keepdims=True))  # softmax backward, row by row
-    ds *= scale
+    # softmax backward, row by row: ds = a ⊙ (da − Σ_S a ⊙ da), computed in da (a fresh array here)
+    row = np.einsum("...ls,...ls->...l", a, da)[..., None]  # Σ_S a ⊙ da without an (B, L, S) temporary
+    da -= row
+    da *= a
+    da *= scale
+    ds = da
     dq = np.matmul(ds, k)  # (B, L, d)
     dk = np.matmul(np.swapaxes(ds, -1, -2), q)  # (B, S, d)
     return dq, dk, dv

@@ -106,7 +106,7 @@ def sequence_forward(mode, gx, h0, c0, weights: Weights, mask=None, reverse=Fals
     return y, h, c, cache
 
 
-def sequence_backward(dy, dh_n, dc_n, cache: SequenceCache, weights: Weights, on_step=None):
+def sequence_backward(dy, dh_n, dc_n, cache: SequenceCache, weights: Weights, on_step=None, recurrent_scale=None):
     """Backpropagate through the T steps of :func:`sequence_forward`.
 
     Args:
@@ -114,6 +114,15 @@ def sequence_backward(dy, dh_n, dc_n, cache: SequenceCache, weights: Weights, on
         on_step: if given, called as ``on_step(t, dh_t, dc_t)`` at every step with the gradient reaching
             h_t (from the output and from step t+1) and, for the LSTM, the carried dc_t (None otherwise):
             what ``bptt inspect gradients`` plots.
+        recurrent_scale: (T,) factors r_t or None (all ones).  The gradient that step t carries back to
+            the state it was given is multiplied by r_t before it reaches step t − 1:
+
+                dh_{t−1} ← r_t · (∂h_t/∂h_{t−1})ᵀ dh_t        (and dc_{t−1} ← r_t · (∂c_t/∂c_{t−1})ᵀ dc_t, LSTM)
+
+            while the output gradients dy_t keep weight 1.  With r_t = 1/(1 − c_t), c_t the probability
+            that randomized truncation cuts the window before step t, this is ARTBP's unbiasing
+            (Tallec & Ollivier 2017; see :mod:`bptt.lm.windows`).  r_0 multiplies dh_0, the gradient
+            of the initial state.  Forward direction only.
 
     Returns:
         dgx (T, N, G): ∂L/∂gx, the gradient of the input projections;
@@ -123,6 +132,12 @@ def sequence_backward(dy, dh_n, dc_n, cache: SequenceCache, weights: Weights, on
     """
     mode, mask, steps = cache.mode, cache.mask, cache.steps
     T, N, P = dy.shape
+    if recurrent_scale is not None:
+        recurrent_scale = np.asarray(recurrent_scale, dtype=dy.dtype)
+        if recurrent_scale.shape != (T,):
+            raise ValueError(f"recurrent_scale must have shape (T,) = ({T},), got {recurrent_scale.shape}")
+        if cache.reverse:
+            raise ValueError("recurrent_scale is defined for the forward direction only")
     G = weights.W_hh.shape[0]
     dgx = np.empty((T, N, G), dtype=dy.dtype)
     dgh = np.empty((T, N, G), dtype=dy.dtype) if mode == "gru" else dgx
@@ -151,6 +166,10 @@ def sequence_backward(dy, dh_n, dc_n, cache: SequenceCache, weights: Weights, on
             dgx[t], dgh[t], dh_prev = gru_step_backward(dh_step, steps[t], weights.W_hh)
         else:
             dgx[t], dh_prev = rnn_step_backward(dh_step, steps[t], weights.W_hh, mode[4:])
+        if recurrent_scale is not None:  # what crosses from step t to step t − 1, and only that, is scaled
+            dh_prev = recurrent_scale[t] * dh_prev
+            if mode == "lstm":
+                dc_prev = recurrent_scale[t] * dc_prev
         if mask is None:
             dh = dh_prev
             if mode == "lstm":

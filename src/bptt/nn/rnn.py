@@ -468,16 +468,30 @@ class RNNBase(Module):
             gx += bias
 
     # ------------------------------------------------------------------ backward
-    def backward(self, doutput, dstate=None, need_input_grad=True):
+    def backward(self, doutput, dstate=None, need_input_grad=True, recurrent_scale=None):
         """Backpropagate through the last forward; see the class docstring.
 
         ``need_input_grad=False`` skips ∂L/∂x of the first layer (returned as None):
         a one-hot input has no use for it, and it costs a (T·N, G)×(G, D) product.
         After ``forward(..., one_hot=True)`` there is no input gradient either.
+
+        ``recurrent_scale`` (T,): multiply the gradient every layer carries from step t back to
+        step t − 1 by ``recurrent_scale[t]`` (ARTBP's unbiasing, see
+        :func:`bptt.nn.recurrence.sequence_backward`).  It runs the readable reference loop, so the
+        forward must have run on it too (``layer.backend = "reference"``); unidirectional layers only.
         """
+        if recurrent_scale is not None and self.regularizer is not None:
+            raise ValueError("recurrent_scale is not supported by regularised or normalised cells "
+                             "(bptt.nn.regularized_loop); use the plain layer")
         if self.regularizer is not None:
             return self.regularizer.backward(self, doutput, dstate, need_input_grad)
         ctx = self._saved(self._ctx)
+        if recurrent_scale is not None:
+            if self.bidirectional:
+                raise ValueError("recurrent_scale applies to unidirectional layers only")
+            if ctx.parts or not isinstance(ctx.layers[0].directions[0], recurrence.SequenceCache):
+                raise ValueError('recurrent_scale needs the forward run on the reference backend '
+                                 '(set layer.backend = "reference" before the forward)')
         dy = as_float_array(doutput, self._dtype, "doutput")
         T, N, KP = ctx.out_shape
         self._ctx = None  # consumed, as in PyTorch: each layer's cache is freed once its gradients are done
@@ -504,12 +518,13 @@ class RNNBase(Module):
                 for name, g in r[3].items():
                     self._own_grads[name] += g
         else:
-            dx, dh0, dc0 = self._backward_stack(ctx, dy, dh_n, dc_n, need_input_grad, kernels, self._own_grads)
+            dx, dh0, dc0 = self._backward_stack(ctx, dy, dh_n, dc_n, need_input_grad, kernels, self._own_grads,
+                                                recurrent_scale)
         if dx is not None:
             dx = dx[:, 0] if not ctx.batched else dx.transpose(1, 0, 2) if self.batch_first else dx
         return dx, self._pack_state(dh0, dc0, ctx.batched)
 
-    def _backward_stack(self, ctx, dy, dh_n, dc_n, need_input_grad, kernels, grads):
+    def _backward_stack(self, ctx, dy, dh_n, dc_n, need_input_grad, kernels, grads, recurrent_scale=None):
         """The backward of every layer from dy (T, N, K·P) as the forward of ``ctx`` ran it,
         accumulating parameter gradients into the dict ``grads``: → (dx or None, dh_0, dc_0)."""
         T, N, _ = dy.shape
@@ -542,7 +557,8 @@ class RNNBase(Module):
             t0, t1 = chunks[len(chunks) - 1 - j]
             if j == 0:
                 dy_k = dy if k == L - 1 else dxs[k + 1]
-                runs[k] = [self._start_backward(k, d, dy_k, dh_n, dc_n, ctx.layers[k].directions[d], kernels)
+                runs[k] = [self._start_backward(k, d, dy_k, dh_n, dc_n, ctx.layers[k].directions[d], kernels,
+                                                recurrent_scale)
                            for d in range(K)]
             if shifted(j) and k + 1 < L:
                 input_grad(k + 1, t0, t1)  # this layer's dy for these steps
@@ -635,7 +651,7 @@ class RNNBase(Module):
             gW_hr += dW_hr
         return dh0, dc0
 
-    def _start_backward(self, k, d, dy_k, dh_n, dc_n, cache, kernels):
+    def _start_backward(self, k, d, dy_k, dh_n, dc_n, cache, kernels, recurrent_scale=None):
         """The backward time loop of layer k, direction d, ready to run chunk by chunk.
 
         dy_k (T, N, K·P) is ∂L/∂(layer k's output), filled by the caller chunk by
@@ -650,9 +666,10 @@ class RNNBase(Module):
         dy_k = np.ascontiguousarray(dy_k)  # a batch slice's copy lives as long as this run, no longer
         args = (dy_k, None if dh_n is None else dh_n[idx], None if dc_n is None else dc_n[idx], cache,
                 recurrence.Weights(W_hh, b_hh, W_hr))
-        if kernels is not None:
+        if kernels is not None and recurrent_scale is None:
             return kernels.BackwardRun(*args)
-        return _WholeSequence(dy_k.shape[0], None, lambda: recurrence.sequence_backward(*args))
+        return _WholeSequence(dy_k.shape[0], None,
+                              lambda: recurrence.sequence_backward(*args, recurrent_scale=recurrent_scale))
 
     # ------------------------------------------------------------------ stateful stepping
     def layer_weights(self, k: int, d: int = 0):

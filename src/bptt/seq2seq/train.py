@@ -34,9 +34,10 @@ from bptt.lm.data import DataError
 from bptt.nn.optim import OPTIMIZERS, make_optimizer, make_schedule
 from bptt.rundir import claim_run_dir
 from bptt.seq2seq.data import SeqData
-from bptt.seq2seq.decode import evaluate
+from bptt.seq2seq.decode import decode_max_len, evaluate
 from bptt.seq2seq.model import Batch, Seq2Seq, Seq2SeqConfig, train_step
 from bptt.seq2seq.tasks import TASKS, TokenVocab, get_task
+from bptt.seq2seq.transformer import TransformerSeq2Seq, TransformerSeq2SeqConfig
 from bptt.trainer import LoopConfig, StepResult, Trainer
 
 __all__ = ["Seq2SeqTrainConfig", "Seq2SeqJob", "train", "load_model", "CKPT_NAME", "KIND"]
@@ -52,13 +53,17 @@ class Seq2SeqTrainConfig:
     task: str | None = field(default=None, metadata={"help": "built-in task, generated on the fly", "choices": sorted(TASKS)})
     data: str | None = field(default=None, metadata={"help": "TSV file, one 'source<TAB>target' pair per line"})
     level: str = field(default="char", metadata={"help": "tokens of --data", "choices": ["char", "word"]})
+    arch: str = field(default="rnn", metadata={"help": "recurrent encoder-decoder with attention, or a Transformer", "choices": ["rnn", "transformer"]})
     attention: str = field(default="general", metadata={"help": "attention score", "choices": ["none", "dot", "general", "additive"]})
     cell: str = field(default="lstm", metadata={"help": "recurrent cell", "choices": ["lstm", "gru", "rnn"]})
     hidden: int = field(default=128, metadata={"help": "decoder hidden size (encoder: half per direction if bidirectional)"})
-    layers: int = field(default=1, metadata={"help": "stacked recurrent layers"})
+    layers: int = field(default=1, metadata={"help": "stacked recurrent layers (transformer: encoder layers, and as many decoder layers)"})
+    d_model: int = field(default=128, metadata={"help": "transformer: model width"})
+    heads: int = field(default=4, metadata={"help": "transformer: attention heads (must divide --d-model)"})
+    ff: int = field(default=0, metadata={"help": "transformer: feed-forward width (0: 4 x --d-model)"})
     bidirectional: bool = field(default=False, metadata={"help": "bidirectional encoder"})
     embedding: int = field(default=32, metadata={"help": "token embedding size"})
-    dropout: float = field(default=0.0, metadata={"help": "between stacked recurrent layers"})
+    dropout: float = field(default=0.0, metadata={"help": "between stacked recurrent layers (transformer: every dropout of nn.Transformer, and on the embeddings)"})
     batch_size: int = field(default=64, metadata={"help": "pairs per batch"})
     optimizer: str = field(default="adam", metadata={"help": "optimizer", "choices": sorted(OPTIMIZERS)})
     lr: float = field(default=2e-3, metadata={"help": "learning rate"})
@@ -84,8 +89,12 @@ class Seq2SeqTrainConfig:
             problems.append("give either --task or --data, not both")
         problems += check_fields(
             self, positive_ints=("hidden", "layers", "embedding", "batch_size", "max_steps", "eval_every", "log_every"),
-            nonneg_ints=("eval_size",), positive_floats=("lr",), nonneg_floats=("clip", "max_time"),
+            nonneg_ints=("eval_size", "ff"), positive_floats=("lr",), nonneg_floats=("clip", "max_time"),
             rates=("dropout",), probabilities=("teacher_forcing",))
+        if self.arch == "transformer":
+            problems += check_fields(self, positive_ints=("d_model", "heads"))
+            if not problems and self.d_model % self.heads:
+                problems.append(f"--d-model ({self.d_model}) must be divisible by --heads ({self.heads})")
         if problems:
             raise DataError("; ".join(problems))
         return self
@@ -95,7 +104,12 @@ class Seq2SeqTrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
-    def model_config(self, data: SeqData) -> Seq2SeqConfig:
+    def model_config(self, data: SeqData) -> Seq2SeqConfig | TransformerSeq2SeqConfig:
+        if self.arch == "transformer":
+            longest = max(data.max_src_len, decode_max_len(data.max_tgt_len)) + 1
+            return TransformerSeq2SeqConfig(src_vocab=len(data.src_vocab), tgt_vocab=len(data.tgt_vocab),
+                                            d_model=self.d_model, heads=self.heads, layers=self.layers, ff=self.ff,
+                                            dropout=self.dropout, max_len=max(1024, longest))
         return Seq2SeqConfig(src_vocab=len(data.src_vocab), tgt_vocab=len(data.tgt_vocab), embedding=self.embedding,
                              hidden=self.hidden, layers=self.layers, cell=self.cell, bidirectional=self.bidirectional,
                              attention=self.attention, dropout=self.dropout)
@@ -176,17 +190,30 @@ class Seq2SeqJob:
         return {}
 
 
+def config_arch(config: dict) -> str:
+    """"transformer" or "rnn" (checkpoints from before the Transformer carry no ``arch``)."""
+    return config.get("arch", "rnn")
+
+
+def build_model(config: dict, rng=None):
+    """A Seq2Seq or a TransformerSeq2Seq from a checkpoint's ``config``."""
+    if config_arch(config) == "transformer":
+        return TransformerSeq2Seq(TransformerSeq2SeqConfig.from_dict(config), rng=rng)
+    return Seq2Seq(Seq2SeqConfig.from_dict(config), rng=rng)
+
+
 def load_model(path):
-    """(model, meta, SeqData without training pairs) from a checkpoint."""
+    """(model, meta, SeqData without training pairs) from a checkpoint (either architecture)."""
     tensors, meta = ckpt.load_checkpoint_of_kind(path, KIND, "a seq2seq model")
     try:
-        model = Seq2Seq(Seq2SeqConfig.from_dict(meta["config"]))
+        model = build_model(meta["config"])
         model.load_state_dict(tensors.get("model", {}))
         data = SeqData(level=meta["level"], src_vocab=TokenVocab.from_json(meta["src_vocab"]),
                        tgt_vocab=TokenVocab.from_json(meta["tgt_vocab"]),
                        max_src_len=meta["max_src_len"], max_tgt_len=meta["max_tgt_len"])
     except (KeyError, TypeError, ValueError) as e:
-        raise ckpt.CheckpointError(f"{path}: checkpoint contents do not fit a Seq2Seq model ({e})") from None
+        raise ckpt.CheckpointError(f"{path}: checkpoint contents do not fit a {config_arch(meta.get('config') or {})} "
+                                   f"seq2seq model ({e})") from None
     model.eval()
     if meta.get("task"):
         data.task = get_task(meta["task"])
@@ -234,14 +261,18 @@ def _prepare(cfg: Seq2SeqTrainConfig, out: Path, log, world) -> Trainer:
         if (TokenVocab.from_json(meta["src_vocab"]) != data.src_vocab
                 or TokenVocab.from_json(meta["tgt_vocab"]) != data.tgt_vocab):
             raise DataError(f"--resume: the data's vocabularies differ from the checkpoint's ({ckpt_path})")
-        config = Seq2SeqConfig.from_dict(meta["config"])
+        saved_arch = config_arch(meta["config"])
+        if saved_arch != cfg.arch:
+            raise DataError(f"--resume: {ckpt_path} holds a {saved_arch} model; it cannot resume as --arch {cfg.arch} "
+                            f"(give --arch {saved_arch})")
+        config = meta["config"]
         rng = ckpt.restore_rng(meta["rng"])
         resume_from = (tensors, meta)
     else:
-        config = cfg.model_config(data)
+        config = cfg.model_config(data).to_dict()
         rng = np.random.default_rng(cfg.seed)
     model_rng = np.random.default_rng(cfg.seed)  # init, then dropout
-    model = Seq2Seq(config, rng=model_rng)
+    model = build_model(config, rng=model_rng)
     if world.size > 1 and world.rank > 0:  # dropout masks of its own: rank r draws from seed + r
         model_rng.bit_generator.state = np.random.default_rng(cfg.seed + world.rank).bit_generator.state
     job = Seq2SeqJob(cfg, model, data, rng, world=world)

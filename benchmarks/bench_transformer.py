@@ -1,0 +1,202 @@
+"""bptt vs PyTorch on CPU: a Transformer encoder layer (training step) and causal generation.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_transformer.py [--quick] [--threads 2]
+
+Method (as ``bench_layers.py``, whose ``alternate`` and ``sgemm_peak`` this script uses)
+------
+* One process, the same weights (bptt's state dict loaded into torch), float32, the same thread
+  count (threadpoolctl for numpy's BLAS, ``torch.set_num_threads`` for torch).  The two sides
+  alternate; each figure is the median over the alternating turns (idle gap, untimed warm-up,
+  then 3 timed calls).  The header prints numpy's BLAS (threadpoolctl's ``internal_api`` and
+  ``architecture``: the kernel OpenBLAS picked) and the 2048³ sgemm rate of both libraries, measured
+  in the same run.  Run with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE unset so that OpenBLAS picks its
+  own kernel for the CPU.
+* layer: one ``TransformerEncoderLayer(E, h, 4E, dropout=0, activation='gelu', norm_first=True)``
+  (the block of bptt's TransformerLM) on x (T, N, E) with the causal mask; train = forward + backward
+  of ``Σ out ⊙ G`` including the input's gradient (torch: train mode, autograd, ``x.requires_grad_()``).
+  GFLOP/s counts the matrix products only (2 flops per multiply-add): per position the four
+  projections 4E² and the feed-forward 8E², per query the two attention products 2·T·E (the causal
+  mask does not halve them: both libraries compute the whole square), forward; training 3×.
+* generation: a TransformerLM (4 layers, d_model 128, 4 heads, context 512, V = 65) at batch 1
+  generates N_CHARS characters greedily (argmax, so both sides follow the same path).  bptt: ``step``
+  with its key/value cache (one position per call).  torch: ``nn.TransformerEncoder`` with the causal
+  mask run on the whole prefix at every step under ``no_grad`` in eval mode: torch's nn.Transformer
+  modules have no key/value cache (``nn.MultiheadAttention`` takes the full key/value sequences on
+  every call), so re-running the prefix is what they offer.  Incremental decoding in torch would
+  have to be written by hand from ``F.scaled_dot_product_attention``; not done here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_layers  # noqa: E402  (alternate, sgemm_peak, GAP/WARM)
+
+LAYERS = [(12, 64, 128, 4), (16, 256, 384, 6)]  # (N, T, E, h)
+
+
+def layer_flops(N, T, E):
+    per_pos = 2 * (4 * E * E + 8 * E * E) + 2 * 2 * T * E
+    return 3 * N * T * per_pos  # training: forward + two products per forward product
+
+
+def build_layer(N, T, E, h, seed=0):
+    import torch
+
+    from bptt.nn.multihead import causal_mask
+    from bptt.nn.transformer import TransformerEncoderLayer
+
+    ours = TransformerEncoderLayer(E, h, 4 * E, dropout=0.0, activation="gelu", norm_first=True, rng=seed)
+    theirs = torch.nn.TransformerEncoderLayer(E, h, 4 * E, dropout=0.0, activation="gelu", norm_first=True)
+    theirs.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in ours.state_dict().items()})
+    theirs.train()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((T, N, E)).astype(np.float32)
+    G = rng.standard_normal((T, N, E)).astype(np.float32)
+    mask = causal_mask(T)
+    xt = torch.from_numpy(x.copy()).requires_grad_()
+    Gt = torch.from_numpy(G.copy())
+    tmask = torch.nn.Transformer.generate_square_subsequent_mask(T)
+
+    def ours_train():
+        ours.zero_grad()
+        ours.forward(x, src_mask=mask, is_causal=True)
+        ours.backward(G)
+
+    def torch_train():
+        theirs.zero_grad()
+        xt.grad = None
+        (theirs(xt, src_mask=tmask, is_causal=True) * Gt).sum().backward()
+
+    # the same numbers (so the timings compare the same work)
+    ours.zero_grad()
+    y = ours.forward(x, src_mask=mask, is_causal=True)
+    dx = ours.backward(G)
+    torch_train()
+    err_y = np.abs(y - theirs(xt, src_mask=tmask, is_causal=True).detach().numpy()).max()
+    err_dx = np.abs(dx - xt.grad.numpy()).max() / np.abs(dx).max()
+    return ours_train, torch_train, max(err_y, err_dx)
+
+
+def build_generation(n_chars, seed=0, V=65, L=4, E=128, h=4, C=512):
+    import torch
+
+    from bptt.lm.transformer import TransformerLM, TransformerLMConfig
+
+    lm = TransformerLM(TransformerLMConfig(V, layers=L, d_model=E, heads=h, context=C), rng=seed)
+    lm.eval()
+    nn = torch.nn
+
+    class TorchLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(V, E)
+            self.pos = nn.Embedding(C, E)
+            layer = nn.TransformerEncoderLayer(E, h, 4 * E, 0.0, "gelu", norm_first=True)
+            self.encoder = nn.TransformerEncoder(layer, L, norm=nn.LayerNorm(E), enable_nested_tensor=False)
+            self.decoder = nn.Linear(E, V)
+
+        def forward(self, x):  # x (T, 1)
+            T = x.shape[0]
+            e = self.embed(x) + self.pos(torch.arange(T))[:, None]
+            mask = nn.Transformer.generate_square_subsequent_mask(T)
+            return self.decoder(self.encoder(e, mask=mask, is_causal=True))
+
+    tm = TorchLM()
+    tm.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in lm.state_dict().items()})
+    tm.eval()
+
+    def ours_generate():
+        lm.reset_state()
+        c, out = 0, []
+        for _ in range(n_chars):
+            c = int(np.argmax(lm.step(np.array([c]))[0]))
+            out.append(c)
+        return out
+
+    def torch_generate():
+        ids = [0]
+        with torch.no_grad():
+            for _ in range(n_chars):
+                logits = tm(torch.tensor(ids)[:, None])
+                ids.append(int(logits[-1, 0].argmax()))
+        return ids[1:]
+
+    same = ours_generate() == torch_generate()
+    return ours_generate, torch_generate, same
+
+
+def blas_info():
+    from threadpoolctl import threadpool_info
+
+    for lib in threadpool_info():
+        if lib.get("user_api") == "blas" and "numpy" in lib.get("filepath", ""):
+            return f"{lib.get('internal_api')} {lib.get('version')} kernel {lib.get('architecture')}"
+    blas = [lib for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    return ", ".join(f"{b.get('internal_api')} {b.get('architecture')} ({os.path.basename(b['filepath'])})"
+                     for b in blas) or "unknown"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and 100 characters (< 60 s)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=None, help="alternating turns per figure (default 7, quick 3)")
+    ap.add_argument("--chars", type=int, default=None, help="characters generated (default 500, quick 100)")
+    ap.add_argument("--gen-repeat", type=int, default=None, help="generation turns (default 3, quick 1)")
+    ap.add_argument("--gap", type=float, default=0.3)
+    ap.add_argument("--warm", type=float, default=0.15)
+    ap.add_argument("--no-generation", action="store_true")
+    args = ap.parse_args(argv)
+    bench_layers.GAP[0], bench_layers.WARM[0] = args.gap, args.warm
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    repeat = args.repeat or (3 if args.quick else 7)
+    chars = args.chars or (100 if args.quick else 500)
+    gen_repeat = args.gen_repeat or (1 if args.quick else 3)
+
+    peak, torch_peak = bench_layers.sgemm_peak()
+    env = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if os.environ.get(k)}
+    print(f"# bptt vs PyTorch {torch.__version__}: Transformer (CPU, float32, {args.threads} threads)\n")
+    print(f"numpy BLAS: {blas_info()}; env overrides: {env or 'none'}")
+    print(f"float32 2048³ GEMM measured in this run: numpy {peak:.1f}, torch {torch_peak:.1f} GFLOP/s.  "
+          f"Medians of {repeat} alternating turns.\n")
+    print("| layer (N, T, E, h) | ms bptt | ms torch | torch/bptt | GFLOP/s bptt | GFLOP/s torch | max diff |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for N, T, E, h in LAYERS:
+        ot, tt, err = build_layer(N, T, E, h)
+        big = N * T * E > 200_000
+        a, b = bench_layers.alternate(ot, tt, repeat, inner=1 if (args.quick and big) else 3)
+        fl = layer_flops(N, T, E)
+        print(f"| ({N}, {T}, {E}, {h}) fwd+bwd | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f}× | "
+              f"{fl / a / 1e9:.1f} | {fl / b / 1e9:.1f} | {err:.1e} |", flush=True)
+    if args.no_generation:
+        return
+    og, tg, same = build_generation(chars)
+    to, tt_ = [], []
+    for _ in range(gen_repeat):
+        for fn, times in ((og, to), (tg, tt_)):
+            time.sleep(args.gap)
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    a, b = statistics.median(to), statistics.median(tt_)
+    print(f"\ngeneration, batch 1, {chars} characters, 4 layers × 128, 4 heads (greedy; same characters: {same}):")
+    print(f"  bptt step() with KV cache   {a:.3f} s  ({a / chars * 1e3:.2f} ms/char)")
+    print(f"  torch, whole prefix per step {b:.3f} s  ({b / chars * 1e3:.2f} ms/char)")
+    print(f"  torch/bptt {b / a:.2f}×  (median of {gen_repeat}; torch's nn.Transformer modules have no KV cache)")
+
+
+if __name__ == "__main__":
+    main()
