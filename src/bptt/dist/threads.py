@@ -14,7 +14,7 @@ already took effect and are left alone).
 
 bptt's own threads follow the BLAS setting: :func:`bptt.kernels.blas_threads`
 reads it and sizes the wavefront and the batch split from it.  Numba's thread
-count is set too, for any parallel Numba code (bptt's kernels are serial).
+count is set too when Numba is not imported yet (bptt's kernels are serial).
 """
 
 from __future__ import annotations
@@ -57,19 +57,19 @@ def apply_thread_budget(threads: int) -> None:
     """Limit BLAS (through threadpoolctl, for the rest of the process) and Numba to ``threads``.
 
     Environment variables are set as well (if not set already), for libraries
-    not loaded yet and for child processes.
+    not loaded yet and for child processes.  Numba reads ``NUMBA_NUM_THREADS``
+    when it is imported and re-reads it before every compilation, refusing a
+    value different from the one its threads started with; so the variable is
+    set only while Numba is not imported yet, and an imported Numba is left
+    alone (bptt's kernels are serial: its thread count costs nothing).
     """
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(threads))
+    if "numba" not in sys.modules:
+        os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))
     try:
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(limits=threads, user_api="blas")  # not used as a context: stays in force
     except Exception:  # threadpoolctl missing or a BLAS it cannot drive: the env vars are all we can do
         pass
-    numba = sys.modules.get("numba")
-    if numba is not None:  # already imported: NUMBA_NUM_THREADS was read, set the count directly
-        try:
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        except Exception:
-            pass
