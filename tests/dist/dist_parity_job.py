@@ -39,8 +39,8 @@ def train(world, optimizer="adam", batch=N, steps=STEPS):
         ids = data.integers(0, V, size=(T + 1, batch))  # the global window: every rank draws it whole
         x, y = ids[:-1, cols], ids[1:, cols]
         opt.zero_grad()
-        _, state = model.loss(x, y, state)
-        model.backward()
+        _, dlogits, state = model.loss(x, y, state)
+        model.backward(dlogits)
         world.allreduce_grads(model, w)
         clip_grad_norm(model, 0.5)  # after the reduction: the norm of the full-batch gradient
         opt.step()

@@ -21,13 +21,16 @@ def test_charlm_gradcheck(model, embedding, dropout):
     x, y = rng.integers(0, 6, (4, 3)), rng.integers(0, 6, (4, 3))
     seed_state = lm.rng.bit_generator.state
 
-    def loss():  # the same dropout masks on every call
+    def forward_loss():  # the same dropout masks on every call
         lm.rng.bit_generator.state = seed_state
-        return lm.loss(x, y)[0]
+        return lm.loss(x, y)
 
-    loss()
+    def loss():
+        return forward_loss()[0]
+
+    _, dlogits, _ = forward_loss()
     lm.zero_grad()
-    lm.backward()
+    lm.backward(dlogits)
     errors = gradcheck(loss, lm.params, lm.grads, eps=1e-5, tol=1e-7)  # small grads: a larger step beats roundoff
     assert max(errors.values()) < 1e-7
 
@@ -53,9 +56,9 @@ def test_charlm_matches_a_torch_model_with_the_same_names(torch):
     logits = tm(torch.tensor(x))
     tloss = torch.nn.functional.cross_entropy(logits.reshape(-1, 7), torch.tensor(y).reshape(-1))
     tloss.backward()
-    loss, _ = lm.loss(x, y)
+    loss, dlogits, _ = lm.loss(x, y)
     lm.zero_grad()
-    lm.backward()
+    lm.backward(dlogits)
     assert abs(loss - tloss.item()) < 1e-12
     for name, p in tm.named_parameters():
         assert rel_error(lm.grads[name], p.grad.numpy()) < 1e-10, name
@@ -71,9 +74,9 @@ def test_overfits_one_batch():
     x, y = rng.integers(0, 10, (12, 4)), rng.integers(0, 10, (12, 4))
     first = lm.loss(x, y)[0]
     for _ in range(200):
-        loss, _ = lm.loss(x, y)
+        loss, dlogits, _ = lm.loss(x, y)
         lm.zero_grad()
-        lm.backward()
+        lm.backward(dlogits)
         opt.step()
     assert abs(first - math.log(10)) < 0.2
     assert loss < 0.05

@@ -26,14 +26,17 @@ def test_charlm_gradcheck_with_every_option(model, extra):
     x, y = rng.integers(0, 6, (4, 3)), rng.integers(0, 6, (4, 3))
     seed_state = lm.rng.bit_generator.state
 
-    def loss():  # the same masks on every call
+    def forward_loss():  # the same masks on every call
         lm.rng.bit_generator.state = seed_state
         lm.rnn.regularizer.reset_masks()
-        return lm.loss(x, y)[0]
+        return lm.loss(x, y)
 
-    loss()
+    def loss():
+        return forward_loss()[0]
+
+    _, dlogits, _ = forward_loss()
     lm.zero_grad()
-    lm.backward()
+    lm.backward(dlogits)
     errors = gradcheck(loss, lm.params, lm.grads, eps=1e-5, tol=1e-7)
     assert max(errors.values()) < 1e-7
 
@@ -43,9 +46,9 @@ def test_tied_weights_sum_both_gradients():
     cfg = CharLMConfig(vocab_size=5, hidden=4, layers=1, embedding=4, tie_weights=True, dtype="float64")
     lm = CharLM(cfg, rng=0)
     x, y = np.array([[0, 1], [2, 3]]), np.array([[1, 2], [3, 4]])
-    lm.loss(x, y)
+    _, dlogits, _ = lm.loss(x, y)
     lm.zero_grad()
-    lm.backward()
+    lm.backward(dlogits)
     total = lm.grads["embed.weight"].copy()
     h, _ = lm.rnn(lm.embed(x))  # the decoder's input (no dropout: off)
     logits, _ = lm.forward(x)
@@ -134,9 +137,9 @@ def test_embedding_dropout_drops_whole_rows():
     lm = CharLM(cfg, rng=3)
     x = np.tile(np.arange(8), (6, 1))  # every character at every position
     y = np.roll(x, 1, axis=1)
-    lm.loss(x, y)
+    _, dlogits, _ = lm.loss(x, y)
     lm.zero_grad()
-    lm.backward()
+    lm.backward(dlogits)
     row_norms = np.abs(lm.grads["embed.weight"]).sum(axis=1)
     assert (row_norms == 0).sum() >= 1 and (row_norms > 0).sum() >= 1
 
@@ -167,14 +170,17 @@ def test_charlm_gradcheck_one_hot_input_with_layer_options():
     x, y = rng.integers(0, 6, (4, 3)), rng.integers(0, 6, (4, 3))
     seed_state = lm.rng.bit_generator.state
 
-    def loss():
+    def forward_loss():
         lm.rng.bit_generator.state = seed_state
         lm.rnn.regularizer.reset_masks()
-        return lm.loss(x, y)[0]
+        return lm.loss(x, y)
 
-    loss()
+    def loss():
+        return forward_loss()[0]
+
+    _, dlogits, _ = forward_loss()
     lm.zero_grad()
-    lm.backward()
+    lm.backward(dlogits)
     errors = gradcheck(loss, lm.params, lm.grads, eps=1e-5, tol=1e-7)
     assert max(errors.values()) < 1e-7
 

@@ -22,13 +22,16 @@ def test_transformer_lm_gradcheck(dropout):
     x, y = rng.integers(0, 7, (5, 3)), rng.integers(0, 7, (5, 3))
     seed_state = lm.rng.bit_generator.state
 
-    def loss():  # the same dropout masks on every call
+    def forward_loss():  # the same dropout masks on every call
         lm.rng.bit_generator.state = seed_state
-        return lm.loss(x, y)[0]
+        return lm.loss(x, y)
 
-    loss()
+    def loss():
+        return forward_loss()[0]
+
+    _, dlogits, _ = forward_loss()
     lm.zero_grad()
-    lm.backward()
+    lm.backward(dlogits)
     errors = gradcheck(loss, lm.params, lm.grads, eps=1e-5, tol=1e-7)
     assert max(errors.values()) < 1e-7
     assert np.all(lm.grads["pos.weight"][5] == 0)  # position 5 is beyond the window of 5
@@ -63,10 +66,10 @@ def test_transformer_lm_matches_torch(torch):
     x, y = rng.integers(0, V, (T, N)), rng.integers(0, V, (T, N))
     tl = nn.functional.cross_entropy(tm(torch.tensor(x)).reshape(-1, V), torch.tensor(y).reshape(-1))
     tl.backward()
-    loss, state = lm.loss(x, y)
+    loss, dlogits, state = lm.loss(x, y)
     assert state is None
     lm.zero_grad()
-    lm.backward()
+    lm.backward(dlogits)
     assert abs(loss - tl.item()) < 1e-12
     for name, p in tm.named_parameters():
         assert rel_error(lm.grads[name], p.grad.numpy()) < 1e-10, name
@@ -117,9 +120,9 @@ def test_learns_a_repeating_sequence():
     opt = Adam(lm, lr=1e-2)
     first = lm.loss(x, y)[0]
     for _ in range(60):
-        loss, _ = lm.loss(x, y)
+        loss, dlogits, _ = lm.loss(x, y)
         lm.zero_grad()
-        lm.backward()
+        lm.backward(dlogits)
         opt.step()
     assert first > 1.8 and loss < 0.1
 

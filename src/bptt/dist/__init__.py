@@ -10,8 +10,8 @@ and under ``mpiexec -n K``::
     world.broadcast_model(model, optimizer) # everyone starts from rank 0's weights
     rows = world.shard(N)                   # this rank's rows of the global batch
     for step in ...:
-        loss = model.loss(x[:, rows], y[:, rows])   # mean over this rank's rows
-        model.backward()
+        loss, dlogits, _ = model.loss(x[:, rows], y[:, rows])   # mean over this rank's rows
+        model.backward(dlogits)
         world.allreduce_grads(model, world.weight(N))   # now the full-batch mean gradient
         clip_grad_norm(model, 5.0); optimizer.step()
     if world.is_main: save(...)

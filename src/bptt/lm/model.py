@@ -152,7 +152,6 @@ class CharLM(Module):
             for name, p, _ in self.rnn.named_parameters():
                 if name.startswith(target):
                     p[gate_slice("lstm", "f", H)] += config.forget_bias
-        self._dlogits = None
         self._row_keep = None  # (T, N, 1) embedding-dropout factors of the last forward's rows
 
     @property
@@ -203,22 +202,20 @@ class CharLM(Module):
         return self.decoder(self.drop(h)), state
 
     def loss(self, ids, targets, state=None):
-        """Mean cross-entropy in nats per character; the gradient is kept for :meth:`backward`."""
+        """Mean cross-entropy in nats per character → ``(loss, dlogits, final state)``: the loss contract
+        of every model (``(loss, dlogits)``, :mod:`bptt.nn.losses`), plus the state a language model carries."""
         logits, state = self.forward(ids, state)
-        loss, self._dlogits = cross_entropy(logits, targets)
-        return loss, state
+        loss, dlogits = cross_entropy(logits, targets)
+        return loss, dlogits, state
 
-    def backward(self, dlogits=None, recurrent_scale=None):
-        """Backprop from ∂L/∂logits (default: the one saved by :meth:`loss`) into every parameter.
+    def backward(self, dlogits, recurrent_scale=None):
+        """Backprop from ∂L/∂logits (the ``dlogits`` of :meth:`loss`) into every parameter.
 
         ``recurrent_scale`` (T,): ARTBP's factors on the gradient carried from step t to t − 1 in
         every layer (see :meth:`bptt.nn.rnn.RNNBase.backward`; the forward must have run with
         ``self.rnn.backend = "reference"``).  Every path from a loss at step u to step t < u crosses
         each boundary t < j ≤ u once, in some layer, so every path gets the factor Π r_j.
         """
-        if dlogits is None:
-            dlogits = self._saved(self._dlogits)
-            self._dlogits = None
         dh = self.drop.backward(self.decoder.backward(dlogits))
         # the final state's gradient is 0 (truncated BPTT); a one-hot input needs no gradient
         de, _ = self.rnn.backward(dh, need_input_grad=self.embed is not None, recurrent_scale=recurrent_scale)

@@ -343,15 +343,15 @@ class CharLMJob:
             # the reference loop's per-step products are small: one BLAS thread runs them 3-4x faster
             # than two that wait for each other (measured 0.22-0.41 s against 0.92-1.40 s a step, 2x256)
             with single_thread_blas() if randomized else model.blas_scope(*x.shape):
-                loss, self.state = model.loss(x, y, self.state)
+                loss, dlogits, self.state = model.loss(x, y, self.state)
                 stats = None
                 if cfg.log_hidden_stats and (step + 1) % cfg.log_hidden_stats == 0:
                     stats = model.rnn.hidden_state_stats()  # mean and variance of h per layer, from this forward
                 if math.isfinite(loss):  # the loop stops on a non-finite loss; no gradient is needed then
                     if randomized:
-                        model.backward(recurrent_scale=w.recurrent_scale)
+                        model.backward(dlogits, recurrent_scale=w.recurrent_scale)
                     else:
-                        model.backward()
+                        model.backward(dlogits)
         finally:
             if randomized:
                 model.rnn.backend = backend

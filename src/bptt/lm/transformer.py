@@ -123,7 +123,6 @@ class TransformerLM(Module):
             else:
                 residual = name.endswith("out_proj.weight") or name.endswith("linear2.weight")
                 p[...] = (0.02 / np.sqrt(2 * c.layers) if residual else 0.02) * self.rng.standard_normal(p.shape)
-        self._dlogits = None
         self._cache = None  # step(): per layer (keys, values) (N, h, C, d) and the next position
 
     @property
@@ -159,16 +158,14 @@ class TransformerLM(Module):
         return self.decoder(h), None
 
     def loss(self, ids, targets, state=None):
-        """Mean cross-entropy in nats per character; the gradient is kept for :meth:`backward`."""
+        """Mean cross-entropy in nats per character → ``(loss, dlogits, None)``: the language models' loss
+        contract (a Transformer carries no state between windows)."""
         logits, _ = self.forward(ids)
-        loss, self._dlogits = cross_entropy(logits, targets)
-        return loss, None
+        loss, dlogits = cross_entropy(logits, targets)
+        return loss, dlogits, None
 
-    def backward(self, dlogits=None):
-        """Backprop from ∂L/∂logits (default: the one saved by :meth:`loss`) into every parameter."""
-        if dlogits is None:
-            dlogits = self._saved(self._dlogits)
-            self._dlogits = None
+    def backward(self, dlogits):
+        """Backprop from ∂L/∂logits (the ``dlogits`` of :meth:`loss`) into every parameter."""
         de = self.pos.backward(self.encoder.backward(self.decoder.backward(dlogits)))
         self.embed.backward(de)
 
