@@ -700,8 +700,8 @@ class RNNBase(Module):
         """
         ctx = self._ctx
         if ctx is None or ctx.layers is None:
-            raise ValueError("hidden_state_stats needs a forward pass that kept its cache (training mode, or "
-                             "need_backward=True)")
+            raise ValueError("hidden_state_stats needs a forward pass first, one that kept its cache (training mode, "
+                             "or need_backward=True)")
         out = {}
         parts = [sub for _, sub in ctx.parts] or [ctx]  # batch slices run in threads: their rows, in order
         for k in range(len(parts[0].layers)):
