@@ -17,6 +17,7 @@ from test_loops import make, path  # noqa: F401  (path: the kernel-path fixture)
 import bptt
 from bptt import kernels
 from bptt.nn import recurrence
+from bptt.runtime import policy
 
 require_numba()
 
@@ -56,9 +57,14 @@ def assert_identical(layer, x, st, lens):
     return got
 
 
+@pytest.mark.parametrize("gx_bytes", [None, 1, 300])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("mode", MODES)
-def test_inference_forward_is_the_training_forward_bit_for_bit(mode, dtype, path):  # noqa: F811
+def test_inference_forward_is_the_training_forward_bit_for_bit(mode, dtype, gx_bytes, path, monkeypatch):  # noqa: F811
+    """gx_bytes: the input pre-activations made a chunk at a time (1 byte: one step a chunk;
+    300: a few steps, chunks of unequal length) or, None, the default (the whole sequence here)."""
+    if gx_bytes is not None:
+        monkeypatch.setattr(policy, "INFER_GX_BYTES", gx_bytes)
     for seed, kw in enumerate([
         {},
         dict(bidir=True),
@@ -72,7 +78,8 @@ def test_inference_forward_is_the_training_forward_bit_for_bit(mode, dtype, path
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_inference_with_projection(dtype, path):  # noqa: F811
+def test_inference_with_projection(dtype, path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(policy, "INFER_GX_BYTES", 200)
     for seed, kw in enumerate([dict(proj=2), dict(proj=3, bidir=True, lengths=True, state=True)]):
         layer, x, st, lens = case("lstm", dtype, 10 + seed, **kw)
         assert_identical(layer, x, st, lens)
@@ -134,3 +141,27 @@ def test_reference_backend_keeps_its_caches_in_eval():
     assert len(directions[0].steps) == 5
     dx, _ = layer.backward(np.ones_like(out))
     assert dx.shape == x.shape
+
+
+def test_window_of_gx_rows():
+    """ForwardRun(keep=False, length=T) over a window of gx rows, filled chunk by chunk through
+    gx_rows, equals the whole sequence; chunks out of turn or too long are refused."""
+    rng = np.random.default_rng(4)
+    T, N, H = 7, 2, 3
+    W = recurrence.Weights(rng.standard_normal((4 * H, H)), None, None)
+    gx = rng.standard_normal((T, N, 4 * H))
+    h0, c0 = rng.standard_normal((N, H)), rng.standard_normal((N, H))
+    want = kernels.sequence_forward("lstm", gx, h0, c0, W)
+    run = kernels.ForwardRun("lstm", h0, c0, W, np.empty((3, N, 4 * H)), keep=False, length=T)
+    for t0, t1 in ((0, 3), (3, 5), (5, 7)):
+        run.gx_rows(t0, t1)[...] = gx[t0:t1]
+        run.steps(t0, t1)
+    y, h_n, c_n, cache = run.result()
+    assert cache is None and np.array_equal(y, want[0]) and np.array_equal(h_n, want[1])
+    assert np.array_equal(c_n, want[2])
+    with pytest.raises(ValueError, match="does not fit"):
+        run.gx_rows(0, 4)
+    with pytest.raises(RuntimeError, match="window holds"):
+        run.steps(3, 5)
+    with pytest.raises(ValueError, match="keep=False"):
+        kernels.ForwardRun("lstm", h0, c0, W, np.empty((3, N, 4 * H)), length=T)

@@ -97,7 +97,7 @@ if HAVE_NUMBA:
                 rnn_fw_step(t, rev, a, gx, hs, y, gates, mask, has_mask, kind == 1)
 
     @njit(**JIT)
-    def _infer_loop(kind, rev, t0, t1, turn, gemm, one, zero, gx, WhhT, b_hh, WhrT, hs, cs, y, gates, aux, m_one,
+    def _infer_loop(kind, rev, t0, t1, turn, g0, gemm, one, zero, gx, WhhT, b_hh, WhrT, hs, cs, y, gates, aux, m_one,
                     mask, has_mask, proj, WhhP, WhrP, tmp):
         """``_forward_loop`` keeping nothing for a backward: the same product and the same step
         function per step, so the same outputs bit for bit, but the step's activated gates (and
@@ -107,7 +107,8 @@ if HAVE_NUMBA:
         Each step runs at time index 0 of one-step views gx[t:t+1], y[t:t+1], mask[t:t+1].  A
         step reads its state at hs[0 + r] and writes it at hs[1 − r] (r its ``rev`` argument,
         which picks nothing else), so r = turn alternating 0, 1, 0, … makes each step read the
-        row the step before wrote.  ``turn`` (0 or 1) is the row holding the current state."""
+        row the step before wrote.  ``turn`` (0 or 1) is the row holding the current state;
+        gx may be a window of steps whose first row is step g0 (ForwardRun's ``window``)."""
         wide_vectors()
         N, G = gx.shape[1], gx.shape[2]
         a = np.empty((N, G), gx.dtype)
@@ -115,7 +116,7 @@ if HAVE_NUMBA:
         for s in range(t1 - t0):
             t = t1 - 1 - s if rev else t0 + s
             r = (turn + s) % 2  # hs[r] = h_{t−1} (and cs[r] = c_{t−1}); this step writes row 1 − r
-            gx_t, y_t = gx[t : t + 1], y[t : t + 1]
+            gx_t, y_t = gx[t - g0 : t - g0 + 1], y[t : t + 1]
             mask_t = mask[t : t + 1] if has_mask else mask
             times(gemm, one, zero, hs[r], WhhT, WhhP, tmp, a)  # a = h_{t−1} W_hhᵀ
             if kind == 2:
@@ -184,11 +185,20 @@ class ForwardRun:
     ``keep=False`` runs for inference (``_infer_loop``): the same outputs bit for bit,
     but no per-step gates, aux values or states are kept, only y (T, N, P) and the
     current state, so ``result()`` gives no cache (None) and no backward can follow.
+    It may also take gx as a window of fewer rows than the ``length`` T of the
+    sequence: the caller then fills ``gx_rows(t0, t1)`` before each ``steps(t0, t1)``
+    (chunks of at most the window's rows), and a (T, N, G) array is never made.
     """
 
-    def __init__(self, mode, h0, c0, weights, gx, mask=None, reverse=False, keep=True):
+    def __init__(self, mode, h0, c0, weights, gx, mask=None, reverse=False, keep=True, length=None):
         self.mode, self.kind, self.gx = mode, _KIND[mode], gx
         T, N, G = gx.shape
+        if length is not None and length != T:
+            if keep:
+                raise ValueError("a window of gx rows is for runs that keep no cache (keep=False)")
+            T = length
+        self.window = gx.shape[0] < T
+        self.g0 = 0  # the step of gx's first row (a window moves with the chunks)
         dtype = gx.dtype
         self.W_hh = np.ascontiguousarray(weights.W_hh, dtype=dtype)
         P = self.W_hh.shape[1]
@@ -224,9 +234,21 @@ class ForwardRun:
         self.WhrT = np.ascontiguousarray(self.W_hr.T) if self.proj else self.gates[0, :0, :0]
         self.panels = Panels()
 
+    def gx_rows(self, t0, t1):
+        """The rows of gx that ``steps(t0, t1)`` reads, for the caller to fill: gx[t0:t1], or
+        with a window its first t1 − t0 rows."""
+        if not self.window:
+            return self.gx[t0:t1]
+        if t1 - t0 > self.gx.shape[0]:
+            raise ValueError(f"a chunk of {t1 - t0} steps does not fit a window of {self.gx.shape[0]}")
+        self.g0 = t0
+        return self.gx[: t1 - t0]
+
     def steps(self, t0, t1):
         """Run times [t0, t1) (t1−1 down to t0 in the reverse direction)."""
         kind, rev, proj, dtype = self.kind, self.rev, self.proj, self.gx.dtype
+        if self.window and self.g0 != t0:
+            raise RuntimeError(f"steps({t0}, {t1}): the gx window holds the chunk from step {self.g0}")
         panels = self.panels.get(self.small, self.macs, (self.WhhT, self.WhrT if proj else None))
         gemm = None if self.small or panels else gemm_function(dtype)
         if self.small or panels or gemm is not None:
@@ -235,7 +257,7 @@ class ForwardRun:
             if not self.keep:
                 with policy.step_blas_limit(self.macs):
                     _infer_loop(
-                        kind, rev, t0, t1, self.turn, gemm, dtype.type(1), dtype.type(0), self.gx, self.WhhT,
+                        kind, rev, t0, t1, self.turn, self.g0, gemm, dtype.type(1), dtype.type(0), self.gx, self.WhhT,
                         self.b if kind == 3 else self.gates[0, 0, :0], self.WhrT, self.hs,
                         self.cs if self.cs is not None else none, self.y, self.gates,
                         self.aux if self.aux is not None else none, self.m_all if proj else none, self.mask,
@@ -268,7 +290,7 @@ class ForwardRun:
             # (the step's time index, its rev, and its time-indexed arrays: see _infer_loop when not keeping)
             i, r, gx, y, mask = t, rev, self.gx, self.y, self.mask
             if not self.keep:
-                i, r, gx, y = 0, (self.turn + s) % 2, gx[t : t + 1], y[t : t + 1]
+                i, r, gx, y = 0, (self.turn + s) % 2, gx[t - self.g0 : t - self.g0 + 1], y[t : t + 1]
                 mask = mask[t : t + 1] if self.has_mask else mask
             np.matmul(hs[i + r], self.WhhT, out=a)  # a = h_{t−1} W_hhᵀ  (BLAS)
             if kind == 2:

@@ -111,6 +111,9 @@ class _WholeSequence:
     def result(self):
         return self._result
 
+    def gx_rows(self, t0, t1):
+        return self.gx[t0:t1]
+
     @property
     def y(self):  # forward: the output;  backward: dgx
         return self._result[0]
@@ -349,6 +352,8 @@ class RNNBase(Module):
         drops = [None] + [dropout_mask((T, N, K * P), self.dropout, self.rng, self._dtype)
                           if self.training and self.dropout > 0 else None for _ in range(1, L)]
         parts = self._batch_parts(N, kernels is not None)
+        # (W_ihᵀ, bias) per layer and direction (see _input_table), made once and shared by batch slices
+        W_ihT = [[self._input_table(k, d, one_hot and k == 0) for d in range(K)] for k in range(L)]
         if not keep:
             # the inference loop's arrays (gx, y) are freed at the end of each call, the caches that
             # used to outlive it are gone: without this, each call's arrays were new pages (LSTM 2×256,
@@ -361,14 +366,15 @@ class RNNBase(Module):
                 return self._forward_stack(np.ascontiguousarray(x[:, s]), h0[:, s], None if c0 is None else c0[:, s],
                                            None if mask is None else mask[:, s],
                                            [None if m is None else m[:, s] for m in drops], one_hot, kernels, [(0, T)], 1,
-                                           keep)
+                                           W_ihT, keep)
 
             results, (output, h_n, c_n) = _run_slices([functools.partial(part, s) for s in parts])
             self._ctx = _Context([] if keep else None, batched, output.shape, one_hot, [(0, T)], 1,
                                  [(s, r[3]) for s, r in zip(parts, results)] if keep else [])
         else:
             chunks, threads = self._time_chunks(T, N, kernels is not None)
-            output, h_n, c_n, ctx = self._forward_stack(x, h0, c0, mask, drops, one_hot, kernels, chunks, threads, keep)
+            output, h_n, c_n, ctx = self._forward_stack(x, h0, c0, mask, drops, one_hot, kernels, chunks, threads, W_ihT,
+                                                        keep)
             self._ctx = ctx._replace(batched=batched)
         if not batched:
             output = output[:, 0]
@@ -376,7 +382,7 @@ class RNNBase(Module):
             output = output.transpose(1, 0, 2)
         return output, self._pack_state(h_n, c_n, batched)
 
-    def _forward_stack(self, x, h0, c0, mask, drops, one_hot, kernels, chunks, threads, keep=True):
+    def _forward_stack(self, x, h0, c0, mask, drops, one_hot, kernels, chunks, threads, W_ihT, keep=True):
         """The forward of every layer over (T, N) inputs x (checked), as a wavefront over
         ``chunks`` with ``threads`` threads: → (output (T, N, K·P), h_n, c_n, _Context);
         without ``keep`` the context's layers are None (nothing kept for a backward)."""
@@ -384,9 +390,15 @@ class RNNBase(Module):
         L, K, P = self.num_layers, self.num_directions, self.out_size
         inputs = [x] + [None if m is None else np.empty((T, N, K * P), self._dtype) for m in drops[1:]]  # after dropout
         outputs = [np.empty((T, N, K * P), self._dtype) if K == 2 else None for _ in range(L)]  # K = 1: the run's y
-        runs = [[self._start_forward(k, d, T, N, h0, c0, mask, kernels, keep) for d in range(K)] for k in range(L)]
-        # (W_ihᵀ, bias) per layer and direction, see _input_table
-        W_ihT = [[self._input_table(k, d, one_hot and k == 0) for d in range(K)] for k in range(L)]
+        window = None
+        if not keep and kernels is not None and threads == 1 and K == 1:
+            # inference layer after layer: each layer's gx made a chunk at a time into a window of
+            # steps (policy.inference_chunks), not (T, N, G) at once.  (A wavefront's threads would
+            # refill a window still being read; a reverse direction runs its chunks from the end.)
+            chunks = policy.inference_chunks(T, N * self.gate_count * self.hidden_size * self._dtype.itemsize)
+            window = max(t1 - t0 for t0, t1 in chunks)
+        runs = [[self._start_forward(k, d, T, N, h0, c0, mask, kernels, keep, window) for d in range(K)]
+                for k in range(L)]
         # With a one-hot input the bottom layer's input product is a cheap gather, so its thread
         # also makes the product feeding the layer above, for every other chunk: the threads then
         # carry about equal work (every chunk overloaded the lower thread once the gate loops got
@@ -405,7 +417,7 @@ class RNNBase(Module):
                 if drops[k] is not None:
                     inp = np.multiply(inp, drops[k][t0:t1], out=inputs[k][t0:t1])
             for d, run in enumerate(runs[k]):
-                self._input_product(k, d, inp, run.gx[t0:t1], one_hot and k == 0, W_ihT)
+                self._input_product(k, d, inp, run.gx_rows(t0, t1), one_hot and k == 0, W_ihT)
 
         def layer_chunk(k, j):  # layer k, times [t0, t1): input product, then the time loop
             t0, t1 = chunks[j]
@@ -438,17 +450,18 @@ class RNNBase(Module):
         output = layer_output(L - 1)
         return output, h_n, c_n, _Context(layers if keep else None, True, output.shape, one_hot, chunks, threads, [])
 
-    def _start_forward(self, k, d, T, N, h0, c0, mask, kernels, keep=True):
-        """The time loop of layer k, direction d, ready to run chunk by chunk (gx filled by the caller);
-        ``keep``: whether it keeps the per-step values a backward needs (the fused kernels only)."""
+    def _start_forward(self, k, d, T, N, h0, c0, mask, kernels, keep=True, window=None):
+        """The time loop of layer k, direction d, ready to run chunk by chunk (gx filled by the caller,
+        through ``run.gx_rows``); ``keep``: whether it keeps the per-step values a backward needs, and
+        ``window``: gx's rows if fewer than T (both for the fused kernels only, see ForwardRun)."""
         _, _, W_hh, b_hh, W_hr = self._direction_params(k, d)
         if self.mode != "gru":
             b_hh = None  # RNN/LSTM: folded into gx by _input_product
         idx = k * self.num_directions + d
         args = (self.mode, h0[idx], None if c0 is None else c0[idx], recurrence.Weights(W_hh, b_hh, W_hr))
-        gx = np.empty((T, N, self.gate_count * self.hidden_size), self._dtype)
+        gx = np.empty((window or T, N, self.gate_count * self.hidden_size), self._dtype)
         if kernels is not None:
-            return kernels.ForwardRun(*args, gx, mask, reverse=d == 1, keep=keep)
+            return kernels.ForwardRun(*args, gx, mask, reverse=d == 1, keep=keep, length=T)
         return _WholeSequence(T, gx, lambda: recurrence.sequence_forward(args[0], gx, *args[1:], mask, reverse=d == 1))
 
     def _input_table(self, k, d, one_hot):
