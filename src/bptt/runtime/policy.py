@@ -113,7 +113,7 @@ def batch_parts(N, macs, training, fused):
     and 16 1.20× and 1.26×; one-layer stacks, which have no wavefront, 1.24-1.44×.
     In training mode, products of ``SPLIT_MAX_MACS`` multiply-adds and more stay with
     the wavefront: the backward of a split needs a second set of weight gradients.  In
-    eval mode, where a backward is not expected (it still works, with that memory),
+    eval mode, which keeps nothing for a backward (unless ``need_backward=True``),
     every size splits: forward only, against the wavefront, LSTM 2×256 1.26×, 2×512
     1.16×, 1×1024 (N = 64) 1.05×; GRU 1.14-1.18×, RNN 1.15-1.16× at 2×512 and 1×1024
     (same process, alternating, outputs identical up to summation order).
