@@ -354,13 +354,12 @@ class RNNBase(Module):
         parts = self._batch_parts(N, kernels is not None)
         # (W_ihᵀ, bias) per layer and direction (see _input_table), made once and shared by batch slices
         W_ihT = [[self._input_table(k, d, one_hot and k == 0) for d in range(K)] for k in range(L)]
-        if not keep:
-            # the inference loop's arrays (gx, y) are freed at the end of each call, the caches that
-            # used to outlive it are gone: without this, each call's arrays were new pages (LSTM 2×256,
-            # N = 50, one thread: 3,700 page faults and 62 against 53 ms a call)
+        if len(parts) > 1 or not keep:
+            # else each step's arrays are new pages (see there): a batch slice's, freed in its worker
+            # thread, and an inference forward's, freed at the end of each call (LSTM 2×256, N = 50,
+            # one thread: 3,700 page faults and 62 against 53 ms a call)
             keep_freed_memory()
         if len(parts) > 1:  # batch slices in parallel threads, each the whole stack (see policy.batch_parts)
-            keep_freed_memory()  # else each step's caches are new pages (see there)
 
             def part(s):
                 return self._forward_stack(np.ascontiguousarray(x[:, s]), h0[:, s], None if c0 is None else c0[:, s],
