@@ -1,6 +1,7 @@
 """bptt vs PyTorch on CPU: training step, inference, per-character sampling, peak memory.
 
     python benchmarks/bench_layers.py [--quick] [--threads 2] [--repeat 7] [--out FILE]
+    python benchmarks/bench_layers.py --configs 50,50,512,512,2 --modes lstm --passes infer   (one row)
 
 Method
 ------
@@ -251,6 +252,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=None, help="timed runs per measurement (default 5, quick 3)")
     ap.add_argument("--modes", default="lstm,gru,rnn")
+    ap.add_argument("--configs", default=None,
+                    help="shapes to time instead of the grid: 'T,N,D,H,L' separated by ';' (e.g. 50,50,512,512,2)")
+    ap.add_argument("--passes", default="train,infer", help="which passes to time: train, infer or both")
     ap.add_argument("--torch-mkldnn", choices=("on", "off"), default="on")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-timing", action="store_true", help="skip the timing table (e.g. memory only)")
@@ -275,6 +279,9 @@ def main(argv=None):
 
     repeat = args.repeat or (3 if args.quick else 5)
     grid = QUICK_GRID if args.quick else GRID
+    if args.configs:
+        grid = [tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]
+    passes = args.passes.split(",")
     modes = args.modes.split(",")
     lines = []
 
@@ -288,6 +295,11 @@ def main(argv=None):
     emit()
     emit(f"float32 GEMM peak measured in this run: numpy {peak:.1f}, torch {torch_peak:.1f} GFLOP/s.  Median of {repeat} alternating runs.  "
          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}, {GAP[0]} s idle and {WARM[0]} s of untimed calls before each side's turn.")
+    from threadpoolctl import threadpool_info
+
+    blas = [f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')}, {i.get('num_threads')} threads)"
+            for i in threadpool_info() if i.get("user_api") == "blas"]
+    emit(f"BLAS kernel: {'; '.join(blas) or 'unknown'}; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}.")
     emit()
     emit("| config (T, N, D, H, L) | mode | pass | ms bptt | ms torch | speed-up torch/bptt | GFLOP/s bptt | % peak "
          "| GFLOP/s torch | % peak torch | ceiling |")
@@ -299,6 +311,8 @@ def main(argv=None):
             ot, tt, oi, ti = make_runners(mode, *cfg)
             fl = matmul_flops(*cfg, mode)
             for name, f, g, mult in (("train", ot, tt, 3), ("infer", oi, ti, 1)):
+                if name not in passes:
+                    continue
                 a, b = alternate(f, g, repeat)
                 gf, gt = mult * fl / a / 1e9, mult * fl / b / 1e9
                 emit(f"| {cfg} | {mode} | {name} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f}× | {gf:.1f} | "

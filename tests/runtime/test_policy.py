@@ -94,7 +94,7 @@ def test_batch_split_equals_whole_batch(mode, monkeypatch):
 def test_eval_mode_splits_above_the_training_bound(monkeypatch):
     """Products above policy.SPLIT_MAX_MACS split the batch in eval mode only (no second
     set of weight gradients to pay for), with the whole batch's numbers; a backward after
-    an eval-mode split still gives the whole batch's gradients."""
+    an eval-mode split (with need_backward=True) still gives the whole batch's gradients."""
     require_numba()
     monkeypatch.setattr(blas, "blas_threads", lambda: 2)
     monkeypatch.setattr(policy, "SMALL_MACS", -1)
@@ -106,7 +106,7 @@ def test_eval_mode_splits_above_the_training_bound(monkeypatch):
     for training in (True, False):
         layer = bptt.LSTM(D, H, 2, dtype=np.float64, rng=2).train(training)
         layer.backend = "fused"
-        out, state = layer(x)
+        out, state = layer(x, need_backward=True)  # eval mode keeps nothing for a backward unless asked
         parts = [s for s, _ in layer._ctx.parts]
         dx, dstate = layer.backward(dout)
         results[training] = parts, [out, *flat(state), dx, *flat(dstate), *(layer.grads[k] for k in sorted(layer.grads))]

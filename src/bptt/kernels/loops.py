@@ -97,6 +97,39 @@ if HAVE_NUMBA:
                 rnn_fw_step(t, rev, a, gx, hs, y, gates, mask, has_mask, kind == 1)
 
     @njit(**JIT)
+    def _infer_loop(kind, rev, t0, t1, turn, g0, gemm, one, zero, gx, WhhT, b_hh, WhrT, hs, cs, y, gates, aux, m_one,
+                    mask, has_mask, proj, WhhP, WhrP, tmp):
+        """``_forward_loop`` keeping nothing for a backward: the same product and the same step
+        function per step, so the same outputs bit for bit, but the step's activated gates (and
+        aux, m) go to one-step scratch arrays (1, N, ·) that stay in cache, and the state to two
+        rows hs (2, N, P) (cs (2, N, H)) used in turn, instead of (T, N, G) and (T+1, N, P) arrays.
+
+        Each step runs at time index 0 of one-step views gx[t:t+1], y[t:t+1], mask[t:t+1].  A
+        step reads its state at hs[0 + r] and writes it at hs[1 − r] (r its ``rev`` argument,
+        which picks nothing else), so r = turn alternating 0, 1, 0, … makes each step read the
+        row the step before wrote.  ``turn`` (0 or 1) is the row holding the current state;
+        gx may be a window of steps whose first row is step g0 (ForwardRun's ``window``)."""
+        wide_vectors()
+        N, G = gx.shape[1], gx.shape[2]
+        a = np.empty((N, G), gx.dtype)
+        h_new = np.empty((N, hs.shape[2]), gx.dtype)
+        for s in range(t1 - t0):
+            t = t1 - 1 - s if rev else t0 + s
+            r = (turn + s) % 2  # hs[r] = h_{t−1} (and cs[r] = c_{t−1}); this step writes row 1 − r
+            gx_t, y_t = gx[t - g0 : t - g0 + 1], y[t : t + 1]
+            mask_t = mask[t : t + 1] if has_mask else mask
+            times(gemm, one, zero, hs[r], WhhT, WhhP, tmp, a)  # a = h_{t−1} W_hhᵀ
+            if kind == 2:
+                lstm_fw_step(0, r, a, gx_t, hs, cs, y_t, gates, aux, m_one, mask_t, has_mask, proj)
+                if proj:
+                    times(gemm, one, zero, m_one[0], WhrT, WhrP, tmp, h_new)  # h̃_t = m_t W_hrᵀ
+                    merge_step(0, r, h_new, hs, y_t, mask_t, has_mask)
+            elif kind == 3:
+                gru_fw_step(0, r, a, gx_t, b_hh, hs, y_t, gates, aux, mask_t, has_mask)
+            else:
+                rnn_fw_step(0, r, a, gx_t, hs, y_t, gates, mask_t, has_mask, kind == 1)
+
+    @njit(**JIT)
     def _backward_loop(kind, H, rev, t0, t1, gemm, one, zero, dy, dh, dc, W_hh, W_hr, hs, cs, gates, aux, dgx, dgh,
                        dh_all, mask, has_mask, proj, W_hhP, W_hrP, tmp):
         """The backward loop over times [t0, t1), read backwards (dh, dc updated in place):
@@ -148,11 +181,24 @@ class ForwardRun:
     the chunks before them.  ``run.result()`` → ``(y, h_n, c_n, cache)`` as
     :func:`sequence_forward`.  Chunks let :mod:`bptt.nn.rnn` start layer k+1 on
     the first steps of layer k's output while layer k goes on.
+
+    ``keep=False`` runs for inference (``_infer_loop``): the same outputs bit for bit,
+    but no per-step gates, aux values or states are kept, only y (T, N, P) and the
+    current state, so ``result()`` gives no cache (None) and no backward can follow.
+    It may also take gx as a window of fewer rows than the ``length`` T of the
+    sequence: the caller then fills ``gx_rows(t0, t1)`` before each ``steps(t0, t1)``
+    (chunks of at most the window's rows), and a (T, N, G) array is never made.
     """
 
-    def __init__(self, mode, h0, c0, weights, gx, mask=None, reverse=False):
+    def __init__(self, mode, h0, c0, weights, gx, mask=None, reverse=False, keep=True, length=None):
         self.mode, self.kind, self.gx = mode, _KIND[mode], gx
         T, N, G = gx.shape
+        if length is not None and length != T:
+            if keep:
+                raise ValueError("a window of gx rows is for runs that keep no cache (keep=False)")
+            T = length
+        self.window = gx.shape[0] < T
+        self.g0 = 0  # the step of gx's first row (a window moves with the chunks)
         dtype = gx.dtype
         self.W_hh = np.ascontiguousarray(weights.W_hh, dtype=dtype)
         P = self.W_hh.shape[1]
@@ -166,16 +212,21 @@ class ForwardRun:
         if self.kind == 3:
             self.b = np.zeros(G, dtype) if weights.b_hh is None else np.ascontiguousarray(weights.b_hh, dtype=dtype)
 
-        self.hs = np.empty((T + 1, N, P), dtype)  # states, time order (see module docstring)
-        self.hs[T if rev else 0] = h0
+        # keep: the states in time order (see module docstring) and every step's gates;
+        # else two state rows used in turn and one step's gates (see _infer_loop)
+        self.keep = keep
+        rows, steps, first = (T + 1, T, T if rev else 0) if keep else (2, 1, 0)
+        self.turn = 0  # not keep: the row of hs (and cs) holding the current state
+        self.hs = np.empty((rows, N, P), dtype)
+        self.hs[first] = h0
         self.cs = None
         if self.kind == 2:
-            self.cs = np.empty((T + 1, N, H), dtype)
-            self.cs[T if rev else 0] = c0
+            self.cs = np.empty((rows, N, H), dtype)
+            self.cs[first] = c0
         self.y = np.empty((T, N, P), dtype)
-        self.gates = np.empty((T, N, G), dtype)
-        self.aux = np.empty((T, N, H), dtype) if self.kind >= 2 else None
-        self.m_all = np.empty((T, N, H), dtype) if self.proj else None
+        self.gates = np.empty((steps, N, G), dtype)
+        self.aux = np.empty((steps, N, H), dtype) if self.kind >= 2 else None
+        self.m_all = np.empty((steps, N, H), dtype) if self.proj else None
         self.small = N * G * P <= policy.SMALL_MACS
         self.macs = N * G * P
         # transposed once per sequence: the products read them untransposed (faster in BLAS)
@@ -183,14 +234,37 @@ class ForwardRun:
         self.WhrT = np.ascontiguousarray(self.W_hr.T) if self.proj else self.gates[0, :0, :0]
         self.panels = Panels()
 
+    def gx_rows(self, t0, t1):
+        """The rows of gx that ``steps(t0, t1)`` reads, for the caller to fill: gx[t0:t1], or
+        with a window its first t1 − t0 rows."""
+        if not self.window:
+            return self.gx[t0:t1]
+        if t1 - t0 > self.gx.shape[0]:
+            raise ValueError(f"a chunk of {t1 - t0} steps does not fit a window of {self.gx.shape[0]}")
+        self.g0 = t0
+        return self.gx[: t1 - t0]
+
     def steps(self, t0, t1):
         """Run times [t0, t1) (t1−1 down to t0 in the reverse direction)."""
         kind, rev, proj, dtype = self.kind, self.rev, self.proj, self.gx.dtype
+        if self.window and self.g0 != t0:
+            raise RuntimeError(f"steps({t0}, {t1}): the gx window holds the chunk from step {self.g0}")
         panels = self.panels.get(self.small, self.macs, (self.WhhT, self.WhrT if proj else None))
         gemm = None if self.small or panels else gemm_function(dtype)
         if self.small or panels or gemm is not None:
             none = self.gates[:0, :0, :0]
             WhhP, WhrP, tmp = panels or (none, none, none.reshape(0, 0))
+            if not self.keep:
+                with policy.step_blas_limit(self.macs):
+                    _infer_loop(
+                        kind, rev, t0, t1, self.turn, self.g0, gemm, dtype.type(1), dtype.type(0), self.gx, self.WhhT,
+                        self.b if kind == 3 else self.gates[0, 0, :0], self.WhrT, self.hs,
+                        self.cs if self.cs is not None else none, self.y, self.gates,
+                        self.aux if self.aux is not None else none, self.m_all if proj else none, self.mask,
+                        self.has_mask, proj, WhhP, WhrP, tmp,
+                    )
+                self.turn = (self.turn + t1 - t0) % 2
+                return
             with policy.step_blas_limit(self.macs):
                 _forward_loop(
                     kind, rev, t0, t1, gemm, dtype.type(1), dtype.type(0), self.gx, self.WhhT,
@@ -204,26 +278,37 @@ class ForwardRun:
             self._steps_numpy(t0, t1)
 
     def _steps_numpy(self, t0, t1):
-        """``_forward_loop`` in Python with np.matmul per step: no BLAS callable from compiled code."""
+        """``_forward_loop`` (or, not keeping, ``_infer_loop``) in Python with np.matmul per step:
+        no BLAS callable from compiled code."""
         kind, rev, proj, dtype = self.kind, self.rev, self.proj, self.gx.dtype
         N, G = self.gx.shape[1], self.gx.shape[2]
         a = np.empty((N, G), dtype)
         h_new = np.empty((N, self.hs.shape[2]), dtype) if proj else None
-        hs, cs, y, gx, gates, aux = self.hs, self.cs, self.y, self.gx, self.gates, self.aux
-        mask, has_mask = self.mask, self.has_mask
-        for t in (range(t1 - 1, t0 - 1, -1) if rev else range(t0, t1)):
-            np.matmul(hs[t + rev], self.WhhT, out=a)  # a = h_{t−1} W_hhᵀ  (BLAS)
+        hs, cs, gates, aux = self.hs, self.cs, self.gates, self.aux
+        m_all = self.m_all if proj else aux
+        for s, t in enumerate(range(t1 - 1, t0 - 1, -1) if rev else range(t0, t1)):
+            # (the step's time index, its rev, and its time-indexed arrays: see _infer_loop when not keeping)
+            i, r, gx, y, mask = t, rev, self.gx, self.y, self.mask
+            if not self.keep:
+                i, r, gx, y = 0, (self.turn + s) % 2, gx[t - self.g0 : t - self.g0 + 1], y[t : t + 1]
+                mask = mask[t : t + 1] if self.has_mask else mask
+            np.matmul(hs[i + r], self.WhhT, out=a)  # a = h_{t−1} W_hhᵀ  (BLAS)
             if kind == 2:
-                lstm_fw_step(t, rev, a, gx, hs, cs, y, gates, aux, self.m_all if proj else aux, mask, has_mask, proj)
+                lstm_fw_step(i, r, a, gx, hs, cs, y, gates, aux, m_all, mask, self.has_mask, proj)
                 if proj:
-                    np.matmul(self.m_all[t], self.WhrT, out=h_new)  # h̃_t = m_t W_hrᵀ
-                    merge_step(t, rev, h_new, hs, y, mask, has_mask)
+                    np.matmul(m_all[i], self.WhrT, out=h_new)  # h̃_t = m_t W_hrᵀ
+                    merge_step(i, r, h_new, hs, y, mask, self.has_mask)
             elif kind == 3:
-                gru_fw_step(t, rev, a, gx, self.b, hs, y, gates, aux, mask, has_mask)
+                gru_fw_step(i, r, a, gx, self.b, hs, y, gates, aux, mask, self.has_mask)
             else:
-                rnn_fw_step(t, rev, a, gx, hs, y, gates, mask, has_mask, kind == 1)
+                rnn_fw_step(i, r, a, gx, hs, y, gates, mask, self.has_mask, kind == 1)
+        if not self.keep:
+            self.turn = (self.turn + t1 - t0) % 2
 
     def result(self):
+        """(y, h_n, c_n, cache); the cache is None when the run keeps none (``keep=False``)."""
+        if not self.keep:
+            return self.y, self.hs[self.turn], None if self.cs is None else self.cs[self.turn], None
         T, rev = self.y.shape[0], self.rev
         h_n = self.hs[0] if rev else self.hs[T]
         c_n = None if self.cs is None else (self.cs[0] if rev else self.cs[T])
@@ -358,6 +443,9 @@ def _warm_up(mode, dtype):
         c0 = np.zeros((N, H), dtype) if mode == "lstm" else None
         y, _, _, cache = sequence_forward(mode, gx, np.zeros((N, P), dtype), c0, W, np.ones((2, N), bool), False)
         sequence_backward(np.ones_like(y), None, None, cache, W)
+        gx, b_hh = _prepare(mode, gx, W, dtype)  # the inference loop (ForwardRun(keep=False))
+        ForwardRun(mode, np.zeros((N, P), dtype), c0, W._replace(b_hh=b_hh), gx, np.ones((2, N), bool),
+                   keep=False).steps(0, 2)
 
 
 def available(mode="lstm", dtype=np.float32) -> bool:

@@ -47,7 +47,7 @@ class _LayerCache(NamedTuple):
 
 
 class _Context(NamedTuple):
-    layers: list
+    layers: list | None  # one _LayerCache per layer; None: the forward kept nothing for a backward
     batched: bool
     out_shape: tuple
     one_hot: bool  # the input was indices (see forward)
@@ -90,6 +90,9 @@ class _WholeSequence:
     def result(self):
         return self._result
 
+    def gx_rows(self, t0, t1):
+        return self.gx[t0:t1]
+
     @property
     def y(self):  # forward: the output;  backward: dgx
         return self._result[0]
@@ -116,6 +119,13 @@ class RNNBase(Module):
 
     ``backward(doutput, dstate=None)`` → ``(dx, dstate_0)`` with the shapes of ``x``
     and ``state``; parameter gradients accumulate into ``self.grads``.
+
+    A forward in eval mode is for inference: on the compiled kernels it keeps none of
+    the per-step values a backward reads (gates, states: (T, N, G) and (T+1, N, P) per
+    layer and direction), only the outputs and the last state, with the same results bit
+    for bit; a backward after it raises.  ``forward(..., need_backward=True)`` keeps them
+    in eval mode (``False`` drops them in training mode).  The reference loop
+    (``backend = "reference"``) always keeps its per-step caches, which the analyses read.
     """
 
     mode = "rnn_tanh"
@@ -317,11 +327,13 @@ class RNNBase(Module):
         return (h, c) if self.mode == "lstm" else h
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x, state=None, lengths=None, *, one_hot=False):
+    def forward(self, x, state=None, lengths=None, *, one_hot=False, need_backward=None):
         """See the class docstring.  ``one_hot=True``: x holds integer indices, (T, N)
         ((N, T) with batch_first, (T,) unbatched), standing for one-hot vectors of
         input_size features: the same results as passing the one-hot array, but
-        the first layer's input product x W_ihᵀ becomes a row gather of W_ihᵀ."""
+        the first layer's input product x W_ihᵀ becomes a row gather of W_ihᵀ.
+        ``need_backward``: whether to keep what :meth:`backward` needs (default: in
+        training mode only; the reference loop and the regularised cells keep it always)."""
         if self.regularizer is not None:
             return self.regularizer.forward(self, x, state, lengths, one_hot)
         x, batched = self._check_input(x, one_hot)
@@ -331,24 +343,34 @@ class RNNBase(Module):
         mask = lengths_to_mask(lengths, T, N)
         h0, c0 = self._initial_state(state, N, batched)
         kernels = self._kernels()
+        keep = kernels is None or (self.training if need_backward is None else bool(need_backward))
         L, K, P = self.num_layers, self.num_directions, self.out_size
         # dropout masks drawn up front, in layer order: the same draws as layer by layer
         drops = [None] + [dropout_mask((T, N, K * P), self.dropout, self.rng, self._dtype)
                           if self.training and self.dropout > 0 else None for _ in range(1, L)]
         parts = self._batch_parts(N, kernels is not None)
+        # (W_ihᵀ, bias) per layer and direction (see _input_table), made once and shared by batch slices
+        W_ihT = [[self._input_table(k, d, one_hot and k == 0) for d in range(K)] for k in range(L)]
+        if len(parts) > 1 or not keep:
+            # else each step's arrays are new pages (see there): a batch slice's, freed in its worker
+            # thread, and an inference forward's, freed at the end of each call (LSTM 2×256, N = 50,
+            # one thread: 3,700 page faults and 62 against 53 ms a call)
+            keep_freed_memory()
         if len(parts) > 1:  # batch slices in parallel threads, each the whole stack (see policy.batch_parts)
-            keep_freed_memory()  # else each step's caches are new pages (see there)
 
             def part(s):
                 return self._forward_stack(np.ascontiguousarray(x[:, s]), h0[:, s], None if c0 is None else c0[:, s],
                                            None if mask is None else mask[:, s],
-                                           [None if m is None else m[:, s] for m in drops], one_hot, kernels, [(0, T)], 1)
+                                           [None if m is None else m[:, s] for m in drops], one_hot, kernels, [(0, T)], 1,
+                                           W_ihT, keep)
 
             results, (output, h_n, c_n) = _run_slices([functools.partial(part, s) for s in parts])
-            self._ctx = _Context([], batched, output.shape, one_hot, [(0, T)], 1, [(s, r[3]) for s, r in zip(parts, results)])
+            self._ctx = _Context([] if keep else None, batched, output.shape, one_hot, [(0, T)], 1,
+                                 [(s, r[3]) for s, r in zip(parts, results)] if keep else [])
         else:
             chunks, threads = self._time_chunks(T, N, kernels is not None)
-            output, h_n, c_n, ctx = self._forward_stack(x, h0, c0, mask, drops, one_hot, kernels, chunks, threads)
+            output, h_n, c_n, ctx = self._forward_stack(x, h0, c0, mask, drops, one_hot, kernels, chunks, threads, W_ihT,
+                                                        keep)
             self._ctx = ctx._replace(batched=batched)
         if not batched:
             output = output[:, 0]
@@ -356,16 +378,23 @@ class RNNBase(Module):
             output = output.transpose(1, 0, 2)
         return output, self._pack_state(h_n, c_n, batched)
 
-    def _forward_stack(self, x, h0, c0, mask, drops, one_hot, kernels, chunks, threads):
+    def _forward_stack(self, x, h0, c0, mask, drops, one_hot, kernels, chunks, threads, W_ihT, keep=True):
         """The forward of every layer over (T, N) inputs x (checked), as a wavefront over
-        ``chunks`` with ``threads`` threads: → (output (T, N, K·P), h_n, c_n, _Context)."""
+        ``chunks`` with ``threads`` threads: → (output (T, N, K·P), h_n, c_n, _Context);
+        without ``keep`` the context's layers are None (nothing kept for a backward)."""
         T, N = x.shape[:2]
         L, K, P = self.num_layers, self.num_directions, self.out_size
         inputs = [x] + [None if m is None else np.empty((T, N, K * P), self._dtype) for m in drops[1:]]  # after dropout
         outputs = [np.empty((T, N, K * P), self._dtype) if K == 2 else None for _ in range(L)]  # K = 1: the run's y
-        runs = [[self._start_forward(k, d, T, N, h0, c0, mask, kernels) for d in range(K)] for k in range(L)]
-        # (W_ihᵀ, bias) per layer and direction, see _input_table
-        W_ihT = [[self._input_table(k, d, one_hot and k == 0) for d in range(K)] for k in range(L)]
+        window = None
+        if not keep and kernels is not None and threads == 1 and K == 1:
+            # inference layer after layer: each layer's gx made a chunk at a time into a window of
+            # steps (policy.inference_chunks), not (T, N, G) at once.  (A wavefront's threads would
+            # refill a window still being read; a reverse direction runs its chunks from the end.)
+            chunks = policy.inference_chunks(T, N * self.gate_count * self.hidden_size * self._dtype.itemsize)
+            window = max(t1 - t0 for t0, t1 in chunks)
+        runs = [[self._start_forward(k, d, T, N, h0, c0, mask, kernels, keep, window) for d in range(K)]
+                for k in range(L)]
         # With a one-hot input the bottom layer's input product is a cheap gather, so its thread
         # also makes the product feeding the layer above, for every other chunk: the threads then
         # carry about equal work (every chunk overloaded the lower thread once the gate loops got
@@ -384,7 +413,7 @@ class RNNBase(Module):
                 if drops[k] is not None:
                     inp = np.multiply(inp, drops[k][t0:t1], out=inputs[k][t0:t1])
             for d, run in enumerate(runs[k]):
-                self._input_product(k, d, inp, run.gx[t0:t1], one_hot and k == 0, W_ihT)
+                self._input_product(k, d, inp, run.gx_rows(t0, t1), one_hot and k == 0, W_ihT)
 
         def layer_chunk(k, j):  # layer k, times [t0, t1): input product, then the time loop
             t0, t1 = chunks[j]
@@ -415,18 +444,20 @@ class RNNBase(Module):
             layer_in = inputs[k] if inputs[k] is not None else layer_output(k - 1)
             layers.append(_LayerCache(layer_in, drops[k], caches))
         output = layer_output(L - 1)
-        return output, h_n, c_n, _Context(layers, True, output.shape, one_hot, chunks, threads, [])
+        return output, h_n, c_n, _Context(layers if keep else None, True, output.shape, one_hot, chunks, threads, [])
 
-    def _start_forward(self, k, d, T, N, h0, c0, mask, kernels):
-        """The time loop of layer k, direction d, ready to run chunk by chunk (gx filled by the caller)."""
+    def _start_forward(self, k, d, T, N, h0, c0, mask, kernels, keep=True, window=None):
+        """The time loop of layer k, direction d, ready to run chunk by chunk (gx filled by the caller,
+        through ``run.gx_rows``); ``keep``: whether it keeps the per-step values a backward needs, and
+        ``window``: gx's rows if fewer than T (both for the fused kernels only, see ForwardRun)."""
         _, _, W_hh, b_hh, W_hr = self._direction_params(k, d)
         if self.mode != "gru":
             b_hh = None  # RNN/LSTM: folded into gx by _input_product
         idx = k * self.num_directions + d
         args = (self.mode, h0[idx], None if c0 is None else c0[idx], recurrence.Weights(W_hh, b_hh, W_hr))
-        gx = np.empty((T, N, self.gate_count * self.hidden_size), self._dtype)
+        gx = np.empty((window or T, N, self.gate_count * self.hidden_size), self._dtype)
         if kernels is not None:
-            return kernels.ForwardRun(*args, gx, mask, reverse=d == 1)
+            return kernels.ForwardRun(*args, gx, mask, reverse=d == 1, keep=keep, length=T)
         return _WholeSequence(T, gx, lambda: recurrence.sequence_forward(args[0], gx, *args[1:], mask, reverse=d == 1))
 
     def _input_table(self, k, d, one_hot):
@@ -486,6 +517,10 @@ class RNNBase(Module):
         if self.regularizer is not None:
             return self.regularizer.backward(self, doutput, dstate, need_input_grad)
         ctx = self._saved(self._ctx)
+        if ctx.layers is None:
+            raise RuntimeError(f"{type(self).__name__}.backward(): the last forward kept nothing for a backward (it ran "
+                               "in eval mode or with need_backward=False); run it in training mode (.train()) or with "
+                               "need_backward=True")
         if recurrent_scale is not None:
             if self.bidirectional:
                 raise ValueError("recurrent_scale applies to unidirectional layers only")
@@ -685,8 +720,9 @@ class RNNBase(Module):
             raise ValueError("a layer with regularised or normalised cells keeps bptt.nn.regularized_loop's caches "
                              "(layer.regularizer.ctx), not these")
         ctx = self._ctx
-        if ctx is None:
-            raise ValueError("no forward pass to read (the layer has no cache)")
+        if ctx is None or ctx.layers is None:
+            raise ValueError("no forward pass to read (the layer has no cache: none is kept in eval mode "
+                             "unless forward(..., need_backward=True) or backend='reference')")
         if ctx.parts:
             raise ValueError("the last forward ran in batch slices; run it with the reference backend")
         return [(layer.x, list(layer.directions)) for layer in ctx.layers]
@@ -701,8 +737,9 @@ class RNNBase(Module):
         if self.regularizer is not None:
             return self.regularizer.hidden_state_stats()
         ctx = self._ctx
-        if ctx is None:
-            raise ValueError("hidden_state_stats needs a forward pass first (the layer has no cache)")
+        if ctx is None or ctx.layers is None:
+            raise ValueError("hidden_state_stats needs a forward pass first, one that kept its cache (training mode, "
+                             "or need_backward=True)")
         out = {}
         parts = [sub for _, sub in ctx.parts] or [ctx]  # batch slices run in threads: their rows, in order
         for k in range(len(parts[0].layers)):
@@ -732,7 +769,7 @@ class RNNBase(Module):
         if fast is not None:
             return fast
         seq = x[None] if not self.batch_first or x.ndim == 1 else x[:, None]
-        out, self.state = self.forward(seq, self.state)
+        out, self.state = self.forward(seq, self.state, need_backward=False)
         self._ctx = None  # no backward through streaming steps
         return out[0] if (x.ndim == 1 or not self.batch_first) else out[:, 0]
 

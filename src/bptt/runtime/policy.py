@@ -19,6 +19,8 @@ the comments and BENCHMARKS.md.
   threads (:func:`batch_parts`); otherwise a stack may run as a wavefront
   over its layers (:func:`time_chunks`).
 * ``STEP_THREADS_BYTES``: when one sampling step lets BLAS use its threads.
+* ``INFER_GX_BYTES``: the input pre-activations an inference forward holds at
+  once (:func:`inference_chunks`).
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ import os
 from bptt.runtime import threads
 
 __all__ = ["SMALL_MACS", "ONE_THREAD_MACS", "PANEL_PRODUCTS", "SPLIT_MIN_ROWS", "SPLIT_MAX_MACS",
-           "STEP_THREADS_BYTES", "WAVEFRONT_CHUNKS", "step_blas_limit", "sampling_blas_limit", "batch_parts",
-           "time_chunks"]
+           "STEP_THREADS_BYTES", "WAVEFRONT_CHUNKS", "INFER_GX_BYTES", "step_blas_limit", "sampling_blas_limit",
+           "batch_parts", "time_chunks", "inference_chunks"]
 
 # Below this many multiply-adds per recurrent product, the whole sequence runs in
 # one Numba function with hand-written products (no Python or BLAS call per step).
@@ -72,6 +74,12 @@ STEP_THREADS_BYTES = 2 * 1024 * 1024
 # a 2×128 LSTM training step at T = 50.
 WAVEFRONT_CHUNKS = 8
 
+# An inference forward (no backward caches) run layer after layer makes each layer's input
+# pre-activations gx = X W_ihᵀ a chunk of steps at a time into one window of at most this
+# many bytes, instead of all T steps at once (T·N·G: 105 MB for the 1×1024 LSTM at T = 100,
+# N = 64), see inference_chunks; BPTT_INFER_GX_BYTES=0 makes the whole sequence at once.
+INFER_GX_BYTES = int(os.environ.get("BPTT_INFER_GX_BYTES", 4 << 20)) or 1 << 62
+
 
 def step_blas_limit(macs):
     """A context manager limiting BLAS to one thread for per-step products of ``macs``, or a no-op."""
@@ -105,7 +113,7 @@ def batch_parts(N, macs, training, fused):
     and 16 1.20× and 1.26×; one-layer stacks, which have no wavefront, 1.24-1.44×.
     In training mode, products of ``SPLIT_MAX_MACS`` multiply-adds and more stay with
     the wavefront: the backward of a split needs a second set of weight gradients.  In
-    eval mode, where a backward is not expected (it still works, with that memory),
+    eval mode, which keeps nothing for a backward (unless ``need_backward=True``),
     every size splits: forward only, against the wavefront, LSTM 2×256 1.26×, 2×512
     1.16×, 1×1024 (N = 64) 1.05×; GRU 1.14-1.18×, RNN 1.15-1.16× at 2×512 and 1×1024
     (same process, alternating, outputs identical up to summation order).
@@ -143,3 +151,12 @@ def time_chunks(T, macs, num_layers, bidirectional, fused):
     c = min(T, WAVEFRONT_CHUNKS)
     bounds = [round(T * i / c) for i in range(c + 1)]
     return list(zip(bounds[:-1], bounds[1:])), n
+
+
+def inference_chunks(T, step_bytes):
+    """The time chunks [(t0, t1)] of an inference forward run layer after layer: as many steps
+    a chunk as fit ``INFER_GX_BYTES`` of input pre-activations (``step_bytes`` = N·G·itemsize
+    a step; at least one step), cut evenly."""
+    c = -(-T // max(1, min(T, INFER_GX_BYTES // max(step_bytes, 1))))  # the number of chunks
+    bounds = [round(T * i / c) for i in range(c + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
