@@ -35,6 +35,7 @@ __all__ = [
     "DataError",
     "Vocab",
     "read_text",
+    "check_file",
     "default_corpus",
     "encode_text",
     "encode_file",
@@ -186,19 +187,20 @@ def _check_encoding(encoding: str) -> codecs.CodecInfo:
         raise DataError(f"unknown text encoding {encoding!r}; expected a Python codec name such as utf-8 or latin-1") from None
 
 
-def _check_file(path: str | os.PathLike) -> Path:
-    """``path`` as a Path, or DataError unless it is an existing, nonempty regular file."""
+def check_file(path: str | os.PathLike, what: str = "a text file", content: str = "some text") -> Path:
+    """``path`` as a Path, or DataError unless it is an existing, nonempty regular file (the messages name
+    ``what`` the file should be and the ``content`` it should hold)."""
     p = Path(path)
     if not p.exists():
-        raise DataError(f"{p}: no such file; expected a path to a text file")
+        raise DataError(f"{p}: no such file; expected a path to {what}")
     if p.is_dir():
-        raise DataError(f"{p}: is a directory; expected a path to a text file")
+        raise DataError(f"{p}: is a directory; expected a path to {what}")
     try:
         size = p.stat().st_size
     except OSError as e:
         raise DataError(f"{p}: cannot read ({e.strerror})") from None
     if size == 0:
-        raise DataError(f"{p}: file is empty; expected some text to train on")
+        raise DataError(f"{p}: file is empty; expected {content} to train on")
     return p
 
 
@@ -235,7 +237,7 @@ def read_text(path: str | os.PathLike, encoding: str = "utf-8") -> str:
     bytes that do not decode with ``encoding`` (with their byte offset).
     """
     codec = _check_encoding(encoding)
-    p = _check_file(path)
+    p = check_file(path)
     with _open(p) as f:
         data = f.read()
     _check_not_binary(p, data[:_SNIFF_BYTES], codec)
@@ -290,7 +292,7 @@ def encode_file(
     """
     if chunk_chars < 1:
         raise DataError(f"chunk_chars must be positive, got {chunk_chars}")
-    p = _check_file(path)
+    p = check_file(path)
     out = Path(out_path)
     if out.exists() and out.resolve() == p.resolve():
         raise DataError(f"{out}: the encoded corpus would overwrite the text file; expected a different output path")

@@ -41,12 +41,11 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterable
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from bptt.lm.data import DataError, Vocab, read_text, show_chars
+from bptt.lm.data import DataError, Vocab, check_file, read_text, show_chars
 
 __all__ = [
     "UNIT_KINDS",
@@ -211,24 +210,9 @@ class CharUnits:
 
 
 # ---------------------------------------------------------------------------- bytes
-def _check_file(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: no such file; expected a path to a file")
-    if p.is_dir():
-        raise DataError(f"{p}: is a directory; expected a path to a file")
-    try:
-        size = p.stat().st_size
-    except OSError as e:
-        raise DataError(f"{p}: cannot read ({e.strerror})") from None
-    if size == 0:
-        raise DataError(f"{p}: file is empty; expected some data to train on")
-    return p
-
-
 def read_bytes(path: str | os.PathLike) -> bytes:
     """The raw bytes of a file, not decoded in any way; DataError if missing, a directory or empty."""
-    p = _check_file(path)
+    p = check_file(path, "a file", "some data")
     try:
         return p.read_bytes()
     except OSError as e:
@@ -237,7 +221,7 @@ def read_bytes(path: str | os.PathLike) -> bytes:
 
 def map_bytes(path: str | os.PathLike) -> np.memmap:
     """The file as a read-only (L,) uint8 memory map: byte ids of a corpus of any size, no copy."""
-    p = _check_file(path)
+    p = check_file(path, "a file", "some data")
     try:
         return np.memmap(p, dtype=np.uint8, mode="r")
     except OSError as e:
