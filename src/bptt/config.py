@@ -8,8 +8,22 @@ line.  The learning rate, for one, is checked here and nowhere else: > 0 on ever
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, fields
 
-__all__ = ["flag", "check_fields"]
+__all__ = ["flag", "check_fields", "DictConfig"]
+
+
+class DictConfig:
+    """The config contract, for a dataclass: ``to_dict()`` gives the JSON-able dict saved next to every
+    checkpoint, ``from_dict(d)`` rebuilds the config from it, ignoring keys it does not know."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def flag(name: str) -> str:

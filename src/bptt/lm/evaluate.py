@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bptt.lm.model import model_context
 from bptt.lm.data import DataError, TBPTTBatches
 from bptt.lm.units import as_units, lm_metrics
 from bptt.nn.losses import cross_entropy
@@ -52,7 +53,7 @@ def evaluate_ids(model, ids: np.ndarray, window: int = 100, streams: int = 32) -
     ids = np.asarray(ids).astype(np.int64)
     if len(ids) < 2:
         raise DataError(f"need at least 2 known units to evaluate, got {len(ids)}")
-    context = getattr(getattr(model, "config", None), "context", None)
+    context = model_context(model)
     if context:  # a Transformer reads at most its context at once: windows no longer than that
         window = min(window, context)
     x, y = ids[:-1], ids[1:]

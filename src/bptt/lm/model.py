@@ -30,10 +30,11 @@ The recurrent layer's regularisers (``recurrent_dropout``, ``weight_drop``, ``zo
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
+from bptt.config import DictConfig
 from bptt import checkpoint as ckpt
 from bptt.nn.cells import resolve_rng
 from bptt.nn.gates import gate_slice
@@ -44,13 +45,13 @@ from bptt.nn.module import Module
 from bptt.nn.ops import affine_backward, affine_forward
 from bptt.nn.regularized_loop import check_options
 
-__all__ = ["CharLMConfig", "CharLM", "CHECKPOINT_KIND", "load_model", "build_model", "config_from_dict"]
+__all__ = ["CharLMConfig", "CharLM", "CHECKPOINT_KIND", "load_model", "build_model", "config_from_dict", "model_context"]
 
 CHECKPOINT_KIND = "charlm"
 
 
 @dataclass
-class CharLMConfig:
+class CharLMConfig(DictConfig):
     """Everything needed to rebuild a CharLM (saved in every checkpoint)."""
 
     vocab_size: int
@@ -110,11 +111,7 @@ class CharLMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> CharLMConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known}).validate()
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        return super().from_dict(d).validate()
 
 
 class CharLM(Module):
@@ -260,6 +257,11 @@ class TiedDecoder(Module):
 
 
 # ============================================================================ loading
+
+
+def model_context(model) -> int | None:
+    """The most positions a language model reads at once (a Transformer's context), or None (recurrent)."""
+    return getattr(getattr(model, "config", None), "context", None)
 
 
 def config_from_dict(d: dict):

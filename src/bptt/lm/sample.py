@@ -16,10 +16,11 @@ from collections.abc import Callable
 import numpy as np
 
 from bptt.lm.data import DataError
+from bptt.lm.model import model_context
 from bptt.lm.units import as_units, encode_prime
 from bptt.nn.losses import softmax
 
-__all__ = ["next_char_distribution", "generate", "model_context"]
+__all__ = ["next_char_distribution", "generate"]
 
 
 def next_char_distribution(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0) -> np.ndarray:
@@ -29,11 +30,6 @@ def next_char_distribution(logits: np.ndarray, temperature: float = 1.0, top_k: 
         cutoff = np.partition(z, -top_k)[-top_k]
         z = np.where(z >= cutoff, z, -np.inf)
     return softmax(z)
-
-
-def model_context(model) -> int | None:
-    """The most positions a model sees at once (a Transformer's context), or None (a recurrent model)."""
-    return getattr(getattr(model, "config", None), "context", None)
 
 
 class _Stepper:

@@ -36,14 +36,14 @@ import contextlib
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from bptt import checkpoint as ckpt
-from bptt.config import check_fields
+from bptt.config import DictConfig, check_fields
 from bptt.dist import current_world
 from bptt.lm.data import (DataError, TBPTTBatches, Vocab, default_corpus, encode_file, encode_text, read_text, show_chars,
                           split_corpus)
@@ -61,7 +61,7 @@ __all__ = ["TrainConfig", "TrainingError", "train", "CharLMJob"]
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DictConfig):
     """Every option of ``bptt train`` (the CLI flags are generated from these fields)."""
 
     data: str | None = field(default=None, metadata={"help": "text file to train on (default: the Python standard library's source)"})
@@ -174,11 +174,6 @@ class TrainConfig:
                 raise ValueError(f"--vocab-size must be >= 3 (<unk>, <eos> and at least one word), got {self.vocab_size}")
         self.model_config(1)  # model fields
         return self
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 # ============================================================================ data

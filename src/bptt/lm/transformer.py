@@ -33,10 +33,11 @@ seen so far (a key/value cache), so one new token costs one position, not a whol
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
+from bptt.config import DictConfig
 from bptt.nn.cells import resolve_rng
 from bptt.nn.feedforward import LearnedPositionalEmbedding
 from bptt.nn.layers import Embedding, Linear
@@ -49,7 +50,7 @@ __all__ = ["TransformerLMConfig", "TransformerLM"]
 
 
 @dataclass
-class TransformerLMConfig:
+class TransformerLMConfig(DictConfig):
     """Everything needed to rebuild a TransformerLM (saved in every checkpoint)."""
 
     vocab_size: int
@@ -81,11 +82,7 @@ class TransformerLMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TransformerLMConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known}).validate()
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        return super().from_dict(d).validate()
 
 
 class TransformerLM(Module):

@@ -35,11 +35,12 @@ from gold prefixes.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
+from bptt.config import DictConfig
 from bptt.nn.attention import ATTENTION_KINDS, Attention
 from bptt.nn.cells import resolve_rng
 from bptt.nn.layers import Embedding, Linear
@@ -62,7 +63,7 @@ CELLS = {"rnn": RNN, "lstm": LSTM, "gru": GRU}
 
 
 @dataclass
-class Seq2SeqConfig:
+class Seq2SeqConfig(DictConfig):
     src_vocab: int
     tgt_vocab: int
     embedding: int = 32
@@ -91,14 +92,6 @@ class Seq2SeqConfig:
     @property
     def encoder_hidden(self) -> int:
         return self.enc_hidden or max(1, self.hidden // self.directions)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Seq2SeqConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 class Batch(NamedTuple):

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from bptt import checkpoint as ckpt
-from bptt.config import check_fields
+from bptt.config import DictConfig, check_fields
 from bptt.dist import current_world
 from bptt.lm.data import DataError
 from bptt.nn.optim import OPTIMIZERS, make_optimizer, make_schedule
@@ -47,7 +47,7 @@ KIND = "seq2seq"
 
 
 @dataclass
-class Seq2SeqTrainConfig:
+class Seq2SeqTrainConfig(DictConfig):
     """Every option of ``bptt seq2seq train`` (the CLI flags are generated from these fields)."""
 
     task: str | None = field(default=None, metadata={"help": "built-in task, generated on the fly", "choices": sorted(TASKS)})
@@ -98,11 +98,6 @@ class Seq2SeqTrainConfig:
         if problems:
             raise DataError("; ".join(problems))
         return self
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Seq2SeqTrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
     def model_config(self, data: SeqData) -> Seq2SeqConfig | TransformerSeq2SeqConfig:
         if self.arch == "transformer":

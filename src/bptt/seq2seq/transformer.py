@@ -31,10 +31,11 @@ norm_first=True)``, ``nn.Linear(E, V)`` with the same state-dict keys (``src_emb
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
+from bptt.config import DictConfig
 from bptt.nn.cells import resolve_rng
 from bptt.nn.feedforward import SinusoidalPositionalEncoding
 from bptt.nn.layers import Embedding, Linear
@@ -49,7 +50,7 @@ __all__ = ["TransformerSeq2SeqConfig", "TransformerSeq2Seq"]
 
 
 @dataclass
-class TransformerSeq2SeqConfig:
+class TransformerSeq2SeqConfig(DictConfig):
     """Everything needed to rebuild a TransformerSeq2Seq (saved in the checkpoint as ``config``)."""
 
     src_vocab: int
@@ -79,14 +80,6 @@ class TransformerSeq2SeqConfig:
     @property
     def feedforward(self) -> int:
         return int(self.ff) or 4 * self.d_model
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TransformerSeq2SeqConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 class TransformerSeq2Seq(Module):
