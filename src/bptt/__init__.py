@@ -5,6 +5,7 @@ constructor arguments, shapes and parameter names; every module has
 ``forward`` and a hand-written ``backward`` that accumulates into ``.grads``.
 """
 
+from bptt.nn.adaptive import AdaptiveLogSoftmaxWithLoss
 from bptt.nn.cells import GRUCell, LSTMCell, RNNCell
 from bptt.nn.gradcheck import GradcheckError, gradcheck, numerical_gradient, rel_error
 from bptt.nn.layers import Dropout, Embedding, Linear
@@ -42,5 +43,5 @@ __all__ = [
     "numerical_gradient", "rel_error", "GradcheckError",
     "MultiheadAttention", "scaled_dot_product_attention", "LayerNorm", "ReLU", "GELU", "PositionwiseFeedForward",
     "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding", "TransformerEncoderLayer", "TransformerDecoderLayer",
-    "TransformerEncoder", "TransformerDecoder", "Transformer",
+    "TransformerEncoder", "TransformerDecoder", "Transformer", "AdaptiveLogSoftmaxWithLoss",
 ]

@@ -19,7 +19,8 @@ __all__ = ["Linear", "Embedding", "Dropout"]
 class Linear(Module):
     """y = x Wᵀ + b.   x (..., D) → y (..., K);  weight (K, D), bias (K,).
 
-    Initialised U(−1/√D, 1/√D) like PyTorch's default.
+    Initialised U(−1/√D, 1/√D) like PyTorch's default; with D = 0 (allowed, as in PyTorch: the
+    output is the bias, or 0) the empty weight needs no init and the bias is 0.
     """
 
     def __init__(self, in_features, out_features, bias=True, dtype=np.float32, rng=None):
@@ -27,7 +28,7 @@ class Linear(Module):
         self.in_features, self.out_features = int(in_features), int(out_features)
         self._dtype = np.dtype(dtype)
         rng = resolve_rng(rng)
-        k = 1.0 / np.sqrt(self.in_features)
+        k = 1.0 / np.sqrt(self.in_features) if self.in_features else 0.0
         self.add_param("weight", uniform_init(rng, (self.out_features, self.in_features), k, self._dtype))  # (K, D)
         if bias:
             self.add_param("bias", uniform_init(rng, (self.out_features,), k, self._dtype))  # (K,)

@@ -43,13 +43,18 @@ def _row_parts(rows):
     return even_slices(rows, min(threads.blas_threads(), rows // _MIN_ROWS_PER_THREAD))
 
 
+def _rows(a) -> int:
+    """The number of rows of ``a`` (..., F): the product of its leading sizes (also when F = 0)."""
+    return int(np.prod(a.shape[:-1], dtype=np.int64))
+
+
 def affine_forward(x, W, b):
     """y = x Wᵀ + b.   x (..., D), W (K, D), b (K,) or None → y (..., K).
 
     One 2-d product (not a stack of them), by slices of rows in parallel threads
     where :func:`_row_parts` gives several."""
     K, D = W.shape
-    x2 = x.reshape(-1, D)
+    x2 = x.reshape(_rows(x), D)  # (not -1: D may be 0)
     y2 = np.empty((x2.shape[0], K), np.result_type(x2, W))
 
     def rows(s):
@@ -67,7 +72,7 @@ def affine_backward(dy, x, W, dW, db):
     By slices of rows in parallel threads where :func:`_row_parts` gives several:
     each slice's dyᵀ x and Σ dy are added in slice order (a fixed order)."""
     K, D = W.shape
-    dy2, x2 = dy.reshape(-1, K), x.reshape(-1, D)
+    dy2, x2 = dy.reshape(_rows(dy), K), x.reshape(_rows(x), D)
     dx2 = np.empty((dy2.shape[0], D), np.result_type(dy2, W))
 
     def rows(s):
