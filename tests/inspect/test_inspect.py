@@ -100,6 +100,15 @@ def test_last_step_gradient_is_the_decoder_read_backwards():
     assert all(not g.any() for g in model.grads.values())  # no parameter gradient was touched
 
 
+def test_an_adaptive_softmax_is_traced_by_its_log_probabilities_and_refused_by_gradient_flow():
+    model = CharLM(CharLMConfig(7, "lstm", 5, 1, dtype="float64", adaptive_softmax=True, cutoffs=[2, 4]), rng=0)
+    ids = np.array([[1, 2], [3, 4], [5, 6]])
+    logits, _ = introspect.trace(model, ids)
+    np.testing.assert_allclose(np.exp(logits).sum(-1), 1.0, rtol=1e-13)  # log p of every unit
+    with pytest.raises(ValueError, match="not an adaptive one"):
+        introspect.state_gradients(model, ids, np.array([0, 2]))
+
+
 def test_gradients_command_writes_plot_csv_json(tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text(TEXT)

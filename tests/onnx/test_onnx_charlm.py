@@ -118,6 +118,10 @@ def test_export_charlm_errors(tmp_path):
         bo.export_charlm(object(), VOCAB, tmp_path / "m.onnx")
     with pytest.raises(OnnxError, match="graph must be"):
         bo.export_charlm(_lm(), VOCAB, tmp_path / "m.onnx", graph="loop")
+    adaptive = CharLM(CharLMConfig(len(VOCAB), "lstm", 8, 1, embedding=4, adaptive_softmax=True, cutoffs=[3]), rng=0)
+    with pytest.raises(OnnxError, match="adaptive softmax is not supported"):
+        bo.export_charlm(adaptive, VOCAB, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def _parse(argv):

@@ -119,7 +119,7 @@ def trace(model, ids, window: int = 200, need_logits: bool = True):
                 h, state = rnn(model.inputs(ids[t0 : t0 + window]), state)
                 parts.append(_layer_traces(rnn, h))
                 if need_logits:
-                    logits.append(model.decoder(h))
+                    logits.append(model.scores(h))
     finally:
         model.train(was_training)
     traces = []
@@ -158,6 +158,8 @@ def state_gradients(model, ids, targets):
     rnn = model.rnn
     if rnn.bidirectional or rnn.proj_size:
         raise ValueError("gradient flow is implemented for unidirectional layers without projection")
+    if model.config.adaptive_softmax:
+        raise ValueError("gradient flow is implemented for the full softmax (z = h W_decᵀ + b), not an adaptive one")
     was_training = model.training
     model.eval()
     try:

@@ -1,7 +1,10 @@
 """Evaluating a language model: mean loss over TBPTT windows, and per-unit figures on any text.
 
 Shape legend: T time steps per window, N parallel streams, V vocabulary, L ids of a text.
-Evaluation runs the model in eval mode (no dropout) and computes the loss without its gradient.
+Evaluation runs the model in eval mode (no dropout) and computes the loss without its gradient:
+Σ −log p(y) from the model's own ``nll`` where it has one (a recurrent model: with an adaptive
+softmax it evaluates only each target's cluster, the exact log-probability all the same), else
+from the logits ``forward`` gives (a Transformer, a model run in ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -14,7 +17,17 @@ from bptt.lm.data import DataError, TBPTTBatches
 from bptt.lm.units import as_units, lm_metrics
 from bptt.nn.losses import cross_entropy
 
-__all__ = ["evaluate", "evaluate_ids", "evaluate_text"]
+__all__ = ["evaluate", "evaluate_ids", "evaluate_text", "summed_nll"]
+
+
+def summed_nll(model, x, y, state, mask=None) -> tuple[float, object]:
+    """(Σ −log p(y | x) over the (T, N) window's counted positions, next state); ``mask`` (T, N) bool."""
+    nll = getattr(model, "nll", None)
+    if nll is not None:
+        return nll(x, y, state, mask=mask)
+    logits, state = model.forward(x, state)
+    loss, _ = cross_entropy(logits, y, mask=mask, reduction="sum", need_grad=False)
+    return float(loss), state
 
 
 def evaluate(model, batches: TBPTTBatches, max_windows: int = 0, world=None) -> float:
@@ -32,8 +45,7 @@ def evaluate(model, batches: TBPTTBatches, max_windows: int = 0, world=None) -> 
         x, y = batches.batch(k)
         x, y = x[:, cols], y[:, cols]
         with model.blas_scope(*x.shape):
-            logits, state = model.forward(x, state)
-            loss, _ = cross_entropy(logits, y, reduction="sum", need_grad=False)
+            loss, state = summed_nll(model, x, y, state)
         total += loss
         count += y.size
     model.train(was_training)
@@ -68,9 +80,8 @@ def evaluate_ids(model, ids: np.ndarray, window: int = 100, streams: int = 32) -
     state, total = None, 0.0
     for t0 in range(0, S, window):
         with model.blas_scope(*x[t0 : t0 + window].shape):
-            logits, state = model.forward(x[t0 : t0 + window], state)
-            loss, _ = cross_entropy(logits, y[t0 : t0 + window], mask=valid[t0 : t0 + window], reduction="sum",
-                                    need_grad=False)
+            loss, state = summed_nll(model, x[t0 : t0 + window], y[t0 : t0 + window], state,
+                                     mask=valid[t0 : t0 + window])
         total += loss
     model.train(was_training)
     return float(total), int(len(ids) - 1)

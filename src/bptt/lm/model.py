@@ -11,6 +11,11 @@ Forward, for ids x (T, N) and targets y (T, N)::
     z      = dropout(h) W_decᵀ + b_dec                      (T, N, V)   logits  (tie_weights: W_dec = W_e)
     loss   = −mean log softmax(z)[y]                        nats per character
 
+or, with ``adaptive_softmax`` (a large word vocabulary), the decoder is an
+:class:`bptt.nn.adaptive.AdaptiveLogSoftmaxWithLoss` on dropout(h): ``loss = −mean log p(y)`` from
+each target's own cluster, and the "logits" that ``forward``/``step`` return (for sampling) are the
+exact log-probabilities of every unit, log p (T, N, V), whose softmax is the distribution itself.
+
 and backward the same read upwards: ∂L/∂z = (ŷ − onehot(y)) / (T·N), then the
 decoder, the dropout mask, the recurrent layer (BPTT) and the embedding.
 With truncated BPTT the final state ``s`` becomes the next window's ``s₀``
@@ -20,7 +25,11 @@ Parameter names follow PyTorch module names (``embed.weight``,
 ``rnn.weight_ih_l0``, ``decoder.weight``...), so a PyTorch model built of
 ``nn.Embedding`` / ``nn.LSTM`` / ``nn.Linear`` with those attribute names loads
 with ``load_state_dict`` unchanged.  With ``tie_weights`` there is one matrix,
-``embed.weight``, and the decoder keeps only ``decoder.bias``.
+``embed.weight``, and the decoder keeps only ``decoder.bias``.  With ``adaptive_softmax`` the
+decoder's keys are those of ``nn.AdaptiveLogSoftmaxWithLoss(H, V, cutoffs, div_value,
+head_bias=True)`` named ``decoder``: ``decoder.head.weight``, ``decoder.head.bias``,
+``decoder.tail.{i}.0.weight``, ``decoder.tail.{i}.1.weight``.  Tied weights and the adaptive
+softmax do not combine (the adaptive softmax has no (V, H) matrix to share with the embedding).
 
 The recurrent layer's regularisers (``recurrent_dropout``, ``weight_drop``, ``zoneout``,
 ``layer_norm``, ``peephole``) are options of :class:`bptt.nn.rnn.RNNBase`, run by
@@ -30,13 +39,14 @@ The recurrent layer's regularisers (``recurrent_dropout``, ``weight_drop``, ``zo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from bptt.config import DictConfig
 from bptt import checkpoint as ckpt
 from bptt.nn.cells import resolve_rng
+from bptt.nn.adaptive import AdaptiveLogSoftmaxWithLoss
 from bptt.nn.gates import gate_slice
 from bptt.nn.layers import Dropout, Embedding, Linear
 from bptt.nn.rnn import GRU, LSTM, RNN
@@ -45,9 +55,18 @@ from bptt.nn.module import Module
 from bptt.nn.ops import affine_backward, affine_forward
 from bptt.nn.regularized_loop import check_options
 
-__all__ = ["CharLMConfig", "CharLM", "CHECKPOINT_KIND", "load_model", "build_model", "config_from_dict", "model_context"]
+__all__ = ["CharLMConfig", "CharLM", "CHECKPOINT_KIND", "load_model", "build_model", "config_from_dict", "model_context",
+           "default_cutoffs"]
 
 CHECKPOINT_KIND = "charlm"
+
+
+def default_cutoffs(vocab_size: int) -> list[int]:
+    """An adaptive softmax's cutoffs for V units sorted by frequency: the head holds the V/15 most
+    frequent, cluster 0 the next ones up to V/3, cluster 1 the rest (2,000 and 10,000 at V = 30,000;
+    Grave et al. cut so that the head covers most of the text).  Fewer cutoffs when V is too small
+    for two distinct ones in [1, V − 1]."""
+    return sorted({c for c in (vocab_size // 15, vocab_size // 3) if 1 <= c <= vocab_size - 1}) or [1]
 
 
 @dataclass
@@ -72,6 +91,10 @@ class CharLMConfig(DictConfig):
     # of the model itself
     embedding_dropout: float = 0.0  # drop whole rows of the embedding (a character vanishes everywhere)
     tie_weights: bool = False  # decoder weight = embedding weight (needs embedding == hidden)
+    # the output layer: a full softmax over V, or an adaptive softmax (bptt.nn.adaptive) with these cutoffs
+    adaptive_softmax: bool = False
+    cutoffs: list = field(default_factory=list)  # increasing ids in [1, V − 1] where the clusters start
+    div_value: float = 4.0  # cluster i projects h to ⌊H / div_value^(i+1)⌋ features
 
     def rnn_options(self) -> dict:
         """The recurrent layer's regulariser options (constructor keywords)."""
@@ -100,6 +123,20 @@ class CharLMConfig(DictConfig):
         if self.tie_weights and self.embedding != self.hidden:
             problems.append(f"tie_weights needs embedding == hidden (the decoder's weight is the embedding's), "
                             f"got embedding {self.embedding} and hidden {self.hidden}")
+        if self.adaptive_softmax:
+            V, cut = self.vocab_size, self.cutoffs
+            if (not isinstance(cut, (list, tuple)) or not cut
+                    or any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) for c in cut)
+                    or list(cut) != sorted(set(cut)) or cut[0] < 1 or cut[-1] > V - 1):
+                problems.append(f"cutoffs must be increasing whole numbers in [1, V - 1] = [1, {V - 1}] "
+                                f"(V = {V} units), got {cut!r}")
+            if not (isinstance(self.div_value, (int, float)) and np.isfinite(self.div_value) and self.div_value > 0):
+                problems.append(f"div_value must be a finite number > 0, got {self.div_value!r}")
+            if self.tie_weights:
+                problems.append("tie_weights and adaptive_softmax do not combine: tying shares the decoder's (V, H) "
+                                "weight with the embedding, and an adaptive softmax has no such matrix")
+        elif self.cutoffs:
+            problems.append(f"cutoffs {self.cutoffs!r} apply to an adaptive softmax only (adaptive_softmax is off)")
         if self.model in ("lstm", "gru", "rnn"):
             try:
                 check_options(self.model, **self.rnn_options())
@@ -107,6 +144,7 @@ class CharLMConfig(DictConfig):
                 problems.append(str(e))
         if problems:
             raise ValueError("; ".join(problems))
+        self.cutoffs = [int(c) for c in self.cutoffs or []]  # a plain list of ints (JSON), however it was given
         return self
 
     @classmethod
@@ -135,7 +173,10 @@ class CharLM(Module):
         self.rnn = self.add_module("rnn", layer_cls(E, H, num_layers=config.layers, dropout=config.dropout,
                                                     dtype=dtype, rng=self.rng, **config.rnn_options()))
         self.drop = self.add_module("drop", Dropout(config.dropout, rng=self.rng))
-        if config.tie_weights:
+        if config.adaptive_softmax:
+            self.decoder = self.add_module("decoder", AdaptiveLogSoftmaxWithLoss(
+                H, V, config.cutoffs, config.div_value, head_bias=True, dtype=dtype, rng=self.rng))
+        elif config.tie_weights:
             self.decoder = self.add_module("decoder", TiedDecoder(self.embed, H, dtype=dtype, rng=self.rng))
         else:
             self.decoder = self.add_module("decoder", Linear(H, V, dtype=dtype, rng=self.rng))
@@ -160,6 +201,8 @@ class CharLM(Module):
         inp = f"embedding {c.embedding}" if c.embedding else "one-hot"
         extra = "".join(f", {k}={v}" for k, v in (c.rnn_options() | {"embedding_dropout": c.embedding_dropout,
                                                                          "tie_weights": c.tie_weights}).items() if v)
+        if c.adaptive_softmax:
+            extra += f", adaptive softmax (cutoffs {c.cutoffs}, div_value {c.div_value:g})"
         return f"{c.model} {c.layers}x{c.hidden}, V={c.vocab_size}, {inp}, dropout={c.dropout}{extra}"
 
     def inputs(self, ids):
@@ -177,7 +220,21 @@ class CharLM(Module):
         return self.rnn.blas_scope(T, N)
 
     def forward(self, ids, state=None):
-        """ids (T, N) integers in [0, V) → logits (T, N, V), final recurrent state."""
+        """ids (T, N) integers in [0, V) → logits (T, N, V), final recurrent state.  With an adaptive
+        softmax the "logits" are the log-probabilities log p (T, N, V) (see :meth:`scores`)."""
+        h, state = self.hidden(ids, state)
+        return self.scores(h), state
+
+    def scores(self, h):
+        """The output layer on top-layer outputs h (..., H) → (..., V) scores whose softmax is the
+        model's distribution: logits z = h W_decᵀ + b, or with an adaptive softmax the exact
+        log-probabilities of every unit (:meth:`AdaptiveLogSoftmaxWithLoss.log_prob`, every cluster)."""
+        if not self.config.adaptive_softmax:
+            return self.decoder(h)
+        return self.decoder.log_prob(h.reshape(-1, h.shape[-1])).reshape(*h.shape[:-1], self.vocab_size)
+
+    def hidden(self, ids, state=None):
+        """ids (T, N) → dropout(h) (T, N, H), the decoder's input, and the final recurrent state."""
         ids = np.asarray(ids)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"CharLM expects integer ids of shape (T, N), got {ids.dtype} {ids.shape}")
@@ -196,14 +253,44 @@ class CharLM(Module):
             h, state = self.rnn(e, state)
         else:  # one-hot: the layer takes the indices and gathers rows of W_ih instead of multiplying
             h, state = self.rnn(ids, state, one_hot=True)
-        return self.decoder(self.drop(h)), state
+        return self.drop(h), state
 
     def loss(self, ids, targets, state=None):
         """Mean cross-entropy in nats per character → ``(loss, dlogits, final state)``: the loss contract
-        of every model (``(loss, dlogits)``, :mod:`bptt.nn.losses`), plus the state a language model carries."""
-        logits, state = self.forward(ids, state)
-        loss, dlogits = cross_entropy(logits, targets)
-        return loss, dlogits, state
+        of every model (``(loss, dlogits)``, :mod:`bptt.nn.losses`), plus the state a language model carries.
+
+        With an adaptive softmax no (T, N, V) logits exist: the gradient handed back is ∂L/∂log p(y)
+        (T, N), −1/(T·N) at every position, which :meth:`backward` takes through the adaptive softmax.
+        """
+        if not self.config.adaptive_softmax:
+            logits, state = self.forward(ids, state)
+            loss, dlogits = cross_entropy(logits, targets)
+            return loss, dlogits, state
+        h, state = self.hidden(ids, state)
+        y = self._targets(targets, h.shape[:-1])
+        out = self.decoder(h.reshape(-1, h.shape[-1]), y.reshape(-1))
+        return out.loss, np.full(y.shape, -1.0 / y.size, h.dtype), state
+
+    def nll(self, ids, targets, state=None, mask=None):
+        """Σ −log p(y_t | ids_≤t) over the (T, N) positions (``mask`` (T, N) bool: those that count), in
+        nats, and the final state; no gradient.  With an adaptive softmax only each target's cluster
+        is evaluated; the log-probabilities are exact either way."""
+        if not self.config.adaptive_softmax:
+            logits, state = self.forward(ids, state)
+            total, _ = cross_entropy(logits, targets, mask=mask, reduction="sum", need_grad=False)
+            return float(total), state
+        h, state = self.hidden(ids, state)
+        y = self._targets(targets, h.shape[:-1])
+        logp = self.decoder(h.reshape(-1, h.shape[-1]), y.reshape(-1)).output.reshape(y.shape)
+        keep = np.ones(y.shape, bool) if mask is None else np.asarray(mask, bool)
+        return -float(np.sum(logp[keep], dtype=np.float64)), state
+
+    @staticmethod
+    def _targets(targets, shape):
+        y = np.asarray(targets)
+        if y.shape != shape or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"targets must be integer ids of shape {shape}, got {y.dtype} {y.shape}")
+        return y
 
     def backward(self, dlogits, recurrent_scale=None):
         """Backprop from ∂L/∂logits (the ``dlogits`` of :meth:`loss`) into every parameter.
@@ -213,7 +300,11 @@ class CharLM(Module):
         ``self.rnn.backend = "reference"``).  Every path from a loss at step u to step t < u crosses
         each boundary t < j ≤ u once, in some layer, so every path gets the factor Π r_j.
         """
-        dh = self.drop.backward(self.decoder.backward(dlogits))
+        if self.config.adaptive_softmax:  # dlogits = ∂L/∂log p(y) (T, N): J = Σ dlogits · log p(y)
+            dh = self.decoder.backward(0.0, dlogits.reshape(-1)).reshape(*dlogits.shape, -1)
+        else:
+            dh = self.decoder.backward(dlogits)
+        dh = self.drop.backward(dh)
         # the final state's gradient is 0 (truncated BPTT); a one-hot input needs no gradient
         de, _ = self.rnn.backward(dh, need_input_grad=self.embed is not None, recurrent_scale=recurrent_scale)
         if self.embed is not None:
@@ -224,10 +315,11 @@ class CharLM(Module):
         self.rnn.reset_state()
 
     def step(self, ids):
-        """One character per stream: ids (N,) → logits (N, V); the state is kept until reset."""
+        """One character per stream: ids (N,) → logits (N, V) (log-probabilities with an adaptive softmax);
+        the state is kept until reset."""
         ids = np.asarray(ids).reshape(-1)
         h = self.rnn.step(self.inputs(ids))  # (N, H)
-        return self.decoder(h)
+        return self.scores(h)
 
 
 class TiedDecoder(Module):

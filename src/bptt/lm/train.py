@@ -51,7 +51,7 @@ from bptt.lm.evaluate import evaluate, evaluate_ids
 from bptt.lm.units import UNIT_KINDS, CharUnits, make_units, map_bytes, units_from_json, lm_metrics
 from bptt.kernels import single_thread_blas
 from bptt.lm.windows import STRATEGIES, make_batches
-from bptt.lm.model import CHECKPOINT_KIND, CharLM, CharLMConfig, build_model, config_from_dict, load_model
+from bptt.lm.model import CHECKPOINT_KIND, CharLM, CharLMConfig, build_model, config_from_dict, default_cutoffs, load_model
 from bptt.lm.transformer import TransformerLMConfig
 from bptt.nn.optim import make_optimizer, make_schedule
 from bptt.rundir import claim_run_dir
@@ -92,6 +92,9 @@ class TrainConfig(DictConfig):
     peephole: bool = field(default=False, metadata={"help": "LSTM peephole connections (cell state to gates)"})
     embedding_dropout: float = field(default=0.0, metadata={"help": "drop whole rows of the embedding (needs --embedding > 0)"})
     tie_weights: bool = field(default=False, metadata={"help": "decoder weight = embedding weight (needs --embedding equal to --hidden)"})
+    adaptive_softmax: bool = field(default=False, metadata={"help": "--unit word: an adaptive softmax (Grave et al. 2017) instead of the full one: the most frequent words in a head, the rarer ones in clusters behind smaller projections"})
+    cutoffs: str | None = field(default=None, metadata={"help": "--adaptive-softmax: comma-separated word ids where the clusters start, such as 2000,10000 (words are numbered by frequency; default: V/15,V/3)"})
+    div_value: float = field(default=4.0, metadata={"help": "--adaptive-softmax: cluster i projects h to hidden / div_value^(i+1) features"})
     # data layout
     seq_len: int = field(default=50, metadata={"help": "time steps per window (truncated BPTT length)"})
     batch_size: int = field(default=50, metadata={"help": "parallel streams per batch"})
@@ -134,13 +137,28 @@ class TrainConfig(DictConfig):
                             self.init, self.forget_bias, self.dtype, recurrent_dropout=self.recurrent_dropout,
                             weight_drop=self.weight_drop, zoneout=self.zoneout, layer_norm=self.layer_norm,
                             peephole=self.peephole, embedding_dropout=self.embedding_dropout,
-                            tie_weights=self.tie_weights).validate()
+                            tie_weights=self.tie_weights, adaptive_softmax=self.adaptive_softmax,
+                            cutoffs=self.cutoff_list(vocab_size), div_value=self.div_value).validate()
+
+    def cutoff_list(self, vocab_size: int) -> list[int]:
+        """The adaptive softmax's cutoffs for V = ``vocab_size``: ``--cutoffs``, or :func:`default_cutoffs`
+        (none without ``--adaptive-softmax``)."""
+        if not self.adaptive_softmax:
+            return []
+        if self.cutoffs is None:
+            return default_cutoffs(vocab_size)
+        parts = self.cutoffs if isinstance(self.cutoffs, (list, tuple)) else str(self.cutoffs).split(",")
+        try:
+            return [int(part) for part in parts]
+        except ValueError:
+            raise ValueError(f"--cutoffs must be whole numbers separated by commas, such as 2000,10000; "
+                             f"got {self.cutoffs!r}") from None
 
     def validate(self) -> TrainConfig:
         problems = check_fields(
             self, positive_ints=("seq_len", "batch_size", "eval_every", "log_every"),
             nonneg_ints=("max_iters", "eval_windows", "warmup_iters", "sample_length", "lr_decay_after", "log_hidden_stats"),
-            positive_floats=("lr",),
+            positive_floats=("lr", "div_value"),
             nonneg_floats=("grad_clip", "max_epochs", "max_time", "weight_decay", "momentum", "min_lr"))
         if not 0 < self.alpha < 1:
             problems.append(f"--alpha must be in (0, 1), got {self.alpha}")
@@ -167,12 +185,29 @@ class TrainConfig(DictConfig):
         if self.model == "transformer" and self.truncation == "randomized":
             raise ValueError("--truncation randomized scales the gradient carried from step to step (ARTBP); "
                              "a transformer has no recurrence: use fixed or variable")
+        if self.adaptive_softmax:
+            if self.model == "transformer":
+                raise ValueError("--adaptive-softmax is an output layer of the recurrent models (lstm, gru, rnn), "
+                                 "not of --model transformer")
+            if self.unit != "word":
+                raise ValueError(f"--adaptive-softmax is for word vocabularies (--unit word); a {self.unit} model "
+                                 "keeps the full softmax")
+            if self.tie_weights:
+                raise ValueError("--tie-weights and --adaptive-softmax do not combine: tying shares the decoder's "
+                                 "(V, H) weight with the embedding, and an adaptive softmax has no such matrix")
+            given = self.cutoff_list(1) if self.cutoffs is not None else []
+            if given and (given != sorted(set(given)) or given[0] < 1):
+                raise ValueError(f"--cutoffs must be increasing word ids >= 1, such as 2000,10000; got {self.cutoffs}")
+        elif self.cutoffs is not None and not self.resume:  # (on --resume the saved run's flag decides)
+            raise ValueError("--cutoffs applies with --adaptive-softmax only")
         if self.vocab_size is not None:
             if self.unit != "word":
                 raise ValueError(f"--vocab-size applies to --unit word only (a {self.unit} vocabulary is fixed by the data)")
             if self.vocab_size < 3:
                 raise ValueError(f"--vocab-size must be >= 3 (<unk>, <eos> and at least one word), got {self.vocab_size}")
-        self.model_config(1)  # model fields
+        # the model's fields (with the adaptive softmax, on a V above the cutoffs: the real V is checked
+        # once the vocabulary is built)
+        self.model_config(max(self.cutoff_list(1) or [1]) + 1 if self.cutoffs is not None else 3)
         return self
 
 
@@ -474,7 +509,8 @@ def check_out_dir(out_dir: Path):
 
 # what the saved weights and optimizer state were made with
 _FIXED_ON_RESUME = ("model", "hidden", "layers", "embedding", "d_model", "heads", "context", "dtype", "optimizer",
-                    "layer_norm", "peephole", "tie_weights", "unit", "vocab_size", "truncation")
+                    "layer_norm", "peephole", "tie_weights", "unit", "vocab_size", "truncation", "adaptive_softmax",
+                    "cutoffs", "div_value")
 
 #: ``--unit word`` with the default ``--embedding 0``: the embedding size used (one-hot over a word
 #: vocabulary would make the input layer V × G).

@@ -332,7 +332,8 @@ class WordUnits:
     """Words: ``<unk>`` = 0, ``<eos>`` = 1, then the vocabulary in id order.
 
     :meth:`fit` keeps the ``vocab_size - 2`` most frequent words of the
-    training text (ties broken by the word's sort order, so the same text
+    training text, numbered from the most frequent (what an adaptive softmax's
+    cutoffs assume; ties broken by the word's sort order, so the same text
     always gives the same ids); every other word encodes as ``<unk>`` and is
     counted by :meth:`encode_counted`.  A literal ``<unk>`` in the text (as in
     the Penn Treebank files) is the ``<unk>`` token and is not counted as unknown.

@@ -104,6 +104,8 @@ def export_charlm(model, vocab, path, *, graph: str = "sequence", opset: int = D
     if graph not in ("sequence", "step"):
         raise OnnxError(f"graph must be 'sequence' or 'step', got {graph!r}")
     cfg = model.config
+    if cfg.adaptive_softmax:
+        raise OnnxError("ONNX export of a model with an adaptive softmax is not supported (only the full softmax)")
     rnn = model.rnn
     b = Builder(model.dtype, check_opset(opset))
     V, L, H = cfg.vocab_size, rnn.num_layers, rnn.hidden_size
