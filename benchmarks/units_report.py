@@ -4,8 +4,10 @@ commands (subprocesses of this interpreter), so the figures are what a user woul
 
     python benchmarks/units_report.py charbyte   --minutes 10   # (a) nats per character, char vs byte
     python benchmarks/units_report.py words      --minutes 10   # (b) word perplexity, train/valid/test
+    python benchmarks/units_report.py words      --minutes 10 --adaptive  # (b) with --adaptive-softmax
     python benchmarks/units_report.py truncation --minutes 10   # (c) fixed / variable / randomized curves
-    python benchmarks/units_report.py timing                    # output layer's share of a step, V = 30k
+    python benchmarks/units_report.py timing                    # output layer's share of a step, V = 30k,
+                                                                # full softmax against adaptive softmax
     python benchmarks/units_report.py all --minutes 1           # everything, short (checks the script)
 
 Options: --data (default ../shared/data/tinyshakespeare.txt, or $BPTT_TINYSHAKESPEARE), --out (run
@@ -127,7 +129,9 @@ def words(a) -> None:
     for k, t in texts.items():
         paths[k] = a.out / f"docstrings_{k}.txt"
         paths[k].write_text(t, encoding="utf-8")
-    run = train(a.out / "words", a.minutes, "--data", paths["train"], "--val-data", paths["valid"],
+    extra = ["--adaptive-softmax"] + (["--cutoffs", a.cutoffs] if a.cutoffs else []) if a.adaptive else []
+    run = train(a.out / ("words_adaptive" if a.adaptive else "words"), a.minutes, *extra, "--data", paths["train"],
+                "--val-data", paths["valid"],
                 "--test-data", paths["test"], "--unit", "word", "--vocab-size", a.vocab_size, "--embedding", 128,
                 "--hidden", 256, "--layers", 1, "--seq-len", 35, "--batch-size", 20, "--optimizer", "adam",
                 "--lr", "2e-3", "--schedule", "constant", "--eval-every", 200, "--eval-windows", 50,
@@ -135,7 +139,9 @@ def words(a) -> None:
     val = evaluate(run / "best.safetensors", paths["valid"])
     test = evaluate(run / "best.safetensors", paths["test"])
     steps = val_curve(run)[-1][1]
-    print(f"\n(b) word LSTM (1x256, E=128, V={a.vocab_size}) on the stdlib docstrings, {a.minutes:g} min, {steps} steps\n")
+    softmax = "adaptive softmax" if a.adaptive else "full softmax"
+    print(f"\n(b) word LSTM (1x256, E=128, V={a.vocab_size}, {softmax}) on the stdlib docstrings, {a.minutes:g} min, "
+          f"{steps} steps\n")
     print("| split | MB | words predicted | unknown (<unk>) | perplexity per word |")
     print("|---|---|---|---|---|")
     print(f"| train | {len(texts['train'].encode()) / 1e6:.2f} | | | |")
@@ -181,43 +187,92 @@ def truncation(a) -> None:
 
 
 # ---------------------------------------------------------------------------- output layer timing
+def zipf_ids(rng, V: int, shape) -> np.ndarray:
+    """Word ids drawn with p(k) ∝ 1/(k + 1): id 0 the most frequent, as a frequency-sorted vocabulary of
+    real text (Zipf's law) — what an adaptive softmax is built for."""
+    p = 1.0 / np.arange(1, V + 1)
+    return rng.choice(V, size=shape, p=p / p.sum())
+
+
 def timing(a) -> None:
-    """One training step of a word LSTM (E=256, H=256, 1 layer, T=35, N=20) with V = 30,000, and of the
-    output layer alone (decoder forward, cross-entropy, decoder backward) on the same hidden states."""
-    from bptt.lm.model import CharLM, CharLMConfig
+    """One training step of a word LSTM (E=256, H=256, 1 layer, T=35, N=20) at V = 30,000, and its output
+    layer alone on the same hidden states, for the full softmax (decoder forward, cross-entropy, decoder
+    backward) and the adaptive softmax (forward on each target's cluster, backward).  The adaptive one's
+    cost depends on where the targets fall: Zipf-distributed ids (realistic) and uniform ids (its worst
+    case: two thirds of the targets in the largest cluster)."""
+    from bptt.lm.model import CharLM, CharLMConfig, default_cutoffs
     from bptt.nn.losses import cross_entropy
 
-    V, T, N = a.timing_vocab, 35, 20
+    V, T, N, H = a.timing_vocab, 35, 20, 256
     rng = np.random.default_rng(0)
-    model = CharLM(CharLMConfig(V, "lstm", 256, 1, embedding=256), rng=0)
-    x, y = rng.integers(V, size=(T, N)), rng.integers(V, size=(T, N))
+    cutoffs = [int(c) for c in a.cutoffs.split(",")] if a.cutoffs else default_cutoffs(V)
+    full = CharLM(CharLMConfig(V, "lstm", H, 1, embedding=H), rng=0)
+    adaptive = CharLM(CharLMConfig(V, "lstm", H, 1, embedding=H, adaptive_softmax=True, cutoffs=cutoffs), rng=0)
+    h = rng.standard_normal((T, N, H)).astype(np.float32)
+    targets = {"zipf": zipf_ids(rng, V, (T, N)), "uniform": rng.integers(V, size=(T, N))}
+    x = zipf_ids(rng, V, (T, N))
 
-    def step():
-        model.zero_grad()
-        _, dlogits, _ = model.loss(x, y)
-        model.backward(dlogits)
+    def step(model, y):
+        def run():
+            model.zero_grad()
+            _, d, _ = model.loss(x, y)
+            model.backward(d)
+        return run
 
-    h = rng.standard_normal((T, N, 256)).astype(np.float32)
+    def full_output(y):
+        def run():
+            full.zero_grad()
+            _, d = cross_entropy(full.decoder(h), y)
+            full.decoder.backward(d)
+        return run
 
-    def output_layer():
-        model.zero_grad()
-        loss, d = cross_entropy(model.decoder(h), y)
-        model.decoder.backward(d)
+    def adaptive_output(y):
+        def run():
+            adaptive.zero_grad()
+            adaptive.decoder(h.reshape(-1, H), y.reshape(-1))
+            adaptive.decoder.backward()
+        return run
 
-    step(), output_layer()  # warm up
-    times = {step: [], output_layer: []}
-    for _ in range(a.timing_rounds):  # alternating, so that a busy moment of the machine hits both
-        for f in times:
+    cases = {("full softmax", "any"): (step(full, targets["zipf"]), full_output(targets["zipf"]))}
+    for kind, y in targets.items():
+        cases[(f"adaptive {cutoffs}", kind)] = (step(adaptive, y), adaptive_output(y))
+    funcs = [f for pair in cases.values() for f in pair]
+    for f in funcs:  # warm up
+        f()
+    times = {f: [] for f in funcs}
+    for _ in range(a.timing_rounds):  # alternating, so that a busy moment of the machine hits every case
+        for f in funcs:
             t0 = time.perf_counter()
             f()
             times[f].append(time.perf_counter() - t0)
-    t_step, t_out = min(times[step]), min(times[output_layer])
-    H = E = 256
-    flops_out, flops_lstm = H * V, 4 * H * (E + H)  # multiply-adds per token, forward (backward: twice each)
-    print(f"\n(d) V={V:,}, E=H=256, T={T}, N={N}, float32: a training step {t_step * 1e3:.1f} ms, the output "
-          f"layer alone {t_out * 1e3:.1f} ms = {t_out / t_step:.0%} of the step (min of {a.timing_rounds}, alternating; "
-          f"noisy on a shared machine); by arithmetic the output layer does {flops_out / (flops_out + flops_lstm):.0%} "
-          f"of the step's multiply-adds")
+
+    def madds(y):
+        """Multiply-adds per token of the output layer's forward, by arithmetic: full H·V; adaptive
+        H·(S + C) for every token plus d_i·(H + V_i) for a token of cluster i."""
+        if y is None:
+            return H * V
+        edges = [*cutoffs, V]
+        per = H * (cutoffs[0] + len(cutoffs))
+        for i in range(len(cutoffs)):
+            share = np.mean((y >= edges[i]) & (y < edges[i + 1]))
+            per += share * int(H // 4.0 ** (i + 1)) * (H + edges[i + 1] - edges[i])
+        return per
+
+    lstm = 4 * H * (H + H)
+    print(f"\n(d) V={V:,}, E=H=256, T={T}, N={N}, float32, min of {a.timing_rounds} alternating rounds "
+          f"(noisy on a shared machine)\n")
+    print("| output layer | targets | training step (ms) | output layer alone (ms) | its share | "
+          "output multiply-adds per token | their share of the step's |")
+    print("|---|---|---|---|---|---|---|")
+    for (name, kind), (f_step, f_out) in cases.items():
+        t_step, t_out = min(times[f_step]), min(times[f_out])
+        m = madds(None if kind == "any" else targets[kind])
+        print(f"| {name} | {kind} | {t_step * 1e3:.1f} | {t_out * 1e3:.1f} | {t_out / t_step:.0%} | "
+              f"{m / 1e6:.2f} M | {m / (m + lstm):.0%} |")
+    y = targets["zipf"]
+    edges = [0, *cutoffs, V]
+    shares = ", ".join(f"{np.mean((y >= edges[i]) & (y < edges[i + 1])):.0%}" for i in range(len(edges) - 1))
+    print(f"\nZipf targets in the head / each cluster: {shares}")
 
 
 def main():
@@ -229,6 +284,9 @@ def main():
     p.add_argument("--vocab-size", type=int, default=10000, help="(b): word vocabulary, <unk> and <eos> included")
     p.add_argument("--timing-vocab", type=int, default=30000)
     p.add_argument("--timing-rounds", type=int, default=9)
+    p.add_argument("--adaptive", action="store_true", help="(b): train the word model with --adaptive-softmax")
+    p.add_argument("--cutoffs", default="", help="(b) with --adaptive, and timing: the adaptive softmax's cutoffs "
+                   "(default: V/15,V/3)")
     p.add_argument("--eval-every", type=int, default=100, help="(a), (c): steps between validations")
     p.add_argument("--steps", type=int, default=0, help="also stop each run after this many steps (0 = time only): "
                    "on a shared machine equal steps compare fairer than equal minutes")
