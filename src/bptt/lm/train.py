@@ -84,9 +84,12 @@ class TrainConfig(DictConfig):
     init: str = field(default="torch", metadata={"help": "weight init: torch U(±1/√H) or charrnn U(±0.08)", "choices": ["torch", "charrnn"]})
     forget_bias: float = field(default=0.0, metadata={"help": "added to the LSTM forget-gate bias at init"})
     dtype: str = field(default="float32", metadata={"help": "float type", "choices": ["float32", "float64"]})
-    # regularisers (docs/regularization.md); any of the first five runs the recurrent layer's NumPy loop
+    # regularisers (docs/regularization.md): --recurrent-dropout, --zoneout, --layer-norm and --peephole run the
+    # recurrent layer's NumPy loop; --weight-drop, --input-dropout and --output-dropout alone keep its compiled kernels
     recurrent_dropout: float = field(default=0.0, metadata={"help": "variational dropout of h(t-1) in the recurrent product, one mask per stream (Keras' recurrent_dropout)"})
     weight_drop: float = field(default=0.0, metadata={"help": "DropConnect on the recurrent weights W_hh, one mask per window (AWD-LSTM)"})
+    input_dropout: float = field(default=0.0, metadata={"help": "variational dropout of every recurrent layer's input, one mask per stream"})
+    output_dropout: float = field(default=0.0, metadata={"help": "variational dropout of the top recurrent layer's output, one mask per stream"})
     zoneout: float = field(default=0.0, metadata={"help": "zoneout rate of h (and c): keep the previous value with this probability"})
     layer_norm: bool = field(default=False, metadata={"help": "layer-normalised gate pre-activations (and cell state, LSTM)"})
     peephole: bool = field(default=False, metadata={"help": "LSTM peephole connections (cell state to gates)"})
@@ -133,7 +136,8 @@ class TrainConfig(DictConfig):
         return CharLMConfig(vocab_size, self.model, self.hidden, self.layers, self.dropout, self.embedding,
                             self.init, self.forget_bias, self.dtype, recurrent_dropout=self.recurrent_dropout,
                             weight_drop=self.weight_drop, zoneout=self.zoneout, layer_norm=self.layer_norm,
-                            peephole=self.peephole, embedding_dropout=self.embedding_dropout,
+                            peephole=self.peephole, input_dropout=self.input_dropout,
+                            output_dropout=self.output_dropout, embedding_dropout=self.embedding_dropout,
                             tie_weights=self.tie_weights).validate()
 
     def validate(self) -> TrainConfig:
@@ -154,13 +158,14 @@ class TrainConfig(DictConfig):
             raise ValueError("--log-hidden-stats reads a recurrent layer's states; a transformer has none")
         if self.model == "transformer":
             recurrent = [f"--{n.replace('_', '-')}" for n in ("recurrent_dropout", "weight_drop", "zoneout", "layer_norm",
-                                                             "peephole", "embedding_dropout", "tie_weights")
+                                                             "peephole", "input_dropout", "output_dropout",
+                                                             "embedding_dropout", "tie_weights")
                          if getattr(self, n)]
             if recurrent:
                 raise ValueError(f"{', '.join(recurrent)}: options of the recurrent models, not of --model transformer")
         if self.truncation == "randomized" and self.model != "transformer":
             cell = [f"--{n.replace('_', '-')}" for n in ("recurrent_dropout", "weight_drop", "zoneout", "layer_norm",
-                                                         "peephole") if getattr(self, n)]
+                                                         "peephole", "input_dropout", "output_dropout") if getattr(self, n)]
             if cell:
                 raise ValueError(f"--truncation randomized runs the plain recurrent loop (ARTBP's factors on the "
                                  f"carried gradient); it does not combine with {', '.join(cell)}")
