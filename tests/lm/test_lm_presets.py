@@ -35,7 +35,7 @@ def fit(name, chars, gflops=120, **given):
     N_T = cfg.seq_len * cfg.batch_size
     corpus = presets.Corpus(chars, chars // 9, V, chars // N_T)
     machine = Machine(cfg, gflops)
-    settings, notes = presets.fit(name, cfg, set(given), corpus, machine)
+    settings, notes = presets.fit(cfg, set(given), corpus, machine)
     return cfg, corpus, settings, notes, machine
 
 

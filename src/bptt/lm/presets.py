@@ -119,15 +119,16 @@ def parameters(model: str, H: int, L: int, V: int, E: int = 0, tied: bool = Fals
     return V * E + rnn + (0 if tied else H * V) + V
 
 
-def choose_hidden(budget: float, corpus: Corpus, seconds_per_char: Callable[[int], float], model="lstm", L=2, E=0):
-    """The largest size of HIDDEN_SIZES that rules (1) and (2) allow → (H, C(H), P(H))."""
+def choose_hidden(budget: float, corpus: Corpus, seconds_per_char: Callable[[int], float],
+                  params: Callable[[int], int]):
+    """The largest size of HIDDEN_SIZES that rules (1) and (2) allow, with P(H) = ``params(H)`` and
+    C(H) = budget / ``seconds_per_char(H)`` → (H, C(H), P(H))."""
     for H in reversed(HIDDEN_SIZES):
-        P = parameters(model, H, L, corpus.vocab, E)
-        C = budget / seconds_per_char(H)
+        P, C = params(H), budget / seconds_per_char(H)
         if P <= PARAMS_PER_CHAR * corpus.train and C >= CHARS_PER_PARAM * P:
             return H, C, P
     H = HIDDEN_SIZES[0]
-    return H, budget / seconds_per_char(H), parameters(model, H, L, corpus.vocab, E)
+    return H, budget / seconds_per_char(H), params(H)
 
 
 def choose_dropout(passes: float) -> float:
@@ -154,8 +155,8 @@ def preset_fields(name: str) -> set[str]:
     return set(PRESETS[name].recipe()) | set(FITTED)
 
 
-def fit(name: str, cfg, explicit: set[str], corpus: Corpus, measure: Callable[[int], StepTimes]):
-    """The preset's corpus- and machine-dependent settings for ``cfg`` (a TrainConfig that already has
+def fit(cfg, explicit: set[str], corpus: Corpus, measure: Callable[[int], StepTimes]):
+    """A preset's corpus- and machine-dependent settings for ``cfg`` (a TrainConfig that already has
     :func:`fixed_settings`), less the fields in ``explicit`` → (settings dict, lines to print).
 
     ``measure(H)`` → :class:`StepTimes` of the model with hidden size H (a :class:`StepTimer`, or a
@@ -168,6 +169,9 @@ def fit(name: str, cfg, explicit: set[str], corpus: Corpus, measure: Callable[[i
     def macs(H):
         return forward_macs(cfg.model, H, cfg.layers, corpus.vocab, cfg.embedding)
 
+    def params(H):
+        return parameters(cfg.model, H, cfg.layers, corpus.vocab, cfg.embedding, cfg.tie_weights)
+
     def seconds_per_char(H):  # measured, or scaled by M(H) from the nearest measured size
         near = min(times, key=lambda h: abs(h - H))
         return times[near].step / chars_per_step * macs(H) / macs(near)
@@ -179,16 +183,17 @@ def fit(name: str, cfg, explicit: set[str], corpus: Corpus, measure: Callable[[i
     else:
         times[256] = measure(256)
         while True:
-            H, _, _ = choose_hidden(budget, corpus, seconds_per_char, cfg.model, cfg.layers, cfg.embedding)
+            H, _, _ = choose_hidden(budget, corpus, seconds_per_char, params)
             if H in times or len(times) == 4:
                 break
             times[H] = measure(H)
         out["hidden"] = H
     C = budget / seconds_per_char(H)
-    P = parameters(cfg.model, H, cfg.layers, corpus.vocab, cfg.embedding)
+    P = params(H)
     t = times.get(H) or StepTimes(seconds_per_char(H) * chars_per_step, times[min(times)].eval_window)
     kappa = 6 * macs(H) * chars_per_step / t.step
-    notes.append(f"{cfg.layers}x{H} {cfg.model}, {P / 1e6:.2f} M parameters; measured {t.step:.3f} s a step "
+    timed = "measured" if H in times else "estimated"
+    notes.append(f"{cfg.layers}x{H} {cfg.model}, {P / 1e6:.2f} M parameters; {timed} {t.step:.3f} s a step "
                  f"({kappa / 1e9:.0f} GFLOP/s), so {cfg.max_time:g} min buy {C / 1e6:.1f} M characters = "
                  f"{C / P:.1f} per parameter (rule: >= {CHARS_PER_PARAM:g}); {P / corpus.train:.2f} parameters "
                  f"per training character (rule: <= {PARAMS_PER_CHAR:g})")

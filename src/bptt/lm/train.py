@@ -491,7 +491,7 @@ def _fit_preset(cfg: TrainConfig, given: set[str], splits: Splits, batches, val_
     if world.is_main:
         log(f"preset {cfg.preset}: timing a few steps to fit the model and the schedule to "
             f"{cfg.max_time:g} minutes on this machine")
-        result = presets.fit(cfg.preset, cfg, given, corpus, presets.StepTimer(make_model, batches, val_batches))
+        result = presets.fit(cfg, given, corpus, presets.StepTimer(make_model, batches, val_batches))
     if world.size > 1:
         result = world.broadcast_object(result)
     settings, notes = result
