@@ -199,3 +199,58 @@ def test_forget_bias_with_layer_norm_shifts_the_normalised_forget_gate():
         d = shifted.params[f"rnn.ln_ih_bias_l{k}"] - plain.params[f"rnn.ln_ih_bias_l{k}"]
         np.testing.assert_array_equal(d, np.r_[np.zeros(4), np.ones(4), np.zeros(8)])  # gates i f g o: f only
         np.testing.assert_array_equal(shifted.params[f"rnn.bias_ih_l{k}"], plain.params[f"rnn.bias_ih_l{k}"])
+
+
+OUTSIDE_FLAGS = ["--weight-drop", "0.3", "--input-dropout", "0.2", "--output-dropout", "0.25"]
+
+
+@pytest.mark.parametrize("embedding,extra", [(5, dict(embedding_dropout=0.3, tie_weights=True)), (0, {})],
+                         ids=["embedding", "one-hot"])
+def test_charlm_on_the_plain_path_equals_the_reference_loop(embedding, extra):
+    """The char LM with weight drop and input/output dropout (plus embedding dropout and tied weights, which
+    are the model's): the layer's compiled path and the NumPy loop give the same loss and gradients."""
+    cfg = CharLMConfig(vocab_size=6, hidden=5, layers=2, embedding=embedding, dropout=0.2, dtype="float64",
+                       weight_drop=0.3, input_dropout=0.2, output_dropout=0.25, **extra)
+    lm = CharLM(cfg, rng=0)
+    assert lm.rnn.regularizer.plain_path
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 6, (7, 3)), rng.integers(0, 6, (7, 3))
+    seed_state = lm.rng.bit_generator.state
+    results = []
+    for reference in (True, False):
+        lm.rnn.regularizer.force_reference = reference
+        lm.rng.bit_generator.state = seed_state
+        lm.rnn.regularizer.reset_masks()
+        loss, dlogits, state = lm.loss(x, y)
+        lm.zero_grad()
+        lm.backward(dlogits)
+        results.append((loss, {k: g.copy() for k, g in lm.grads.items()}, lm.rng.bit_generator.state))
+    (la, ga, ra), (lb, gb, rb) = results
+    assert abs(la - lb) < 1e-13 and ra == rb
+    for k in ga:
+        assert np.abs(ga[k] - gb[k]).max() <= 1e-12 * max(np.abs(ga[k]).max(), 1e-300), k
+
+
+def test_train_flags_reach_the_plain_path(tmp_path, corpus):
+    """--weight-drop, --input-dropout and --output-dropout: saved in the config, run on the compiled path,
+    and a resumed run (stream masks saved with the state) is bit for bit the uninterrupted one."""
+    from bptt.lm.train import TrainConfig
+
+    cfg = TrainConfig(hidden=8, weight_drop=0.3, input_dropout=0.2, output_dropout=0.25)
+    lm = CharLM(cfg.model_config(7), rng=0)
+    assert lm.rnn.regularizer.plain_path and lm.rnn.regularizer.opts.input_dropout == 0.2
+    common = ["--data", str(corpus), "--hidden", "8", "--layers", "2", "--seq-len", "6", "--batch-size", "3",
+              "--eval-every", "5", "--eval-windows", "1", "--sample-length", "0", "--no-progress", "--log-every", "1",
+              "--dropout", "0.2", *OUTSIDE_FLAGS]
+    assert main(["train", "--out", str(tmp_path / "a"), "--max-iters", "12", *common]) == 0
+    assert main(["train", "--out", str(tmp_path / "b"), "--max-iters", "5", *common]) == 0
+    tensors, meta = load_checkpoint(tmp_path / "b" / "last.safetensors")
+    assert set(tensors["masks"]) == {"x_l0", "x_l1", "y"}
+    assert meta["config"]["input_dropout"] == 0.2 and meta["config"]["output_dropout"] == 0.25
+    assert main(["train", "--out", str(tmp_path / "b"), "--resume", "--max-iters", "12", "--no-progress"]) == 0
+    ta, _ = load_checkpoint(tmp_path / "a" / "last.safetensors")
+    tb, _ = load_checkpoint(tmp_path / "b" / "last.safetensors")
+    for k, v in ta["model"].items():
+        np.testing.assert_array_equal(tb["model"][k], v)
+    model, _, _ = load_model(tmp_path / "a" / "best.safetensors")
+    assert model.config.input_dropout == 0.2 and model.rnn.regularizer.plain_path

@@ -240,20 +240,24 @@ def test_locked_masks_are_carried_across_windows_until_the_state_is_reset():
     assert not np.array_equal(b.regularizer.locked[1]["h"][0][0], masks)
 
 
-def test_weight_drop_mask_per_forward_and_gradient_through_it():
+@pytest.mark.parametrize("reference", [True, False], ids=["reference-loop", "plain-path"])
+def test_weight_drop_mask_per_forward_and_gradient_through_it(reference):
     layer = bptt.LSTM(3, 4, weight_drop=0.5, dtype=np.float64, rng=0)
+    layer.regularizer.force_reference = reference
     W = layer.params["weight_hh_l0"].copy()
     x = np.random.default_rng(1).standard_normal((5, 2, 3))
     out, s = layer(x)
-    m1 = layer.regularizer.ctx.layers[0].directions[0].w_mask
-    np.testing.assert_allclose(layer.regularizer.ctx.layers[0].directions[0].p.W_hh, W * m1)
+    m1 = layer.regularizer.weight_masks[0][0]
+    assert set(np.unique(m1)) == {0.0, 2.0}
+    if reference:
+        np.testing.assert_allclose(layer.regularizer.ctx.layers[0].directions[0].p.W_hh, W * m1)
     layer.zero_grad()
     layer.backward(np.ones_like(out))
     g = layer.grads["weight_hh_l0"]
     assert np.all(g[m1 == 0] == 0) and np.all(g[m1 != 0] != 0)  # dropped weights get no gradient
     np.testing.assert_array_equal(layer.params["weight_hh_l0"], W)  # the dense weight is what is stored
     layer(x, s)
-    m2 = layer.regularizer.ctx.layers[0].directions[0].w_mask
+    m2 = layer.regularizer.weight_masks[0][0]
     assert not np.array_equal(m1, m2)  # a new mask for the next window
 
 

@@ -31,10 +31,14 @@ head_bias=True)`` named ``decoder``: ``decoder.head.weight``, ``decoder.head.bia
 ``decoder.tail.{i}.0.weight``, ``decoder.tail.{i}.1.weight``.  Tied weights and the adaptive
 softmax do not combine (the adaptive softmax has no (V, H) matrix to share with the embedding).
 
-The recurrent layer's regularisers (``recurrent_dropout``, ``weight_drop``, ``zoneout``,
-``layer_norm``, ``peephole``) are options of :class:`bptt.nn.rnn.RNNBase`, run by
-:mod:`bptt.nn.regularized_loop`; ``embedding_dropout`` and ``tie_weights`` live here
-(AWD-LSTM, Merity et al. 2017; tying: Inan et al. 2017, Press & Wolf 2017).
+The recurrent layer's regularisers (``recurrent_dropout``, ``input_dropout``, ``output_dropout``,
+``weight_drop``, ``zoneout``, ``layer_norm``, ``peephole``) are options of
+:class:`bptt.nn.rnn.RNNBase` (:mod:`bptt.nn.regularized_loop`): input and output dropout and weight
+drop alone keep the layer on its compiled path, the others run the NumPy loop.
+``embedding_dropout`` and ``tie_weights`` live here (AWD-LSTM, Merity et al. 2017; tying: Inan et al.
+2017, Press & Wolf 2017).  With a learned embedding, ``input_dropout`` drops embedding units (one mask
+per stream, AWD-LSTM's dropouti) and the layer-to-layer inputs; ``output_dropout`` drops units of the
+top layer's output per stream, before the decoder's own ``dropout`` (per step).
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ class CharLMConfig(DictConfig):
     zoneout: float = 0.0  # zoneout of h (and c)
     layer_norm: bool = False  # layer-normalised gates (and c, LSTM)
     peephole: bool = False  # LSTM peepholes
+    input_dropout: float = 0.0  # variational dropout of every layer's input, one mask per stream
+    output_dropout: float = 0.0  # variational dropout of the top layer's output, one mask per stream
     # of the model itself
     embedding_dropout: float = 0.0  # drop whole rows of the embedding (a character vanishes everywhere)
     tie_weights: bool = False  # decoder weight = embedding weight (needs embedding == hidden)
@@ -99,7 +105,8 @@ class CharLMConfig(DictConfig):
     def rnn_options(self) -> dict:
         """The recurrent layer's regulariser options (constructor keywords)."""
         return {"recurrent_dropout": self.recurrent_dropout, "weight_drop": self.weight_drop, "zoneout": self.zoneout,
-                "layer_norm": self.layer_norm, "peephole": self.peephole}
+                "layer_norm": self.layer_norm, "peephole": self.peephole, "input_dropout": self.input_dropout,
+                "output_dropout": self.output_dropout}
 
     def validate(self) -> CharLMConfig:
         problems = []

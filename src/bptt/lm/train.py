@@ -36,7 +36,7 @@ import contextlib
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -52,6 +52,7 @@ from bptt.lm.units import UNIT_KINDS, CharUnits, make_units, map_bytes, units_fr
 from bptt.kernels import single_thread_blas
 from bptt.lm.windows import STRATEGIES, make_batches
 from bptt.lm.model import CHECKPOINT_KIND, CharLM, CharLMConfig, build_model, config_from_dict, default_cutoffs, load_model
+from bptt.lm import presets
 from bptt.lm.transformer import TransformerLMConfig
 from bptt.nn.optim import make_optimizer, make_schedule
 from bptt.rundir import claim_run_dir
@@ -72,6 +73,7 @@ class TrainConfig(DictConfig):
     vocab_size: int | None = field(default=None, metadata={"help": "--unit word: keep the most frequent words, V including <unk> and <eos> (default: every word)"})
     truncation: str = field(default="fixed", metadata={"help": "BPTT windows: fixed, variable (AWD-LSTM) or randomized (ARTBP)", "choices": list(STRATEGIES)})
     out: str = field(default="runs/charlm", metadata={"help": "run directory for checkpoints, log and plot"})
+    preset: str | None = field(default=None, metadata={"help": "a time budget, small (5 minutes) or medium (30): an LSTM recipe whose size, dropout and steps are fitted to the corpus and to this machine's speed (docs/training.md); flags you give override it"})
     # model
     model: str = field(default="lstm", metadata={"help": "recurrent cell, or a decoder-only Transformer", "choices": ["lstm", "gru", "rnn", "transformer"]})
     hidden: int = field(default=128, metadata={"help": "hidden units per layer"})
@@ -84,9 +86,12 @@ class TrainConfig(DictConfig):
     init: str = field(default="torch", metadata={"help": "weight init: torch U(±1/√H) or charrnn U(±0.08)", "choices": ["torch", "charrnn"]})
     forget_bias: float = field(default=0.0, metadata={"help": "added to the LSTM forget-gate bias at init"})
     dtype: str = field(default="float32", metadata={"help": "float type", "choices": ["float32", "float64"]})
-    # regularisers (docs/regularization.md); any of the first five runs the recurrent layer's NumPy loop
+    # regularisers (docs/regularization.md): --recurrent-dropout, --zoneout, --layer-norm and --peephole run the
+    # recurrent layer's NumPy loop; --weight-drop, --input-dropout and --output-dropout alone keep its compiled kernels
     recurrent_dropout: float = field(default=0.0, metadata={"help": "variational dropout of h(t-1) in the recurrent product, one mask per stream (Keras' recurrent_dropout)"})
     weight_drop: float = field(default=0.0, metadata={"help": "DropConnect on the recurrent weights W_hh, one mask per window (AWD-LSTM)"})
+    input_dropout: float = field(default=0.0, metadata={"help": "variational dropout of every recurrent layer's input, one mask per stream"})
+    output_dropout: float = field(default=0.0, metadata={"help": "variational dropout of the top recurrent layer's output, one mask per stream"})
     zoneout: float = field(default=0.0, metadata={"help": "zoneout rate of h (and c): keep the previous value with this probability"})
     layer_norm: bool = field(default=False, metadata={"help": "layer-normalised gate pre-activations (and cell state, LSTM)"})
     peephole: bool = field(default=False, metadata={"help": "LSTM peephole connections (cell state to gates)"})
@@ -136,7 +141,8 @@ class TrainConfig(DictConfig):
         return CharLMConfig(vocab_size, self.model, self.hidden, self.layers, self.dropout, self.embedding,
                             self.init, self.forget_bias, self.dtype, recurrent_dropout=self.recurrent_dropout,
                             weight_drop=self.weight_drop, zoneout=self.zoneout, layer_norm=self.layer_norm,
-                            peephole=self.peephole, embedding_dropout=self.embedding_dropout,
+                            peephole=self.peephole, input_dropout=self.input_dropout,
+                            output_dropout=self.output_dropout, embedding_dropout=self.embedding_dropout,
                             tie_weights=self.tie_weights, adaptive_softmax=self.adaptive_softmax,
                             cutoffs=self.cutoff_list(vocab_size), div_value=self.div_value).validate()
 
@@ -155,6 +161,11 @@ class TrainConfig(DictConfig):
                              f"got {self.cutoffs!r}") from None
 
     def validate(self) -> TrainConfig:
+        if self.preset is not None and self.preset not in presets.PRESETS:
+            raise ValueError(f"--preset must be {' or '.join(presets.PRESETS)} (a 5- or 30-minute budget), "
+                             f"got {self.preset!r}")
+        if self.preset is not None and self.model == "transformer":
+            raise ValueError("--preset fits a recurrent model (lstm, gru, rnn) to its budget, not --model transformer")
         problems = check_fields(
             self, positive_ints=("seq_len", "batch_size", "eval_every", "log_every"),
             nonneg_ints=("max_iters", "eval_windows", "warmup_iters", "sample_length", "lr_decay_after", "log_hidden_stats"),
@@ -172,13 +183,14 @@ class TrainConfig(DictConfig):
             raise ValueError("--log-hidden-stats reads a recurrent layer's states; a transformer has none")
         if self.model == "transformer":
             recurrent = [f"--{n.replace('_', '-')}" for n in ("recurrent_dropout", "weight_drop", "zoneout", "layer_norm",
-                                                             "peephole", "embedding_dropout", "tie_weights")
+                                                             "peephole", "input_dropout", "output_dropout",
+                                                             "embedding_dropout", "tie_weights")
                          if getattr(self, n)]
             if recurrent:
                 raise ValueError(f"{', '.join(recurrent)}: options of the recurrent models, not of --model transformer")
         if self.truncation == "randomized" and self.model != "transformer":
             cell = [f"--{n.replace('_', '-')}" for n in ("recurrent_dropout", "weight_drop", "zoneout", "layer_norm",
-                                                         "peephole") if getattr(self, n)]
+                                                         "peephole", "input_dropout", "output_dropout") if getattr(self, n)]
             if cell:
                 raise ValueError(f"--truncation randomized runs the plain recurrent loop (ARTBP's factors on the "
                                  f"carried gradient); it does not combine with {', '.join(cell)}")
@@ -496,6 +508,40 @@ def _make_optimizer(cfg: TrainConfig, model):
     return make_optimizer(cfg.optimizer, model, cfg.lr, **kw)
 
 
+def _not_defaults(cfg: TrainConfig) -> set[str]:
+    """The fields of ``cfg`` that differ from TrainConfig's defaults (what a caller of :func:`train` chose)."""
+    return {f.name for f in fields(cfg) if getattr(cfg, f.name) != f.default}
+
+
+def _fit_preset(cfg: TrainConfig, given: set[str], splits: Splits, batches, val_batches, world, log) -> TrainConfig:
+    """``cfg`` with the preset's corpus- and machine-dependent settings (:func:`bptt.lm.presets.fit`),
+    after a few timed steps of throwaway models on this run's windows (rank 0's choice under mpiexec)."""
+    V = len(splits.units)
+    corpus = presets.Corpus(len(splits.train), len(splits.val), V, len(batches))
+
+    def make_model(H):
+        return build_model(replace(cfg, hidden=H).model_config(V), rng=cfg.seed)
+
+    result = None
+    if world.is_main:
+        log(f"preset {cfg.preset}: timing a few steps to fit the model and the schedule to "
+            f"{cfg.max_time:g} minutes on this machine")
+        result = presets.fit(cfg, given, corpus, presets.StepTimer(make_model, batches, val_batches))
+    if world.size > 1:
+        result = world.broadcast_object(result)
+    settings, notes = result
+    cfg = replace(cfg, **settings).validate()
+    chosen = presets.fixed_settings(cfg.preset, given) | settings
+    log(f"preset {cfg.preset} ({presets.PRESETS[cfg.preset].minutes:g}-minute budget): "
+        f"{presets.as_flags({k: getattr(cfg, k) for k in chosen})}")
+    for note in notes:
+        log(f"  {note}")
+    overridden = sorted(given & presets.preset_fields(cfg.preset))
+    if overridden:
+        log(f"  kept from your flags: {presets.as_flags({k: getattr(cfg, k) for k in overridden})}")
+    return cfg
+
+
 def check_out_dir(out_dir: Path):
     """Create ``out_dir`` and make sure it can be written, before any work is done."""
     try:
@@ -583,6 +629,15 @@ def _prepare(cfg: TrainConfig, out_dir: Path, log, explicit: set[str] | None, wo
         cfg.embedding = WORD_EMBEDDING
         log(f"--unit word: --embedding {WORD_EMBEDDING} (a learned embedding instead of one-hot input)")
 
+    preset = cfg.preset if not cfg.resume else None  # a resumed run has its preset's settings already
+    if preset:
+        given = explicit if explicit is not None else _not_defaults(cfg)
+        for name, value in presets.fixed_settings(preset, given).items():
+            setattr(cfg, name, value)
+        if not cfg.max_time:
+            raise ValueError(f"--preset {preset} fits the run to its time budget; --max-time 0 leaves it none")
+        cfg.validate()
+
     # ---------------------------------------------------------------- data
     splits = load_splits(cfg, out_dir, units, log)
     units, train_ids, val_ids, test_ids = splits.units, splits.train, splits.val, splits.test
@@ -597,6 +652,9 @@ def _prepare(cfg: TrainConfig, out_dir: Path, log, explicit: set[str] | None, wo
         except DataError as e:
             raise DataError(f"validation split ({len(val_ids)} {units.unit_name}s) is too short: {e}") from None
 
+    if preset:  # the sizes and steps that fit this corpus and machine (bptt.lm.presets)
+        cfg = _fit_preset(cfg, given, splits, batches, val_batches, world, log)
+
     # ---------------------------------------------------------------- model
     model = build_model(cfg.model_config(len(units)), rng=cfg.seed)
     if cfg.init_from and not cfg.resume:
@@ -609,6 +667,9 @@ def _prepare(cfg: TrainConfig, out_dir: Path, log, explicit: set[str] | None, wo
     if cfg.max_iters:
         max_steps = min(max_steps, cfg.max_iters) if cfg.max_epochs else cfg.max_iters
 
+    if cfg.schedule == "cosine" and cfg.max_time and not cfg.max_iters:
+        log(f"note: the cosine schedule runs over {max_steps} steps (--max-epochs {cfg.max_epochs:g}); --max-time "
+            f"{cfg.max_time:g} may stop the run before the learning rate comes down: give --max-iters, or use --preset")
     if world.size > 1 and world.rank > 0:  # dropout masks of its own: rank r draws from seed + r
         model.rng.bit_generator.state = np.random.default_rng(cfg.seed + world.rank).bit_generator.state
     job = CharLMJob(cfg, model, units, batches, val_batches, max_steps, val_unknown=splits.unknown["val"], world=world)

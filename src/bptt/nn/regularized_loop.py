@@ -36,6 +36,15 @@ a fixed order: the locked masks (layer by layer: m_x, then m_h per direction; th
 Evaluation (``layer.eval()``) draws nothing: every dropout is the identity (inverted dropout),
 W̃_hh = W_hh, and zoneout takes its expectation, h_t = z_h h_{t−1} + (1 − z_h) h̃_t.
 
+The plain path.  Input dropout, output dropout and weight drop act *outside* the time loop:
+the masks multiply the sequences a layer reads and writes, and W̃_hh is one matrix for the whole
+window.  When these are the only options on (:attr:`Options.outside_the_loop`), the layer runs its
+plain path, the compiled kernels of :class:`bptt.nn.rnn.RNNBase`, with W̃_hh in place of W_hh and
+the masks applied around it (:meth:`Regularization.around_the_loop`, :class:`Outside`), drawn in
+the order above, so that both paths compute the same thing from the same generator (tested to
+rounding against this loop, which stays the reference: ``layer.regularizer.force_reference =
+True`` runs it anyway).  Every other option changes the step itself and runs this loop.
+
 Cost: this path is the reference loop in NumPy, one Python iteration per step (see
 ``benchmarks/bench_regularized.py`` and ``docs/regularization.md`` for measured figures).
 """
@@ -51,7 +60,7 @@ from bptt.nn.cells import uniform_init
 from bptt.nn.module import as_float_array
 from bptt.nn.ops import dropout_mask, lengths_to_mask
 
-__all__ = ["Options", "check_options", "Regularization", "option_hint"]
+__all__ = ["Options", "check_options", "Regularization", "Outside", "option_hint"]
 
 _RATES = ("recurrent_dropout", "input_dropout", "output_dropout", "weight_drop", "zoneout", "zoneout_c")
 
@@ -69,6 +78,12 @@ class Options(NamedTuple):
     @property
     def active(self) -> bool:
         return any(getattr(self, n) for n in _RATES) or self.layer_norm or self.peephole
+
+    @property
+    def outside_the_loop(self) -> bool:
+        """Whether every option that is on acts outside the time loop (input dropout, output dropout,
+        weight drop), so the layer can run its plain, compiled path with them (see the module doc)."""
+        return not (self.recurrent_dropout or self.zoneout or self.z_c or self.layer_norm or self.peephole)
 
     @property
     def z_c(self) -> float:
@@ -107,6 +122,54 @@ def option_hint(keys) -> str:
         if any(k.split(".")[-1].startswith(prefix) for k in keys) and option not in hints:
             hints.append(option)
     return " (these belong to a layer built with " + " and ".join(hints) + ")" if hints else ""
+
+
+class Outside(NamedTuple):
+    """The regularisers outside the time loop as a training forward on the layer's plain path drew
+    them (:meth:`Regularization.around_the_loop`), kept for its backward::
+
+        forward                                      backward
+        x̃_0    = x ⊙ m_x[0]                          ∂L/∂x    = ∂L/∂x̃_0 ⊙ m_x[0]
+        drop_k ← drop_k ⊙ m_x[k]        (k ≥ 1)      the layer's own: ∂L/∂y_{k−1} = ∂L/∂x_k ⊙ drop_k
+        W̃_hh   = W_hh ⊙ M / (1 − p_w)                ∂L/∂W_hh = ∂L/∂W̃_hh ⊙ M / (1 − p_w)
+        ỹ      = y ⊙ m_y                             ∂L/∂y    = ∂L/∂ỹ ⊙ m_y
+
+    W̃_hh is an element-wise function of W_hh, so the layer runs its forward and backward with W̃_hh
+    and its ∂L/∂W̃_hh, collected apart (:meth:`recurrent_grads`), is mapped back to W_hh's gradient.
+    """
+
+    m_x0: np.ndarray | None  # (N, D) stream mask on the layer's input
+    m_y: np.ndarray | None  # (N, K·H) stream mask on its output
+    masks: list | None  # [[M / (1 − p_w) (G, H) per direction] per layer]; None without weight drop
+    W_hh: list | None  # [[W̃_hh (G, H) per direction] per layer]; None without weight drop
+    one_hot: bool  # the caller passed indices, made one-hot vectors to take m_x[0]: no input gradient
+
+    def output(self, y):
+        """ỹ = y ⊙ m_y, y (T, N, K·H)."""
+        return y if self.m_y is None else y * self.m_y
+
+    def output_grad(self, dy):
+        """∂L/∂y from ∂L/∂ỹ (T, N, K·H)."""
+        return dy if self.m_y is None else dy * self.m_y
+
+    def input_grad(self, dx):
+        """∂L/∂x from ∂L/∂x̃_0 (T, N, D)."""
+        return dx if self.m_x0 is None else dx * self.m_x0
+
+    def recurrent_grads(self, layer) -> dict:
+        """Zeroed buffers for ∂L/∂W̃_hh, by W_hh's parameter names ({} without weight drop): the layer's
+        backward accumulates into them in place of its W_hh gradients."""
+        if self.masks is None:
+            return {}
+        return {f"weight_hh_l{k}{sfx}": np.zeros_like(M) for k, row in enumerate(self.masks)
+                for sfx, M in zip(("", "_reverse"), row)}
+
+    def add_recurrent_grads(self, layer, buffers: dict) -> None:
+        """∂L/∂W_hh += ∂L/∂W̃_hh ⊙ M / (1 − p_w), from the buffers of :meth:`recurrent_grads`."""
+        grads = layer.grads
+        for k, row in enumerate(self.masks or ()):
+            for sfx, M in zip(("", "_reverse"), row):
+                grads[f"weight_hh_l{k}{sfx}"] += buffers[f"weight_hh_l{k}{sfx}"] * M
 
 
 class _Direction(NamedTuple):
@@ -152,6 +215,8 @@ class Regularization:
         self.opts = opts
         self.mode = layer.mode
         self.locked = None  # (N, {"x": [...], "h": [[...]], "y": ...}) the stream masks, see the module doc
+        self.weight_masks = None  # [[M / (1 − p_w) (G, H) or None per direction] per layer], last training forward
+        self.force_reference = False  # True: run this loop even where the plain path could (tests, benchmarks)
         self.ctx = None
         H, G = layer.hidden_size, layer.gate_count * layer.hidden_size
         dt = layer.dtype
@@ -168,6 +233,13 @@ class Regularization:
     @staticmethod
     def _suffixes(layer):
         return ("", "_reverse")[: layer.num_directions]
+
+    @property
+    def plain_path(self) -> bool:
+        """Whether the layer runs its plain (compiled) path with the masks applied around it, rather than
+        this loop: every option on acts outside the loop and :attr:`force_reference` is off.  Set
+        ``force_reference`` between a backward and the next forward, not in between."""
+        return self.opts.outside_the_loop and not self.force_reference
 
     def reset_masks(self):
         """Forget the locked masks: the next training forward draws new ones."""
@@ -248,8 +320,11 @@ class Regularization:
             raise ValueError(f"{name} state must be one array h_0, not a tuple")
         return np.ascontiguousarray(x), batched, st(state, "h_0"), None, mask
 
-    def _draw_locked(self, layer, N, fresh):
-        """The stream masks m_x, m_h, m_y: kept from the last training forward unless ``fresh``."""
+    def draw_locked(self, layer, N, fresh):
+        """The stream masks m_x, m_h, m_y of a training forward over N streams: kept from the last
+        training forward unless ``fresh`` (the state was reset) or N changed, else drawn from
+        ``layer.rng`` in the order of the module doc → {"x": [m_x[k] (N, D_k) or None per layer],
+        "h": [[m_h (N, H) or None per direction] per layer], "y": m_y (N, K·H) or None}."""
         o, rng, dt = self.opts, layer.rng, layer.dtype
         if not fresh and self.locked is not None and self.locked[0] == N:
             return self.locked[1]
@@ -264,6 +339,40 @@ class Regularization:
             masks["y"] = dropout_mask((N, K * H), o.output_dropout, rng, dt)
         self.locked = (N, masks)
         return masks
+
+    def around_the_loop(self, layer, x, one_hot, fresh):
+        """A training forward on the layer's plain path: the masks of the options outside the loop,
+        drawn from ``layer.rng`` in this module's order (the stream masks, `dropout`'s per-step masks,
+        the weight-drop masks per layer and direction: what :meth:`forward` draws when no zoneout
+        mask comes between them), and the input masks applied.
+
+        x (T, N, D) checked input, or indices (T, N) with ``one_hot`` (made one-hot vectors when
+        input dropout must scale them); ``fresh``: the state was reset (new stream masks).
+        → (x̃_0, one_hot, drops, :class:`Outside`), drops[k] (T, N, D_k) the mask on layer k's
+        input (`dropout`'s ⊙ m_x[k]) or None, drops[0] None.
+        """
+        T, N = x.shape[:2]
+        L, K, H, dt = layer.num_layers, layer.num_directions, layer.hidden_size, layer.dtype
+        locked = self.draw_locked(layer, N, fresh)
+        drops = [None] + [dropout_mask((T, N, K * H), layer.dropout, layer.rng, dt) if layer.dropout else None
+                          for _ in range(1, L)]
+        p_w, G = self.opts.weight_drop, layer.gate_count * H
+        self.weight_masks = [[dropout_mask((G, H), p_w, layer.rng, dt) if p_w else None for _ in range(K)]
+                             for _ in range(L)]
+        m_x = locked["x"]
+        made_vectors = one_hot and m_x[0] is not None
+        if made_vectors:  # onehot(x) ⊙ m_x[0] scales single entries: vectors, not a gather of W_ih's rows
+            x, one_hot = np.eye(layer.input_size, dtype=dt)[x], False
+        if m_x[0] is not None:
+            x = x * m_x[0]
+        for k in range(1, L):
+            if m_x[k] is not None:
+                drops[k] = np.broadcast_to(m_x[k], (T, *m_x[k].shape)) if drops[k] is None else drops[k] * m_x[k]
+        masks = W_hh = None
+        if p_w:
+            masks = self.weight_masks
+            W_hh = [[layer.layer_weights(k, d)[2] * M for d, M in enumerate(row)] for k, row in enumerate(masks)]
+        return x, one_hot, drops, Outside(m_x[0], locked["y"], masks, W_hh, made_vectors)
 
     def _params(self, layer, k, d):
         sfx = self._suffixes(layer)[d]
@@ -284,11 +393,13 @@ class Regularization:
         T, N = x.shape[:2]
         o, rng, dt, train = self.opts, layer.rng, layer.dtype, layer.training
         L, K, H, G = layer.num_layers, layer.num_directions, layer.hidden_size, layer.gate_count * layer.hidden_size
-        locked = self._draw_locked(layer, N, fresh=state is None) if train else {"x": [None] * L, "h": [[None] * K] * L, "y": None}
+        locked = self.draw_locked(layer, N, fresh=state is None) if train else {"x": [None] * L, "h": [[None] * K] * L, "y": None}
         drops = [None] + [dropout_mask((T, N, K * H), layer.dropout, rng, dt) if train and layer.dropout else None
                           for _ in range(1, L)]
         h_n, c_n = np.empty_like(h0), None if c0 is None else np.empty_like(c0)
         layers, inp = [], x
+        if train:
+            self.weight_masks = [[None] * K for _ in range(L)]
         for k in range(L):
             if drops[k] is not None:
                 inp = inp * drops[k]
@@ -301,6 +412,8 @@ class Regularization:
                 if b_ih is not None:
                     gx += b_ih
                 w_mask = dropout_mask((G, H), o.weight_drop, rng, dt) if train and o.weight_drop else None
+                if train:
+                    self.weight_masks[k][d] = w_mask
                 p = cell.StepParams(W_hh if w_mask is None else W_hh * w_mask, b_hh, locked["h"][k][d], ln, peep,
                                     self.mode == "rnn_relu")
                 z_h = self._zoneout(o.zoneout, (T, N, H), rng, dt, train)

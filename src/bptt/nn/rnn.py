@@ -54,6 +54,7 @@ class _Context(NamedTuple):
     chunks: list  # [(t0, t1)]: the time chunks the forward ran in (bptt.runtime.wavefront)
     threads: int
     parts: list  # [(batch slice, _Context of that slice)] when the batch ran split in threads, else []
+    outside: object = None  # regularized_loop.Outside: the regularisers outside the loop, in training; else None
 
 
 def _shifted(shift, j):
@@ -146,7 +147,9 @@ class RNNBase(Module):
     ):
         super().__init__()
         # recurrent_dropout, input_dropout, output_dropout, weight_drop, zoneout, zoneout_c, layer_norm,
-        # peephole: see bptt.nn.regularized_loop (checked before anything is built)
+        # peephole: see bptt.nn.regularized_loop (checked before anything is built).  Input and output
+        # dropout and weight drop alone act outside the time loop: this layer's own path runs them
+        # (regularizer.plain_path); any other option runs bptt.nn.regularized_loop's NumPy loop.
         options = check_options(self.mode, proj_size, **regularization)
         for name, v, lo in (("input_size", input_size, 1), ("hidden_size", hidden_size, 1), ("num_layers", num_layers, 1)):
             if int(v) != v or int(v) < lo:
@@ -181,8 +184,14 @@ class RNNBase(Module):
                     self.add_param(f"weight_hr_l{k}{sfx}", uniform_init(self.rng, (P, H), bound, self._dtype))  # (P, H)
         self._ctx = None
         self.state = None
-        # with any option on, forward/backward/step run bptt.nn.regularized_loop (NumPy); else None
+        # with any option on: its masks and parameters, and the NumPy loop that forward/backward/step
+        # hand over to unless regularizer.plain_path (bptt.nn.regularized_loop); else None
         self.regularizer = Regularization(self, options) if options.active else None
+
+    @property
+    def _reference_loop(self) -> bool:
+        """Whether forward/backward/step hand over to bptt.nn.regularized_loop's NumPy loop."""
+        return self.regularizer is not None and not self.regularizer.plain_path
 
     def load_state_dict(self, state, strict=True):
         try:
@@ -243,7 +252,7 @@ class RNNBase(Module):
         product of the step should be single-threaded, the model's own too (see
         :func:`bptt.runtime.threads.single_thread_blas`); otherwise this does nothing.
         """
-        if self.regularizer is not None:
+        if self._reference_loop:
             return contextlib.nullcontext()  # the NumPy reference loop: no threads of its own
         fused = self._kernels() is not None
         if self._time_chunks(T, N, fused)[1] > 1 or len(self._batch_parts(N, fused)) > 1:
@@ -334,7 +343,7 @@ class RNNBase(Module):
         the first layer's input product x W_ihᵀ becomes a row gather of W_ihᵀ.
         ``need_backward``: whether to keep what :meth:`backward` needs (default: in
         training mode only; the reference loop and the regularised cells keep it always)."""
-        if self.regularizer is not None:
+        if self._reference_loop:
             return self.regularizer.forward(self, x, state, lengths, one_hot)
         x, batched = self._check_input(x, one_hot)
         T, N = x.shape[:2]
@@ -345,9 +354,13 @@ class RNNBase(Module):
         kernels = self._kernels()
         keep = kernels is None or (self.training if need_backward is None else bool(need_backward))
         L, K, P = self.num_layers, self.num_directions, self.out_size
-        # dropout masks drawn up front, in layer order: the same draws as layer by layer
-        drops = [None] + [dropout_mask((T, N, K * P), self.dropout, self.rng, self._dtype)
-                          if self.training and self.dropout > 0 else None for _ in range(1, L)]
+        outside = None  # bptt.nn.regularized_loop.Outside: input/output dropout, weight drop (in training)
+        if self.regularizer is not None and self.training:  # their masks, and `dropout`'s, in that module's order
+            x, one_hot, drops, outside = self.regularizer.around_the_loop(self, x, one_hot, fresh=state is None)
+        else:  # dropout masks drawn up front, in layer order: the same draws as layer by layer
+            drops = [None] + [dropout_mask((T, N, K * P), self.dropout, self.rng, self._dtype)
+                              if self.training and self.dropout > 0 else None for _ in range(1, L)]
+        W_hh = None if outside is None else outside.W_hh  # W̃_hh in place of W_hh (weight drop), or None
         parts = self._batch_parts(N, kernels is not None)
         # (W_ihᵀ, bias) per layer and direction (see _input_table), made once and shared by batch slices
         W_ihT = [[self._input_table(k, d, one_hot and k == 0) for d in range(K)] for k in range(L)]
@@ -362,26 +375,29 @@ class RNNBase(Module):
                 return self._forward_stack(np.ascontiguousarray(x[:, s]), h0[:, s], None if c0 is None else c0[:, s],
                                            None if mask is None else mask[:, s],
                                            [None if m is None else m[:, s] for m in drops], one_hot, kernels, [(0, T)], 1,
-                                           W_ihT, keep)
+                                           W_ihT, keep, W_hh)
 
             results, (output, h_n, c_n) = _run_slices([functools.partial(part, s) for s in parts])
             self._ctx = _Context([] if keep else None, batched, output.shape, one_hot, [(0, T)], 1,
-                                 [(s, r[3]) for s, r in zip(parts, results)] if keep else [])
+                                 [(s, r[3]) for s, r in zip(parts, results)] if keep else [], outside)
         else:
             chunks, threads = self._time_chunks(T, N, kernels is not None)
             output, h_n, c_n, ctx = self._forward_stack(x, h0, c0, mask, drops, one_hot, kernels, chunks, threads, W_ihT,
-                                                        keep)
-            self._ctx = ctx._replace(batched=batched)
+                                                        keep, W_hh)
+            self._ctx = ctx._replace(batched=batched, outside=outside)
+        if outside is not None:
+            output = outside.output(output)  # ỹ = y ⊙ m_y
         if not batched:
             output = output[:, 0]
         elif self.batch_first:
             output = output.transpose(1, 0, 2)
         return output, self._pack_state(h_n, c_n, batched)
 
-    def _forward_stack(self, x, h0, c0, mask, drops, one_hot, kernels, chunks, threads, W_ihT, keep=True):
+    def _forward_stack(self, x, h0, c0, mask, drops, one_hot, kernels, chunks, threads, W_ihT, keep=True, W_hh=None):
         """The forward of every layer over (T, N) inputs x (checked), as a wavefront over
         ``chunks`` with ``threads`` threads: → (output (T, N, K·P), h_n, c_n, _Context);
-        without ``keep`` the context's layers are None (nothing kept for a backward)."""
+        without ``keep`` the context's layers are None (nothing kept for a backward);
+        ``W_hh``: W̃_hh per layer and direction, used in place of W_hh (weight drop), or None."""
         T, N = x.shape[:2]
         L, K, P = self.num_layers, self.num_directions, self.out_size
         inputs = [x] + [None if m is None else np.empty((T, N, K * P), self._dtype) for m in drops[1:]]  # after dropout
@@ -393,8 +409,8 @@ class RNNBase(Module):
             # refill a window still being read; a reverse direction runs its chunks from the end.)
             chunks = policy.inference_chunks(T, N * self.gate_count * self.hidden_size * self._dtype.itemsize)
             window = max(t1 - t0 for t0, t1 in chunks)
-        runs = [[self._start_forward(k, d, T, N, h0, c0, mask, kernels, keep, window) for d in range(K)]
-                for k in range(L)]
+        runs = [[self._start_forward(k, d, T, N, h0, c0, mask, kernels, keep, window, None if W_hh is None else W_hh[k][d])
+                 for d in range(K)] for k in range(L)]
         # With a one-hot input the bottom layer's input product is a cheap gather, so its thread
         # also makes the product feeding the layer above, for every other chunk: the threads then
         # carry about equal work (every chunk overloaded the lower thread once the gate loops got
@@ -446,11 +462,13 @@ class RNNBase(Module):
         output = layer_output(L - 1)
         return output, h_n, c_n, _Context(layers if keep else None, True, output.shape, one_hot, chunks, threads, [])
 
-    def _start_forward(self, k, d, T, N, h0, c0, mask, kernels, keep=True, window=None):
+    def _start_forward(self, k, d, T, N, h0, c0, mask, kernels, keep=True, window=None, W_hh=None):
         """The time loop of layer k, direction d, ready to run chunk by chunk (gx filled by the caller,
         through ``run.gx_rows``); ``keep``: whether it keeps the per-step values a backward needs, and
-        ``window``: gx's rows if fewer than T (both for the fused kernels only, see ForwardRun)."""
-        _, _, W_hh, b_hh, W_hr = self._direction_params(k, d)
+        ``window``: gx's rows if fewer than T (both for the fused kernels only, see ForwardRun);
+        ``W_hh``: the recurrent weight to use (W̃_hh under weight drop; default the parameter)."""
+        _, _, W_param, b_hh, W_hr = self._direction_params(k, d)
+        W_hh = W_param if W_hh is None else W_hh
         if self.mode != "gru":
             b_hh = None  # RNN/LSTM: folded into gx by _input_product
         idx = k * self.num_directions + d
@@ -514,7 +532,7 @@ class RNNBase(Module):
         if recurrent_scale is not None and self.regularizer is not None:
             raise ValueError("recurrent_scale is not supported by regularised or normalised cells "
                              "(bptt.nn.regularized_loop); use the plain layer")
-        if self.regularizer is not None:
+        if self._reference_loop:
             return self.regularizer.backward(self, doutput, dstate, need_input_grad)
         ctx = self._saved(self._ctx)
         if ctx.layers is None:
@@ -537,31 +555,43 @@ class RNNBase(Module):
         if dy.shape != (T, N, KP):
             raise ValueError(f"doutput must have the shape of the output, got {np.shape(doutput)}")
         dy = np.ascontiguousarray(dy)
+        outside = ctx.outside  # input/output dropout and weight drop of a training forward, or None
+        if outside is not None:
+            dy = outside.output_grad(dy)  # ∂L/∂y = ∂L/∂ỹ ⊙ m_y
+            need_input_grad = need_input_grad and not outside.one_hot  # the caller passed indices
         dh_n, dc_n = (dstate, None) if self.mode != "lstm" else (dstate or (None, None))
         dh_n = None if dh_n is None else self._check_state(dh_n, N, ctx.batched, self.out_size, "dh_n")
         dc_n = None if dc_n is None else self._check_state(dc_n, N, ctx.batched, self.hidden_size, "dc_n")
         kernels = self._kernels()
+        # under weight drop the stack's W_hh gradients are ∂L/∂W̃_hh: into buffers, mapped back below
+        W_hh, buffers = (None, {}) if outside is None else (outside.W_hh, outside.recurrent_grads(self))
+        grads = self._own_grads | buffers
         if ctx.parts:  # the forward ran batch slices in threads: so does the backward, each into its own grads
             def part(i, s, sub):
-                grads = self._own_grads if i == 0 else {name: np.zeros_like(g) for name, g in self._own_grads.items()}
+                own = grads if i == 0 else {name: np.zeros_like(g) for name, g in grads.items()}
                 return self._backward_stack(sub, dy[:, s], None if dh_n is None else dh_n[:, s],
-                                            None if dc_n is None else dc_n[:, s], need_input_grad, kernels, grads) + (grads,)
+                                            None if dc_n is None else dc_n[:, s], need_input_grad, kernels, own,
+                                            W_hh=W_hh) + (own,)
 
             jobs = [functools.partial(part, i, s, sub) for i, (s, sub) in enumerate(ctx.parts)]
             results, (dx, dh0, dc0) = _run_slices(jobs)
             for r in results[1:]:
                 for name, g in r[3].items():
-                    self._own_grads[name] += g
+                    grads[name] += g
         else:
-            dx, dh0, dc0 = self._backward_stack(ctx, dy, dh_n, dc_n, need_input_grad, kernels, self._own_grads,
-                                                recurrent_scale)
+            dx, dh0, dc0 = self._backward_stack(ctx, dy, dh_n, dc_n, need_input_grad, kernels, grads, recurrent_scale,
+                                                W_hh)
+        if outside is not None:
+            outside.add_recurrent_grads(self, buffers)  # ∂L/∂W_hh += ∂L/∂W̃_hh ⊙ M / (1 − p_w)
+            dx = None if dx is None else outside.input_grad(dx)  # ∂L/∂x = ∂L/∂x̃_0 ⊙ m_x[0]
         if dx is not None:
             dx = dx[:, 0] if not ctx.batched else dx.transpose(1, 0, 2) if self.batch_first else dx
         return dx, self._pack_state(dh0, dc0, ctx.batched)
 
-    def _backward_stack(self, ctx, dy, dh_n, dc_n, need_input_grad, kernels, grads, recurrent_scale=None):
+    def _backward_stack(self, ctx, dy, dh_n, dc_n, need_input_grad, kernels, grads, recurrent_scale=None, W_hh=None):
         """The backward of every layer from dy (T, N, K·P) as the forward of ``ctx`` ran it,
-        accumulating parameter gradients into the dict ``grads``: → (dx or None, dh_0, dc_0)."""
+        accumulating parameter gradients into the dict ``grads``: → (dx or None, dh_0, dc_0);
+        ``W_hh``: the W̃_hh per layer and direction the forward ran with (weight drop), or None."""
         T, N, _ = dy.shape
         L, K, P = self.num_layers, self.num_directions, self.out_size
         chunks, threads = ctx.chunks, ctx.threads
@@ -593,7 +623,7 @@ class RNNBase(Module):
             if j == 0:
                 dy_k = dy if k == L - 1 else dxs[k + 1]
                 runs[k] = [self._start_backward(k, d, dy_k, dh_n, dc_n, ctx.layers[k].directions[d], kernels,
-                                                recurrent_scale)
+                                                recurrent_scale, None if W_hh is None else W_hh[k][d])
                            for d in range(K)]
             if shifted(j) and k + 1 < L:
                 input_grad(k + 1, t0, t1)  # this layer's dy for these steps
@@ -686,13 +716,15 @@ class RNNBase(Module):
             gW_hr += dW_hr
         return dh0, dc0
 
-    def _start_backward(self, k, d, dy_k, dh_n, dc_n, cache, kernels, recurrent_scale=None):
+    def _start_backward(self, k, d, dy_k, dh_n, dc_n, cache, kernels, recurrent_scale=None, W_hh=None):
         """The backward time loop of layer k, direction d, ready to run chunk by chunk.
 
         dy_k (T, N, K·P) is ∂L/∂(layer k's output), filled by the caller chunk by
         chunk; with two directions (one chunk) each takes its contiguous half now.
+        ``W_hh``: the recurrent weight the forward ran with (W̃_hh under weight drop; default the parameter).
         """
-        W_hh, b_hh, W_hr = self._direction_params(k, d)[2:]
+        W_param, b_hh, W_hr = self._direction_params(k, d)[2:]
+        W_hh = W_param if W_hh is None else W_hh
         if self.mode != "gru":
             b_hh = None  # folded into gx in the forward pass
         P, idx = self.out_size, k * self.num_directions + d
@@ -734,7 +766,7 @@ class RNNBase(Module):
         carried state and the first T−1 outputs), which every backend keeps for ∂L/∂W_hh and which
         is taken before inter-layer dropout.  Returns {"h_mean_l0": …, "h_var_l0": …, "h_mean_l1": …}.
         """
-        if self.regularizer is not None:
+        if self._reference_loop:
             return self.regularizer.hidden_state_stats()
         ctx = self._ctx
         if ctx is None or ctx.layers is None:
@@ -758,7 +790,7 @@ class RNNBase(Module):
 
         x (N, D) or (D,) → y (N, P) or (P,); the new state is kept until :meth:`reset_state`.
         """
-        if self.regularizer is not None:
+        if self._reference_loop:
             return self.regularizer.step(self, x)
         if self.bidirectional:
             raise ValueError("step() needs a unidirectional layer: the reverse direction reads the future")
@@ -776,7 +808,8 @@ class RNNBase(Module):
     def _fast_step(self, x):
         """step() through :func:`bptt.kernels.layer_step`: the results of ``forward`` on a
         one-step sequence without its per-call bookkeeping.  None → take the general path."""
-        if self.backend == "reference" or (self.training and self.dropout > 0) or x.shape[-1] != self.input_size:
+        if self.backend == "reference" or x.shape[-1] != self.input_size or \
+                (self.training and (self.dropout > 0 or self.regularizer is not None)):  # masks to draw
             return None
         from bptt import kernels
 
