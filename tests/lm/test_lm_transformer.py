@@ -94,6 +94,38 @@ def test_step_with_cache_equals_forward(dtype, tol):
     assert rel_error(lm.step(ids[0, :1]), logits[0, :1]) < tol  # a new batch size starts a new cache
 
 
+def test_float32_stays_float32(monkeypatch):
+    """No silent float64 in a float32 model: every cached activation of the training pass, every
+    gradient, and the attention scores of step() (a NumPy float64 scalar such as 1/np.sqrt(d) would
+    turn a float32 array into float64)."""
+    import bptt.lm.transformer as lm_module
+
+    lm = _small(dtype="float32")
+    ids = np.random.default_rng(5).integers(0, 7, (6, 3))
+    loss, dlogits, _ = lm.loss(ids, ids)
+    assert dlogits.dtype == np.float32
+    cached = []
+    for m in lm.modules():
+        ctx = getattr(m, "_ctx", None)
+        stack = [ctx]
+        while stack:
+            c = stack.pop()
+            if isinstance(c, np.ndarray):
+                cached.append(c)
+            elif isinstance(c, (tuple, list)):
+                stack.extend(c)
+    assert len(cached) > 20 and all(c.dtype in (np.float32, np.bool_) or c.dtype.kind in "iu" for c in cached), \
+        sorted({str(c.dtype) for c in cached})
+    lm.backward(dlogits)
+    assert all(g.dtype == np.float32 for g in lm.grads.values())
+    seen = []
+    real_softmax = lm_module.softmax
+    monkeypatch.setattr(lm_module, "softmax", lambda s, axis=-1: seen.append(s.dtype) or real_softmax(s, axis))
+    lm.eval()
+    assert lm.step(ids[0]).dtype == np.float32
+    assert seen and all(d == np.float32 for d in seen)
+
+
 def test_causality_and_window_limit():
     lm = _small()
     ids = np.random.default_rng(5).integers(0, 7, (6, 2))

@@ -139,6 +139,81 @@ def test_all_masked_row_matches_torch(torch):
             assert np.all(dq[:, 1] == 0.0)  # the dead row sends no gradient to its query
 
 
+# (batch_first, batched, mask, need_weights): self-attention, the same array as query, key and value
+SELF_CONFIGS = [(False, True, "is_causal", False), (True, True, "causal_given", True), (False, True, "float_causal", False),
+                (True, True, "attn_bool+kpm_bool", True), (False, False, "is_causal", True), (True, True, "", False)]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("cfg", SELF_CONFIGS)
+def test_self_attention_fused_matches_torch(torch, cfg, dtype):
+    """One array x passed three times: Q, K, V from one product and, with backward_self, dx from one
+    product; the causal mask (built, given as bool, or as float) applied inside the softmax.  Against
+    torch's output, ∂L/∂x and every parameter gradient; backward() (three gradients) sums to the same."""
+    bf, batched, masks, need_weights = cfg
+    E, h, T, N = 12, 3, 5, 2
+    rng = np.random.default_rng(7)
+    tdt = _tdtype(torch, dtype)
+    tm = torch.nn.MultiheadAttention(E, h, batch_first=bf, dtype=tdt)
+    with torch.no_grad():
+        for p in tm.parameters():
+            p.add_(0.1 * torch.randn(p.shape, dtype=tdt))  # non-zero biases
+    bm = MultiheadAttention(E, h, batch_first=bf, dtype=dtype)
+    bm.load_state_dict(tm.state_dict())
+    x = rng.standard_normal(((N, T, E) if bf else (T, N, E)) if batched else (T, E)).astype(dtype)
+    attn, kpm, is_causal = None, None, masks == "is_causal"
+    if masks == "causal_given":
+        attn = causal_mask(T)
+    elif masks == "float_causal":
+        attn = np.where(causal_mask(T), -np.inf, 0.0).astype(dtype)
+    elif masks:
+        attn, kpm = _make_masks(rng, masks, N, h, T, T, batched, dtype)
+    tmask = torch.tensor(causal_mask(T)) if is_causal else (None if attn is None else torch.tensor(attn))
+    tx = torch.tensor(x, requires_grad=True)
+    tout, tw = tm(tx, tx, tx, attn_mask=tmask, key_padding_mask=None if kpm is None else torch.tensor(kpm),
+                  need_weights=need_weights, is_causal=is_causal)
+    dout = rng.standard_normal(tout.shape).astype(dtype)
+    (tout * torch.tensor(dout)).sum().backward()
+
+    out, w = bm(x, x, x, attn_mask=attn, key_padding_mask=kpm, need_weights=need_weights, is_causal=is_causal)
+    dx = bm.backward_self(dout)
+    tol = TOL[dtype]
+    assert out.dtype == dtype and dx.dtype == dtype and dx.shape == x.shape
+    assert rel_error(out, tout.detach().numpy()) < tol
+    if need_weights:
+        assert rel_error(w, tw.detach().numpy()) < tol
+    assert rel_error(dx, tx.grad.numpy()) < tol
+    for name, p in tm.named_parameters():
+        assert rel_error(bm.grads[name], p.grad.numpy()) < tol, name
+    grads = {k: v.copy() for k, v in bm.grads.items()}
+    bm.zero_grad()
+    bm(x, x, x, attn_mask=attn, key_padding_mask=kpm, need_weights=need_weights, is_causal=is_causal)
+    dq, dk, dv = bm.backward(dout)
+    assert rel_error(dq + dk + dv, dx) < tol
+    for k, v in grads.items():
+        assert rel_error(bm.grads[k], v) < tol, k
+
+
+def test_only_the_exact_causal_mask_runs_as_causal():
+    """A given mask counts as the causal one only when it is exactly it (−∞ / True above the diagonal,
+    0 / False elsewhere): the given causal mask and is_causal agree; a mask that also blocks one more
+    slot, or adds a constant below the diagonal, gives its own, correct weights."""
+    E, h, T = 4, 1, 4
+    m = MultiheadAttention(E, h, dtype=np.float64, rng=0)
+    x = np.random.default_rng(0).standard_normal((T, 1, E))
+    _, w_causal = m(x, x, x, attn_mask=causal_mask(T))
+    _, w_built = m(x, x, x, attn_mask=None, is_causal=True)
+    np.testing.assert_array_equal(w_causal, w_built)
+    more = causal_mask(T)
+    more[3, 0] = True
+    _, w_more = m(x, x, x, attn_mask=more)
+    assert w_more[0, 3, 0] == 0 and w_causal[0, 3, 0] > 0
+    np.testing.assert_allclose(w_more[0, :3], w_causal[0, :3], rtol=1e-15)
+    shifted = np.where(causal_mask(T), -np.inf, 0.5)  # not 0 below the diagonal: an additive bias
+    _, w_shifted = m(x, x, x, attn_mask=shifted)
+    np.testing.assert_allclose(w_shifted, w_causal, rtol=1e-14)  # a constant per row cancels in softmax
+
+
 @pytest.mark.parametrize("case", ["none", "bool", "float", "causal", "causal_rect", "scale", "dead_row"])
 def test_sdpa_matches_torch(torch, case):
     F = torch.nn.functional

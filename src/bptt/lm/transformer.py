@@ -212,7 +212,8 @@ class TransformerLM(Module):
         qkv = z @ W.T + (b if b is not None else 0.0)  # (N, 3E)
         q, k, v = (qkv[:, i * E:(i + 1) * E].reshape(N, h, d) for i in range(3))
         K[:, :, t], V[:, :, t] = k, v
-        s = np.einsum("nhd,nhsd->nhs", q, K[:, :, : t + 1]) / np.sqrt(d)  # (N, h, t+1)
+        s = np.einsum("nhd,nhsd->nhs", q, K[:, :, : t + 1])  # (N, h, t+1)
+        s *= s.dtype.type(1.0 / np.sqrt(d))  # in s's dtype: a NumPy float64 scalar would make s float64
         a = softmax(s, axis=-1)
         o = np.einsum("nhs,nhsd->nhd", a, V[:, :, : t + 1]).reshape(N, E)  # merge heads
         return attn.out_proj(o)

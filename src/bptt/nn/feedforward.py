@@ -28,6 +28,7 @@ from bptt.nn.module import Module, as_float_array
 
 __all__ = [
     "erf",
+    "gelu_reference",
     "ReLU",
     "GELU",
     "get_activation",
@@ -72,10 +73,33 @@ class ReLU(Module):
         return np.where(self._saved(self._ctx), dy, dy.dtype.type(0))
 
 
-class GELU(Module):
-    """``nn.GELU(approximate='none' | 'tanh')``: x Φ(x) with the exact erf, or the tanh form."""
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
-    _C = math.sqrt(2.0 / math.pi)
+
+def gelu_reference(x: np.ndarray, approximate: str = "none"):
+    """(y, dy/dx) of the GELU with NumPy, in x's dtype:
+
+        exact:  y = x Φ(x),                dy/dx = Φ(x) + x φ(x)
+        tanh:   y = ½ x (1 + tanh u),      dy/dx = ½ (1 + tanh u) + ½ x (1 − tanh² u) ∂u/∂x
+
+    The reference of :func:`bptt.kernels.transformer.gelu_forward` (exact form only)."""
+    dt = x.dtype.type
+    one, half = dt(1), dt(0.5)
+    if approximate == "tanh":
+        t = np.tanh(dt(_SQRT_2_OVER_PI) * (x + dt(0.044715) * x ** 3))
+        du = dt(_SQRT_2_OVER_PI) * (one + dt(3 * 0.044715) * x * x)  # ∂u/∂x
+        return half * x * (one + t), half * (one + t) + half * x * (one - t * t) * du
+    cdf = half * (one + erf(x * dt(1 / math.sqrt(2.0))))  # Φ(x)
+    pdf = np.exp(dt(-0.5) * x * x) * dt(1 / math.sqrt(2.0 * math.pi))  # φ(x)
+    return x * cdf, cdf + x * pdf
+
+
+class GELU(Module):
+    """``nn.GELU(approximate='none' | 'tanh')``: x Φ(x) with the exact erf, or the tanh form.
+
+    The forward keeps dy/dx (one array), so the backward is one product: dx = dy ⊙ dy/dx.
+    The exact form runs compiled (:func:`bptt.kernels.transformer.gelu_forward`) when Numba is
+    there, else :func:`gelu_reference`."""
 
     def __init__(self, approximate="none"):
         super().__init__()
@@ -88,24 +112,16 @@ class GELU(Module):
         return f"approximate={self.approximate!r}"
 
     def forward(self, x):
-        one = x.dtype.type(1)
-        if self.approximate == "tanh":
-            t = np.tanh(x.dtype.type(self._C) * (x + x.dtype.type(0.044715) * x ** 3))
-            self._ctx = (x, t)
-            return x.dtype.type(0.5) * x * (one + t)
-        cdf = x.dtype.type(0.5) * (one + erf(x * x.dtype.type(1 / math.sqrt(2.0))))  # Φ(x)
-        self._ctx = (x, cdf)
-        return x * cdf
+        out = None
+        if self.approximate == "none":
+            from bptt import kernels  # lazily: importing Numba is slow
+
+            out = kernels.gelu_forward(x)
+        y, self._ctx = out if out is not None else gelu_reference(x, self.approximate)
+        return y
 
     def backward(self, dy):
-        x, aux = self._saved(self._ctx)
-        dt = x.dtype.type
-        if self.approximate == "tanh":
-            t = aux
-            du = dt(self._C) * (dt(1) + dt(3 * 0.044715) * x * x)  # ∂u/∂x
-            return dy * (dt(0.5) * (dt(1) + t) + dt(0.5) * x * (dt(1) - t * t) * du)
-        pdf = np.exp(dt(-0.5) * x * x) * dt(1 / math.sqrt(2.0 * math.pi))  # φ(x)
-        return dy * (aux + x * pdf)
+        return dy * self._saved(self._ctx)
 
 
 def get_activation(activation) -> Module:

@@ -26,6 +26,8 @@ class StateDictError(ValueError):
 
 def as_float_array(x, dtype, name: str = "input") -> np.ndarray:
     """``x`` as an array of ``dtype``; a clear ValueError for anything non-numeric."""
+    if type(x) is np.ndarray and x.dtype == dtype:  # the common case, on every layer's every call: no checks to make
+        return x
     arr = np.asarray(x)
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
         raise ValueError(f"{name} must be a numeric array, got dtype {arr.dtype}")

@@ -54,6 +54,8 @@ from bptt.nn.ops import affine_backward, affine_forward, dropout_mask
 
 __all__ = [
     "SDPACache",
+    "softmax_rows",
+    "softmax_rows_backward",
     "scaled_dot_product_attention",
     "scaled_dot_product_attention_backward",
     "causal_mask",
@@ -71,25 +73,61 @@ def causal_mask(L: int, S: int | None = None) -> np.ndarray:
     return np.triu(np.ones((L, S), dtype=bool), k=1)
 
 
-def _softmax_rows(s: np.ndarray, nan_if_all_masked: bool, overwrite: bool = False) -> np.ndarray:
-    """softmax over the last axis of scores that may hold −∞ (computed in the array s if ``overwrite``).
+def softmax_rows(s: np.ndarray, scale=1.0, causal: bool = False, dead_rows_nan: bool = False) -> np.ndarray:
+    """a = softmax over the last axis of scale · s, computed in place in s (…, L, S); the NumPy
+    reference of :func:`bptt.kernels.transformer.softmax_rows`.
 
-    A row of only −∞ has no softmax: it becomes zeros (PyTorch's scaled_dot_product_attention)
-    or NaN (a plain softmax, as in nn.MultiheadAttention with need_weights=True)."""
+    ``causal``: row i sees keys j ≤ i only (the others are set to −∞ first, so get weight 0).
+    Scores may hold −∞ (masked slots).  A row of only −∞ has no softmax: it becomes zeros
+    (PyTorch's scaled_dot_product_attention) or, with ``dead_rows_nan``, NaN (a plain softmax,
+    as in nn.MultiheadAttention with need_weights=True)."""
+    if scale != 1.0:
+        s *= s.dtype.type(scale)
+    if causal:
+        s[..., causal_mask(*s.shape[-2:])] = -np.inf
     m = s.max(axis=-1, keepdims=True)
     dead = np.isneginf(m)  # (…, L, 1) rows with every key masked out
     any_dead = bool(dead.any())
-    if any_dead and not nan_if_all_masked:
+    if any_dead and not dead_rows_nan:
         m = np.where(dead, 0.0, m)  # exp(−∞ − 0) = 0: the row sums to 0 ...
-    a = s if overwrite else s.copy()  # s is not needed after this: exp in place saves two (B, L, S) temporaries
     with np.errstate(invalid="ignore"):  # the NaN of a dead row is wanted here
-        a -= m  # NaN for a dead row when m = −∞ (−∞ − (−∞))
-        np.exp(a, out=a)
-    z = a.sum(axis=-1, keepdims=True)
-    if any_dead and not nan_if_all_masked:
+        s -= m  # NaN for a dead row when m = −∞ (−∞ − (−∞))
+        np.exp(s, out=s)  # in place: no (…, L, S) temporaries
+    z = s.sum(axis=-1, keepdims=True)
+    if any_dead and not dead_rows_nan:
         z = np.where(dead, 1.0, z)  # ... and 0 / 1 = 0
-    a /= z
-    return a
+    s /= z
+    return s
+
+
+def softmax_rows_backward(a: np.ndarray, da: np.ndarray, scale=1.0, causal: bool = False) -> np.ndarray:
+    """∂L/∂a → ∂L/∂s for a = softmax(scale · s), computed in place in da (…, L, S):
+
+        ∂L/∂s = scale · a ⊙ (∂L/∂a − Σ_S a ⊙ ∂L/∂a)      (0 wherever a = 0, so masked slots get nothing)
+
+    The NumPy reference of :func:`bptt.kernels.transformer.softmax_rows_backward`; ``causal`` changes
+    nothing here (a is 0 above the diagonal already) and is taken for the kernel's signature."""
+    row = np.einsum("...ls,...ls->...l", a, da)[..., None]  # Σ_S a ⊙ da without an (…, L, S) temporary
+    da -= row
+    da *= a
+    if scale != 1.0:
+        da *= da.dtype.type(scale)
+    return da
+
+
+def _softmax(s, scale, causal, dead_rows_nan):
+    """softmax_rows, compiled when Numba is there (bptt.kernels.transformer), else the NumPy reference."""
+    from bptt import kernels  # lazily: importing Numba is slow
+
+    a = kernels.softmax_rows(s, scale, causal, dead_rows_nan)
+    return a if a is not None else softmax_rows(s, scale, causal, dead_rows_nan)
+
+
+def _softmax_backward(a, da, scale, causal):
+    from bptt import kernels
+
+    ds = kernels.softmax_rows_backward(a, da, scale, causal)
+    return ds if ds is not None else softmax_rows_backward(a, da, scale, causal)
 
 
 class SDPACache(NamedTuple):
@@ -99,6 +137,7 @@ class SDPACache(NamedTuple):
     weights: np.ndarray  # (B, L, S) a = softmax(s), before dropout
     drop: np.ndarray | None  # (B, L, S) dropout mask r / (1 − p), or None
     scale: float
+    causal: bool  # the mask was the causal one alone (applied inside the softmax, not as a bias)
 
 
 def _additive(mask, dtype, name: str, true_means_masked: bool) -> np.ndarray:
@@ -112,40 +151,50 @@ def _additive(mask, dtype, name: str, true_means_masked: bool) -> np.ndarray:
     return arr.astype(dtype, copy=False)
 
 
-def _attend(q, k, v, bias, scale, p, training, rng, nan_if_all_masked):
-    """The shared core: o = dropout(softmax(q kᵀ·scale + bias)) v  → (o, SDPACache)."""
+def _is_causal_bias(bias: np.ndarray) -> bool:
+    """Whether an additive (L, S) mask is exactly the causal one: −∞ above the diagonal, 0 elsewhere."""
+    if bias.ndim != 2:
+        return False
+    above = causal_mask(*bias.shape)
+    return bool(np.isneginf(bias[above]).all() and (bias[~above] == 0).all())
+
+
+def _attend(q, k, v, bias, causal, scale, p, training, rng, nan_if_all_masked, out=None):
+    """The shared core: o = dropout(softmax(q kᵀ·scale + bias)) v  → (o, SDPACache).
+
+    ``causal`` (with bias None): the causal mask, applied inside the softmax.  ``out``: an array
+    (B, L, dv), possibly a strided view (the heads' slots of a merged (…, E) array), for o."""
     s = np.matmul(q, np.swapaxes(k, -1, -2))  # (B, L, S)
-    s *= scale
     if bias is not None:
+        s *= s.dtype.type(scale)
         if np.broadcast_shapes(s.shape, bias.shape) == s.shape:
             s += bias  # in place: s is ours
         else:
             s = s + bias  # (a mask may widen an unbatched call's scores)
-    a = _softmax_rows(s, nan_if_all_masked, overwrite=True)
+        a = _softmax(s, 1.0, False, nan_if_all_masked)
+    else:
+        a = _softmax(s, scale, causal, nan_if_all_masked)  # the scale (and a causal mask) inside the softmax
     drop = None
     if training and p > 0.0:
         drop = dropout_mask(a.shape, p, rng, a.dtype)  # r / (1 − p)
-    o = np.matmul(a if drop is None else a * drop, v)  # (B, L, dv)
-    return o, SDPACache(q, k, v, a, drop, scale)
+    o = np.matmul(a if drop is None else a * drop, v, out=out)  # (B, L, dv)
+    return o, SDPACache(q, k, v, a, drop, scale, bool(causal and bias is None))
 
 
-def _attend_backward(do, cache: SDPACache, dweights=None):
-    """Backward of :func:`_attend`: ∂L/∂o (and optionally ∂L/∂ã, the dropped weights) → dq, dk, dv."""
-    q, k, v, a, drop, scale = cache
+def _attend_backward(do, cache: SDPACache, dweights=None, out=(None, None, None)):
+    """Backward of :func:`_attend`: ∂L/∂o (and optionally ∂L/∂ã, the dropped weights) → dq, dk, dv,
+    written into ``out`` (three arrays or views shaped as q, k, v) where given."""
+    q, k, v, a, drop = cache.q, cache.k, cache.v, cache.weights, cache.drop
     at = a if drop is None else a * drop  # ã
-    dv = np.matmul(np.swapaxes(at, -1, -2), do)  # ãᵀ do  (B, S, dv)
-    dat = np.matmul(do, np.swapaxes(v, -1, -2))  # do vᵀ  (B, L, S)
+    dv = np.matmul(np.swapaxes(at, -1, -2), do, out=out[2])  # ãᵀ do  (B, S, dv)
+    da = np.matmul(do, np.swapaxes(v, -1, -2))  # do vᵀ = ∂L/∂ã  (B, L, S), a fresh array
     if dweights is not None:
-        dat = dat + dweights
-    da = dat if drop is None else dat * drop
-    # softmax backward, row by row: ds = a ⊙ (da − Σ_S a ⊙ da), computed in da (a fresh array here)
-    row = np.einsum("...ls,...ls->...l", a, da)[..., None]  # Σ_S a ⊙ da without an (B, L, S) temporary
-    da -= row
-    da *= a
-    da *= scale
-    ds = da
-    dq = np.matmul(ds, k)  # (B, L, d)
-    dk = np.matmul(np.swapaxes(ds, -1, -2), q)  # (B, S, d)
+        da += dweights
+    if drop is not None:
+        da *= drop
+    ds = _softmax_backward(a, da, cache.scale, cache.causal)  # in place in da
+    dq = np.matmul(ds, k, out=out[0])  # (B, L, d)
+    dk = np.matmul(np.swapaxes(ds, -1, -2), q, out=out[1])  # (B, S, d)
     return dq, dk, dv
 
 
@@ -172,9 +221,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if is_causal and attn_mask is not None:
         raise ValueError("scaled_dot_product_attention: give attn_mask or is_causal, not both")
     bias = None
-    if is_causal:
-        bias = _additive(causal_mask(L, S), dtype, "attn_mask", true_means_masked=True)
-    elif attn_mask is not None:
+    if attn_mask is not None:
         bias = _additive(attn_mask, dtype, "attn_mask", true_means_masked=False)
         want = q.shape[:-2] + (L, S)
         try:
@@ -184,7 +231,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if not fits:
             raise ValueError(f"attn_mask of shape {bias.shape} does not broadcast to {want}")
     sc = 1.0 / np.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _attend(q, k, v, bias, sc, float(dropout_p), dropout_p > 0, resolve_rng(rng), False)
+    return _attend(q, k, v, bias, bool(is_causal), sc, float(dropout_p), dropout_p > 0, resolve_rng(rng), False)
 
 
 def scaled_dot_product_attention_backward(doutput, cache: SDPACache):
@@ -201,12 +248,21 @@ def _xavier(rng, shape, dtype):
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
 
 
+def _split_heads(x, batch_first: bool, h: int):
+    """(N, T, h·w) if batch_first else (T, N, h·w) → (N, h, T, w) as a view (no copy): head j owns
+    features [j·w, (j+1)·w) of every position.  Written through, it fills x (merging the heads)."""
+    A, B, W = x.shape
+    v = x.reshape(A, B, h, W // h)  # splitting the last axis, whose elements are adjacent, never copies
+    assert np.may_share_memory(v, x), "head split must be a view"
+    return v.transpose(0, 2, 1, 3) if batch_first else v.transpose(1, 2, 0, 3)
+
+
 class _MHACache(NamedTuple):
-    query: np.ndarray  # (N, L, E) batch-first inputs as given to the projections
-    key: np.ndarray  # (N, S, Dk)
-    value: np.ndarray  # (N, S, Dv)
-    attn: SDPACache  # per head: q, k, v (N, h, ·, d), weights (N, h, L, S)
-    layout: tuple  # (batched, batch_first, need_weights, average_attn_weights)
+    query: np.ndarray  # (N, L, E) or (L, N, E): the inputs in their own layout, as given to the projections
+    key: np.ndarray  # (N, S, Dk) or (S, N, Dk)
+    value: np.ndarray  # (N, S, Dv) or (S, N, Dv)
+    attn: SDPACache  # per head: q, k, v (N, h, ·, d) views, weights (N, h, L, S)
+    layout: tuple  # (batched, batch_first, need_weights, average_attn_weights, fused)
 
 
 class MultiheadAttention(Module):
@@ -232,7 +288,8 @@ class MultiheadAttention(Module):
 
     ``backward(doutput, dweights=None)`` → ``(dquery, dkey, dvalue)`` in the inputs' layouts.
     For self-attention (the same array passed as query, key and value) the gradient of that
-    array is ``dquery + dkey + dvalue``: summing is the caller's job.
+    array is ``dquery + dkey + dvalue``: ``backward_self(doutput, dweights=None)`` returns it, with
+    one product for the three projections (the forward, too, makes Q, K, V in one product then).
 
     Not offered: PyTorch's ``add_bias_kv`` and ``add_zero_attn`` (extra key/value rows).
     """
@@ -290,7 +347,9 @@ class MultiheadAttention(Module):
         return W, P["in_proj_bias"][i * E:(i + 1) * E], dW, G["in_proj_bias"][i * E:(i + 1) * E]
 
     def _mask_bias(self, attn_mask, key_padding_mask, is_causal, N, L, S, batched):
-        """The additive mask (…, L, S) broadcastable to (N, h, L, S): attn_mask + key padding."""
+        """(bias, causal): the additive mask (…, L, S) broadcastable to (N, h, L, S), attn_mask + key
+        padding, or None with causal True when the only mask is the causal one (built for is_causal
+        or given as attn_mask), which the softmax then applies itself."""
         h, dt = self.num_heads, self._dtype
         bias = None
         if attn_mask is None and is_causal:
@@ -313,39 +372,46 @@ class MultiheadAttention(Module):
                 raise ValueError(f"key_padding_mask must have shape {want} (batch, source length), got {kp.shape}")
             kp = kp.reshape(N, 1, 1, S)
             bias = kp if bias is None else bias + kp
-        return bias
+        elif bias is not None and _is_causal_bias(bias):
+            return None, True
+        return bias, False
 
     # ------------------------------------------------------------------ forward / backward
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         dt, E, h, d = self._dtype, self.embed_dim, self.num_heads, self.head_dim
+        fused = self.packed and query is key and key is value  # self-attention: Q, K, V from one product
         q_in, k_in, v_in = (as_float_array(x, dt, n) for x, n in ((query, "query"), (key, "key"), (value, "value")))
         batched = q_in.ndim == 3
         if q_in.ndim not in (2, 3) or k_in.ndim != q_in.ndim or v_in.ndim != q_in.ndim:
             raise ValueError("query, key and value must all be 3-D (batched) or all 2-D (unbatched), "
                              f"got {q_in.shape}, {k_in.shape}, {v_in.shape}")
         if not batched:
-            q_in, k_in, v_in = q_in[None], k_in[None], v_in[None]  # (1, L, E)
-        elif not self.batch_first:
-            q_in, k_in, v_in = (np.swapaxes(x, 0, 1) for x in (q_in, k_in, v_in))  # (N, L, E)
-        N, L, S = q_in.shape[0], q_in.shape[1], k_in.shape[1]
+            q_in, k_in, v_in = q_in[:, None], k_in[:, None], v_in[:, None]  # (L, 1, E): sequence-first, N = 1
+        bf = batched and self.batch_first  # the projections run on the layout given: no transposed copies
+        n_ax, t_ax = (0, 1) if bf else (1, 0)
+        N, L, S = q_in.shape[n_ax], q_in.shape[t_ax], k_in.shape[t_ax]
         if q_in.shape[2] != E or k_in.shape[2] != self.kdim or v_in.shape[2] != self.vdim:
             raise ValueError(f"expected query/key/value features {E}/{self.kdim}/{self.vdim}, "
                              f"got {q_in.shape[2]}/{k_in.shape[2]}/{v_in.shape[2]}")
-        if k_in.shape[:2] != v_in.shape[:2] or k_in.shape[0] != N:
+        if k_in.shape[:2] != v_in.shape[:2] or k_in.shape[n_ax] != N:
             raise ValueError(f"key and value must share batch and source length (and the query's batch), "
                              f"got {k_in.shape}, {v_in.shape}, query batch {N}")
-        bias = self._mask_bias(attn_mask, key_padding_mask, is_causal, N, L, S, batched)
+        bias, causal = self._mask_bias(attn_mask, key_padding_mask, is_causal, N, L, S, batched)
 
-        def heads(x):  # (N, T, E) → (N, h, T, d)
-            return x.reshape(x.shape[0], x.shape[1], h, d).transpose(0, 2, 1, 3)
-
-        Q, K, V = (heads(affine_forward(x, *self._projection(i)[:2])) for i, x in enumerate((q_in, k_in, v_in)))
-        O, att = _attend(Q, K, V, bias, 1.0 / np.sqrt(d), self.dropout, self.training, self.rng,
-                         nan_if_all_masked=bool(need_weights))
-        out = self.out_proj(O.transpose(0, 2, 1, 3).reshape(N, L, E))  # merge heads, project
-        self._ctx = _MHACache(q_in, k_in, v_in, att, (batched, self.batch_first, bool(need_weights),
-                                                      bool(average_attn_weights)))
+        if fused:  # [Q K V] = x [W_q; W_k; W_v]ᵀ + b: (…, 3E) in one product
+            P = self._own_params
+            qkv = affine_forward(q_in, P["in_proj_weight"], P.get("in_proj_bias"))
+            Q, K, V = (_split_heads(qkv[..., i * E:(i + 1) * E], bf, h) for i in range(3))
+        else:
+            Q, K, V = (_split_heads(affine_forward(x, *self._projection(i)[:2]), bf, h)
+                       for i, x in enumerate((q_in, k_in, v_in)))
+        merged = np.empty(q_in.shape[:2] + (E,), dt)  # the heads' outputs side by side, in the query's layout
+        _, att = _attend(Q, K, V, bias, causal, 1.0 / np.sqrt(d), self.dropout, self.training, self.rng,
+                         nan_if_all_masked=bool(need_weights), out=_split_heads(merged, bf, h))
+        out = self.out_proj(merged)
+        self._ctx = _MHACache(q_in, k_in, v_in, att, (batched, bf, bool(need_weights), bool(average_attn_weights),
+                                                      fused))
         weights = None
         if need_weights:
             weights = att.weights if att.drop is None else att.weights * att.drop  # (N, h, L, S)
@@ -353,27 +419,16 @@ class MultiheadAttention(Module):
                 weights = weights.mean(axis=1)
             if not batched:
                 weights = weights[0]
-        return self._to_layout(out, batched), weights
+        return (out if batched else out[:, 0]), weights
 
-    def _to_layout(self, x, batched):
-        if not batched:
-            return x[0]
-        return x if self.batch_first else np.swapaxes(x, 0, 1)
-
-    def _from_layout(self, x, batched):
-        if not batched:
-            return x[None]
-        return x if self.batch_first else np.swapaxes(x, 0, 1)
-
-    def backward(self, doutput, dweights=None):
-        """∂L/∂output (and optionally ∂L/∂weights, shaped as returned) → (dquery, dkey, dvalue)."""
+    def _backward_heads(self, doutput, dweights):
+        """Through the output projection and the attention: (context, the gradients of the projected
+        Q, K, V in the inputs' layouts — one (…, 3E) array when the forward fused them, else three)."""
         ctx = self._saved(self._ctx)
-        batched, _, need_weights, average = ctx.layout
-        dt, E, h, d = self._dtype, self.embed_dim, self.num_heads, self.head_dim
-        dout = self._from_layout(as_float_array(doutput, dt, "doutput"), batched)
-        N, L = dout.shape[0], dout.shape[1]
-        dO = self.out_proj.backward(dout)  # (N, L, E)
-        dO = dO.reshape(N, L, h, d).transpose(0, 2, 1, 3)  # split like the forward merged
+        batched, bf, need_weights, average, fused = ctx.layout
+        dt, E, h = self._dtype, self.embed_dim, self.num_heads
+        dout = as_float_array(doutput, dt, "doutput")
+        dO = self.out_proj.backward(dout if batched else dout[:, None])  # (…, E) in the query's layout
         dA = None
         if dweights is not None:
             if not need_weights:
@@ -382,10 +437,41 @@ class MultiheadAttention(Module):
             if not batched:
                 dA = dA[None]
             dA = np.broadcast_to(dA[:, None] / h, ctx.attn.weights.shape) if average else dA  # mean over heads
-        dQ, dK, dV = _attend_backward(dO, ctx.attn, dA)
-        grads = []
-        for i, (dH, x) in enumerate(((dQ, ctx.query), (dK, ctx.key), (dV, ctx.value))):
+        if fused:
+            dQKV = np.empty(ctx.query.shape[:2] + (3 * E,), dt)
+            grads = dQKV
+            outs = tuple(_split_heads(dQKV[..., i * E:(i + 1) * E], bf, h) for i in range(3))
+        else:
+            grads = tuple(np.empty(x.shape[:2] + (E,), dt) for x in (ctx.query, ctx.key, ctx.value))
+            outs = tuple(_split_heads(g, bf, h) for g in grads)
+        _attend_backward(_split_heads(dO, bf, h), ctx.attn, dA, out=outs)  # writes into grads
+        return ctx, grads
+
+    def backward(self, doutput, dweights=None):
+        """∂L/∂output (and optionally ∂L/∂weights, shaped as returned) → (dquery, dkey, dvalue)."""
+        ctx, grads = self._backward_heads(doutput, dweights)
+        batched, fused, E = ctx.layout[0], ctx.layout[4], self.embed_dim
+        if fused:
+            grads = tuple(grads[..., i * E:(i + 1) * E] for i in range(3))
+        out = []
+        for i, (dH, x) in enumerate(zip(grads, (ctx.query, ctx.key, ctx.value))):
             W, _, dW, db = self._projection(i)
-            dX = dH.transpose(0, 2, 1, 3).reshape(N, dH.shape[2], E)  # merge heads
-            grads.append(self._to_layout(affine_backward(dX, x, W, dW, db), batched))
-        return tuple(grads)
+            dx = affine_backward(dH, x, W, dW, db)
+            out.append(dx if batched else dx[:, 0])
+        return tuple(out)
+
+    def backward_self(self, doutput, dweights=None):
+        """Self-attention, one array x given as query, key and value: ∂L/∂output → ∂L/∂x = dquery +
+        dkey + dvalue.  When the forward fused the three projections (packed weights, the same
+        array object passed three times) this is one product, dx = [dQ dK dV] [W_q; W_k; W_v]."""
+        ctx, grads = self._backward_heads(doutput, dweights)
+        batched, fused = ctx.layout[0], ctx.layout[4]
+        if fused:
+            P, G = self._own_params, self._own_grads
+            dx = affine_backward(grads, ctx.query, P["in_proj_weight"], G["in_proj_weight"], G.get("in_proj_bias"))
+        else:
+            dx = 0
+            for i, (dH, x) in enumerate(zip(grads, (ctx.query, ctx.key, ctx.value))):
+                W, _, dW, db = self._projection(i)
+                dx = dx + affine_backward(dH, x, W, dW, db)
+        return dx if batched else dx[:, 0]

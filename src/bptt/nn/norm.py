@@ -77,28 +77,46 @@ class LayerNorm(Module):
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
 
     def forward(self, x):
+        """Compiled (:func:`bptt.kernels.transformer.layer_norm_forward`) when Numba is there, else
+        :func:`layer_norm_forward` and the affine step in NumPy."""
         x = as_float_array(x, self._dtype, "input")
         F = self.normalized_shape
         if x.ndim < len(F) or x.shape[x.ndim - len(F):] != F:
             raise ValueError(f"LayerNorm expects input (..., {', '.join(map(str, F))}), got {x.shape}")
         n = int(np.prod(F))
-        xhat, cache = layer_norm_forward(x.reshape(-1, n), self.eps)
+        x2 = x.reshape(-1, n)
+        weight, bias = self._own_params.get("weight"), self._own_params.get("bias")
+        from bptt import kernels  # lazily: importing Numba is slow
+
+        out = kernels.layer_norm_forward(x2, self.eps, weight, bias)
+        if out is not None:
+            y, xhat, rstd = out
+            cache = LayerNormCache(xhat, rstd)
+        else:
+            xhat, cache = layer_norm_forward(x2, self.eps)
+            y = None
+            if weight is not None:
+                y = xhat * weight.reshape(-1)
+                if bias is not None:
+                    y += bias.reshape(-1)
         self._ctx = (cache, x.shape)
-        y = xhat
-        if self.elementwise_affine:
-            y = xhat * self._own_params["weight"].reshape(-1)
-            if "bias" in self._own_params:
-                y += self._own_params["bias"].reshape(-1)
-        return y.reshape(x.shape)
+        return (xhat if y is None else y).reshape(x.shape)
 
     def backward(self, dy):
         cache, shape = self._saved(self._ctx)
         n = cache.xhat.shape[1]
         dy2 = as_float_array(dy, self._dtype, "dy").reshape(-1, n)
-        dxhat = dy2
-        if self.elementwise_affine:
-            self._own_grads["weight"] += np.sum(dy2 * cache.xhat, axis=0).reshape(self.normalized_shape)
-            if "bias" in self._own_grads:
-                self._own_grads["bias"] += dy2.sum(axis=0).reshape(self.normalized_shape)
-            dxhat = dy2 * self._own_params["weight"].reshape(-1)
-        return layer_norm_backward(dxhat, cache).reshape(shape)
+        weight, dweight, dbias = (self._own_params.get("weight"), self._own_grads.get("weight"),
+                                  self._own_grads.get("bias"))
+        from bptt import kernels
+
+        dx = kernels.layer_norm_backward(dy2, cache.xhat, cache.rstd, weight, dweight, dbias)
+        if dx is None:
+            dxhat = dy2
+            if weight is not None:
+                dweight += np.sum(dy2 * cache.xhat, axis=0).reshape(self.normalized_shape)
+                if dbias is not None:
+                    dbias += dy2.sum(axis=0).reshape(self.normalized_shape)
+                dxhat = dy2 * weight.reshape(-1)
+            dx = layer_norm_backward(dxhat, cache)
+        return dx.reshape(shape)

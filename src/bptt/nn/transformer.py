@@ -121,8 +121,7 @@ class _LayerBase(Module):
                               is_causal=bool(is_causal))[0]
 
     def _self_attention_backward(self, dout):
-        dq, dk, dv = self.self_attn.backward(dout)
-        return dq + dk + dv  # query = key = value = z
+        return self.self_attn.backward_self(dout)  # dquery + dkey + dvalue: query = key = value = z
 
 
 class TransformerEncoderLayer(_LayerBase):
