@@ -7,7 +7,8 @@ thread each, on the rows one batch slice holds (n = N / 2 when the eval forward 
 batch over two threads, see ``bptt.runtime.policy.batch_parts``):
 
 * ``input``: every layer's input projection X W_ihᵀ + b for all T steps, one (T·n, D_k)×(D_k, G)
-  sgemm per layer;
+  product per layer, by BLAS (then the bias added) and on packed panels (the bias included);
+  and the cost of packing W_ih and W_hh for the panels, once per forward call;
 * ``recurrent``: T step products h_{t−1} W_hhᵀ, (n, P)×(P, G), in one compiled loop, with
   the packed panels (``bptt.kernels.gemm.panel_times``) and with BLAS called from compiled code;
 * ``gates``: T fused LSTM gate steps (``bptt.kernels.steps.lstm_fw_step``) on n rows;
@@ -32,7 +33,7 @@ from numba import njit
 from threadpoolctl import threadpool_limits
 
 import bptt
-from bptt.kernels import gemm, loops
+from bptt.kernels import gemm
 from bptt.kernels.steps import lstm_fw_step
 from bptt.runtime import policy
 
@@ -81,15 +82,21 @@ def profile(cfg, repeat, peak1):
     x = rng.standard_normal((T, N, D)).astype(f32)
     row = {}
     with threadpool_limits(1):
-        # input projection, one product per layer over all T·n rows
-        t_in = 0.0
+        # input projection, one product per layer over all T·n rows; packing the weights
+        t_in = t_inp = t_pack = 0.0
         for k in range(L):
             Dk = D if k == 0 else H
             X = rng.standard_normal((T * n, Dk)).astype(f32)
-            W = np.ascontiguousarray(rng.standard_normal((G, Dk)).astype(f32).T)
+            W_ih = rng.standard_normal((G, Dk)).astype(f32)
+            W = np.ascontiguousarray(W_ih.T)
+            b = rng.standard_normal(G).astype(f32)
             out = np.empty((T * n, G), f32)
-            t_in += median_time(lambda: np.matmul(X, W, out=out), repeat)
-        row["input"] = t_in
+            t_in += median_time(lambda: np.add(np.matmul(X, W, out=out), b, out=out), repeat)
+            affine = gemm.PackedAffine(W_ih, b)
+            t_inp += median_time(lambda: affine(X, out), repeat)
+            W_hh = rng.standard_normal((G, P)).astype(f32)
+            t_pack += median_time(lambda: (gemm.PackedAffine(W_ih, b), gemm.pack_panels(W_hh.T)), repeat)
+        row["input"], row["input_panels"], row["pack"] = t_in, t_inp, t_pack
         flops_in = sum(2 * T * n * G * (D if k == 0 else H) for k in range(L))
         # recurrent step products
         h = rng.standard_normal((n, P)).astype(f32) * 0.1
@@ -134,12 +141,14 @@ def profile(cfg, repeat, peak1):
         rate = f"{flops / t / 1e9:.1f} | {100 * flops / t / 1e9 / peak1:.0f}%" if flops else " | "
         print(f"| {name} | {t * 1e3:.2f} | {rate} |")
 
-    line("input projection (all layers)", row["input"], flops_in)
+    line("input projection + bias, BLAS (all layers)", row["input"], flops_in)
+    line("input projection + bias, panels", row["input_panels"], flops_in)
+    line("packing W_ih, W_hh (all layers)", row["pack"])
     line("recurrent products, panels", row["rec_panels"], flops_rec)
     line("recurrent products, BLAS", row["rec_blas"], flops_rec)
     line("gate steps", row["gates"])
-    parts = row["input"] + min(row["rec_panels"], row["rec_blas"]) + row["gates"]
-    line("sum of phases (best product)", parts, row["flops_slice"])
+    parts = min(row["input"], row["input_panels"]) + min(row["rec_panels"], row["rec_blas"]) + row["gates"]
+    line("sum of phases (best products, no packing)", parts, row["flops_slice"])
     line("bptt slice forward (1 thread)", row["slice"], row["flops_slice"])
     line("torch slice forward (1 thread)", row["torch_slice"], row["flops_slice"])
     line("bptt whole forward (2 threads)", row["whole"], 2 * row["flops_slice"])

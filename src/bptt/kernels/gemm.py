@@ -220,6 +220,77 @@ if HAVE_NUMBA:
         panel_affine(A, Bp, Bp[0, 0, :0], out, tmp)
 
     # ======================================================================== packing and transposing
+    def _tile_transpose_kernel():
+        """An intrinsic ``tile(zero, src, lds, dst, ldd)``: the w × w tile at ``dst`` (rows ldd
+        elements apart) = the transpose of the tile at ``src`` (rows lds apart), w the lanes of
+        a vector of the dtype of ``zero``.
+
+        The w rows are loaded as vectors and transposed in registers in log₂ w rounds: round
+        s swaps bit s of every element's row index with bit s of its column index, pairing
+        row r (bit s clear) with row r + 2ˢ in two two-source shuffles; after all rounds every
+        row bit has changed places with its column bit, the transpose.  No element is computed.
+        """
+
+        @intrinsic
+        def tile(typingctx, zero, src, lds, dst, ldd):
+            if zero not in (types.float32, types.float64):
+                return None
+            sig = types.void(zero, types.intp, types.intp, types.intp, types.intp)
+            item = 4 if zero == types.float32 else 8
+            fp = _ir.FloatType() if item == 4 else _ir.DoubleType()
+            w = VECTOR_BYTES // item
+
+            def codegen(context, builder, signature, args):
+                _, src_i, lds_i, dst_i, ldd_i = args
+                i32, i64, vec = _ir.IntType(32), _ir.IntType(64), _ir.VectorType(fp, w)
+                S, D = (builder.inttoptr(p, fp.as_pointer()) for p in (src_i, dst_i))
+
+                def row(base, ld, r):
+                    return builder.bitcast(builder.gep(base, [builder.mul(_ir.Constant(i64, r), ld)]), vec.as_pointer())
+
+                def mask(values):
+                    return _ir.Constant(_ir.VectorType(i32, w), values)
+
+                v = [builder.load(row(S, lds_i, r), align=item) for r in range(w)]
+                d = 1
+                while d < w:  # round s = log₂ d
+                    low = mask([c if not c & d else w + c - d for c in range(w)])  # row r: its own, then r + d's
+                    high = mask([c + d if not c & d else w + c for c in range(w)])  # row r + d
+                    new = list(v)
+                    for r in range(w):
+                        if not r & d:
+                            new[r] = builder.shuffle_vector(v[r], v[r | d], low)
+                            new[r | d] = builder.shuffle_vector(v[r], v[r | d], high)
+                    v, d = new, 2 * d
+                for r in range(w):
+                    builder.store(v[r], row(D, ldd_i, r), align=item)
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+        return tile
+
+    _tile_transpose = _tile_transpose_kernel()
+
+    @njit(**JIT)
+    def _transpose_into(W, out):
+        """out (C, R) = W (R, C)ᵀ, both row-major: w × w tiles transposed in registers
+        (``_tile_transpose``), the edges element by element."""
+        R, C = W.shape
+        size = W.itemsize
+        zero = W.dtype.type(0)
+        w = VECTOR_BYTES // size
+        R_w, C_w = R - R % w, C - C % w
+        for i0 in range(0, R_w, w):
+            for j0 in range(0, C_w, w):
+                _tile_transpose(zero, W.ctypes.data + (i0 * C + j0) * size, C, out.ctypes.data + (j0 * R + i0) * size, R)
+        for i in range(R_w, R):
+            for j in range(C):
+                out[j, i] = W[i, j]
+        for j in range(C_w, C):
+            for i in range(R_w):
+                out[j, i] = W[i, j]
+
     @njit(**JIT)
     def _pack_into(B, packed):
         """packed[jp, k, c] = B[k, jp·PW + c], zero past B's columns (B row-major)."""
@@ -237,31 +308,30 @@ if HAVE_NUMBA:
 
     @njit(**JIT)
     def _pack_rows_into(W, packed):
-        """packed[jp, k, c] = W[jp·PW + c, k], zero past W's rows: the panels of Wᵀ packed from
-        W (n, K) row-major, each row of W read once, in order (a (4096, 1024) float32 W: 7 ms,
-        against 30 ms to make Wᵀ contiguous first)."""
+        """packed[jp, k, c] = W[jp·PW + c, k], zero past W's rows: the panels of Wᵀ packed
+        straight from W (n, K) row-major, in w × w tiles transposed in registers
+        (``_tile_transpose``; PW is a multiple of w), the edges element by element."""
         n, K = W.shape
         n_panels, PW = packed.shape[0], packed.shape[2]
+        size = W.itemsize
+        zero = W.dtype.type(0)
+        w = VECTOR_BYTES // size
+        n_w, K_w = n - n % w, K - K % w
         for jp in range(n_panels):
-            for c in range(PW):
-                j = jp * PW + c
-                if j < n:
-                    for k in range(K):
-                        packed[jp, k, c] = W[j, k]
-                else:
-                    for k in range(K):
-                        packed[jp, k, c] = 0.0
-
-    @njit(**JIT)
-    def _transpose_into(W, out):
-        """out = Wᵀ, 16 rows of W at a time: each column of 16 is one cache line of ``out``
-        (a (4096, 1024) float32 W: 10 against numpy's 30 ms)."""
-        R, C = W.shape
-        for i0 in range(0, R, 16):
-            i1 = min(R, i0 + 16)
-            for j in range(C):
-                for i in range(i0, i1):
-                    out[j, i] = W[i, j]
+            for c0 in range(0, PW, w):
+                j0 = jp * PW + c0
+                if j0 + w <= n_w:
+                    for k0 in range(0, K_w, w):
+                        _tile_transpose(zero, W.ctypes.data + (j0 * K + k0) * size, K,
+                                        packed[jp, k0, c0:].ctypes.data, PW)
+                    for k in range(K_w, K):
+                        for c in range(w):
+                            packed[jp, k, c0 + c] = W[j0 + c, k]
+                else:  # the last rows of W, and the zeros past them
+                    for c in range(w):
+                        j = j0 + c
+                        for k in range(K):
+                            packed[jp, k, c0 + c] = W[j, k] if j < n else 0.0
 
     # ======================================================================== products inside the loops
     # ``gemm`` is NumPy's own BLAS ?gemm as a ctypes function (see gemm_function),
@@ -299,7 +369,7 @@ def pack_panels(B):
     K, n = B.shape
     PW = panel_width(B.dtype)
     packed = np.empty((-(-n // PW), K, PW), B.dtype)
-    if B.T.flags.c_contiguous and not B.flags.c_contiguous:
+    if B.T.flags.c_contiguous and not B.flags.c_contiguous and HAS_PANELS:
         _pack_rows_into(B.T, packed)
     else:
         _pack_into(B, packed)
@@ -316,9 +386,9 @@ def pack_bias(b, dtype=None):
 
 
 def transposed(W):
-    """Wᵀ as a contiguous array: ``np.ascontiguousarray(W.T)``, for large W a cache line of the
-    result at a time (NumPy's copy walks the result's rows reading W a column at a time)."""
-    if W.ndim != 2 or not HAVE_NUMBA or W.nbytes < 1 << 20:
+    """Wᵀ as a contiguous array, ``np.ascontiguousarray(W.T)``: for large W in tiles transposed
+    in registers (a (4096, 1024) float32 W: NumPy's copy, which reads W a column at a time, 30 ms)."""
+    if W.ndim != 2 or not HAS_PANELS or not W.flags.c_contiguous or W.nbytes < 1 << 16:
         return np.ascontiguousarray(W.T)
     out = np.empty((W.shape[1], W.shape[0]), W.dtype)
     _transpose_into(W, out)

@@ -35,7 +35,8 @@ from bptt.nn.cells import resolve_rng, uniform_init
 from bptt.nn.module import Module, as_float_array
 from bptt.nn.ops import dropout_mask, lengths_to_mask, scatter_add_rows
 from bptt.runtime import policy
-from bptt.runtime.threads import blas_threads, keep_freed_memory, single_thread_blas
+from bptt.runtime import threads as runtime_threads
+from bptt.runtime.threads import keep_freed_memory, single_thread_blas
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNBase"]
 
@@ -361,7 +362,7 @@ class RNNBase(Module):
         chunks, threads = ([(0, T)], 1) if len(parts) > 1 else self._time_chunks(T, N, kernels is not None)
         # each layer's weights as its products read them (see _prepare), made once and shared by batch slices;
         # packed for the register-blocked products where every product runs on one BLAS thread
-        one_thread = len(parts) > 1 or threads > 1 or blas_threads() == 1
+        one_thread = len(parts) > 1 or threads > 1 or runtime_threads.blas_threads() == 1
         panels = kernels is not None and kernels.panels_enabled() and one_thread
         prepared = [[self._prepare(k, d, one_hot and k == 0, panels, kernels) for d in range(K)] for k in range(L)]
         if len(parts) > 1 or not keep:
