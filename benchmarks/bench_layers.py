@@ -127,24 +127,51 @@ def make_runners(mode, T, N, D, H, L):
 
 GAP = [0.3]  # seconds of idle before each side's turn (--gap)
 WARM = [0.15]  # seconds of untimed calls after the idle (--warm)
+FOREIGN = [None]  # redo a turn when other processes used more than this share of the cores (--max-foreign)
+REDONE = [0]  # turns redone for that reason
+
+
+def busy_seconds():
+    """(CPU seconds all processes have used on this machine, this process's own), Linux; None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    own = os.times()
+    return busy / tick, own.user + own.system
 
 
 def alternate(f, g, repeat, inner=3):
     """Median seconds of f and g over ``repeat`` alternating turns: each turn idles
     GAP seconds (see Method), calls untimed for WARM seconds (at least once), then
-    times ``inner`` calls in a row — the steady state of a training loop."""
+    times ``inner`` calls in a row — the steady state of a training loop.  With
+    ``--max-foreign``, a turn during which other processes kept more than that share of
+    the cores busy is timed again (up to 5 times; the count is printed at the end)."""
     tf, tg = [], []
     for _ in range(repeat):
         for fn, times in ((f, tf), (g, tg)):
-            time.sleep(GAP[0])
-            warm_until = time.perf_counter() + WARM[0]
-            fn()
-            while time.perf_counter() < warm_until:
+            for attempt in range(6):
+                time.sleep(GAP[0])
+                warm_until = time.perf_counter() + WARM[0]
                 fn()
-            for _ in range(inner):
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
+                while time.perf_counter() < warm_until:
+                    fn()
+                start, t_start, took = busy_seconds(), time.perf_counter(), []
+                for _ in range(inner):
+                    t = time.perf_counter()
+                    fn()
+                    took.append(time.perf_counter() - t)
+                end = busy_seconds()
+                if FOREIGN[0] is None or start is None or end is None or attempt == 5:
+                    break
+                foreign = (end[0] - start[0]) - (end[1] - start[1])  # CPU seconds of everyone else
+                if foreign <= FOREIGN[0] * (time.perf_counter() - t_start) * (os.cpu_count() or 1):
+                    break
+                REDONE[0] += 1
+            times.extend(took)
     return statistics.median(tf), statistics.median(tg)
 
 
@@ -262,11 +289,14 @@ def main(argv=None):
     ap.add_argument("--omp-passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE for torch (see Method)")
     ap.add_argument("--gap", type=float, default=0.3, help="idle seconds before each timed call (see Method)")
     ap.add_argument("--warm", type=float, default=0.15, help="seconds of untimed calls after the idle (see Method)")
+    ap.add_argument("--max-foreign", type=float, default=None,
+                    help="redo a timed turn when other processes used more than this share of the cores "
+                         "during it (e.g. 0.05; Linux; see alternate)")
     ap.add_argument("--out", default=None, help="also write the markdown here")
     args = ap.parse_args(argv)
     if args.omp_passive:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read by libgomp when torch loads it
-    GAP[0], WARM[0] = args.gap, args.warm
+    GAP[0], WARM[0], FOREIGN[0] = args.gap, args.warm, args.max_foreign
 
     from threadpoolctl import threadpool_limits
 
@@ -317,6 +347,10 @@ def main(argv=None):
                 gf, gt = mult * fl / a / 1e9, mult * fl / b / 1e9
                 emit(f"| {cfg} | {mode} | {name} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f}× | {gf:.1f} | "
                      f"{100 * gf / peak:.0f}% | {gt:.1f} | {100 * gt / peak:.0f}% | {best_peak / gt:.2f}× |")
+
+    if FOREIGN[0] is not None:
+        emit()
+        emit(f"Turns timed again because other processes used more than {FOREIGN[0]:.0%} of the cores: {REDONE[0]}.")
 
     if not args.no_sampling:
         emit()

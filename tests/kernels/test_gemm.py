@@ -75,3 +75,78 @@ def test_panels_follow_the_policy(monkeypatch):
     assert proj.size == 0 and tmp.shape == (6, gemm.panel_width(np.float32))
     monkeypatch.setattr(policy, "PANEL_PRODUCTS", False)
     assert gemm.Panels().get(False, 10, (W, None)) is None
+
+
+def reference_panels(B, PW):
+    """The packing of ``pack_panels`` written out: column panels of B (K, n), zero-padded."""
+    K, n = B.shape
+    padded = np.zeros((K, -(-n // PW) * PW), B.dtype)
+    padded[:, :n] = B
+    return padded.reshape(K, -1, PW).transpose(1, 0, 2)
+
+
+@needs_panels
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_packing_and_transposing_copy_exactly(dtype):
+    """``pack_panels`` of a row-major B and of a transposed view Wᵀ (packed in register tiles,
+    no transposed copy), and ``transposed``, are exact copies: every element once, the padding
+    zero, for sizes that are and are not multiples of the vector width and the panel width."""
+    rng = np.random.default_rng(zlib.crc32(f"pack {np.dtype(dtype).name}".encode()))
+    PW = gemm.panel_width(dtype)
+    w = gemm.VECTOR_BYTES // np.dtype(dtype).itemsize
+    sizes = [(1, 1), (w, w), (w + 1, w - 1), (PW, 3 * w), (2 * PW + 5, 37), (3 * PW, 2 * w + 3), (512, 128), (300, 200)]
+    for n, K in sizes:
+        W = rng.standard_normal((n, K)).astype(dtype)
+        assert np.array_equal(gemm.pack_panels(W.T), reference_panels(W.T, PW)), (n, K)
+        assert np.array_equal(gemm.pack_panels(np.ascontiguousarray(W.T)), reference_panels(W.T, PW)), (n, K)
+        assert np.array_equal(gemm.transposed(W), W.T), (n, K)
+
+
+@needs_panels
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_panel_affine_adds_the_bias_as_the_sums_start(dtype):
+    """``panel_affine`` = A B + bias (float64 reference, rounding bound) for partial panels and
+    every block height; without a bias it is ``panel_times`` bit for bit; ``PackedAffine``
+    is x Wᵀ + b with W packed from its transposed view, the same numbers whichever rows a call
+    gets (a row's sum does not depend on the rows around it)."""
+    rng = np.random.default_rng(zlib.crc32(f"affine {np.dtype(dtype).name}".encode()))
+    PW = gemm.panel_width(dtype)
+    for M, K, n in [(1, 1, 1), (7, 5, PW + 1), (13, 64, 2 * PW - 3), (25, 128, 512), (30, 65, 3 * PW)]:
+        A = rng.standard_normal((M, K)).astype(dtype)
+        W = rng.standard_normal((n, K)).astype(dtype)
+        b = rng.standard_normal(n).astype(dtype)
+        out = np.full((M, n), np.nan, dtype)
+        tmp = np.empty((6, PW), dtype)
+        gemm.panel_affine(A, gemm.pack_panels(W.T), gemm.pack_bias(b), out, tmp)
+        want = A.astype(np.float64) @ W.T.astype(np.float64) + b
+        scale = np.abs(A).astype(np.float64) @ np.abs(W.T).astype(np.float64) + np.abs(b)
+        assert np.all(np.abs(out - want) <= 4 * (K + 1) * np.finfo(dtype).eps * scale), (M, K, n)
+        plain, none = np.empty_like(out), np.empty_like(out)
+        gemm.panel_times(A, gemm.pack_panels(W.T), plain, tmp)
+        gemm.panel_affine(A, gemm.pack_panels(W.T), np.empty(0, dtype), none, tmp)
+        assert np.array_equal(plain, none)
+        affine = gemm.PackedAffine(W, b)
+        whole, parts = np.empty_like(out), np.empty_like(out)
+        affine(A, whole)
+        for rows in (slice(0, M // 2), slice(M // 2, M)):
+            affine(np.ascontiguousarray(A[rows]), parts[rows])
+        assert np.array_equal(whole, out) and np.array_equal(parts, out)
+
+
+@needs_panels
+def test_panels_are_packed_once_for_the_runs_sharing_them(monkeypatch):
+    """Two threads asking one Panels object get one packing (the same arrays), each its own scratch."""
+    import threading
+
+    from bptt.runtime import threads
+
+    monkeypatch.setattr(threads, "blas_threads", lambda: 1)
+    W = np.random.default_rng(0).standard_normal((96, 40)).astype(np.float32)
+    shared, got = gemm.Panels(), []
+    workers = [threading.Thread(target=lambda: got.append(shared.get(False, 10, (W.T, None)))) for _ in range(2)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert got[0][0] is got[1][0] and got[0][2] is not got[1][2]
+    assert np.array_equal(got[0][0], reference_panels(W.T, gemm.panel_width(np.float32)))

@@ -21,6 +21,7 @@ thread count is :mod:`bptt.runtime.threads`'s.  Importing this package imports N
 from __future__ import annotations
 
 from bptt.kernels.fused import adam_step, rmsprop_step, scatter_add_rows, softmax_cross_entropy
+from bptt.kernels.gemm import PackedAffine, Panels, panels_enabled, transposed
 from bptt.kernels.loops import (BackwardRun, ForwardRun, KernelCache, available, layer_step, sequence_backward,
                                 sequence_forward, sequence_impl)
 from bptt.kernels.transformer import (gelu_forward, layer_norm_backward, layer_norm_forward, softmax_rows,
@@ -30,4 +31,4 @@ from bptt.runtime.threads import blas_threads, single_thread_blas
 __all__ = ["sequence_impl", "sequence_forward", "sequence_backward", "ForwardRun", "BackwardRun", "KernelCache",
            "available", "blas_threads", "single_thread_blas", "scatter_add_rows", "softmax_cross_entropy",
            "rmsprop_step", "adam_step", "layer_step", "gelu_forward", "layer_norm_forward", "layer_norm_backward",
-           "softmax_rows", "softmax_rows_backward"]
+           "softmax_rows", "softmax_rows_backward", "PackedAffine", "Panels", "panels_enabled", "transposed"]

@@ -24,14 +24,16 @@ PW the columns of one packed panel, Bp (⌈n / PW⌉, K, PW) a packed B.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
 from bptt.kernels.mathfn import HAVE_NUMBA
 from bptt.runtime import policy, threads
 
-__all__ = ["times", "mm_acc", "panel_times", "pack_panels", "panel_width", "panel_vectors", "Panels", "gemm_function",
-           "VECTOR_BYTES", "PANEL_VECTORS", "HAS_PANELS"]
+__all__ = ["times", "mm_acc", "panel_times", "panel_affine", "pack_panels", "pack_bias", "transposed", "PackedAffine",
+           "panel_width", "panel_vectors", "Panels", "panels_enabled", "gemm_function", "VECTOR_BYTES", "PANEL_VECTORS",
+           "HAS_PANELS"]
 
 if HAVE_NUMBA:
     from llvmlite import ir as _ir
@@ -92,28 +94,30 @@ if HAVE_NUMBA:
     # over k: 102–110 GFLOP/s on the same products (1.14–1.9× OpenBLAS, same run;
     # BENCHMARKS.md has the table).
     def _panel_block_kernel(R):
-        """An intrinsic ``block(zero, a, lda, b, c, ldc, K)``: C[0:R, 0:PW] = A[0:R, 0:K] · B_panel.
+        """An intrinsic ``block(zero, a, lda, b, c, ldc, K, init)``:
+        C[0:R, 0:PW] = init[0:PW] + A[0:R, 0:K] · B_panel  (init added to every row).
 
         a, c: addresses of A and C (rows lda, ldc elements apart); b: a packed panel,
         K rows of PW = PANEL_VECTORS·w contiguous elements (w = lanes of a vector of
-        the dtype of ``zero``).  The R·PANEL_VECTORS accumulators are SSA values,
+        the dtype of ``zero``); init: the address of PW values the sums start from (a
+        bias, or zeros).  The R·PANEL_VECTORS accumulators are SSA values,
         so LLVM keeps them in registers: per k, PANEL_VECTORS vector loads of B and
         R broadcasts of A feed R·PANEL_VECTORS fused multiply-adds.  K ≥ 1.
         """
 
         @intrinsic
-        def block(typingctx, zero, a, lda, b, c, ldc, K):
+        def block(typingctx, zero, a, lda, b, c, ldc, K, init):
             if zero not in (types.float32, types.float64):
                 return None
-            sig = types.void(zero, types.intp, types.intp, types.intp, types.intp, types.intp, types.intp)
+            sig = types.void(zero, types.intp, types.intp, types.intp, types.intp, types.intp, types.intp, types.intp)
             item = 4 if zero == types.float32 else 8
             fp = _ir.FloatType() if item == 4 else _ir.DoubleType()
             lanes = VECTOR_BYTES // item
 
             def codegen(context, builder, signature, args):
-                _, a_i, lda_i, b_i, c_i, ldc_i, K_i = args
+                _, a_i, lda_i, b_i, c_i, ldc_i, K_i, init_i = args
                 i64, vec = _ir.IntType(64), _ir.VectorType(fp, lanes)
-                A, B, C = (builder.inttoptr(p, fp.as_pointer()) for p in (a_i, b_i, c_i))
+                A, B, C, I = (builder.inttoptr(p, fp.as_pointer()) for p in (a_i, b_i, c_i, init_i))
 
                 def const(v):
                     return _ir.Constant(i64, v)
@@ -125,6 +129,7 @@ if HAVE_NUMBA:
                 fma = builder.module.globals.get(name) or _ir.Function(
                     builder.module, _ir.FunctionType(vec, [vec, vec, vec]), name)
                 V = PANEL_VECTORS
+                start = [builder.load(vector_at(I, const(v * lanes)), align=item) for v in range(V)]  # init's vectors
                 entry = builder.block
                 loop, done = builder.append_basic_block("panel.k"), builder.append_basic_block("panel.done")
                 builder.branch(loop)
@@ -145,7 +150,7 @@ if HAVE_NUMBA:
                 k.add_incoming(k_next, loop)
                 for r in range(R):
                     for v in range(V):
-                        acc[r][v].add_incoming(_ir.Constant(vec, [0.0] * lanes), entry)
+                        acc[r][v].add_incoming(start[v], entry)
                         acc[r][v].add_incoming(new[r][v], loop)
                 builder.cbranch(builder.icmp_signed("<", k_next, K_i), loop, done)
                 builder.position_at_end(done)
@@ -162,9 +167,12 @@ if HAVE_NUMBA:
     _block1, _block2, _block3, _block4, _block5, _block6 = (_panel_block_kernel(r) for r in range(1, 7))
 
     @njit(**JIT)
-    def panel_times(A, Bp, out, tmp):
-        """out (M, n) = A (M, K) B, with B packed by :func:`pack_panels` as Bp (n_panels, K, PW).
+    def panel_affine(A, Bp, bias, out, tmp):
+        """out (M, n) = A (M, K) B + bias, with B packed by :func:`pack_panels` as Bp (n_panels, K, PW)
+        and bias padded by :func:`pack_bias` (n_panels·PW,), or empty for none.
 
+        Each sum starts from its bias and adds the K products in order, one fused
+        multiply-add each, so a row's result does not depend on the rows around it.
         Rows go in blocks of at most 6, as even as possible (25 rows: five blocks of 5,
         not four of 6 and one of 1, which would use a fifth of the registers); a last
         panel narrower than PW is computed into ``tmp`` (6, PW) and its columns copied.
@@ -176,33 +184,154 @@ if HAVE_NUMBA:
         n_panels, PW = Bp.shape[0], Bp.shape[2]
         size = A.itemsize
         zero = A.dtype.type(0)
+        zeros = np.zeros(PW, A.dtype)  # the start of every sum without a bias
         blocks = (M + 5) // 6
         lda, ldc = A.strides[0] // size, out.strides[0] // size
         for jp in range(n_panels):
             j0 = jp * PW
             width = min(PW, n - j0)
             b = Bp[jp].ctypes.data
+            init = bias.ctypes.data + j0 * size if bias.shape[0] else zeros.ctypes.data
             for blk in range(blocks):
                 i0, i1 = M * blk // blocks, M * (blk + 1) // blocks
                 a = A.ctypes.data + i0 * lda * size
                 c, ld = (out.ctypes.data + (i0 * ldc + j0) * size, ldc) if width == PW else (tmp.ctypes.data, PW)
                 r = i1 - i0
                 if r == 6:
-                    _block6(zero, a, lda, b, c, ld, K)
+                    _block6(zero, a, lda, b, c, ld, K, init)
                 elif r == 5:
-                    _block5(zero, a, lda, b, c, ld, K)
+                    _block5(zero, a, lda, b, c, ld, K, init)
                 elif r == 4:
-                    _block4(zero, a, lda, b, c, ld, K)
+                    _block4(zero, a, lda, b, c, ld, K, init)
                 elif r == 3:
-                    _block3(zero, a, lda, b, c, ld, K)
+                    _block3(zero, a, lda, b, c, ld, K, init)
                 elif r == 2:
-                    _block2(zero, a, lda, b, c, ld, K)
+                    _block2(zero, a, lda, b, c, ld, K, init)
                 else:
-                    _block1(zero, a, lda, b, c, ld, K)
+                    _block1(zero, a, lda, b, c, ld, K, init)
                 if width < PW:
                     for i in range(r):
                         for j in range(width):
                             out[i0 + i, j0 + j] = tmp[i, j]
+
+    @njit(**JIT)
+    def panel_times(A, Bp, out, tmp):
+        """out (M, n) = A (M, K) B: :func:`panel_affine` without a bias."""
+        panel_affine(A, Bp, Bp[0, 0, :0], out, tmp)
+
+    # ======================================================================== packing and transposing
+    def _tile_transpose_kernel():
+        """An intrinsic ``tile(zero, src, lds, dst, ldd)``: the w × w tile at ``dst`` (rows ldd
+        elements apart) = the transpose of the tile at ``src`` (rows lds apart), w the lanes of
+        a vector of the dtype of ``zero``.
+
+        The w rows are loaded as vectors and transposed in registers in log₂ w rounds: round
+        s swaps bit s of every element's row index with bit s of its column index, pairing
+        row r (bit s clear) with row r + 2ˢ in two two-source shuffles; after all rounds every
+        row bit has changed places with its column bit, the transpose.  No element is computed.
+        """
+
+        @intrinsic
+        def tile(typingctx, zero, src, lds, dst, ldd):
+            if zero not in (types.float32, types.float64):
+                return None
+            sig = types.void(zero, types.intp, types.intp, types.intp, types.intp)
+            item = 4 if zero == types.float32 else 8
+            fp = _ir.FloatType() if item == 4 else _ir.DoubleType()
+            w = VECTOR_BYTES // item
+
+            def codegen(context, builder, signature, args):
+                _, src_i, lds_i, dst_i, ldd_i = args
+                i32, i64, vec = _ir.IntType(32), _ir.IntType(64), _ir.VectorType(fp, w)
+                S, D = (builder.inttoptr(p, fp.as_pointer()) for p in (src_i, dst_i))
+
+                def row(base, ld, r):
+                    return builder.bitcast(builder.gep(base, [builder.mul(_ir.Constant(i64, r), ld)]), vec.as_pointer())
+
+                def mask(values):
+                    return _ir.Constant(_ir.VectorType(i32, w), values)
+
+                v = [builder.load(row(S, lds_i, r), align=item) for r in range(w)]
+                d = 1
+                while d < w:  # round s = log₂ d
+                    low = mask([c if not c & d else w + c - d for c in range(w)])  # row r: its own, then r + d's
+                    high = mask([c + d if not c & d else w + c for c in range(w)])  # row r + d
+                    new = list(v)
+                    for r in range(w):
+                        if not r & d:
+                            new[r] = builder.shuffle_vector(v[r], v[r | d], low)
+                            new[r | d] = builder.shuffle_vector(v[r], v[r | d], high)
+                    v, d = new, 2 * d
+                for r in range(w):
+                    builder.store(v[r], row(D, ldd_i, r), align=item)
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+        return tile
+
+    _tile_transpose = _tile_transpose_kernel()
+
+    @njit(**JIT)
+    def _transpose_into(W, out):
+        """out (C, R) = W (R, C)ᵀ, both row-major: w × w tiles transposed in registers
+        (``_tile_transpose``), the edges element by element."""
+        R, C = W.shape
+        size = W.itemsize
+        zero = W.dtype.type(0)
+        w = VECTOR_BYTES // size
+        R_w, C_w = R - R % w, C - C % w
+        for i0 in range(0, R_w, w):
+            for j0 in range(0, C_w, w):
+                _tile_transpose(zero, W.ctypes.data + (i0 * C + j0) * size, C, out.ctypes.data + (j0 * R + i0) * size, R)
+        for i in range(R_w, R):
+            for j in range(C):
+                out[j, i] = W[i, j]
+        for j in range(C_w, C):
+            for i in range(R_w):
+                out[j, i] = W[i, j]
+
+    @njit(**JIT)
+    def _pack_into(B, packed):
+        """packed[jp, k, c] = B[k, jp·PW + c], zero past B's columns (B row-major)."""
+        K, n = B.shape
+        n_panels, PW = packed.shape[0], packed.shape[2]
+        for jp in range(n_panels):
+            j0 = jp * PW
+            width = min(PW, n - j0)
+            for k in range(K):
+                row = packed[jp, k]
+                for c in range(width):
+                    row[c] = B[k, j0 + c]
+                for c in range(width, PW):
+                    row[c] = 0.0
+
+    @njit(**JIT)
+    def _pack_rows_into(W, packed):
+        """packed[jp, k, c] = W[jp·PW + c, k], zero past W's rows: the panels of Wᵀ packed
+        straight from W (n, K) row-major, in w × w tiles transposed in registers
+        (``_tile_transpose``; PW is a multiple of w), the edges element by element."""
+        n, K = W.shape
+        n_panels, PW = packed.shape[0], packed.shape[2]
+        size = W.itemsize
+        zero = W.dtype.type(0)
+        w = VECTOR_BYTES // size
+        n_w, K_w = n - n % w, K - K % w
+        for jp in range(n_panels):
+            for c0 in range(0, PW, w):
+                j0 = jp * PW + c0
+                if j0 + w <= n_w:
+                    for k0 in range(0, K_w, w):
+                        _tile_transpose(zero, W.ctypes.data + (j0 * K + k0) * size, K,
+                                        packed[jp, k0, c0:].ctypes.data, PW)
+                    for k in range(K_w, K):
+                        for c in range(w):
+                            packed[jp, k, c0 + c] = W[j0 + c, k]
+                else:  # the last rows of W, and the zeros past them
+                    for c in range(w):
+                        j = j0 + c
+                        for k in range(K):
+                            packed[jp, k, c0 + c] = W[j, k] if j < n else 0.0
 
     # ======================================================================== products inside the loops
     # ``gemm`` is NumPy's own BLAS ?gemm as a ctypes function (see gemm_function),
@@ -235,28 +364,66 @@ def panel_width(dtype):
 
 def pack_panels(B):
     """B (K, n) → (⌈n / PW⌉, K, PW) contiguous: column panels of PW = PANEL_VECTORS vectors,
-    the last padded with zeros, each read by ``panel_times`` row after row."""
+    the last padded with zeros, each read by ``panel_times`` row after row.  B may be a
+    transposed view (``W.T``): it is packed in one pass, without a transposed copy first."""
     K, n = B.shape
     PW = panel_width(B.dtype)
-    n_panels = -(-n // PW)
-    packed = np.empty((n_panels, K, PW), B.dtype)
-    whole = n // PW
-    packed[:whole] = B[:, : whole * PW].reshape(K, whole, PW).transpose(1, 0, 2)  # one strided copy
-    if whole < n_panels:
-        packed[whole, :, : n - whole * PW] = B[:, whole * PW :]
-        packed[whole, :, n - whole * PW :] = 0
+    packed = np.empty((-(-n // PW), K, PW), B.dtype)
+    if B.T.flags.c_contiguous and not B.flags.c_contiguous and HAS_PANELS:
+        _pack_rows_into(B.T, packed)
+    else:
+        _pack_into(B, packed)
     return packed
 
 
+def pack_bias(b, dtype=None):
+    """A bias (n,) padded with zeros to whole panels (⌈n / PW⌉·PW,), for :func:`panel_affine`."""
+    dtype = np.dtype(dtype or b.dtype)
+    PW = panel_width(dtype)
+    out = np.zeros(-(-b.shape[0] // PW) * PW, dtype)
+    out[: b.shape[0]] = b
+    return out
+
+
+def transposed(W):
+    """Wᵀ as a contiguous array, ``np.ascontiguousarray(W.T)``: for large W in tiles transposed
+    in registers (a (4096, 1024) float32 W: NumPy's copy, which reads W a column at a time, 30 ms)."""
+    if W.ndim != 2 or not HAS_PANELS or not W.flags.c_contiguous or W.nbytes < 1 << 16:
+        return np.ascontiguousarray(W.T)
+    out = np.empty((W.shape[1], W.shape[0]), W.dtype)
+    _transpose_into(W, out)
+    return out
+
+
+class PackedAffine:
+    """x ↦ x Wᵀ + b on packed panels: W (n, K) and b (n,) or None packed once
+    (:func:`pack_panels` of the view Wᵀ, :func:`pack_bias`), applied to any number of row
+    blocks, from any thread (``panel_affine``; each call its own scratch)."""
+
+    def __init__(self, W, b=None):
+        self.n = W.shape[0]
+        self.packed = pack_panels(W.T)
+        self.bias = pack_bias(b, W.dtype) if b is not None else np.empty(0, W.dtype)
+
+    def __call__(self, x, out):
+        """out (M, n) = x (M, K) Wᵀ + b; rows of x and out contiguous."""
+        panel_affine(x, self.packed, self.bias, out, np.empty((6, self.packed.shape[2]), out.dtype))
+
+
 class Panels:
-    """The step products' weights packed for ``panel_times``, made on first use by a run."""
+    """The step products' weights packed for ``panel_times``, made on first use by a run.
+
+    One object may serve several runs of the same weights in several threads (the batch
+    slices of :mod:`bptt.nn.rnn`): the first to ask packs, the others wait and share it."""
 
     def __init__(self):
         self.packed = None
+        self.lock = threading.Lock()
 
     def get(self, small, macs, weights):
         """(packed weights, packed projection (empty without one), scratch) when this run's
-        step products should use ``panel_times``, else None.
+        step products should use ``panel_times``, else None.  ``weights``: (B, B_r or None),
+        the right-hand factors of the products (transposed views are packed without a copy).
 
         They do when the products are not hand loops (``small``), the kernels exist for
         this CPU (and :data:`bptt.runtime.policy.PANEL_PRODUCTS` allows them), and BLAS would
@@ -264,15 +431,23 @@ class Panels:
         :func:`bptt.runtime.threads.single_thread_blas` (the wavefront and the batch split).  Longer
         products on several BLAS threads stay with BLAS.
         """
-        if small or not (policy.PANEL_PRODUCTS and HAS_PANELS):
+        if small or not panels_enabled():
             return None
         if not (macs < policy.ONE_THREAD_MACS or threads.inside_single_thread_blas() or threads.blas_threads() == 1):
             return None
-        if self.packed is None:
-            W, W_r = weights
-            tmp = np.empty((6, panel_width(W.dtype)), W.dtype)
-            self.packed = (pack_panels(W), np.empty((0, 0, 0), W.dtype) if W_r is None else pack_panels(W_r), tmp)
-        return self.packed
+        with self.lock:
+            if self.packed is None:
+                W, W_r = weights
+                tmp = np.empty((6, panel_width(W.dtype)), W.dtype)
+                self.packed = (pack_panels(W), np.empty((0, 0, 0), W.dtype) if W_r is None else pack_panels(W_r), tmp)
+        # the scratch rows are per run: two threads sharing the packed weights write their own
+        return self.packed[0], self.packed[1], np.empty_like(self.packed[2])
+
+
+def panels_enabled():
+    """Whether register-blocked products may run: this CPU has them and
+    :data:`bptt.runtime.policy.PANEL_PRODUCTS` allows them."""
+    return policy.PANEL_PRODUCTS and HAS_PANELS
 
 
 # ============================================================================ BLAS for compiled code

@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bptt.kernels.gemm import Panels, gemm_function
+from bptt.kernels.gemm import Panels, gemm_function, transposed
 from bptt.kernels.mathfn import HAVE_NUMBA
 from bptt.nn.gates import GATES, gate_count
 from bptt.runtime import policy
@@ -190,7 +190,7 @@ class ForwardRun:
     (chunks of at most the window's rows), and a (T, N, G) array is never made.
     """
 
-    def __init__(self, mode, h0, c0, weights, gx, mask=None, reverse=False, keep=True, length=None):
+    def __init__(self, mode, h0, c0, weights, gx, mask=None, reverse=False, keep=True, length=None, panels=None):
         self.mode, self.kind, self.gx = mode, _KIND[mode], gx
         T, N, G = gx.shape
         if length is not None and length != T:
@@ -229,10 +229,21 @@ class ForwardRun:
         self.m_all = np.empty((steps, N, H), dtype) if self.proj else None
         self.small = N * G * P <= policy.SMALL_MACS
         self.macs = N * G * P
-        # transposed once per sequence: the products read them untransposed (faster in BLAS)
-        self.WhhT = np.ascontiguousarray(self.W_hh.T)
-        self.WhrT = np.ascontiguousarray(self.W_hr.T) if self.proj else self.gates[0, :0, :0]
-        self.panels = Panels()
+        self._transposed = None  # (W_hhᵀ, W_hrᵀ) contiguous, made when BLAS or hand loops need them
+        self.panels = panels if panels is not None else Panels()
+
+    @property
+    def WhhT(self):
+        """W_hhᵀ (P, G) contiguous, transposed once per sequence: BLAS reads it untransposed (faster)."""
+        if self._transposed is None:
+            self._transposed = (transposed(self.W_hh), transposed(self.W_hr) if self.proj else self.gates[0, :0, :0])
+        return self._transposed[0]
+
+    @property
+    def WhrT(self):
+        """W_hrᵀ (H, P) contiguous, or an empty array without a projection."""
+        self.WhhT  # noqa: B018 - makes both
+        return self._transposed[1]
 
     def gx_rows(self, t0, t1):
         """The rows of gx that ``steps(t0, t1)`` reads, for the caller to fill: gx[t0:t1], or
@@ -249,16 +260,17 @@ class ForwardRun:
         kind, rev, proj, dtype = self.kind, self.rev, self.proj, self.gx.dtype
         if self.window and self.g0 != t0:
             raise RuntimeError(f"steps({t0}, {t1}): the gx window holds the chunk from step {self.g0}")
-        panels = self.panels.get(self.small, self.macs, (self.WhhT, self.WhrT if proj else None))
+        panels = self.panels.get(self.small, self.macs, (self.W_hh.T, self.W_hr.T if proj else None))
         gemm = None if self.small or panels else gemm_function(dtype)
         if self.small or panels or gemm is not None:
             none = self.gates[:0, :0, :0]
             WhhP, WhrP, tmp = panels or (none, none, none.reshape(0, 0))
+            WhhT, WhrT = (tmp[:0, :0], tmp[:0, :0]) if panels else (self.WhhT, self.WhrT)  # panels read WhhP, WhrP
             if not self.keep:
                 with policy.step_blas_limit(self.macs):
                     _infer_loop(
-                        kind, rev, t0, t1, self.turn, self.g0, gemm, dtype.type(1), dtype.type(0), self.gx, self.WhhT,
-                        self.b if kind == 3 else self.gates[0, 0, :0], self.WhrT, self.hs,
+                        kind, rev, t0, t1, self.turn, self.g0, gemm, dtype.type(1), dtype.type(0), self.gx, WhhT,
+                        self.b if kind == 3 else self.gates[0, 0, :0], WhrT, self.hs,
                         self.cs if self.cs is not None else none, self.y, self.gates,
                         self.aux if self.aux is not None else none, self.m_all if proj else none, self.mask,
                         self.has_mask, proj, WhhP, WhrP, tmp,
@@ -267,8 +279,8 @@ class ForwardRun:
                 return
             with policy.step_blas_limit(self.macs):
                 _forward_loop(
-                    kind, rev, t0, t1, gemm, dtype.type(1), dtype.type(0), self.gx, self.WhhT,
-                    self.b if kind == 3 else self.gates[0, 0, :0], self.WhrT, self.hs,
+                    kind, rev, t0, t1, gemm, dtype.type(1), dtype.type(0), self.gx, WhhT,
+                    self.b if kind == 3 else self.gates[0, 0, :0], WhrT, self.hs,
                     self.cs if self.cs is not None else none, self.y, self.gates,
                     self.aux if self.aux is not None else none, self.m_all if proj else none, self.mask,
                     self.has_mask, proj, WhhP, WhrP, tmp,
