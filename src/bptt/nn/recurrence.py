@@ -38,7 +38,7 @@ from bptt.nn.cells import (
     rnn_step_forward,
 )
 
-__all__ = ["Weights", "SequenceCache", "sequence_forward", "sequence_backward"]
+__all__ = ["Weights", "SequenceCache", "sequence_forward", "sequence_backward", "WholeSequence"]
 
 
 class Weights(NamedTuple):
@@ -183,3 +183,33 @@ def sequence_backward(dy, dh_n, dc_n, cache: SequenceCache, weights: Weights, on
         m_all = np.stack([s.gates[:, 3 * H :] * s.tanh_c for s in steps])  # (T, N, H)
         dW_hr = dh_all.reshape(-1, P).T @ m_all.reshape(-1, H)
     return dgx, dgh, dh, dc, dW_hr
+
+
+class WholeSequence:
+    """The run interface of :class:`bptt.kernels.ForwardRun` / ``BackwardRun``
+    (``steps(t0, t1)``, ``result()``) over a function of the whole sequence:
+    the readable loops above, which run in one chunk (RNNBase uses it for the reference loop)."""
+
+    def __init__(self, T, gx, compute):
+        self.T, self.gx, self._compute, self._result = T, gx, compute, None
+
+    def steps(self, t0, t1):
+        if (t0, t1) != (0, self.T):
+            raise RuntimeError("the reference loop runs whole sequences only")
+        self._result = self._compute()
+
+    def result(self):
+        return self._result
+
+    def gx_rows(self, t0, t1):
+        return self.gx[t0:t1]
+
+    @property
+    def y(self):  # forward: the output;  backward: dgx
+        return self._result[0]
+
+    dgx = y
+
+    @property
+    def dgh(self):  # backward only
+        return self._result[1]

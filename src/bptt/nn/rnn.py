@@ -85,36 +85,6 @@ def _run_slices(jobs):
     return results, joined
 
 
-class _WholeSequence:
-    """The run interface of :class:`bptt.kernels.ForwardRun` / ``BackwardRun``
-    (``steps(t0, t1)``, ``result()``) over a function of the whole sequence:
-    the readable loops of :mod:`bptt.nn.recurrence`, which run in one chunk."""
-
-    def __init__(self, T, gx, compute):
-        self.T, self.gx, self._compute, self._result = T, gx, compute, None
-
-    def steps(self, t0, t1):
-        if (t0, t1) != (0, self.T):
-            raise RuntimeError("the reference loop runs whole sequences only")
-        self._result = self._compute()
-
-    def result(self):
-        return self._result
-
-    def gx_rows(self, t0, t1):
-        return self.gx[t0:t1]
-
-    @property
-    def y(self):  # forward: the output;  backward: dgx
-        return self._result[0]
-
-    dgx = y
-
-    @property
-    def dgh(self):  # backward only
-        return self._result[1]
-
-
 class RNNBase(Module):
     """Stacked, optionally bidirectional recurrent layer (the common part of RNN, LSTM, GRU).
 
@@ -492,7 +462,7 @@ class RNNBase(Module):
         gx = np.empty((window or T, N, self.gate_count * self.hidden_size), self._dtype)
         if kernels is not None:
             return kernels.ForwardRun(*args, gx, mask, reverse=d == 1, keep=keep, length=T, panels=panels)
-        return _WholeSequence(T, gx, lambda: recurrence.sequence_forward(args[0], gx, *args[1:], mask, reverse=d == 1))
+        return recurrence.WholeSequence(T, gx, lambda: recurrence.sequence_forward(args[0], gx, *args[1:], mask, reverse=d == 1))
 
     def _prepare(self, k, d, one_hot, panels, kernels):
         """Layer k, direction d's weights as this forward call's products read them, made once
@@ -766,7 +736,7 @@ class RNNBase(Module):
                 recurrence.Weights(W_hh, b_hh, W_hr))
         if kernels is not None and recurrent_scale is None:
             return kernels.BackwardRun(*args)
-        return _WholeSequence(dy_k.shape[0], None,
+        return recurrence.WholeSequence(dy_k.shape[0], None,
                               lambda: recurrence.sequence_backward(*args, recurrent_scale=recurrent_scale))
 
     # ------------------------------------------------------------------ stateful stepping
