@@ -30,10 +30,13 @@ HERE = Path(__file__).resolve().parent
 
 def run(cmd, env, out_dir):
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rows = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if "chars_per_sec" in line]
-    if len(rows) < 5:
-        raise SystemExit(f"{cmd[0]}: only {len(rows)} log lines in {out_dir}; give it more --seconds")
-    return statistics.median(r["chars_per_sec"] for r in rows[3:])
+    # bptt's trainer logs "items_per_sec" (characters, bytes or words: the unit's items); the torch script "chars_per_sec"
+    records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    rates = [r.get("items_per_sec", r.get("chars_per_sec")) for r in records]
+    rates = [x for x in rates if x is not None]
+    if len(rates) < 5:
+        raise SystemExit(f"{cmd[0]}: only {len(rates)} throughput lines in {out_dir}; give it more --seconds")
+    return statistics.median(rates[3:])
 
 
 def main(argv=None):
