@@ -17,26 +17,19 @@ on every parameter, as bptt's AdamW does), and clipping is ``clip_grad_norm_`` /
 Dropout draws different masks on the two sides (different generators); with --dropout 0 the two
 runs compute the same training up to float32 rounding.
 
-It writes ``log.jsonl`` as ``bptt train`` does (``{"step", "train_loss", "lr", "items_per_sec",
-"time"}`` every --log-every steps, ``{"step", "time", "val_loss", "val_bpc"}`` every --eval-every
-steps and at the last), so ``benchmarks/charlm_report.py`` reads both.  The validation loss is
-bptt's: the whole validation split in TBPTT windows, eval mode, summed cross-entropy / characters.
+The loop and ``log.jsonl`` (the format of ``bptt train``, read by ``charlm_report.py``; the validation
+loss is bptt's, the whole validation split in TBPTT windows) are ``torch_lm_loop.py``'s, shared with
+``charlm_torch.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import time
-from pathlib import Path
 
-import numpy as np
 import torch
 
-from bptt.lm.data import TBPTTBatches, Vocab, encode_text, read_text, split_corpus
+import torch_lm_loop as loop
 from bptt.lm.transformer import TransformerLM, TransformerLMConfig
-from bptt.nn.optim import make_schedule
 
 
 class TorchTransformerLM(torch.nn.Module):
@@ -59,19 +52,20 @@ class TorchTransformerLM(torch.nn.Module):
         return self.decoder(self.encoder(e, mask=mask, is_causal=True))
 
 
+def forward(model, x, state):
+    return model(x), None  # each window alone: no state crosses windows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
+    loop.add_common_arguments(p, max_iters=2000, eval_every=250)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--context", type=int, default=0, help="0 = --seq-len (as bptt train)")
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=12)
-    p.add_argument("--val-frac", type=float, default=0.1)
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adam"])
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -81,89 +75,18 @@ def main(argv=None):
     p.add_argument("--min-lr", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--clip-mode", default="norm", choices=["norm", "value"])
-    p.add_argument("--max-iters", type=int, default=2000)
-    p.add_argument("--max-epochs", type=float, default=50)
-    p.add_argument("--max-time", type=float, default=0.0, help="minutes")
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--seed", type=int, default=123)
-    p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
 
-    text = read_text(a.data)
-    vocab = Vocab(text)
-    train_ids, val_ids, _ = split_corpus(encode_text(text, vocab), a.val_frac, 0.0)
-    batches = TBPTTBatches(train_ids, a.batch_size, a.seq_len)
-    val_batches = TBPTTBatches(val_ids, a.batch_size, a.seq_len)
+    vocab, batches, val_batches = loop.load_corpus(a)
     V, C = len(vocab), a.context or a.seq_len
-
     cfg = TransformerLMConfig(V, a.layers, a.d_model, a.heads, C, a.dropout, a.dtype)
     model = TorchTransformerLM(V, a.d_model, a.heads, a.layers, C, a.dropout).to(getattr(torch, a.dtype))
-    init = TransformerLM(cfg, rng=a.seed).state_dict()  # bptt's initial weights, bit for bit
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in init.items()})
+    loop.load_bptt_weights(model, TransformerLM(cfg, rng=a.seed).state_dict())
     opt_cls = torch.optim.AdamW if a.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(model.parameters(), lr=a.lr, betas=(0.9, a.beta2), eps=1e-8, weight_decay=a.weight_decay)
-    steps = len(batches)
-    max_iters = int(a.max_epochs * steps)
-    if a.max_iters:
-        max_iters = min(max_iters, a.max_iters)
-    if a.schedule == "cosine":
-        sched = make_schedule("cosine", lr=a.lr, total_steps=max(max_iters, a.warmup_iters, 1),
-                              warmup_steps=a.warmup_iters, min_lr=a.min_lr)
-    else:
-        sched = make_schedule("constant", lr=a.lr)
-
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "log.jsonl", "w")
-    start = time.time()
-    deadline = start + a.max_time * 60 if a.max_time else math.inf
-    window_loss, window_n, window_items, window_start = 0.0, 0, 0, time.time()
-    it = 0
-    model.train()
-    while it < max_iters and time.time() < deadline:
-        x, y = (torch.from_numpy(np.asarray(v, np.int64)) for v in batches.batch(it % steps))
-        lr = sched(it)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        logits = model(x)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
-        opt.zero_grad(set_to_none=False)
-        loss.backward()
-        if a.grad_clip:
-            if a.clip_mode == "norm":
-                torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
-            else:
-                torch.nn.utils.clip_grad_value_(model.parameters(), a.grad_clip)
-        opt.step()
-        it += 1
-        window_loss += loss.item()
-        window_n += 1
-        window_items += y.numel()
-        if it % a.log_every == 0 or it == max_iters:
-            el = max(time.time() - window_start, 1e-9)
-            log.write(json.dumps({"step": it, "train_loss": window_loss / window_n, "lr": lr,
-                                  "items_per_sec": window_items / el, "time": time.time() - start,
-                                  "epoch": it / steps}) + "\n")
-            window_loss, window_n, window_items, window_start = 0.0, 0, 0, time.time()
-        if it % a.eval_every == 0 or it == max_iters:
-            model.eval()
-            with torch.no_grad():
-                total, count = 0.0, 0
-                for vk in range(len(val_batches)):
-                    vx, vy = (torch.from_numpy(np.asarray(v, np.int64)) for v in val_batches.batch(vk))
-                    total += torch.nn.functional.cross_entropy(model(vx).reshape(-1, V), vy.reshape(-1),
-                                                               reduction="sum").item()
-                    count += vy.numel()
-            model.train()
-            val = total / count
-            log.write(json.dumps({"step": it, "time": time.time() - start, "val_loss": val,
-                                  "val_bpc": val / math.log(2)}) + "\n")
-            log.flush()
-            print(f"step {it} ({time.time() - start:.0f} s): val loss {val:.4f}", flush=True)
-            window_start = time.time()
-    log.close()
+    max_iters = loop.total_steps(a, len(batches))
+    loop.train(a, model, forward, opt, loop.schedule(a, max_iters, len(batches)), batches, val_batches, V, max_iters)
 
 
 if __name__ == "__main__":
