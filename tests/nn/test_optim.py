@@ -281,6 +281,18 @@ def test_clip_grad_norm_module_and_nonfinite(rng):
     np.testing.assert_array_equal(g, [1.0, np.inf])
 
 
+def test_clip_grad_norm_float32_and_longer_than_a_chunk(rng):
+    # the squares are summed in float64 in chunks of 2^20 elements: an array of 2.5 chunks, float32,
+    # gives the norm computed in float64 over the whole array at once
+    g = (rng.standard_normal(2_621_440) * 1e-3).astype(np.float32)
+    expected = math.sqrt(float(np.sum(g.astype(np.float64) ** 2)))
+    before = g.copy()
+    norm = clip_grad_norm([g], 1e-3)
+    assert norm == pytest.approx(expected, rel=1e-12)
+    np.testing.assert_allclose(g, before * np.float32(1e-3 / (expected + 1e-6)), rtol=1e-6)
+    assert g.dtype == np.float32
+
+
 def test_clip_grad_value(rng):
     m = _Tiny(rng)
     m.grads["weight"][...] = [[-3.0, 0.5], [2.0, -0.1], [0.0, 1.5]]

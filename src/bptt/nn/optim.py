@@ -515,14 +515,7 @@ def clip_grad_norm(grads_or_module, max_norm: float) -> float:
     if not max_norm >= 0.0:
         raise ValueError(f"max_norm must be non-negative, got {max_norm}")
     grads = _grad_arrays(grads_or_module)
-    sq = 0.0
-    for g in grads:
-        flat = g.reshape(-1)
-        # accumulate in float64 even for float32 grads: norms of large models overflow float32 precision
-        if flat.dtype != np.float64:
-            flat = flat.astype(np.float64)
-        sq += float(np.dot(flat, flat))
-    total = math.sqrt(sq)
+    total = math.sqrt(sum(_sum_of_squares(g) for g in grads))
     if not math.isfinite(total):
         return total
     coef = max_norm / (total + 1e-6)
@@ -530,6 +523,17 @@ def clip_grad_norm(grads_or_module, max_norm: float) -> float:
         for g in grads:
             g *= coef
     return total
+
+
+def _sum_of_squares(g: np.ndarray, chunk: int = 1 << 20) -> float:
+    """Σ g_i² in float64 (float32 squares of a large model's gradients lose precision when summed).
+
+    NumPy ufuncs in bounded chunks, not ``np.dot``: a BLAS dot outside the step wakes OpenBLAS's
+    thread pool, whose threads then spin on the cores the next step's compiled loop runs on — it
+    halved the throughput of the 2×256 char LM (32 k → 18 k characters a second on 2 cores).
+    """
+    flat = g.reshape(-1)
+    return sum(float(np.square(flat[i:i + chunk], dtype=np.float64).sum()) for i in range(0, flat.size, chunk))
 
 
 def clip_grad_value(grads_or_module, clip: float) -> None:
