@@ -20,6 +20,7 @@ import torch
 
 import torch_lm_loop as loop
 from bptt.lm.model import CharLM, CharLMConfig
+from bptt.lm.train import make_lr_schedule
 
 
 class TorchCharLM(torch.nn.Module):
@@ -81,7 +82,7 @@ def main():
     else:
         opt = torch.optim.Adam(model.parameters(), lr=a.lr)
     max_iters = loop.total_steps(a, len(batches))
-    loop.train(a, model, forward, opt, loop.schedule(a, max_iters, len(batches)), batches, val_batches, V, max_iters)
+    loop.train(a, model, forward, opt, make_lr_schedule(a, len(batches), max_iters), batches, val_batches, V, max_iters)
 
 
 if __name__ == "__main__":

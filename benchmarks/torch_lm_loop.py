@@ -2,8 +2,9 @@
 
 Both train a torch model that carries bptt's parameter names from bptt's initial weights, on bptt's
 data pipeline (``TBPTTBatches``: window k of the epoch at step k, N contiguous streams of T
-characters) and bptt's schedule object, so that a bptt run and a torch run see the same numbers.
-What differs between them is the model and its forward; everything else is here, once.
+characters) with bptt's schedule (``bptt.lm.train.make_lr_schedule``, which the scripts call), so that
+a bptt run and a torch run see the same numbers.
+What differs between them is the model, its forward and its optimizer; the rest of the loop is here, once.
 
 ``log.jsonl`` is written as ``bptt train`` writes it: ``{"step", "train_loss", "lr",
 "items_per_sec", "time", "epoch"}`` every --log-every steps and ``{"step", "time", "val_loss",
@@ -24,7 +25,6 @@ import numpy as np
 import torch
 
 from bptt.lm.data import TBPTTBatches, Vocab, encode_text, read_text, split_corpus
-from bptt.nn.optim import make_schedule
 
 
 def add_common_arguments(p: argparse.ArgumentParser, *, max_iters: int, eval_every: int) -> None:
@@ -53,17 +53,6 @@ def load_corpus(a):
 def total_steps(a, steps_per_epoch: int) -> int:
     max_iters = int(a.max_epochs * steps_per_epoch)
     return min(max_iters, a.max_iters) if a.max_iters else max_iters
-
-
-def schedule(a, max_iters: int, steps_per_epoch: int):
-    """bptt's schedule object for --schedule charrnn | cosine | constant: the same lr at every step."""
-    if a.schedule == "charrnn":
-        return make_schedule("charrnn", lr=a.lr, steps_per_epoch=steps_per_epoch,
-                             decay_after_epochs=a.lr_decay_after, decay_rate=a.lr_decay)
-    if a.schedule == "cosine":
-        return make_schedule("cosine", lr=a.lr, total_steps=max(max_iters, a.warmup_iters, 1),
-                             warmup_steps=a.warmup_iters, min_lr=a.min_lr)
-    return make_schedule("constant", lr=a.lr)
 
 
 def load_bptt_weights(model: torch.nn.Module, state_dict) -> None:

@@ -29,6 +29,7 @@ import argparse
 import torch
 
 import torch_lm_loop as loop
+from bptt.lm.train import make_lr_schedule
 from bptt.lm.transformer import TransformerLM, TransformerLMConfig
 
 
@@ -86,7 +87,7 @@ def main(argv=None):
     opt_cls = torch.optim.AdamW if a.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(model.parameters(), lr=a.lr, betas=(0.9, a.beta2), eps=1e-8, weight_decay=a.weight_decay)
     max_iters = loop.total_steps(a, len(batches))
-    loop.train(a, model, forward, opt, loop.schedule(a, max_iters, len(batches)), batches, val_batches, V, max_iters)
+    loop.train(a, model, forward, opt, make_lr_schedule(a, len(batches), max_iters), batches, val_batches, V, max_iters)
 
 
 if __name__ == "__main__":

@@ -351,7 +351,7 @@ class CharLMJob:
         self.vocab = units  # the name older callers read
         self.batches, self.val_batches, self.val_unknown = batches, val_batches, val_unknown
         self.optimizer = _make_optimizer(cfg, model)
-        self.schedule = _make_schedule(cfg, len(batches), max_steps)
+        self.schedule = make_lr_schedule(cfg, len(batches), max_steps)
         self.state = None  # the hidden state carried from one window to the next
         # where the data stands: the windows of epoch `epoch` (drawn from the seed and the epoch for
         # variable and randomized truncation), the first of which was step `epoch_start`
@@ -487,7 +487,11 @@ def _regularizer(model):
     return None if rnn is None else rnn.regularizer
 
 
-def _make_schedule(cfg: TrainConfig, steps_per_epoch: int, total_steps: int):
+def make_lr_schedule(cfg: TrainConfig, steps_per_epoch: int, total_steps: int):
+    """The learning-rate schedule ``--schedule`` names, from the config's lr, decay and warm-up fields.
+
+    Anything with those attributes will do: the PyTorch reference scripts in ``benchmarks/`` pass
+    their argparse namespace, so both sides follow the same learning rate at every step."""
     if cfg.schedule == "charrnn":
         return make_schedule("charrnn", lr=cfg.lr, steps_per_epoch=steps_per_epoch,
                              decay_after_epochs=cfg.lr_decay_after, decay_rate=cfg.lr_decay)
