@@ -48,6 +48,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
+import numpy as np
+
 from bptt.lm.evaluate import evaluate
 from bptt.nn.gates import gate_count
 from bptt.nn.optim import clip_grad_norm, make_optimizer
@@ -155,12 +157,15 @@ def preset_fields(name: str) -> set[str]:
     return set(PRESETS[name].recipe()) | set(FITTED)
 
 
-def fit(cfg, explicit: set[str], corpus: Corpus, measure: Callable[[int], StepTimes]):
+def fit(cfg, explicit: set[str], corpus: Corpus, measure: Callable[[int, float], StepTimes]):
     """A preset's corpus- and machine-dependent settings for ``cfg`` (a TrainConfig that already has
     :func:`fixed_settings`), less the fields in ``explicit`` → (settings dict, lines to print).
 
-    ``measure(H)`` → :class:`StepTimes` of the model with hidden size H (a :class:`StepTimer`, or a
-    model of the machine in tests); it is called for at most four sizes.
+    ``measure(H, dropout)`` → :class:`StepTimes` of the model with hidden size H and that dropout (a
+    :class:`StepTimer`, or a model of the machine in tests).  Sizes are timed with the dropout the user
+    gave (0 by default); once the rule has chosen a dropout > 0, the chosen size is timed again with it
+    (dropout's masks cost 10-15% of a step at 2x256-2x448) and the schedule is fitted to that time.  At
+    most five calls.
     """
     budget = cfg.max_time * 60.0
     chars_per_step = cfg.seq_len * cfg.batch_size
@@ -179,14 +184,14 @@ def fit(cfg, explicit: set[str], corpus: Corpus, measure: Callable[[int], StepTi
     out, notes = {}, []
     if "hidden" in explicit:
         H = cfg.hidden
-        times[H] = measure(H)
+        times[H] = measure(H, cfg.dropout)
     else:
-        times[256] = measure(256)
+        times[256] = measure(256, cfg.dropout)
         while True:
             H, _, _ = choose_hidden(budget, corpus, seconds_per_char, params)
             if H in times or len(times) == 4:
                 break
-            times[H] = measure(H)
+            times[H] = measure(H, cfg.dropout)
         out["hidden"] = H
     C = budget / seconds_per_char(H)
     P = params(H)
@@ -205,27 +210,42 @@ def fit(cfg, explicit: set[str], corpus: Corpus, measure: Callable[[int], StepTi
         out["eval_windows"] = windows
     per_eval = windows or val_windows
     epoch_cap = int(cfg.max_epochs * corpus.steps_per_epoch) if cfg.max_epochs else math.inf  # --max-epochs
-    steps = cfg.max_iters
-    if cfg.schedule == "cosine" and "max_iters" not in explicit:
-        eval_every = cfg.eval_every if "eval_every" in explicit else None
-        steps = min(epoch_cap, cosine_steps(budget, t, per_eval, eval_every or 100))
-        if eval_every is None:  # ten evaluations over the run
-            eval_every = max(10, steps // 10 // 10 * 10)
-            steps = min(epoch_cap, cosine_steps(budget, t, per_eval, eval_every))
-            out["eval_every"] = eval_every
-        out["max_iters"] = steps
-        if "warmup_iters" not in explicit:
-            out["warmup_iters"] = min(100, max(1, steps // 20))
-        notes.append(f"cosine schedule over {steps} steps: {TIME_MARGIN:.0%} of the budget at {t.step:.3f} s a step "
-                     f"and {t.eval_window:.3f} s a validation window ({per_eval} windows an evaluation)")
-    elif "eval_every" not in explicit:
-        out["eval_every"] = max(10, int(min(epoch_cap, budget / t.step)) // 10 // 10 * 10)
+    fits_schedule = cfg.schedule == "cosine" and "max_iters" not in explicit
+
+    def schedule(t: StepTimes) -> dict:
+        """max_iters, eval_every and warmup_iters for a step of t (those the user did not give)."""
+        chosen = {}
+        if fits_schedule:
+            eval_every = cfg.eval_every if "eval_every" in explicit else None
+            steps = min(epoch_cap, cosine_steps(budget, t, per_eval, eval_every or 100))
+            if eval_every is None:  # ten evaluations over the run
+                eval_every = max(10, steps // 10 // 10 * 10)
+                steps = min(epoch_cap, cosine_steps(budget, t, per_eval, eval_every))
+                chosen["eval_every"] = eval_every
+            chosen["max_iters"] = steps
+            if "warmup_iters" not in explicit:
+                chosen["warmup_iters"] = min(100, max(1, steps // 20))
+        elif "eval_every" not in explicit:
+            chosen["eval_every"] = max(10, int(min(epoch_cap, budget / t.step)) // 10 // 10 * 10)
+        return chosen
+
+    out |= schedule(t)
+    steps = out.get("max_iters", cfg.max_iters)
     seen = (steps or min(epoch_cap, budget / t.step)) * chars_per_step
     passes = seen / corpus.train
+    dropout = cfg.dropout if "dropout" in explicit else choose_dropout(passes)
     if "dropout" not in explicit:
-        out["dropout"] = choose_dropout(passes)
-    notes.append(f"{passes:.1f} passes over {corpus.train:,} training characters: dropout "
-                 f"{out.get('dropout', cfg.dropout):g}")
+        out["dropout"] = dropout
+    retimed = ""
+    if dropout > 0 and cfg.dropout == 0 and fits_schedule:  # timed without the masks: time them
+        t = measure(H, dropout)
+        out |= schedule(t)
+        retimed = f"; timed again with it: {t.step:.3f} s a step"
+    notes.append(f"{passes:.1f} passes over {corpus.train:,} training characters: dropout {dropout:g}{retimed}")
+    if fits_schedule:
+        notes.append(f"cosine schedule over {out['max_iters']} steps: {TIME_MARGIN:.0%} of the budget at "
+                     f"{t.step:.3f} s a step and {t.eval_window:.3f} s a validation window ({per_eval} windows an "
+                     f"evaluation)")
     return out, notes
 
 
@@ -239,39 +259,52 @@ def as_flags(settings: dict) -> str:
 
 
 class StepTimer:
-    """``timer(H)`` → :class:`StepTimes` of a model built by ``make_model(H)``, trained for a few
-    steps on the run's own windows (``batches.window(k)``), and evaluated on one validation window.
+    """``timer(H, dropout)`` → :class:`StepTimes` of a model built by ``make_model(H, dropout)``, trained
+    for a few steps on the run's own windows (``batches.window(k)``), and evaluated on one validation window.
 
     The model and its optimizer are thrown away: the run starts from its own seed, untouched.  One
     untimed step first (compiling the kernels the first time); then steps until ``seconds`` have
-    passed (at least 3, at most 20).
+    passed (at least 3, at most 20).  With a data-parallel ``world`` (:mod:`bptt.dist`) every rank
+    times the step it will run — its share of the streams, one BLAS thread, the gradients' Allreduce —
+    and the ranks agree on the number of steps and on the mean time, so that they all fit the same run.
     """
 
-    def __init__(self, make_model, batches, val_batches, lr: float = 2e-3, seconds: float = 1.0):
+    def __init__(self, make_model, batches, val_batches, lr: float = 2e-3, seconds: float = 1.0, world=None):
         self.make_model, self.batches, self.val_batches = make_model, batches, val_batches
         self.lr, self.seconds = lr, seconds
+        self.world = world if world is not None and world.size > 1 else None
 
-    def __call__(self, H: int) -> StepTimes:
-        model = self.make_model(H)
+    def __call__(self, H: int, dropout: float = 0.0) -> StepTimes:
+        model = self.make_model(H, dropout)
         optimizer = make_optimizer("adam", model, self.lr)
+        world, N = self.world, self.batches.batch_size
+        cols = slice(None) if world is None else world.shard(N)  # this rank's streams
+        weight = 1.0 if world is None else world.weight(N)
         state, k, spent, done = None, 0, 0.0, -1
         while done < 3 or (spent < self.seconds and done < 20):
             w = self.batches.window(k % len(self.batches))
+            x, y = np.ascontiguousarray(w.x[:, cols]), np.ascontiguousarray(w.y[:, cols])
             t0 = time.perf_counter()
-            with model.blas_scope(*w.x.shape):
+            with model.blas_scope(*x.shape):
                 optimizer.zero_grad()
-                _, dlogits, state = model.loss(w.x, w.y, state)
+                _, dlogits, state = model.loss(x, y, state)
                 model.backward(dlogits)
+            if world is not None:
+                world.allreduce_grads(model, weight)
             clip_grad_norm(model, 5.0)
             optimizer.step()
             if done >= 0:
                 spent += time.perf_counter() - t0
+            if world is not None:  # one decision for all ranks: the mean time so far
+                spent = world.allreduce_sum(spent) / world.size
             done, k = done + 1, k + 1
         step = spent / done
         eval_window = 0.0
         if self.val_batches is not None:
-            evaluate(model, self.val_batches, 1)  # untimed: the eval-mode path's first call
+            evaluate(model, self.val_batches, 1, world=world)  # untimed: the eval-mode path's first call
             t0 = time.perf_counter()
-            evaluate(model, self.val_batches, 1)
+            evaluate(model, self.val_batches, 1, world=world)
             eval_window = time.perf_counter() - t0
+            if world is not None:
+                eval_window = world.allreduce_sum(eval_window) / world.size
         return StepTimes(float(step), float(eval_window))

@@ -519,19 +519,19 @@ def _not_defaults(cfg: TrainConfig) -> set[str]:
 
 def _fit_preset(cfg: TrainConfig, given: set[str], splits: Splits, batches, val_batches, world, log) -> TrainConfig:
     """``cfg`` with the preset's corpus- and machine-dependent settings (:func:`bptt.lm.presets.fit`),
-    after a few timed steps of throwaway models on this run's windows (rank 0's choice under mpiexec)."""
+    after a few timed steps of throwaway models on this run's windows (under mpiexec: data-parallel
+    steps on every rank, rank 0's choice)."""
     V = len(splits.units)
     corpus = presets.Corpus(len(splits.train), len(splits.val), V, len(batches))
 
-    def make_model(H):
-        return build_model(replace(cfg, hidden=H).model_config(V), rng=cfg.seed)
+    def make_model(H, dropout):
+        return build_model(replace(cfg, hidden=H, dropout=dropout).model_config(V), rng=cfg.seed)
 
-    result = None
-    if world.is_main:
-        log(f"preset {cfg.preset}: timing a few steps to fit the model and the schedule to "
-            f"{cfg.max_time:g} minutes on this machine")
-        result = presets.fit(cfg, given, corpus, presets.StepTimer(make_model, batches, val_batches))
-    if world.size > 1:
+    log(f"preset {cfg.preset}: timing a few steps to fit the model and the schedule to "
+        f"{cfg.max_time:g} minutes on this machine")
+    timer = presets.StepTimer(make_model, batches, val_batches, world=world)
+    result = presets.fit(cfg, given, corpus, timer)  # every rank times its share: the step it will run
+    if world.size > 1:  # the ranks agreed on the times; rank 0's choice, to be certain they run one plan
         result = world.broadcast_object(result)
     settings, notes = result
     cfg = replace(cfg, **settings).validate()
