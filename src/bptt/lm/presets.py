@@ -240,7 +240,8 @@ def fit(cfg, explicit: set[str], corpus: Corpus, measure: Callable[[int, float],
     if dropout > 0 and cfg.dropout == 0 and fits_schedule:  # timed without the masks: time them
         t = measure(H, dropout)
         out |= schedule(t)
-        retimed = f"; timed again with it: {t.step:.3f} s a step"
+        again = out["max_iters"] * chars_per_step / corpus.train
+        retimed = f"; timed again with it: {t.step:.3f} s a step, so {again:.1f} passes"
     notes.append(f"{passes:.1f} passes over {corpus.train:,} training characters: dropout {dropout:g}{retimed}")
     if fits_schedule:
         notes.append(f"cosine schedule over {out['max_iters']} steps: {TIME_MARGIN:.0%} of the budget at "
