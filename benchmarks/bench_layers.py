@@ -325,11 +325,9 @@ def main(argv=None):
     emit()
     emit(f"float32 GEMM peak measured in this run: numpy {peak:.1f}, torch {torch_peak:.1f} GFLOP/s.  Median of {repeat} alternating runs.  "
          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}, {GAP[0]} s idle and {WARM[0]} s of untimed calls before each side's turn.")
-    from threadpoolctl import threadpool_info
+    from blas import blas_line
 
-    blas = [f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')}, {i.get('num_threads')} threads)"
-            for i in threadpool_info() if i.get("user_api") == "blas"]
-    emit(f"BLAS kernel: {'; '.join(blas) or 'unknown'}; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}.")
+    emit(f"BLAS kernel: {blas_line()}.")
     emit()
     emit("| config (T, N, D, H, L) | mode | pass | ms bptt | ms torch | speed-up torch/bptt | GFLOP/s bptt | % peak "
          "| GFLOP/s torch | % peak torch | ceiling |")

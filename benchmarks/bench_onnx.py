@@ -19,6 +19,7 @@ import tempfile
 import time
 
 import numpy as np
+from blas import blas_line
 
 
 def main():
@@ -32,7 +33,6 @@ def main():
     a = p.parse_args()
 
     import torch
-    from threadpoolctl import threadpool_info
 
     import bptt.onnx as bo
     from bptt.lm.data import Vocab
@@ -40,9 +40,7 @@ def main():
     from bptt.onnx.runtime import load_charlm
 
     torch.set_num_threads(a.threads)
-    blas = [f"{i['internal_api']} {i.get('version')} {i.get('architecture')}" for i in threadpool_info()
-            if i.get("user_api") == "blas"]
-    print(f"BLAS: {', '.join(blas)}; threads {a.threads}; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}")
+    print(f"BLAS: {blas_line()}; threads {a.threads}")
 
     V, H, L = a.vocab, a.hidden, a.layers
     model = CharLM(CharLMConfig(V, "lstm", H, L), rng=0)

@@ -24,6 +24,7 @@ import argparse
 import time
 
 import numpy as np
+from blas import blas_line
 
 
 def main():
@@ -95,7 +96,9 @@ def main():
     med_cpu = {name: 1e3 * float(np.median(v)) for name, v in cpu.items()}
     plain, ref = med["plain (compiled kernels)"], med["plain (NumPy reference loop)"]
     print(f"{args.model} {args.layers}x{args.hidden}, D={args.D}, T={args.T}, N={args.N}, float32, "
-          f"{args.threads} BLAS thread(s), median of {args.repeat} (noisy on a shared machine)\n")
+          f"{args.threads} BLAS thread(s), median of {args.repeat} (noisy on a shared machine)")
+    with threadpool_limits(args.threads):
+        print(f"BLAS: {blas_line()}\n")
     cplain, cref = med_cpu["plain (compiled kernels)"], med_cpu["plain (NumPy reference loop)"]
     print("| configuration | wall ms / step | vs plain | vs reference | CPU ms / step | vs plain | vs reference |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -38,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_layers  # noqa: E402  (alternate, sgemm_peak, GAP/WARM)
+from blas import blas_line  # noqa: E402
 
 LAYERS = [(12, 64, 128, 4), (16, 256, 384, 6)]  # (N, T, E, h)
 
@@ -133,17 +134,6 @@ def build_generation(n_chars, seed=0, V=65, L=4, E=128, h=4, C=512):
     return ours_generate, torch_generate, same
 
 
-def blas_info():
-    from threadpoolctl import threadpool_info
-
-    for lib in threadpool_info():
-        if lib.get("user_api") == "blas" and "numpy" in lib.get("filepath", ""):
-            return f"{lib.get('internal_api')} {lib.get('version')} kernel {lib.get('architecture')}"
-    blas = [lib for lib in threadpool_info() if lib.get("user_api") == "blas"]
-    return ", ".join(f"{b.get('internal_api')} {b.get('architecture')} ({os.path.basename(b['filepath'])})"
-                     for b in blas) or "unknown"
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and 100 characters (< 60 s)")
@@ -167,9 +157,8 @@ def main(argv=None):
     gen_repeat = args.gen_repeat or (1 if args.quick else 3)
 
     peak, torch_peak = bench_layers.sgemm_peak()
-    env = {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if os.environ.get(k)}
     print(f"# bptt vs PyTorch {torch.__version__}: Transformer (CPU, float32, {args.threads} threads)\n")
-    print(f"numpy BLAS: {blas_info()}; env overrides: {env or 'none'}")
+    print(f"BLAS: {blas_line()}")
     print(f"float32 2048³ GEMM measured in this run: numpy {peak:.1f}, torch {torch_peak:.1f} GFLOP/s.  "
           f"Medians of {repeat} alternating turns.\n")
     print("| layer (N, T, E, h) | ms bptt | ms torch | torch/bptt | GFLOP/s bptt | GFLOP/s torch | max diff |")
