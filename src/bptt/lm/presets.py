@@ -16,16 +16,23 @@ The rule, with its reasons::
     P(H)      the parameter count (embedding, every layer's weights and biases, the decoder).
 
     hidden    the largest H of HIDDEN_SIZES with
-                  C(H) ≥ CHARS_PER_PARAM · P(H)     (1) not undertrained: the run sees enough characters
-                  P(H) ≤ PARAMS_PER_CHAR · D       (2) not overtrained: no more weights than the text holds
-              (the smallest size if none fits).  (1): the best known 30-minute model on tinyshakespeare
-              (BENCHMARKS Q1, 2×512, 15.4 M characters for 3.3 M parameters) saw 4.7 characters per
-              parameter; a 2×256 that saw 6 per parameter in 4 minutes (U1) equalled the 2×128 defaults
-              that saw ~40; the same 2×512 recipe on a 3 MB novel for 21 minutes (~4.5 per parameter) was
-              still undertrained, worse than 2×128 in 8.  So 5 characters per parameter is the least a
-              size must get: below it a smaller model ends lower.  (2): a model with many more weights
-              than training characters memorises them; Q1 (3.3 parameters per character of a 1 MB text,
-              with dropout 0.3) is the largest ratio known to generalise, so 4 is the cap.
+                  C(H) ≥ CHARS_PER_PARAM · P(H), or       (1) not undertrained: the run sees enough
+                  C(H) ≥ CHARS_PER_PARAM_REREAD · P(H)        characters, fewer if it rereads the text
+                      if C(H) ≥ REREAD_PASSES · D              REREAD_PASSES times or more
+                  P(H) ≤ PARAMS_PER_CHAR · D              (2) not overtrained: no more weights than
+                                                              the text holds
+              (the smallest size if none fits).  C(H)/P(H) as the rule computes it (steps timed without
+              dropout).  (1) has two regimes, measured in 5-minute runs (BENCHMARKS P1, P2, P5-P7).  A
+              text read fewer than six times is no limit, the budget is, and a smaller model that takes
+              more steps ends lower: on the 4 MB stdlib source 2×256 at 8.2 characters per parameter
+              reached 1.4899, 2×192 at 24 1.2540, 2×128 at 93 1.3016 — so 20 is asked.  A text read
+              six times or more limits a small model instead, and the compute is better spent on a
+              larger one held back by dropout: on tinyshakespeare 2×256 at 11 (10 passes) reached
+              1.5353 against 2×192 at 35 (18 passes) 1.5431, and in 30 minutes 2×448 at 7.7 and 2×512
+              at 5.4 (16-20 passes) are the best models found (1.4520, 1.4470) — so 5 is enough there.
+              (2): a model with many more weights than training characters memorises them; Q1 (3.3
+              parameters per character of a 1 MB text, with dropout 0.3) is the largest ratio known to
+              generalise, so 4 is the cap.
     dropout   by E = S·N·T / D, the passes over the text the run will make: 0 below 3 (a model that
               sees each character once or twice is far from memorising them: dropout would only slow
               it), 0.1 below 6, 0.2 below 12, else 0.3 (Q1's, at 15 passes).  A judgement between the
@@ -54,12 +61,15 @@ from bptt.lm.evaluate import evaluate
 from bptt.nn.gates import gate_count
 from bptt.nn.optim import clip_grad_norm, make_optimizer
 
-__all__ = ["Preset", "PRESETS", "HIDDEN_SIZES", "CHARS_PER_PARAM", "PARAMS_PER_CHAR", "TIME_MARGIN", "EVAL_CHARS",
-           "EVAL_OVERHEAD", "Corpus", "StepTimes", "forward_macs", "parameters", "choose_hidden", "choose_dropout", "cosine_steps",
+__all__ = ["Preset", "PRESETS", "HIDDEN_SIZES", "CHARS_PER_PARAM", "CHARS_PER_PARAM_REREAD", "REREAD_PASSES",
+           "PARAMS_PER_CHAR", "TIME_MARGIN", "EVAL_CHARS",
+           "EVAL_OVERHEAD", "Corpus", "StepTimes", "forward_macs", "parameters", "choose_hidden", "chars_per_param_needed", "choose_dropout", "cosine_steps",
            "FITTED", "fixed_settings", "preset_fields", "fit", "StepTimer", "as_flags"]
 
 HIDDEN_SIZES = (64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 1024)
-CHARS_PER_PARAM = 5.0  # rule (1)
+CHARS_PER_PARAM = 20.0  # rule (1), a text read fewer than REREAD_PASSES times
+CHARS_PER_PARAM_REREAD = 5.0  # rule (1), a text read REREAD_PASSES times or more
+REREAD_PASSES = 6.0
 PARAMS_PER_CHAR = 4.0  # rule (2)
 DROPOUT_BY_PASSES = ((3.0, 0.0), (6.0, 0.1), (12.0, 0.2), (math.inf, 0.3))
 TIME_MARGIN = 0.95  # of the budget the schedule is sized for: the rest absorbs a slower minute
@@ -127,10 +137,15 @@ def choose_hidden(budget: float, corpus: Corpus, seconds_per_char: Callable[[int
     C(H) = budget / ``seconds_per_char(H)`` → (H, C(H), P(H))."""
     for H in reversed(HIDDEN_SIZES):
         P, C = params(H), budget / seconds_per_char(H)
-        if P <= PARAMS_PER_CHAR * corpus.train and C >= CHARS_PER_PARAM * P:
+        if P <= PARAMS_PER_CHAR * corpus.train and C >= chars_per_param_needed(C / corpus.train) * P:
             return H, C, P
     H = HIDDEN_SIZES[0]
     return H, budget / seconds_per_char(H), params(H)
+
+
+def chars_per_param_needed(passes: float) -> float:
+    """Rule (1)'s threshold for a run that reads its training text ``passes`` times."""
+    return CHARS_PER_PARAM_REREAD if passes >= REREAD_PASSES else CHARS_PER_PARAM
 
 
 def choose_dropout(passes: float) -> float:
@@ -200,7 +215,8 @@ def fit(cfg, explicit: set[str], corpus: Corpus, measure: Callable[[int, float],
     timed = "measured" if H in times else "estimated"
     notes.append(f"{cfg.layers}x{H} {cfg.model}, {P / 1e6:.2f} M parameters; {timed} {t.step:.3f} s a step "
                  f"({kappa / 1e9:.0f} GFLOP/s), so {cfg.max_time:g} min buy {C / 1e6:.1f} M characters = "
-                 f"{C / P:.1f} per parameter (rule: >= {CHARS_PER_PARAM:g}); {P / corpus.train:.2f} parameters "
+                 f"{C / P:.1f} per parameter in {C / corpus.train:.1f} passes (rule: >= "
+                 f"{chars_per_param_needed(C / corpus.train):g}); {P / corpus.train:.2f} parameters "
                  f"per training character (rule: <= {PARAMS_PER_CHAR:g})")
 
     val_windows = corpus.val // chars_per_step
