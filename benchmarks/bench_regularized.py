@@ -14,8 +14,8 @@ work from the price of leaving the compiled loop.  The options that act outside 
 kernels with the masks around them (what the layer runs), and "(NumPy loop)", the same options
 forced through the reference loop (``regularizer.force_reference = True``), as they ran before.  Each figure is the median of ``--repeat``
 timed steps after one untimed warm-up (wall time, and the process's CPU time, which other
-people's load moves less), the configurations interleaved round by round so that
-drift in the machine's load hits them alike.  The default run takes well under a minute.
+people's load moves less), the configurations interleaved round by round, each round starting at the next one, so that
+drift in the machine's load and the first call after a switch hit them alike.  The default run takes well under a minute.
 """
 
 from __future__ import annotations
@@ -85,8 +85,10 @@ def main():
     with threadpool_limits(args.threads):
         for layer in layers.values():
             step(layer)  # warm-up (compiles the kernels on first use)
-        for _ in range(args.repeat):
-            for name, layer in layers.items():
+        names = list(layers)
+        for r in range(args.repeat):  # each round starts at another configuration: none always goes first
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                layer = layers[name]
                 t0, c0 = time.perf_counter(), time.process_time()
                 step(layer)
                 times[name].append(time.perf_counter() - t0)
