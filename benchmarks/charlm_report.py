@@ -33,21 +33,26 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--png", type=Path)
+    p.add_argument("--labels", nargs="+", help="one legend label per run (default: the run directories' names)")
+    p.add_argument("--lines", nargs="+", type=float, default=list(THRESHOLDS[:3]), help="dotted levels in the plot")
+    p.add_argument("--ylim", nargs=2, type=float, default=(1.3, 2.2))
     a = p.parse_args()
+    if a.labels and len(a.labels) != len(a.runs):
+        p.error(f"--labels: {len(a.labels)} labels for {len(a.runs)} runs")
     header = "| run | best val (nats/char) | at minute | " + " | ".join(f"min to {t}" for t in THRESHOLDS) + " | median chars/s |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     curves = {}
-    for run in a.runs:
+    for k, run in enumerate(a.runs):
         val, cps = load(run)
-        curves[run.name] = val
+        curves[a.labels[k] if a.labels else run.name] = val
         best = min(val, key=lambda v: v[2])
         hits = [reached(val, t) for t in THRESHOLDS]
         reach = [f"{hit[0]:.1f}" if hit is not None else "—" for hit in hits]
-        print(f"| {run.name} | {best[2]:.4f} | {best[0]:.1f} | " + " | ".join(reach) +
+        print(f"| {a.labels[k] if a.labels else run.name} | {best[2]:.4f} | {best[0]:.1f} | " + " | ".join(reach) +
               f" | {statistics.median(cps):,.0f} |")
     if a.png:
-        plot_curves([(name, val, {"lw": 1.5}) for name, val in curves.items()], a.png, THRESHOLDS[:3], (1.3, 2.2))
+        plot_curves([(name, val, {"lw": 1.5}) for name, val in curves.items()], a.png, a.lines, a.ylim)
 
 
 def plot_curves(series, png, thresholds, ylim):
