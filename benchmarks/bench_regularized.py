@@ -76,9 +76,10 @@ def main():
             layer.backend = backend
         layers[name] = layer
 
-    def step(layer):
-        out, _ = layer(x)
-        layer.backward(dout)
+    def step(layer):  # as a model's training step runs the layer: in its BLAS scope (one BLAS thread
+        with layer.blas_scope(args.T, args.N):  # while the layer runs threads of its own; else no change)
+            out, _ = layer(x)
+            layer.backward(dout)
 
     times = {name: [] for name in layers}
     cpu = {name: [] for name in layers}  # process CPU time: less moved by other people's load than wall time
