@@ -281,9 +281,10 @@ class StepTimer:
 
     The model and its optimizer are thrown away: the run starts from its own seed, untouched.  One
     untimed step first (compiling the kernels the first time); then steps until ``seconds`` have
-    passed (at least 3, at most 20).  With a data-parallel ``world`` (:mod:`bptt.dist`) every rank
-    times the step it will run — its share of the streams, one BLAS thread, the gradients' Allreduce —
-    and the ranks agree on the number of steps and on the mean time, so that they all fit the same run.
+    passed (at least 3, at most 20), of which the median is the step's time.  With a data-parallel
+    ``world`` (:mod:`bptt.dist`) every rank times the step it will run — its share of the streams, one
+    BLAS thread, the gradients' Allreduce — and the ranks agree on the number of steps and on the mean
+    of their medians, so that they all fit the same run.
     """
 
     def __init__(self, make_model, batches, val_batches, lr: float = 2e-3, seconds: float = 1.0, world=None):
@@ -297,7 +298,7 @@ class StepTimer:
         world, N = self.world, self.batches.batch_size
         cols = slice(None) if world is None else world.shard(N)  # this rank's streams
         weight = 1.0 if world is None else world.weight(N)
-        state, k, spent, done = None, 0, 0.0, -1
+        state, k, spent, done, steps = None, 0, 0.0, -1, []
         while done < 3 or (spent < self.seconds and done < 20):
             w = self.batches.window(k % len(self.batches))
             x, y = np.ascontiguousarray(w.x[:, cols]), np.ascontiguousarray(w.y[:, cols])
@@ -311,11 +312,14 @@ class StepTimer:
             clip_grad_norm(model, 5.0)
             optimizer.step()
             if done >= 0:
-                spent += time.perf_counter() - t0
+                steps.append(time.perf_counter() - t0)
+                spent += steps[-1]
             if world is not None:  # one decision for all ranks: the mean time so far
                 spent = world.allreduce_sum(spent) / world.size
             done, k = done + 1, k + 1
-        step = spent / done
+        step = float(np.median(steps))  # a step slowed by something else (a spike) does not move it
+        if world is not None:
+            step = world.allreduce_sum(step) / world.size
         eval_window = 0.0
         if self.val_batches is not None:
             evaluate(model, self.val_batches, 1, world=world)  # untimed: the eval-mode path's first call
