@@ -12,10 +12,12 @@ which run :mod:`bptt.nn.regularized_loop` (NumPy).  "vs reference" separates the
 work from the price of leaving the compiled loop.  The options that act outside the time loop
 (input and output dropout, weight drop) have two rows each: "(compiled)", the layer's own
 kernels with the masks around them (what the layer runs), and "(NumPy loop)", the same options
-forced through the reference loop (``regularizer.force_reference = True``), as they ran before.  Each figure is the median of ``--repeat``
-timed steps after one untimed warm-up (wall time, and the process's CPU time, which other
-people's load moves less), the configurations interleaved round by round, each round starting at the next one, so that
-drift in the machine's load and the first call after a switch hit them alike.  The default run takes well under a minute.
+forced through the reference loop (``regularizer.force_reference = True``), as they ran before.
+Each figure is the median of ``--repeat`` timed steps (wall time, and the process's CPU time,
+which other people's load moves less).  Each configuration is timed in a block of its own after
+three untimed steps (the first compiles the kernels): interleaved one step at a time, the compiled layers ran at half speed at 2 threads (a 2×128
+LSTM step 52 ms against 26 ms alone), behind OpenBLAS threads that the NumPy loop's products had
+woken and that kept spinning.  The default run takes well under a minute.
 """
 
 from __future__ import annotations
@@ -86,10 +88,10 @@ def main():
     with threadpool_limits(args.threads):
         for layer in layers.values():
             step(layer)  # warm-up (compiles the kernels on first use)
-        names = list(layers)
-        for r in range(args.repeat):  # each round starts at another configuration: none always goes first
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                layer = layers[name]
+        for name, layer in layers.items():  # one block per configuration (see the module doc)
+            for _ in range(3):
+                step(layer)  # untimed
+            for _ in range(args.repeat):
                 t0, c0 = time.perf_counter(), time.process_time()
                 step(layer)
                 times[name].append(time.perf_counter() - t0)

@@ -529,7 +529,7 @@ def _fit_preset(cfg: TrainConfig, given: set[str], splits: Splits, batches, val_
 
     log(f"preset {cfg.preset}: timing a few steps to fit the model and the schedule to "
         f"{cfg.max_time:g} minutes on this machine")
-    timer = presets.StepTimer(make_model, batches, val_batches, world=world)
+    timer = presets.StepTimer(make_model, batches, val_batches, lr=cfg.lr, world=world, optimizer=cfg.optimizer)
     result = presets.fit(cfg, given, corpus, timer)  # every rank times its share: the step it will run
     if world.size > 1:  # the ranks agreed on the times; rank 0's choice, to be certain they run one plan
         result = world.broadcast_object(result)
