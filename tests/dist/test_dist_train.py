@@ -224,18 +224,19 @@ def test_a_second_run_into_the_same_directory_is_refused_once(mpirun, corpus, tm
     assert len(errors) == 1 and "already holds a run" in errors[0], proc.stderr
 
 
-def test_a_preset_times_the_data_parallel_step_and_every_rank_runs_its_plan(mpirun, corpus, tmp_path):
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_a_preset_times_the_data_parallel_step_and_every_rank_runs_its_plan(mpirun, corpus, tmp_path, ranks):
     """Under mpiexec every rank times its share of the streams with the gradients' Allreduce (the step it
     will run, not rank 0's whole batch on one thread while the other waits); the ranks agree on the
     times, fit one plan, and run it to the end together."""
     out = tmp_path / "run"
-    proc = mpirun(2, "-m", "bptt.cli", "train", "--data", corpus, "--out", out, "--preset", "small",
+    proc = mpirun(ranks, "-m", "bptt.cli", "train", "--data", corpus, "--out", out, "--preset", "small",
                   "--batch-size", "8", "--seq-len", "10", "--max-time", "0.05", "--sample-length", "0",
                   "--no-progress", timeout=120)
     assert proc.returncode == 0, proc.stderr
     plans = [line for line in proc.stderr.splitlines() if line.startswith("preset small (5-minute budget):")]
     assert len(plans) == 1  # rank 0 speaks for all
-    assert "data parallel over MPI: 2 ranks" in proc.stderr
+    assert f"data parallel over MPI: {ranks} ranks" in proc.stderr
     _, meta = load_checkpoint(out / "last.safetensors")
     assert f"--max-iters {meta['train']['max_iters']}" in plans[0]
     assert meta["train"]["hidden"] in (64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 1024)

@@ -320,11 +320,11 @@ class StepTimer:
                 steps.append(time.perf_counter() - t0)
                 spent += steps[-1]
             if world is not None:  # one decision for all ranks: the mean time so far
-                spent = world.allreduce_sum(spent) / world.size
+                spent = self._agreed_mean(spent)
             done, k = done + 1, k + 1
         step = float(np.median(steps))  # a step slowed by something else (a spike) does not move it
         if world is not None:
-            step = world.allreduce_sum(step) / world.size
+            step = self._agreed_mean(step)
         eval_window = 0.0
         if self.val_batches is not None:
             evaluate(model, self.val_batches, 1, world=world)  # untimed: the eval-mode path's first call
@@ -332,5 +332,11 @@ class StepTimer:
             evaluate(model, self.val_batches, 1, world=world)
             eval_window = time.perf_counter() - t0
             if world is not None:
-                eval_window = world.allreduce_sum(eval_window) / world.size
+                eval_window = self._agreed_mean(eval_window)
         return StepTimes(float(step), float(eval_window))
+
+    def _agreed_mean(self, value: float) -> float:
+        """The mean of ``value`` over the ranks, bit for bit the same on every rank (rank 0's: with more
+        than two ranks an Allreduce may round differently on different ranks, and every rank must make
+        the same choices from these times)."""
+        return self.world.broadcast_object(self.world.allreduce_sum(value) / self.world.size)
