@@ -15,9 +15,9 @@ kernels with the masks around them (what the layer runs), and "(NumPy loop)", th
 forced through the reference loop (``regularizer.force_reference = True``), as they ran before.
 Each figure is the median of ``--repeat`` timed steps (wall time, and the process's CPU time,
 which other people's load moves less).  Each configuration is timed in a block of its own after
-three untimed steps (the first compiles the kernels): interleaved one step at a time, the compiled layers ran at half speed at 2 threads (a 2×128
-LSTM step 52 ms against 26 ms alone), behind OpenBLAS threads that the NumPy loop's products had
-woken and that kept spinning.  The default run takes well under a minute.
+three untimed steps (the first compiles the kernels): interleaved one step at a time, the compiled
+layers ran at half speed at 2 threads (a 2×128 LSTM step 52 ms against 26 ms alone), behind OpenBLAS
+threads that the NumPy loop's products had woken and that kept spinning.  The default run takes well under a minute.
 """
 
 from __future__ import annotations
@@ -86,11 +86,9 @@ def main():
     times = {name: [] for name in layers}
     cpu = {name: [] for name in layers}  # process CPU time: less moved by other people's load than wall time
     with threadpool_limits(args.threads):
-        for layer in layers.values():
-            step(layer)  # warm-up (compiles the kernels on first use)
         for name, layer in layers.items():  # one block per configuration (see the module doc)
             for _ in range(3):
-                step(layer)  # untimed
+                step(layer)  # untimed: the first compiles the kernels
             for _ in range(args.repeat):
                 t0, c0 = time.perf_counter(), time.process_time()
                 step(layer)

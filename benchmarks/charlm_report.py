@@ -43,13 +43,13 @@ def main():
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     curves = {}
-    for k, run in enumerate(a.runs):
+    for label, run in zip(a.labels or [run.name for run in a.runs], a.runs):
         val, cps = load(run)
-        curves[a.labels[k] if a.labels else run.name] = val
+        curves[label] = val
         best = min(val, key=lambda v: v[2])
         hits = [reached(val, t) for t in THRESHOLDS]
         reach = [f"{hit[0]:.1f}" if hit is not None else "—" for hit in hits]
-        print(f"| {a.labels[k] if a.labels else run.name} | {best[2]:.4f} | {best[0]:.1f} | " + " | ".join(reach) +
+        print(f"| {label} | {best[2]:.4f} | {best[0]:.1f} | " + " | ".join(reach) +
               f" | {statistics.median(cps):,.0f} |")
     if a.png:
         plot_curves([(name, val, {"lw": 1.5}) for name, val in curves.items()], a.png, a.lines, a.ylim)

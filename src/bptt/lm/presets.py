@@ -62,9 +62,9 @@ from bptt.nn.gates import gate_count
 from bptt.nn.optim import clip_grad_norm, make_optimizer
 
 __all__ = ["Preset", "PRESETS", "HIDDEN_SIZES", "CHARS_PER_PARAM", "CHARS_PER_PARAM_REREAD", "REREAD_PASSES",
-           "PARAMS_PER_CHAR", "TIME_MARGIN", "EVAL_CHARS",
-           "EVAL_OVERHEAD", "Corpus", "StepTimes", "forward_macs", "parameters", "choose_hidden", "chars_per_param_needed", "choose_dropout", "cosine_steps",
-           "FITTED", "fixed_settings", "preset_fields", "fit", "StepTimer", "as_flags"]
+           "PARAMS_PER_CHAR", "TIME_MARGIN", "EVAL_CHARS", "EVAL_OVERHEAD", "Corpus", "StepTimes", "forward_macs",
+           "parameters", "choose_hidden", "chars_per_param_needed", "choose_dropout", "cosine_steps", "FITTED",
+           "fixed_settings", "preset_fields", "fit", "StepTimer", "as_flags"]
 
 HIDDEN_SIZES = (64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 1024)
 CHARS_PER_PARAM = 20.0  # rule (1), a text read fewer than REREAD_PASSES times

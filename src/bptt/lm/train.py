@@ -520,7 +520,7 @@ def _not_defaults(cfg: TrainConfig) -> set[str]:
 def _fit_preset(cfg: TrainConfig, given: set[str], splits: Splits, batches, val_batches, world, log) -> TrainConfig:
     """``cfg`` with the preset's corpus- and machine-dependent settings (:func:`bptt.lm.presets.fit`),
     after a few timed steps of throwaway models on this run's windows (under mpiexec: data-parallel
-    steps on every rank, rank 0's choice)."""
+    steps on every rank, agreed times, one plan)."""
     V = len(splits.units)
     corpus = presets.Corpus(len(splits.train), len(splits.val), V, len(batches))
 
@@ -530,10 +530,9 @@ def _fit_preset(cfg: TrainConfig, given: set[str], splits: Splits, batches, val_
     log(f"preset {cfg.preset}: timing a few steps to fit the model and the schedule to "
         f"{cfg.max_time:g} minutes on this machine")
     timer = presets.StepTimer(make_model, batches, val_batches, lr=cfg.lr, world=world, optimizer=cfg.optimizer)
-    result = presets.fit(cfg, given, corpus, timer)  # every rank times its share: the step it will run
-    if world.size > 1:  # the ranks agreed on the times; rank 0's choice, to be certain they run one plan
-        result = world.broadcast_object(result)
-    settings, notes = result
+    # every rank times its share, the step it will run; the timer hands every rank the same times, bit
+    # for bit, so every rank's fit makes the same choices
+    settings, notes = presets.fit(cfg, given, corpus, timer)
     cfg = replace(cfg, **settings).validate()
     chosen = presets.fixed_settings(cfg.preset, given) | settings
     log(f"preset {cfg.preset} ({presets.PRESETS[cfg.preset].minutes:g}-minute budget): "
