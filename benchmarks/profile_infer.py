@@ -56,7 +56,8 @@ def _blas_loop(T, fn, one, zero, h, WT, a):
 @njit(cache=False, nogil=True)
 def _gate_loop(T, a, gx, hs, cs, y, gates, aux, mask):
     for t in range(T):
-        lstm_fw_step(0, t % 2, a, gx, hs, cs, y, gates, aux, aux, mask, False, False)
+        gates[:] = gx  # the step activates gx_t's row in place (in inference the row is the window's)
+        lstm_fw_step(0, t % 2, a, hs, cs, y, gates, aux, aux, mask, False, False)
 
 
 def median_time(fn, repeat, inner=1):

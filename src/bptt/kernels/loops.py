@@ -74,35 +74,37 @@ class KernelCache(NamedTuple):
 # ============================================================================ the time loops, compiled
 if HAVE_NUMBA:
     @njit(**JIT)
-    def _forward_loop(kind, rev, t0, t1, gemm, one, zero, gx, WhhT, b_hh, WhrT, hs, cs, y, gates, aux, m_all,
+    def _forward_loop(kind, rev, t0, t1, gemm, one, zero, WhhT, b_hh, WhrT, hs, cs, y, gates, aux, m_all,
                       mask, has_mask, proj, WhhP, WhrP, tmp):
         """The forward loop over times [t0, t1) (kind 0 tanh, 1 relu, 2 LSTM, 3 GRU): per step the
-        product a = h_{t−1} W_hhᵀ, then the fused step.  WhhT = W_hhᵀ (P, G), WhrT = W_hrᵀ (H, P);
-        WhhP, WhrP the same packed for ``panel_times`` (or empty: BLAS or ``mm_acc``)."""
+        product a = h_{t−1} W_hhᵀ, then the fused step, which activates gates[t] (gx_t on entry)
+        in place.  WhhT = W_hhᵀ (P, G), WhrT = W_hrᵀ (H, P); WhhP, WhrP the same packed for
+        ``panel_times`` (or empty: BLAS or ``mm_acc``)."""
         wide_vectors()
-        N, G = gx.shape[1], gx.shape[2]
-        a = np.empty((N, G), gx.dtype)
-        h_new = np.empty((N, hs.shape[2]), gx.dtype)
+        N, G = gates.shape[1], gates.shape[2]
+        a = np.empty((N, G), gates.dtype)
+        h_new = np.empty((N, hs.shape[2]), gates.dtype)
         for s in range(t1 - t0):
             t = t1 - 1 - s if rev else t0 + s
             times(gemm, one, zero, hs[t + rev], WhhT, WhhP, tmp, a)  # a = h_{t−1} W_hhᵀ
             if kind == 2:
-                lstm_fw_step(t, rev, a, gx, hs, cs, y, gates, aux, m_all, mask, has_mask, proj)
+                lstm_fw_step(t, rev, a, hs, cs, y, gates, aux, m_all, mask, has_mask, proj)
                 if proj:
                     times(gemm, one, zero, m_all[t], WhrT, WhrP, tmp, h_new)  # h̃_t = m_t W_hrᵀ
                     merge_step(t, rev, h_new, hs, y, mask, has_mask)
             elif kind == 3:
-                gru_fw_step(t, rev, a, gx, b_hh, hs, y, gates, aux, mask, has_mask)
+                gru_fw_step(t, rev, a, b_hh, hs, y, gates, aux, mask, has_mask)
             else:
-                rnn_fw_step(t, rev, a, gx, hs, y, gates, mask, has_mask, kind == 1)
+                rnn_fw_step(t, rev, a, hs, y, gates, mask, has_mask, kind == 1)
 
     @njit(**JIT)
-    def _infer_loop(kind, rev, t0, t1, turn, g0, gemm, one, zero, gx, WhhT, b_hh, WhrT, hs, cs, y, gates, aux, m_one,
+    def _infer_loop(kind, rev, t0, t1, turn, g0, gemm, one, zero, gx, WhhT, b_hh, WhrT, hs, cs, y, aux, m_one,
                     mask, has_mask, proj, WhhP, WhrP, tmp):
         """``_forward_loop`` keeping nothing for a backward: the same product and the same step
-        function per step, so the same outputs bit for bit, but the step's activated gates (and
-        aux, m) go to one-step scratch arrays (1, N, ·) that stay in cache, and the state to two
-        rows hs (2, N, P) (cs (2, N, H)) used in turn, instead of (T, N, G) and (T+1, N, P) arrays.
+        function per step, so the same outputs bit for bit, but the step's gates are activated
+        in gx's row and left there, aux and m go to one-step scratch arrays (1, N, ·) that stay
+        in cache, and the state to two rows hs (2, N, P) (cs (2, N, H)) used in turn, instead of
+        (T, N, ·) and (T+1, N, P) arrays.
 
         Each step runs at time index 0 of one-step views gx[t:t+1], y[t:t+1], mask[t:t+1].  A
         step reads its state at hs[0 + r] and writes it at hs[1 − r] (r its ``rev`` argument,
@@ -120,14 +122,14 @@ if HAVE_NUMBA:
             mask_t = mask[t : t + 1] if has_mask else mask
             times(gemm, one, zero, hs[r], WhhT, WhhP, tmp, a)  # a = h_{t−1} W_hhᵀ
             if kind == 2:
-                lstm_fw_step(0, r, a, gx_t, hs, cs, y_t, gates, aux, m_one, mask_t, has_mask, proj)
+                lstm_fw_step(0, r, a, hs, cs, y_t, gx_t, aux, m_one, mask_t, has_mask, proj)
                 if proj:
                     times(gemm, one, zero, m_one[0], WhrT, WhrP, tmp, h_new)  # h̃_t = m_t W_hrᵀ
                     merge_step(0, r, h_new, hs, y_t, mask_t, has_mask)
             elif kind == 3:
-                gru_fw_step(0, r, a, gx_t, b_hh, hs, y_t, gates, aux, mask_t, has_mask)
+                gru_fw_step(0, r, a, b_hh, hs, y_t, gx_t, aux, mask_t, has_mask)
             else:
-                rnn_fw_step(0, r, a, gx_t, hs, y_t, gates, mask_t, has_mask, kind == 1)
+                rnn_fw_step(0, r, a, hs, y_t, gx_t, mask_t, has_mask, kind == 1)
 
     @njit(**JIT)
     def _backward_loop(kind, H, rev, t0, t1, gemm, one, zero, dy, dh, dc, W_hh, W_hr, hs, cs, gates, aux, dgx, dgh,
@@ -163,12 +165,12 @@ _NO_MASK = np.ones((1, 1), dtype=np.bool_)
 
 # ============================================================================ Python drivers
 def _prepare(mode, gx, weights, dtype):
-    gx = np.ascontiguousarray(gx, dtype=dtype)
+    """gx as the run's own contiguous array (the steps activate its rows in place; the caller's is
+    left alone), with b_hh folded in for the RNN/LSTM; → (gx, b_hh still to add or None)."""
     b_hh = weights.b_hh
-    if b_hh is not None and mode != "gru":
-        gx = gx + b_hh.astype(dtype)  # RNN/LSTM: b_hh joins the same sum (layers fold it already)
-        b_hh = None
-    return gx, b_hh
+    if b_hh is not None and mode != "gru":  # RNN/LSTM: b_hh joins the same sum (layers fold it already)
+        return np.ascontiguousarray(gx, dtype=dtype) + b_hh.astype(dtype), None
+    return np.array(gx, dtype=dtype, order="C"), b_hh
 
 
 class ForwardRun:
@@ -212,8 +214,9 @@ class ForwardRun:
         if self.kind == 3:
             self.b = np.zeros(G, dtype) if weights.b_hh is None else np.ascontiguousarray(weights.b_hh, dtype=dtype)
 
-        # keep: the states in time order (see module docstring) and every step's gates;
-        # else two state rows used in turn and one step's gates (see _infer_loop)
+        # keep: the states in time order (see module docstring) and every step's gates, activated
+        # in gx's own rows (gx is ours: made for this run by the caller); else two state rows used
+        # in turn, and each step's gates left in its gx row (see _infer_loop)
         self.keep = keep
         rows, steps, first = (T + 1, T, T if rev else 0) if keep else (2, 1, 0)
         self.turn = 0  # not keep: the row of hs (and cs) holding the current state
@@ -224,7 +227,7 @@ class ForwardRun:
             self.cs = np.empty((rows, N, H), dtype)
             self.cs[first] = c0
         self.y = np.empty((T, N, P), dtype)
-        self.gates = np.empty((steps, N, G), dtype)
+        self.gates = gx if keep else None
         self.aux = np.empty((steps, N, H), dtype) if self.kind >= 2 else None
         self.m_all = np.empty((steps, N, H), dtype) if self.proj else None
         self.small = N * G * P <= policy.SMALL_MACS
@@ -236,7 +239,7 @@ class ForwardRun:
     def WhhT(self):
         """W_hhᵀ (P, G) contiguous, transposed once per sequence: BLAS reads it untransposed (faster)."""
         if self._transposed is None:
-            self._transposed = (transposed(self.W_hh), transposed(self.W_hr) if self.proj else self.gates[0, :0, :0])
+            self._transposed = (transposed(self.W_hh), transposed(self.W_hr) if self.proj else self.gx[0, :0, :0])
         return self._transposed[0]
 
     @property
@@ -263,15 +266,15 @@ class ForwardRun:
         panels = self.panels.get(self.small, self.macs, (self.W_hh.T, self.W_hr.T if proj else None))
         gemm = None if self.small or panels else gemm_function(dtype)
         if self.small or panels or gemm is not None:
-            none = self.gates[:0, :0, :0]
+            none = self.gx[:0, :0, :0]
             WhhP, WhrP, tmp = panels or (none, none, none.reshape(0, 0))
             WhhT, WhrT = (tmp[:0, :0], tmp[:0, :0]) if panels else (self.WhhT, self.WhrT)  # panels read WhhP, WhrP
             if not self.keep:
                 with policy.step_blas_limit(self.macs):
                     _infer_loop(
                         kind, rev, t0, t1, self.turn, self.g0, gemm, dtype.type(1), dtype.type(0), self.gx, WhhT,
-                        self.b if kind == 3 else self.gates[0, 0, :0], WhrT, self.hs,
-                        self.cs if self.cs is not None else none, self.y, self.gates,
+                        self.b if kind == 3 else none.reshape(0), WhrT, self.hs,
+                        self.cs if self.cs is not None else none, self.y,
                         self.aux if self.aux is not None else none, self.m_all if proj else none, self.mask,
                         self.has_mask, proj, WhhP, WhrP, tmp,
                     )
@@ -279,8 +282,8 @@ class ForwardRun:
                 return
             with policy.step_blas_limit(self.macs):
                 _forward_loop(
-                    kind, rev, t0, t1, gemm, dtype.type(1), dtype.type(0), self.gx, WhhT,
-                    self.b if kind == 3 else self.gates[0, 0, :0], WhrT, self.hs,
+                    kind, rev, t0, t1, gemm, dtype.type(1), dtype.type(0), WhhT,
+                    self.b if kind == 3 else none.reshape(0), WhrT, self.hs,
                     self.cs if self.cs is not None else none, self.y, self.gates,
                     self.aux if self.aux is not None else none, self.m_all if proj else none, self.mask,
                     self.has_mask, proj, WhhP, WhrP, tmp,
@@ -296,24 +299,24 @@ class ForwardRun:
         N, G = self.gx.shape[1], self.gx.shape[2]
         a = np.empty((N, G), dtype)
         h_new = np.empty((N, self.hs.shape[2]), dtype) if proj else None
-        hs, cs, gates, aux = self.hs, self.cs, self.gates, self.aux
+        hs, cs, aux = self.hs, self.cs, self.aux
         m_all = self.m_all if proj else aux
         for s, t in enumerate(range(t1 - 1, t0 - 1, -1) if rev else range(t0, t1)):
             # (the step's time index, its rev, and its time-indexed arrays: see _infer_loop when not keeping)
-            i, r, gx, y, mask = t, rev, self.gx, self.y, self.mask
+            i, r, gates, y, mask = t, rev, self.gx, self.y, self.mask
             if not self.keep:
-                i, r, gx, y = 0, (self.turn + s) % 2, gx[t - self.g0 : t - self.g0 + 1], y[t : t + 1]
+                i, r, gates, y = 0, (self.turn + s) % 2, gates[t - self.g0 : t - self.g0 + 1], y[t : t + 1]
                 mask = mask[t : t + 1] if self.has_mask else mask
             np.matmul(hs[i + r], self.WhhT, out=a)  # a = h_{t−1} W_hhᵀ  (BLAS)
             if kind == 2:
-                lstm_fw_step(i, r, a, gx, hs, cs, y, gates, aux, m_all, mask, self.has_mask, proj)
+                lstm_fw_step(i, r, a, hs, cs, y, gates, aux, m_all, mask, self.has_mask, proj)
                 if proj:
                     np.matmul(m_all[i], self.WhrT, out=h_new)  # h̃_t = m_t W_hrᵀ
                     merge_step(i, r, h_new, hs, y, mask, self.has_mask)
             elif kind == 3:
-                gru_fw_step(i, r, a, gx, self.b, hs, y, gates, aux, mask, self.has_mask)
+                gru_fw_step(i, r, a, self.b, hs, y, gates, aux, mask, self.has_mask)
             else:
-                rnn_fw_step(i, r, a, gx, hs, y, gates, mask, self.has_mask, kind == 1)
+                rnn_fw_step(i, r, a, hs, y, gates, mask, self.has_mask, kind == 1)
         if not self.keep:
             self.turn = (self.turn + t1 - t0) % 2
 
@@ -527,12 +530,11 @@ def _layer_step(kind, params, x, h0, c0, h_n, c_n, dtype, N, L, P):
         y = np.empty((1, N, P), dtype)
         if kind == 3:
             b = np.zeros(G, dtype) if b_hh is None else b_hh
-            gates, aux = np.empty((1, N, G), dtype), np.empty((1, N, P), dtype)
-            gru_fw_step(0, 0, a, gx, b, hs, y, gates, aux, _NO_MASK, False)
+            aux = np.empty((1, N, P), dtype)
+            gru_fw_step(0, 0, a, b, hs, y, gx, aux, _NO_MASK, False)  # the gates activated in gx
         else:
             if b_hh is not None:
                 gx[0] += b_hh
-            gates = np.empty((1, N, G), dtype)
             if kind == 2:
                 H = c0.shape[2]
                 cs = np.empty((2, N, H), dtype)
@@ -540,13 +542,13 @@ def _layer_step(kind, params, x, h0, c0, h_n, c_n, dtype, N, L, P):
                 aux = np.empty((1, N, H), dtype)
                 proj = W_hr is not None
                 m = np.empty((1, N, H), dtype) if proj else aux
-                lstm_fw_step(0, 0, a, gx, hs, cs, y, gates, aux, m, _NO_MASK, False, proj)
+                lstm_fw_step(0, 0, a, hs, cs, y, gx, aux, m, _NO_MASK, False, proj)
                 if proj:
                     np.matmul(m[0], W_hr.T, out=hs[1])  # h̃ = m W_hrᵀ
                     y[0] = hs[1]
                 c_n[k] = cs[1]
             else:
-                rnn_fw_step(0, 0, a, gx, hs, y, gates, _NO_MASK, False, kind == 1)
+                rnn_fw_step(0, 0, a, hs, y, gx, _NO_MASK, False, kind == 1)
         h_n[k] = hs[1]
         inp = y[0]
     return inp, h_n, c_n

@@ -12,10 +12,12 @@ the new state and the output, with no temporaries.  The equations are those of
 
 Arguments shared by the forward steps: t the time index; rev 1 for the reverse
 direction; hs (T+1, N, P) the states in time order, the one entering step t at
-hs[t + rev] and the one leaving it at hs[t + 1 − rev]; gx (T, N, G) the input
-pre-activations (b_hh folded in, except the GRU's); y (T, N, P) the outputs;
-gates (T, N, G) the activated gates kept for the backward; mask (T, N) (read only
-when has_mask): a padded step keeps its state and outputs zero.
+hs[t + rev] and the one leaving it at hs[t + 1 − rev]; gates (T, N, G): on entry gates[t] holds the input
+pre-activations gx_t = x_t W_ihᵀ + b (b_hh folded in, except the GRU's), on exit the
+activated gates kept for the backward (RNN: h̃_t) — activated in place, so a training
+forward keeps one (T, N, G) array, not two, and writes no cache lines it has not just
+read; y (T, N, P) the outputs; mask (T, N) (read only when has_mask): a padded step
+keeps its state and outputs zero.
 
 Arguments shared by the backward steps: dy (T, N, P) ∂L/∂y; dh (N, P) the carried
 ∂L/∂h_t from step t+1, updated in place to ∂L/∂h_{t−1}; dc (N, H) likewise for the
@@ -72,20 +74,20 @@ if HAVE_NUMBA:
 
     # ======================================================================== Elman RNN
     @njit(**JIT)
-    def rnn_fw_step(t, rev, a, gx, hs, y, gates, mask, has_mask, relu):
-        """a_t = gx_t + h_{t−1} W_hhᵀ (``a`` holds the product);  h̃_t = φ(a_t) (kept in ``gates``)."""
+    def rnn_fw_step(t, rev, a, hs, y, gates, mask, has_mask, relu):
+        """a_t = gx_t + h_{t−1} W_hhᵀ (``a`` holds the product, gates[t] gx_t);  h̃_t = φ(a_t) (into ``gates``)."""
         wide_vectors()
         N, H = a.shape
         hp, hn = hs[t + rev], hs[t + 1 - rev]
         for n in range(N):
-            ar, xr, hr = a[n], gx[t, n], gates[t, n]
+            ar, hr = a[n], gates[t, n]  # hr: gx_t's row, then h̃_t's
             if relu:
                 for j in range(H):
-                    v = ar[j] + xr[j]
+                    v = ar[j] + hr[j]
                     hr[j] = v if v > 0.0 else 0.0
             else:
                 for j in range(H):
-                    hr[j] = act_tanh(ar[j] + xr[j])
+                    hr[j] = act_tanh(ar[j] + hr[j])
             if has_mask and not mask[t, n]:
                 _keep_row(y[t, n], hn[n], hp[n])
             else:
@@ -116,8 +118,8 @@ if HAVE_NUMBA:
     # ======================================================================== LSTM
     # (with a projection, merge_step finishes the forward step and masked_sum starts the backward)
     @njit(**JIT)
-    def lstm_fw_step(t, rev, a, gx, hs, cs, y, gates, tanh_c, m_all, mask, has_mask, proj):
-        """One LSTM step after the product a = h_{t−1} W_hhᵀ:
+    def lstm_fw_step(t, rev, a, hs, cs, y, gates, tanh_c, m_all, mask, has_mask, proj):
+        """One LSTM step after the product a = h_{t−1} W_hhᵀ (gates[t] holds gx_t, then i, f, g, o):
 
             [a_i a_f a_g a_o] = gx_t + a
             i = σ(a_i)  f = σ(a_f)  g = tanh(a_g)  o = σ(a_o)
@@ -131,15 +133,15 @@ if HAVE_NUMBA:
         hp, hn = hs[t + rev], hs[t + 1 - rev]
         cp, cn = cs[t + rev], cs[t + 1 - rev]
         for n in range(N):
-            ar, xr, gr = a[n], gx[t, n], gates[t, n]
+            ar, gr = a[n], gates[t, n]  # gr: gx_t's row, activated in place
             for j in range(2 * H):  # i, f
-                gr[j] = act_sigmoid(ar[j] + xr[j])
-            ag, xg, g = ar[2 * H : 3 * H], xr[2 * H : 3 * H], gr[2 * H : 3 * H]
+                gr[j] = act_sigmoid(ar[j] + gr[j])
+            ag, g = ar[2 * H : 3 * H], gr[2 * H : 3 * H]
             for j in range(H):
-                g[j] = act_tanh(ag[j] + xg[j])
-            ao, xo, o = ar[3 * H :], xr[3 * H :], gr[3 * H :]
+                g[j] = act_tanh(ag[j] + g[j])
+            ao, o = ar[3 * H :], gr[3 * H :]
             for j in range(H):
-                o[j] = act_sigmoid(ao[j] + xo[j])
+                o[j] = act_sigmoid(ao[j] + o[j])
             i, f = gr[:H], gr[H : 2 * H]
             cpr, cnr, tcr = cp[n], cn[n], tanh_c[t, n]
             for j in range(H):  # c̃ = f ⊙ c_{t−1} + i ⊙ g
@@ -234,8 +236,8 @@ if HAVE_NUMBA:
 
     # ======================================================================== GRU
     @njit(**JIT)
-    def gru_fw_step(t, rev, a, gx, b_hh, hs, y, gates, gh_n, mask, has_mask):
-        """One GRU step after the product a = h_{t−1} W_hhᵀ (gh = a + b_hh):
+    def gru_fw_step(t, rev, a, b_hh, hs, y, gates, gh_n, mask, has_mask):
+        """One GRU step after the product a = h_{t−1} W_hhᵀ (gh = a + b_hh; gates[t] holds gx_t, then r, z, n):
 
             r = σ(gx_r + gh_r)   z = σ(gx_z + gh_z)   n = tanh(gx_n + r ⊙ gh_n)
             h̃_t = (1 − z) ⊙ n + z ⊙ h_{t−1}
@@ -244,15 +246,15 @@ if HAVE_NUMBA:
         N, H = hs.shape[1], hs.shape[2]
         hp, hn = hs[t + rev], hs[t + 1 - rev]
         for n in range(N):
-            ar, xr, gr, ghr = a[n], gx[t, n], gates[t, n], gh_n[t, n]
+            ar, gr, ghr = a[n], gates[t, n], gh_n[t, n]  # gr: gx_t's row, activated in place
             for j in range(2 * H):  # r, z
-                gr[j] = act_sigmoid(xr[j] + (ar[j] + b_hh[j]))
+                gr[j] = act_sigmoid(gr[j] + (ar[j] + b_hh[j]))
             an, bn = ar[2 * H :], b_hh[2 * H :]
             for j in range(H):
                 ghr[j] = an[j] + bn[j]
-            r, z, nr, xn = gr[:H], gr[H : 2 * H], gr[2 * H :], xr[2 * H :]
+            r, z, nr = gr[:H], gr[H : 2 * H], gr[2 * H :]
             for j in range(H):  # n
-                nr[j] = act_tanh(xn[j] + r[j] * ghr[j])
+                nr[j] = act_tanh(nr[j] + r[j] * ghr[j])
             if has_mask and not mask[t, n]:
                 _keep_row(y[t, n], hn[n], hp[n])
             else:
