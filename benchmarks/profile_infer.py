@@ -96,14 +96,15 @@ def profile(cfg, repeat, peak1):
             affine = gemm.PackedAffine(W_ih, b)
             t_inp += median_time(lambda: affine(X, out), repeat)
             W_hh = rng.standard_normal((G, P)).astype(f32)
-            t_pack += median_time(lambda: (gemm.PackedAffine(W_ih, b), gemm.pack_panels(W_hh.T)), repeat)
+            t_pack += median_time(lambda: (gemm.PackedAffine(W_ih, b), gemm.pack_panels(W_hh.T, tall=True)), repeat)
         row["input"], row["input_panels"], row["pack"] = t_in, t_inp, t_pack
         flops_in = sum(2 * T * n * G * (D if k == 0 else H) for k in range(L))
         # recurrent step products
         h = rng.standard_normal((n, P)).astype(f32) * 0.1
         WT = rng.standard_normal((P, G)).astype(f32) * 0.1
         a = np.empty((n, G), f32)
-        Wp, tmp = gemm.pack_panels(WT), np.empty((6, gemm.panel_width(f32)), f32)
+        Wp = gemm.pack_panels(WT, tall=True)  # as the layers pack a step product's weights
+        tmp = np.empty((gemm.block_rows(True), gemm.panel_width(f32, True)), f32)
         row["rec_panels"] = L * median_time(lambda: _panel_loop(T, h, Wp, tmp, a), repeat)
         fn = gemm.gemm_function(f32)
         row["rec_blas"] = L * median_time(lambda: _blas_loop(T, fn, f32(1), f32(0), h, WT, a), repeat)

@@ -40,20 +40,24 @@ needs_panels = pytest.mark.skipif(not gemm.HAS_PANELS, reason="no register-block
 
 
 @needs_panels
+@pytest.mark.parametrize("tall", [False, True], ids=["wide", "tall"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_panel_products_equal_matmul(dtype):
-    """``panel_times`` against a float64 product: whole and partial panels (n not a
-    multiple of the panel width), 1 to 13 rows (every block height), rows of A and of
-    the output farther apart than their length, and the per-step shapes it is for."""
-    rng = np.random.default_rng(zlib.crc32(np.dtype(dtype).name.encode()))
-    PW = gemm.panel_width(dtype)
+def test_panel_products_equal_matmul(dtype, tall):
+    """``panel_times`` against a float64 product, in wide and in tall blocks: whole and partial
+    panels (n not a multiple of the panel width), 1 to 40 rows (every block height, and blocks
+    of uneven heights), rows of A and of the output farther apart than their length, and the
+    per-step shapes it is for."""
+    rng = np.random.default_rng(zlib.crc32(f"{np.dtype(dtype).name} {tall}".encode()))
+    PW = gemm.panel_width(dtype, tall)
     shapes = [(25, 128, 512), (50, 512, 128), (1, 1, 1), (6, 3, PW), (7, 5, PW + 1), (13, 64, 2 * PW - 3)]
-    shapes += [(int(rng.integers(1, 14)), int(rng.integers(1, 200)), int(rng.integers(1, 300))) for _ in range(20)]
+    shapes += [(r, 17, 2 * PW + 5) for r in range(1, 28)]
+    shapes += [(int(rng.integers(1, 41)), int(rng.integers(1, 200)), int(rng.integers(1, 300))) for _ in range(20)]
     for M, K, n in shapes:
         A = rng.standard_normal((M, K + 3)).astype(dtype)[:, :K]  # rows K + 3 apart
         B = rng.standard_normal((K, n)).astype(dtype)
         out = np.full((M, n + 5), np.nan, dtype)
-        gemm.panel_times(A, gemm.pack_panels(B), out[:, :n], np.empty((6, PW), dtype))
+        tmp = np.empty((gemm.block_rows(tall), PW), dtype)
+        gemm.panel_times(A, gemm.pack_panels(B, tall), out[:, :n], tmp)
         want = A.astype(np.float64) @ B.astype(np.float64)
         scale = np.abs(A).astype(np.float64) @ np.abs(B).astype(np.float64)  # the size of the rounding
         assert np.all(np.abs(out[:, :n] - want) <= 4 * K * np.finfo(dtype).eps * scale), (M, K, n)
@@ -71,8 +75,9 @@ def test_panels_follow_the_policy(monkeypatch):
     assert gemm.Panels().get(True, 10, (W, None)) is None  # hand loops
     assert gemm.Panels().get(False, policy.ONE_THREAD_MACS, (W, None)) is None  # BLAS's threads
     packed, proj, tmp = gemm.Panels().get(False, policy.ONE_THREAD_MACS - 1, (W, None))
-    assert packed.shape == (-(-32 // gemm.panel_width(np.float32)), 8, gemm.panel_width(np.float32))
-    assert proj.size == 0 and tmp.shape == (6, gemm.panel_width(np.float32))
+    PW = gemm.panel_width(np.float32, tall=True)  # step products: tall blocks
+    assert packed.shape == (-(-32 // PW), 8, PW)
+    assert proj.size == 0 and tmp.shape == (gemm.block_rows(True), PW)
     monkeypatch.setattr(policy, "PANEL_PRODUCTS", False)
     assert gemm.Panels().get(False, 10, (W, None)) is None
 
@@ -99,6 +104,8 @@ def test_packing_and_transposing_copy_exactly(dtype):
         W = rng.standard_normal((n, K)).astype(dtype)
         assert np.array_equal(gemm.pack_panels(W.T), reference_panels(W.T, PW)), (n, K)
         assert np.array_equal(gemm.pack_panels(np.ascontiguousarray(W.T)), reference_panels(W.T, PW)), (n, K)
+        narrow = gemm.panel_width(dtype, tall=True)  # the tall blocks' panels
+        assert np.array_equal(gemm.pack_panels(W.T, tall=True), reference_panels(W.T, narrow)), (n, K)
         assert np.array_equal(gemm.transposed(W), W.T), (n, K)
 
 
@@ -149,4 +156,4 @@ def test_panels_are_packed_once_for_the_runs_sharing_them(monkeypatch):
     for t in workers:
         t.join()
     assert got[0][0] is got[1][0] and got[0][2] is not got[1][2]
-    assert np.array_equal(got[0][0], reference_panels(W.T, gemm.panel_width(np.float32)))
+    assert np.array_equal(got[0][0], reference_panels(W.T, gemm.panel_width(np.float32, tall=True)))

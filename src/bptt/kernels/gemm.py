@@ -32,7 +32,7 @@ from bptt.kernels.mathfn import HAVE_NUMBA
 from bptt.runtime import policy, threads
 
 __all__ = ["times", "mm_acc", "panel_times", "panel_affine", "pack_panels", "pack_bias", "transposed", "PackedAffine",
-           "panel_width", "panel_vectors", "Panels", "panels_enabled", "gemm_function", "VECTOR_BYTES", "PANEL_VECTORS",
+           "panel_width", "block_rows", "panel_vectors", "TALL_ROWS", "TALL_VECTORS", "Panels", "panels_enabled", "gemm_function", "VECTOR_BYTES", "PANEL_VECTORS",
            "HAS_PANELS"]
 
 if HAVE_NUMBA:
@@ -67,6 +67,18 @@ def panel_vectors():
 VECTOR_BYTES, PANEL_VECTORS = panel_vectors()
 HAS_PANELS = VECTOR_BYTES > 0  # this CPU can run panel_times (policy.PANEL_PRODUCTS says whether to)
 
+# Two block shapes.  Wide blocks (at most 6 rows × PANEL_VECTORS vectors) for products over many
+# rows, the input projection x W_ihᵀ over T·N rows: each block reads its rows of A once per panel.
+# Tall blocks (at most TALL_ROWS rows × TALL_VECTORS vectors) for the per-step products over a
+# batch of 25–64 rows, whose weights (P × G, 1–16 MB from H = 256) do not stay in the L1 cache:
+# every block streams its whole panel from L2, so the fewer blocks the better — 25 rows are two
+# tall blocks (13 + 12) against five wide ones.  Same run, one core (Intel Xeon, AVX-512): 25×512
+# by 512×2048 at 144–154 GFLOP/s against 120–124, 25×256 by 256×1024 at 165–171 against 138–139,
+# 50 rows and H = 128 alike; over 1,250 rows the tall blocks were slower (239 against 287 GFLOP/s
+# on two cores), so the input projection keeps the wide ones.  With AVX2's 16 registers the two
+# shapes are the same.  13 rows × 2 vectors: 26 accumulators + 2 panel vectors + 1 broadcast ≤ 32.
+TALL_ROWS, TALL_VECTORS = (13, 2) if PANEL_VECTORS == 4 else (6, PANEL_VECTORS)
+
 if HAVE_NUMBA:
     # ======================================================================== small products
     @njit(**JIT)
@@ -93,16 +105,16 @@ if HAVE_NUMBA:
     # (``pack_panels``) and keep a block of C in vector registers for the whole sum
     # over k: 102–110 GFLOP/s on the same products (1.14–1.9× OpenBLAS, same run;
     # BENCHMARKS.md has the table).
-    def _panel_block_kernel(R):
+    def _panel_block_kernel(R, V):
         """An intrinsic ``block(zero, a, lda, b, c, ldc, K, init)``:
         C[0:R, 0:PW] = init[0:PW] + A[0:R, 0:K] · B_panel  (init added to every row).
 
         a, c: addresses of A and C (rows lda, ldc elements apart); b: a packed panel,
-        K rows of PW = PANEL_VECTORS·w contiguous elements (w = lanes of a vector of
-        the dtype of ``zero``); init: the address of PW values the sums start from (a
-        bias, or zeros).  The R·PANEL_VECTORS accumulators are SSA values,
-        so LLVM keeps them in registers: per k, PANEL_VECTORS vector loads of B and
-        R broadcasts of A feed R·PANEL_VECTORS fused multiply-adds.  K ≥ 1.
+        K rows of PW = V·w contiguous elements (w = lanes of a vector of the dtype of
+        ``zero``); init: the address of PW values the sums start from (a bias, or
+        zeros).  The R·V accumulators are SSA values, so LLVM keeps them in registers:
+        per k, V vector loads of B and R broadcasts of A feed R·V fused multiply-adds.
+        K ≥ 1.
         """
 
         @intrinsic
@@ -128,7 +140,6 @@ if HAVE_NUMBA:
                 name = f"llvm.fma.v{lanes}f{8 * item}"
                 fma = builder.module.globals.get(name) or _ir.Function(
                     builder.module, _ir.FunctionType(vec, [vec, vec, vec]), name)
-                V = PANEL_VECTORS
                 start = [builder.load(vector_at(I, const(v * lanes)), align=item) for v in range(V)]  # init's vectors
                 entry = builder.block
                 loop, done = builder.append_basic_block("panel.k"), builder.append_basic_block("panel.done")
@@ -164,7 +175,61 @@ if HAVE_NUMBA:
 
         return block
 
-    _block1, _block2, _block3, _block4, _block5, _block6 = (_panel_block_kernel(r) for r in range(1, 7))
+    _W1, _W2, _W3, _W4, _W5, _W6 = (_panel_block_kernel(r, PANEL_VECTORS) for r in range(1, 7))
+    _T1, _T2, _T3, _T4, _T5, _T6, _T7, _T8, _T9, _T10, _T11, _T12, _T13 = (
+        _panel_block_kernel(min(r, TALL_ROWS), TALL_VECTORS) for r in range(1, 14))  # (AVX2: the last seven unused)
+
+    @njit(inline="always", **JIT)
+    def _wide_block(r, zero, a, lda, b, c, ldc, K, init):
+        """The wide block kernel of r rows (1 ≤ r ≤ 6)."""
+        if r == 6:
+            _W6(zero, a, lda, b, c, ldc, K, init)
+        elif r == 5:
+            _W5(zero, a, lda, b, c, ldc, K, init)
+        elif r == 4:
+            _W4(zero, a, lda, b, c, ldc, K, init)
+        elif r == 3:
+            _W3(zero, a, lda, b, c, ldc, K, init)
+        elif r == 2:
+            _W2(zero, a, lda, b, c, ldc, K, init)
+        else:
+            _W1(zero, a, lda, b, c, ldc, K, init)
+
+    @njit(inline="always", **JIT)
+    def _tall_block(r, zero, a, lda, b, c, ldc, K, init):
+        """The tall block kernel of r rows (1 ≤ r ≤ TALL_ROWS)."""
+        if r == 13:
+            _T13(zero, a, lda, b, c, ldc, K, init)
+        elif r == 12:
+            _T12(zero, a, lda, b, c, ldc, K, init)
+        elif r == 11:
+            _T11(zero, a, lda, b, c, ldc, K, init)
+        elif r == 10:
+            _T10(zero, a, lda, b, c, ldc, K, init)
+        elif r == 9:
+            _T9(zero, a, lda, b, c, ldc, K, init)
+        elif r == 8:
+            _T8(zero, a, lda, b, c, ldc, K, init)
+        elif r == 7:
+            _T7(zero, a, lda, b, c, ldc, K, init)
+        else:
+            _tall_block_low(r, zero, a, lda, b, c, ldc, K, init)
+
+    @njit(inline="always", **JIT)
+    def _tall_block_low(r, zero, a, lda, b, c, ldc, K, init):
+        """The tall kernels of 1 ≤ r ≤ 6 rows."""
+        if r == 6:
+            _T6(zero, a, lda, b, c, ldc, K, init)
+        elif r == 5:
+            _T5(zero, a, lda, b, c, ldc, K, init)
+        elif r == 4:
+            _T4(zero, a, lda, b, c, ldc, K, init)
+        elif r == 3:
+            _T3(zero, a, lda, b, c, ldc, K, init)
+        elif r == 2:
+            _T2(zero, a, lda, b, c, ldc, K, init)
+        else:
+            _T1(zero, a, lda, b, c, ldc, K, init)
 
     @njit(**JIT)
     def panel_affine(A, Bp, bias, out, tmp):
@@ -173,10 +238,12 @@ if HAVE_NUMBA:
 
         Each sum starts from its bias and adds the K products in order, one fused
         multiply-add each, so a row's result does not depend on the rows around it.
-        Rows go in blocks of at most 6, as even as possible (25 rows: five blocks of 5,
-        not four of 6 and one of 1, which would use a fifth of the registers); a last
-        panel narrower than PW is computed into ``tmp`` (6, PW) and its columns copied.
-        Rows of A and out must be contiguous.
+        The panel width says the block shape (``pack_panels``): rows go in wide blocks of
+        at most 6 rows or tall blocks of at most TALL_ROWS, as even as possible (25 rows:
+        five wide blocks of 5, not four of 6 and one of 1, which would use a fifth of the
+        registers; two tall blocks of 13 and 12); a last panel narrower than PW is computed
+        into ``tmp`` (rows of a block, PW) and its columns copied.  Rows of A and out must
+        be contiguous.
         """
         wide_vectors()
         M, K = A.shape
@@ -185,7 +252,9 @@ if HAVE_NUMBA:
         size = A.itemsize
         zero = A.dtype.type(0)
         zeros = np.zeros(PW, A.dtype)  # the start of every sum without a bias
-        blocks = (M + 5) // 6
+        tall = PW == TALL_VECTORS * (VECTOR_BYTES // size) and TALL_VECTORS != PANEL_VECTORS
+        rows = TALL_ROWS if tall else 6
+        blocks = (M + rows - 1) // rows
         lda, ldc = A.strides[0] // size, out.strides[0] // size
         for jp in range(n_panels):
             j0 = jp * PW
@@ -197,18 +266,10 @@ if HAVE_NUMBA:
                 a = A.ctypes.data + i0 * lda * size
                 c, ld = (out.ctypes.data + (i0 * ldc + j0) * size, ldc) if width == PW else (tmp.ctypes.data, PW)
                 r = i1 - i0
-                if r == 6:
-                    _block6(zero, a, lda, b, c, ld, K, init)
-                elif r == 5:
-                    _block5(zero, a, lda, b, c, ld, K, init)
-                elif r == 4:
-                    _block4(zero, a, lda, b, c, ld, K, init)
-                elif r == 3:
-                    _block3(zero, a, lda, b, c, ld, K, init)
-                elif r == 2:
-                    _block2(zero, a, lda, b, c, ld, K, init)
+                if tall:
+                    _tall_block(r, zero, a, lda, b, c, ld, K, init)
                 else:
-                    _block1(zero, a, lda, b, c, ld, K, init)
+                    _wide_block(r, zero, a, lda, b, c, ld, K, init)
                 if width < PW:
                     for i in range(r):
                         for j in range(width):
@@ -357,17 +418,24 @@ if HAVE_NUMBA:
                  out.ctypes.data, n)
 
 
-def panel_width(dtype):
-    """PW, the columns of one packed panel: PANEL_VECTORS vectors of ``dtype``."""
-    return PANEL_VECTORS * VECTOR_BYTES // np.dtype(dtype).itemsize
+def panel_width(dtype, tall=False):
+    """PW, the columns of one packed panel: PANEL_VECTORS vectors of ``dtype`` (TALL_VECTORS for
+    the tall blocks of the per-step products)."""
+    return (TALL_VECTORS if tall else PANEL_VECTORS) * VECTOR_BYTES // np.dtype(dtype).itemsize
 
 
-def pack_panels(B):
-    """B (K, n) → (⌈n / PW⌉, K, PW) contiguous: column panels of PW = PANEL_VECTORS vectors,
-    the last padded with zeros, each read by ``panel_times`` row after row.  B may be a
-    transposed view (``W.T``): it is packed in one pass, without a transposed copy first."""
+def block_rows(tall=False):
+    """The most rows of a block, the rows of ``panel_times``'s scratch ``tmp``."""
+    return TALL_ROWS if tall else 6
+
+
+def pack_panels(B, tall=False):
+    """B (K, n) → (⌈n / PW⌉, K, PW) contiguous: column panels of PW = ``panel_width(dtype, tall)``
+    columns, the last padded with zeros, each read by ``panel_times`` row after row, in tall
+    blocks or wide ones (see TALL_ROWS).  B may be a transposed view (``W.T``): it is packed in
+    one pass, without a transposed copy first."""
     K, n = B.shape
-    PW = panel_width(B.dtype)
+    PW = panel_width(B.dtype, tall)
     packed = np.empty((-(-n // PW), K, PW), B.dtype)
     if B.T.flags.c_contiguous and not B.flags.c_contiguous and HAS_PANELS:
         _pack_rows_into(B.T, packed)
@@ -437,9 +505,10 @@ class Panels:
             return None
         with self.lock:
             if self.packed is None:
-                W, W_r = weights
-                tmp = np.empty((6, panel_width(W.dtype)), W.dtype)
-                self.packed = (pack_panels(W), np.empty((0, 0, 0), W.dtype) if W_r is None else pack_panels(W_r), tmp)
+                W, W_r = weights  # a step's product over the batch rows: tall blocks
+                tmp = np.empty((block_rows(True), panel_width(W.dtype, True)), W.dtype)
+                self.packed = (pack_panels(W, True), np.empty((0, 0, 0), W.dtype) if W_r is None else pack_panels(W_r, True),
+                               tmp)
         # the scratch rows are per run: two threads sharing the packed weights write their own
         return self.packed[0], self.packed[1], np.empty_like(self.packed[2])
 
