@@ -29,6 +29,7 @@ def test_batch_parts_follow_the_thresholds(monkeypatch):
     assert policy.batch_parts(few, big, True, fused=True) == [slice(0, few)]
     assert policy.batch_parts(50, policy.SPLIT_MAX_MACS, True, fused=True) == [slice(0, 50)]  # training: wavefront
     assert len(policy.batch_parts(50, policy.SPLIT_MAX_MACS, False, fused=True)) == 2  # eval: split at any size
+    assert len(policy.batch_parts(50, policy.SPLIT_MAX_MACS, True, fused=True, max_macs=1 << 62)) == 2  # the LSTM's
     monkeypatch.setattr(policy, "SPLIT_MIN_ROWS", 30)
     assert policy.batch_parts(50, big, True, fused=True) == [slice(0, 50)]
     monkeypatch.setattr(blas, "blas_threads", lambda: 1)
@@ -99,6 +100,7 @@ def test_eval_mode_splits_above_the_training_bound(monkeypatch):
     monkeypatch.setattr(blas, "blas_threads", lambda: 2)
     monkeypatch.setattr(policy, "SMALL_MACS", -1)
     monkeypatch.setattr(policy, "SPLIT_MAX_MACS", 1)  # every product counts as large
+    monkeypatch.setattr(policy, "LSTM_SPLIT_MAX_MACS", 1)
     rng = np.random.default_rng(5)
     T, N, D, H = 6, 16, 4, 5
     x, dout = rng.standard_normal((T, N, D)), rng.standard_normal((T, N, H))

@@ -15,7 +15,7 @@ the comments and BENCHMARKS.md.
 * ``ONE_THREAD_MACS``: below it a step's BLAS call runs on one thread
   (:func:`step_blas_limit`).
 * ``PANEL_PRODUCTS``: whether register-blocked products may be used at all.
-* ``SPLIT_MIN_ROWS`` / ``SPLIT_MAX_MACS``: when a batch runs as slices in
+* ``SPLIT_MIN_ROWS`` / ``SPLIT_MAX_MACS`` / ``LSTM_SPLIT_MAX_MACS``: when a batch runs as slices in
   threads (:func:`batch_parts`); otherwise a stack may run as a wavefront
   over its layers (:func:`time_chunks`).
 * ``STEP_THREADS_BYTES``: when one sampling step lets BLAS use its threads.
@@ -30,7 +30,7 @@ import os
 
 from bptt.runtime import threads
 
-__all__ = ["SMALL_MACS", "ONE_THREAD_MACS", "PANEL_PRODUCTS", "SPLIT_MIN_ROWS", "SPLIT_MAX_MACS",
+__all__ = ["SMALL_MACS", "ONE_THREAD_MACS", "PANEL_PRODUCTS", "SPLIT_MIN_ROWS", "SPLIT_MAX_MACS", "LSTM_SPLIT_MAX_MACS",
            "STEP_THREADS_BYTES", "WAVEFRONT_CHUNKS", "INFER_GX_BYTES", "step_blas_limit", "sampling_blas_limit",
            "batch_parts", "time_chunks", "inference_chunks"]
 
@@ -58,7 +58,16 @@ PANEL_PRODUCTS = os.environ.get("BPTT_PANEL_PRODUCTS", "1") != "0"
 # 2×512 training step at 60 MB of peak growth against PyTorch's 57 (the wavefront: 46).  The bound holds
 # in training mode only: an eval-mode forward splits at every size (see batch_parts).
 SPLIT_MIN_ROWS = int(os.environ.get("BPTT_SPLIT_MIN_ROWS", 8)) or 1 << 62
-SPLIT_MAX_MACS = 12_000_000
+SPLIT_MAX_MACS = int(os.environ.get("BPTT_SPLIT_MAX_MACS", 12_000_000))
+
+# The LSTM's bound (BPTT_LSTM_SPLIT_MAX_MACS), by default none: since its forward activates the gates
+# in place (one (T, N, G) array less) its split training step stays below PyTorch's peak memory at every
+# size of the layer table (2×256 54.9 against 75.7 MB, 2×512 137 against 147, 1×1024 364 against 539),
+# and since the step products run in tall blocks (bptt.kernels.gemm.TALL_ROWS) the split beat the
+# wavefront there: 1.19× at 2×256, 1.05× at 2×512, 1.10× at 1×1024 (Intel Xeon, 2 cores, same process,
+# alternating).  The GRU and the RNN gained 1.07–1.10× at 2×512 too, but went above PyTorch's peak
+# (GRU 121 against 111 MB, RNN 59 against 56; GRU 1×1024 375 against 349), so they keep SPLIT_MAX_MACS.
+LSTM_SPLIT_MAX_MACS = int(os.environ.get("BPTT_LSTM_SPLIT_MAX_MACS", 1 << 62))
 
 # One step at a small batch (sampling) is a few matrix–vector products, limited by how
 # fast the weights stream from memory, not by arithmetic.  Once a layer's recurrent
@@ -97,11 +106,12 @@ def sampling_blas_limit(weight_bytes, macs):
     return step_blas_limit(macs)
 
 
-def batch_parts(N, macs, training, fused):
+def batch_parts(N, macs, training, fused, max_macs=None):
     """The batch slices a recurrent stack runs in parallel threads, each slice through the
     whole stack: one per core when every slice keeps at least ``SPLIT_MIN_ROWS`` rows,
     else [0:N].  ``macs`` is one step's product N·G·P, ``fused`` whether the layer runs on
-    the compiled kernels (the reference loop never splits).
+    the compiled kernels (the reference loop never splits), ``max_macs`` the training bound
+    (default ``SPLIT_MAX_MACS``; the LSTM passes ``LSTM_SPLIT_MAX_MACS``).
 
     A per-step product of N rows is too small for BLAS threads, so a layer's time
     loop keeps one core busy; the wavefront gives the other core the next layer,
@@ -111,7 +121,7 @@ def batch_parts(N, macs, training, fused):
     process, alternating (2 cores, T = 50, training step): 2×128 at N = 50 1.03-1.24×
     (LSTM), 0.93-1.21× (GRU), 1.09-1.21× (RNN) over three runs; 2×128 LSTM at N = 32
     and 16 1.20× and 1.26×; one-layer stacks, which have no wavefront, 1.24-1.44×.
-    In training mode, products of ``SPLIT_MAX_MACS`` multiply-adds and more stay with
+    In training mode, products of ``max_macs`` multiply-adds and more stay with
     the wavefront: the backward of a split needs a second set of weight gradients.  In
     eval mode, which keeps nothing for a backward (unless ``need_backward=True``),
     every size splits: forward only, against the wavefront, LSTM 2×256 1.26×, 2×512
@@ -121,7 +131,7 @@ def batch_parts(N, macs, training, fused):
     whole = [slice(0, N)]
     if not fused or N < 2 * SPLIT_MIN_ROWS:
         return whole
-    if macs <= SMALL_MACS or (training and macs >= SPLIT_MAX_MACS):
+    if macs <= SMALL_MACS or (training and macs >= (SPLIT_MAX_MACS if max_macs is None else max_macs)):
         return whole  # a step of µs (compiled loops), or products for the wavefront (see SPLIT_MAX_MACS)
     n = min(threads.blas_threads(), N // SPLIT_MIN_ROWS)
     if n < 2:
