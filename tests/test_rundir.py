@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from bptt.checkpoint import save_checkpoint
-from bptt.rundir import LOCK_NAME, RunDirBusy, RunDirError, RunDirOccupied, claim_run_dir, existing_run, held_locks
+from bptt.rundir import (LOCK_NAME, RunDirBusy, RunDirError, RunDirOccupied, claim_run_dir, existing_run, held_locks,
+                         missing_dirs)
 
 _HOLDER = r"""
 import sys, time
@@ -168,3 +169,28 @@ def test_stale_lock_after_sigkill_is_taken_over(tmp_path, holder):
     with claim_run_dir(d, resume=True, overwrite=False) as lock:
         assert lock.locked
         assert (d / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+
+
+def test_discard_removes_what_the_run_made_and_nothing_else(tmp_path):
+    """A run that stops on bad input removes its own files, the lock and the directories it made (its
+    run directory and new parents), while still locked, then releases.  A file of the user's keeps the
+    directory (and the user's file); a directory the user made is not removed."""
+    out = tmp_path / "runs" / "fresh"
+    made = missing_dirs(out)
+    assert made == [out.absolute(), (tmp_path / "runs").absolute()]
+    lock = claim_run_dir(out, resume=False, overwrite=False)
+    (out / "corpus.npy").write_bytes(b"encoded")
+    assert lock.discard(made) and not (tmp_path / "runs").exists() and not lock.locked
+    kept = tmp_path / "kept"
+    made = missing_dirs(kept)
+    lock = claim_run_dir(kept, resume=False, overwrite=False)
+    (kept / "notes.txt").write_text("mine")
+    (kept / "corpus.npy").write_bytes(b"encoded")
+    assert not lock.discard(made) and not lock.locked
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+    users = tmp_path / "users"
+    users.mkdir()
+    lock = claim_run_dir(users, resume=False, overwrite=False)
+    assert not lock.discard(missing_dirs(users)) and users.is_dir()  # made nothing: nothing to remove
+    with claim_run_dir(users, resume=False, overwrite=False):  # released: the next run takes it
+        pass

@@ -13,8 +13,10 @@ A training run owns its output directory for the life of its process::
    belongs to the open file, so the kernel drops it when the holder exits in
    any way, SIGKILL and power loss included: a stale ``.lock`` file left
    behind holds no lock and is simply taken over.  The ``.lock`` file itself is
-   never deleted (deleting it would let two processes lock two different files
-   of the same name);
+   not deleted (deleting it would let two processes lock two different files
+   of the same name), except with the whole directory by
+   :meth:`RunDirLock.discard`, while locked, when a run that created the
+   directory stops on bad input;
 2. with the lock held, looks for a previous run (a ``*.safetensors``
    checkpoint or a ``log.jsonl``).  Starting a fresh run there is refused with
    :class:`RunDirOccupied` unless ``resume`` (continue it) or ``overwrite``
@@ -49,6 +51,7 @@ __all__ = [
     "RunDirLock",
     "claim_run_dir",
     "existing_run",
+    "missing_dirs",
     "held_locks",
     "LOCK_NAME",
     "RUN_FILES",
@@ -87,6 +90,15 @@ class RunDirBusy(RunDirError):
 
 class RunDirOccupied(RunDirError):
     """The directory holds a previous run and neither resume nor overwrite was asked for."""
+
+
+def missing_dirs(path: str | os.PathLike) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, innermost first: what creating it makes."""
+    missing, p = [], Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing
 
 
 def existing_run(out_dir: str | os.PathLike) -> list[str]:
@@ -139,6 +151,33 @@ class RunDirLock:
     @property
     def locked(self) -> bool:
         return self._fd is not None
+
+    def discard(self, made: Iterable[Path]) -> bool:
+        """After a run stopped on bad input: remove what it wrote and the directories it made, then
+        release; True if the run directory is gone.
+
+        ``made``: the directories this run created, the run directory first and then its new parents
+        (:func:`missing_dirs`, taken before the claim).  Only a run directory among them is touched (a
+        directory the user made is not the run's to remove).  The run's own files in it
+        (:data:`RUN_FILES`: the encoded corpus, a partial checkpoint) and the lock file are deleted, then
+        each directory in ``made`` that is empty, innermost first.  Done while the lock is still held, so
+        no other run can have claimed the directory in between; one that opened the lock file at that
+        instant gets RunDirBusy, and one that starts after finds no directory and makes a new one.
+        """
+        made = [Path(d) for d in made]
+        removed = False
+        try:
+            if self.locked and made and made[0] == self.out_dir.absolute():
+                for name in _matching(self.out_dir, RUN_FILES) + [LOCK_NAME]:
+                    (self.out_dir / name).unlink(missing_ok=True)
+                for d in made:
+                    d.rmdir()  # OSError when not empty: stop there
+                    removed = True
+        except OSError:
+            pass
+        finally:
+            self.release()
+        return removed
 
     def release(self) -> None:
         """Unlock and close; idempotent.  The ``.lock`` file stays (emptied)."""

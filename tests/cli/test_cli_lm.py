@@ -150,6 +150,7 @@ def test_bad_input_one_line_error(tmp_path, make, args, message):
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and message in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("bptt: error:")
+    assert not (tmp_path / "runs").exists()  # a run that stops on bad input leaves no run directory behind
 
 
 def test_bad_checkpoint_version_and_prime(tmp_path, corpus):
