@@ -32,8 +32,8 @@ from bptt.kernels.mathfn import HAVE_NUMBA
 from bptt.runtime import policy, threads
 
 __all__ = ["times", "mm_acc", "panel_times", "panel_affine", "pack_panels", "pack_bias", "transposed", "PackedAffine",
-           "panel_width", "block_rows", "panel_vectors", "TALL_ROWS", "TALL_VECTORS", "Panels", "panels_enabled", "gemm_function", "VECTOR_BYTES", "PANEL_VECTORS",
-           "HAS_PANELS"]
+           "panel_width", "block_rows", "panel_vectors", "Panels", "panels_enabled", "gemm_function", "VECTOR_BYTES",
+           "PANEL_VECTORS", "TALL_ROWS", "TALL_VECTORS", "HAS_PANELS"]
 
 if HAVE_NUMBA:
     from llvmlite import ir as _ir
@@ -212,13 +212,7 @@ if HAVE_NUMBA:
             _T8(zero, a, lda, b, c, ldc, K, init)
         elif r == 7:
             _T7(zero, a, lda, b, c, ldc, K, init)
-        else:
-            _tall_block_low(r, zero, a, lda, b, c, ldc, K, init)
-
-    @njit(inline="always", **JIT)
-    def _tall_block_low(r, zero, a, lda, b, c, ldc, K, init):
-        """The tall kernels of 1 ≤ r ≤ 6 rows."""
-        if r == 6:
+        elif r == 6:
             _T6(zero, a, lda, b, c, ldc, K, init)
         elif r == 5:
             _T5(zero, a, lda, b, c, ldc, K, init)
