@@ -182,7 +182,9 @@ class ForwardRun:
     and runs times [t0, t1) (in reverse order for the reverse direction), after
     the chunks before them.  ``run.result()`` → ``(y, h_n, c_n, cache)`` as
     :func:`sequence_forward`.  Chunks let :mod:`bptt.nn.rnn` start layer k+1 on
-    the first steps of layer k's output while layer k goes on.
+    the first steps of layer k's output while layer k goes on.  The run owns gx:
+    each step activates its row in place, so after the run gx holds the gates (the
+    cache's ``gates``), not the projections; pass a copy to keep them.
 
     ``keep=False`` runs for inference (``_infer_loop``): the same outputs bit for bit,
     but no per-step gates, aux values or states are kept, only y (T, N, P) and the
