@@ -33,10 +33,11 @@ exist (Windows) the occupancy check still runs but nothing is locked.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 try:
@@ -52,6 +53,7 @@ __all__ = [
     "claim_run_dir",
     "existing_run",
     "missing_dirs",
+    "discarded_on_failure",
     "held_locks",
     "LOCK_NAME",
     "RUN_FILES",
@@ -99,6 +101,19 @@ def missing_dirs(path: str | os.PathLike) -> list[Path]:
         missing.append(p)
         p = p.parent
     return missing
+
+
+@contextlib.contextmanager
+def discarded_on_failure(claim: RunDirLock | None, made: Iterable[Path]) -> Iterator[None]:
+    """Run the block (a run's preparation: reading its data, building its model); if it raises,
+    :meth:`RunDirLock.discard` what the run made before the error goes on.  ``claim`` may be None
+    (a rank that holds no lock), and then the block just runs."""
+    try:
+        yield
+    except BaseException:
+        if claim is not None:
+            claim.discard(made)
+        raise
 
 
 def existing_run(out_dir: str | os.PathLike) -> list[str]:

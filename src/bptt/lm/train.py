@@ -55,7 +55,7 @@ from bptt.lm.model import CHECKPOINT_KIND, CharLM, CharLMConfig, build_model, co
 from bptt.lm import presets
 from bptt.lm.transformer import TransformerLMConfig
 from bptt.nn.optim import make_optimizer, make_schedule
-from bptt.rundir import claim_run_dir, missing_dirs
+from bptt.rundir import claim_run_dir, discarded_on_failure, missing_dirs
 from bptt.trainer import LoopConfig, StepResult, Trainer, TrainingError
 
 __all__ = ["TrainConfig", "TrainingError", "train", "CharLMJob"]
@@ -582,12 +582,8 @@ def train(cfg: TrainConfig, log=None, explicit: set[str] | None = None, world=No
     # writer, or a fresh run over this one, stops with one line); a failure on any rank stops all, once
     made = missing_dirs(Path(cfg.out)) if world.is_main else []  # what this run creates: removed again on bad input
     with world.agree(_claim, cfg, world) as claim:
-        try:
+        with discarded_on_failure(claim, made):
             trainer, summary_line, finish = world.agree(_prepare, cfg, Path(cfg.out), log, explicit, world)
-        except BaseException:
-            if claim is not None:
-                claim.discard(made)
-            raise
         if world.size > 1:
             log(world.layout_line())
             world.broadcast_model(trainer.job.model, trainer.job.optimizer)  # one start (or resume) for all

@@ -32,7 +32,7 @@ from bptt.config import DictConfig, check_fields
 from bptt.dist import current_world
 from bptt.lm.data import DataError
 from bptt.nn.optim import OPTIMIZERS, make_optimizer, make_schedule
-from bptt.rundir import claim_run_dir, missing_dirs
+from bptt.rundir import claim_run_dir, discarded_on_failure, missing_dirs
 from bptt.seq2seq.data import SeqData
 from bptt.seq2seq.decode import decode_max_len, evaluate
 from bptt.seq2seq.model import Batch, Seq2Seq, Seq2SeqConfig, train_step
@@ -229,12 +229,8 @@ def train(cfg: Seq2SeqTrainConfig, log=None, world=None) -> dict:
     # writer, or a fresh run over this one, stops with one line); a failure on any rank stops all, once
     made = missing_dirs(out) if world.is_main else []  # what this run creates: removed again on bad input
     with world.agree(_claim, cfg, out, world) as claim:
-        try:
+        with discarded_on_failure(claim, made):
             trainer = world.agree(_prepare, cfg, out, log, world)
-        except BaseException:
-            if claim is not None:
-                claim.discard(made)
-            raise
         if world.size > 1:
             log(world.layout_line())
             world.broadcast_model(trainer.job.model, trainer.job.optimizer)
