@@ -29,7 +29,7 @@ def test_batch_parts_follow_the_thresholds(monkeypatch):
     assert policy.batch_parts(few, big, True, fused=True) == [slice(0, few)]
     assert policy.batch_parts(50, policy.SPLIT_MAX_MACS, True, fused=True) == [slice(0, 50)]  # training: wavefront
     assert len(policy.batch_parts(50, policy.SPLIT_MAX_MACS, False, fused=True)) == 2  # eval: split at any size
-    assert len(policy.batch_parts(50, policy.SPLIT_MAX_MACS, True, fused=True, max_macs=1 << 62)) == 2  # the LSTM's
+    assert len(policy.batch_parts(50, policy.SPLIT_MAX_MACS, True, fused=True, mode="lstm")) == 2  # the LSTM's bound
     monkeypatch.setattr(policy, "SPLIT_MIN_ROWS", 30)
     assert policy.batch_parts(50, big, True, fused=True) == [slice(0, 50)]
     monkeypatch.setattr(blas, "blas_threads", lambda: 1)

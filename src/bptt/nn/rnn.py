@@ -243,8 +243,7 @@ class RNNBase(Module):
         """The batch slices to run in threads, each through the whole stack
         (:func:`bptt.runtime.policy.batch_parts`)."""
         macs = N * self.gate_count * self.hidden_size * self.out_size  # one step's product h_{t−1} W_hhᵀ
-        bound = policy.LSTM_SPLIT_MAX_MACS if self.mode == "lstm" else None  # (see policy)
-        return policy.batch_parts(N, macs, self.training, fused, bound)
+        return policy.batch_parts(N, macs, self.training, fused, self.mode)
 
     def _time_chunks(self, T, N, fused):
         """(time chunks, threads) of the wavefront over the layers (:func:`bptt.runtime.policy.time_chunks`)."""

@@ -106,12 +106,13 @@ def sampling_blas_limit(weight_bytes, macs):
     return step_blas_limit(macs)
 
 
-def batch_parts(N, macs, training, fused, max_macs=None):
+def batch_parts(N, macs, training, fused, mode=""):
     """The batch slices a recurrent stack runs in parallel threads, each slice through the
     whole stack: one per core when every slice keeps at least ``SPLIT_MIN_ROWS`` rows,
     else [0:N].  ``macs`` is one step's product N·G·P, ``fused`` whether the layer runs on
-    the compiled kernels (the reference loop never splits), ``max_macs`` the training bound
-    (default ``SPLIT_MAX_MACS``; the LSTM passes ``LSTM_SPLIT_MAX_MACS``).
+    the compiled kernels (the reference loop never splits), ``mode`` the cell ("lstm", "gru",
+    "rnn_tanh", …), which sets the training bound (``LSTM_SPLIT_MAX_MACS`` for the LSTM, else
+    ``SPLIT_MAX_MACS``).
 
     A per-step product of N rows is too small for BLAS threads, so a layer's time
     loop keeps one core busy; the wavefront gives the other core the next layer,
@@ -121,7 +122,7 @@ def batch_parts(N, macs, training, fused, max_macs=None):
     process, alternating (2 cores, T = 50, training step): 2×128 at N = 50 1.03-1.24×
     (LSTM), 0.93-1.21× (GRU), 1.09-1.21× (RNN) over three runs; 2×128 LSTM at N = 32
     and 16 1.20× and 1.26×; one-layer stacks, which have no wavefront, 1.24-1.44×.
-    In training mode, products of ``max_macs`` multiply-adds and more stay with
+    In training mode, products of that bound's multiply-adds and more stay with
     the wavefront: the backward of a split needs a second set of weight gradients.  In
     eval mode, which keeps nothing for a backward (unless ``need_backward=True``),
     every size splits: forward only, against the wavefront, LSTM 2×256 1.26×, 2×512
@@ -131,7 +132,8 @@ def batch_parts(N, macs, training, fused, max_macs=None):
     whole = [slice(0, N)]
     if not fused or N < 2 * SPLIT_MIN_ROWS:
         return whole
-    if macs <= SMALL_MACS or (training and macs >= (SPLIT_MAX_MACS if max_macs is None else max_macs)):
+    bound = LSTM_SPLIT_MAX_MACS if mode == "lstm" else SPLIT_MAX_MACS
+    if macs <= SMALL_MACS or (training and macs >= bound):
         return whole  # a step of µs (compiled loops), or products for the wavefront (see SPLIT_MAX_MACS)
     n = min(threads.blas_threads(), N // SPLIT_MIN_ROWS)
     if n < 2:
