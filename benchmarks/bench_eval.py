@@ -9,7 +9,7 @@ Both sides evaluate the same model over the same windows:
   next.
 
 bptt runs ``bptt.lm.evaluate.evaluate``, what `bptt train`'s validation and `bptt eval` run: eval mode, no
-gradient. torch runs the same loop under ``torch.inference_mode``. Both are in the same process with the same
+gradient. torch runs ``torch_lm_loop.evaluate``, the reference runs' evaluation (under ``torch.inference_mode``). Both are in the same process with the same
 number of threads; whole passes alternate after 0.3 s of idle (see bench_layers.py on thread pools), and the
 median of ``--rounds`` passes is reported with both mean losses, which must agree.  Without ``--data`` the
 corpus is bptt's built-in default (``bptt.lm.data.default_corpus``).
@@ -21,28 +21,15 @@ import argparse
 import statistics
 import time
 
-import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
 from blas import blas_line  # benchmarks/blas.py
-from charlm_torch import TorchCharLM
+import torch_lm_loop as loop
+from charlm_torch import TorchCharLM, forward
 from bptt.lm.data import TBPTTBatches, Vocab, default_corpus, encode_text, read_text, split_corpus
 from bptt.lm.evaluate import evaluate
 from bptt.lm.model import CharLM, CharLMConfig
-
-
-def torch_evaluate(model, batches, V):
-    """Mean cross-entropy in nats per character over ``batches``, the state carried, under inference_mode."""
-    model.eval()
-    total, count, state = 0.0, 0, None
-    with torch.inference_mode():
-        for k in range(len(batches)):
-            x, y = (torch.from_numpy(np.asarray(v, np.int64)) for v in batches.batch(k))
-            logits, state = model(x, state)
-            total += torch.nn.functional.cross_entropy(logits.reshape(-1, V), y.reshape(-1), reduction="sum").item()
-            count += y.numel()
-    return total / count
 
 
 def main(argv=None):
@@ -64,9 +51,9 @@ def main(argv=None):
     config = CharLMConfig(vocab_size=V, hidden=a.hidden, layers=a.layers, model=a.model)
     ours = CharLM(config, rng=0)
     theirs = TorchCharLM(V, a.hidden, a.layers, a.model, 0.0, 0)
-    theirs.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in ours.state_dict().items()})
+    loop.load_bptt_weights(theirs, ours.state_dict())
     torch.set_num_threads(a.threads)
-    sides = {"bptt": lambda: evaluate(ours, batches), "torch": lambda: torch_evaluate(theirs, batches, V)}
+    sides = {"bptt": lambda: evaluate(ours, batches), "torch": lambda: loop.evaluate(theirs, forward, batches, V)}
     times, losses = {k: [] for k in sides}, {}
     with threadpool_limits(a.threads):
         print(f"{blas_line()}; torch {torch.__version__}, {a.threads} threads")

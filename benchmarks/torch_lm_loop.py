@@ -128,7 +128,7 @@ def train(a, model, forward, opt, sched, batches, val_batches, V: int, max_iters
 def evaluate(model, forward, val_batches, V: int) -> float:
     """Mean cross-entropy (nats per character) over the whole validation split, eval mode."""
     model.eval()
-    with torch.no_grad():
+    with torch.inference_mode():
         state, total, count = None, 0.0, 0
         for k in range(len(val_batches)):
             x, y = _tensors(val_batches.batch(k))
