@@ -62,7 +62,7 @@ def main(argv=None):
                 out = np.empty((M, n), np.float32)
                 gemm.panel_times(A, packed, out, tmp)  # compile (or load) before timing
                 assert np.allclose(out, A @ B, rtol=1e-4, atol=1e-4)
-                ways[tall] = (packed, tmp, out)
+                ways[tall] = (packed, out, tmp)  # panel_times' arguments after A
             flop = 2 * M * K * n
 
             def cell(t):
@@ -70,7 +70,7 @@ def main(argv=None):
 
             for r in range(a.rounds):
                 tb = per_call(lambda: np.matmul(A, B, out=out_blas), a.calls)
-                tw, tt = (per_call(lambda w=ways[tall]: gemm.panel_times(A, w[0], w[2], w[1]), a.calls)
+                tw, tt = (per_call(lambda w=ways[tall]: gemm.panel_times(A, *w), a.calls)
                           for tall in (False, True))
                 print(f"| {M}×{K}×{n} | {r + 1} | {cell(tb)} | {cell(tw)} | {cell(tt)} | {tb / tt:.2f}× | {tw / tt:.2f}× |",
                       flush=True)
