@@ -165,3 +165,47 @@ def test_window_of_gx_rows():
         run.steps(3, 5)
     with pytest.raises(ValueError, match="keep=False"):
         kernels.ForwardRun("lstm", h0, c0, W, np.empty((3, N, 4 * H)), length=T)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_frozen_weights_reuse_prepared_weights_and_forget_them_on_exit(mode, path):  # noqa: F811
+    """Inside ``frozen_weights()`` each layer's prepared (packed) weights are made by the first
+    call and reused by the next, with outputs bit for bit those of calls outside the block; on
+    exit they are dropped, so a weight changed afterwards is used, and an inner block leaves the
+    outer block's cache alone."""
+    layer, x, st, lens = case(mode, np.float32, 7, T=5, N=16, H=8, lengths=True, state=True)
+    layer.eval()
+    want = layer.forward(x, st, lengths=lens)
+    with layer.frozen_weights():
+        first = layer.forward(x, st, lengths=lens)
+        cached = dict(layer.frozen_cache)
+        assert len(cached) == layer.num_layers  # one prepared set per layer and direction
+        with layer.frozen_weights():  # nested: the same cache
+            second = layer.forward(x, st, lengths=lens)
+        assert layer.frozen_cache is not None
+        assert all(layer.frozen_cache[key] is value for key, value in cached.items())  # reused, not remade
+    assert layer.frozen_cache is None
+    for got in (first, second):
+        assert np.array_equal(got[0], want[0])
+        for a, b in zip(flat(got[1]), flat(want[1])):
+            assert np.array_equal(a, b)
+    # a weight changed after the block: the next block packs it afresh
+    for name, p, _ in layer.named_parameters():
+        if name.startswith("weight_hh") or name.startswith("weight_ih"):
+            p *= 0.5
+    changed = layer.forward(x, st, lengths=lens)[0]
+    assert not np.array_equal(changed, want[0])
+    with layer.frozen_weights():
+        assert np.array_equal(layer.forward(x, st, lengths=lens)[0], changed)
+
+
+def test_weight_drop_is_not_frozen():
+    """Under weight drop each training forward draws a new W̃_hh: nothing of it is kept, even
+    inside a frozen_weights() block."""
+    layer = bptt.LSTM(3, 8, 1, rng=0, weight_drop=0.5)
+    x = np.random.default_rng(1).standard_normal((4, 6, 3)).astype(np.float32)
+    with layer.frozen_weights():
+        a, _ = layer.forward(x)
+        b, _ = layer.forward(x)
+        assert not np.array_equal(a, b)  # two masks, two W̃_hh
+        assert layer.frozen_cache == {}

@@ -9,6 +9,7 @@ from the logits ``forward`` gives (a Transformer, a model run in ONNX Runtime).
 
 from __future__ import annotations
 
+import contextlib
 
 import numpy as np
 
@@ -18,6 +19,13 @@ from bptt.lm.units import as_units, lm_metrics
 from bptt.nn.losses import cross_entropy
 
 __all__ = ["evaluate", "evaluate_ids", "evaluate_text", "summed_nll"]
+
+
+def frozen(model):
+    """The model's :meth:`bptt.nn.module.Module.frozen_weights` block (an evaluation changes no
+    weight), or nothing for a model without one (a model run in ONNX Runtime)."""
+    block = getattr(model, "frozen_weights", None)
+    return block() if block is not None else contextlib.nullcontext()
 
 
 def summed_nll(model, x, y, state, mask=None) -> tuple[float, object]:
@@ -41,13 +49,14 @@ def evaluate(model, batches: TBPTTBatches, max_windows: int = 0, world=None) -> 
     state, total, count = None, 0.0, 0
     n = len(batches) if not max_windows else min(max_windows, len(batches))
     cols = slice(None) if world is None else world.shard(batches.batch_size)
-    for k in range(n):
-        x, y = batches.batch(k)
-        x, y = x[:, cols], y[:, cols]
-        with model.blas_scope(*x.shape):
-            loss, state = summed_nll(model, x, y, state)
-        total += loss
-        count += y.size
+    with frozen(model):
+        for k in range(n):
+            x, y = batches.batch(k)
+            x, y = x[:, cols], y[:, cols]
+            with model.blas_scope(*x.shape):
+                loss, state = summed_nll(model, x, y, state)
+            total += loss
+            count += y.size
     model.train(was_training)
     if world is not None:
         total, count = world.allreduce_sum([total, count])
@@ -78,11 +87,12 @@ def evaluate_ids(model, ids: np.ndarray, window: int = 100, streams: int = 32) -
     was_training = model.training
     model.eval()
     state, total = None, 0.0
-    for t0 in range(0, S, window):
-        with model.blas_scope(*x[t0 : t0 + window].shape):
-            loss, state = summed_nll(model, x[t0 : t0 + window], y[t0 : t0 + window], state,
-                                     mask=valid[t0 : t0 + window])
-        total += loss
+    with frozen(model):
+        for t0 in range(0, S, window):
+            with model.blas_scope(*x[t0 : t0 + window].shape):
+                loss, state = summed_nll(model, x[t0 : t0 + window], y[t0 : t0 + window], state,
+                                         mask=valid[t0 : t0 + window])
+            total += loss
     model.train(was_training)
     return float(total), int(len(ids) - 1)
 

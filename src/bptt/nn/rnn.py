@@ -347,7 +347,7 @@ class RNNBase(Module):
         # packed for the register-blocked products where every product runs on one BLAS thread
         one_thread = len(parts) > 1 or threads > 1 or runtime_threads.blas_threads() == 1
         panels = kernels is not None and kernels.panels_enabled() and one_thread
-        prepared = [[self._prepare(k, d, one_hot and k == 0, panels, kernels) for d in range(K)] for k in range(L)]
+        prepared = [[self._prepared(k, d, one_hot and k == 0, panels, kernels, W_hh) for d in range(K)] for k in range(L)]
         if len(parts) > 1 or not keep:
             # else each step's arrays are new pages (see there): a batch slice's, freed in its worker
             # thread, and an inference forward's, freed at the end of each call (LSTM 2×256, N = 50,
@@ -463,6 +463,18 @@ class RNNBase(Module):
         if kernels is not None:
             return kernels.ForwardRun(*args, gx, mask, reverse=d == 1, keep=keep, length=T, panels=panels)
         return recurrence.WholeSequence(T, gx, lambda: recurrence.sequence_forward(args[0], gx, *args[1:], mask, reverse=d == 1))
+
+    def _prepared(self, k, d, one_hot, panels, kernels, W_hh=None):
+        """:meth:`_prepare`'s weights, made once per block of :meth:`Module.frozen_weights` (kept in
+        ``frozen_cache``) and on every call outside one, or under weight drop (``W_hh``: a new
+        W̃_hh every call)."""
+        cache = self.frozen_cache if W_hh is None else None
+        if cache is None:
+            return self._prepare(k, d, one_hot, panels, kernels)
+        key = ("prepared", k, d, one_hot, panels, kernels is None)
+        if key not in cache:
+            cache[key] = self._prepare(k, d, one_hot, panels, kernels)
+        return cache[key]
 
     def _prepare(self, k, d, one_hot, panels, kernels):
         """Layer k, direction d's weights as this forward call's products read them, made once

@@ -306,21 +306,22 @@ class Seq2Seq(Module):
         was_training = self.training
         self.eval()
         try:
-            memory = self.encode(src, src_len)
-            N = memory.m.shape[0]
-            tokens = np.full(N, BOS, np.int64)
-            state, done = memory.state, np.zeros(N, bool)
-            out, weights, total = [], [], np.zeros(N)
-            for _ in range(max_len):
-                logp, state, a = self.decode_step(tokens, state, memory)
-                tokens = np.argmax(logp, axis=1)
-                total += np.where(done, 0.0, logp[np.arange(N), tokens])
-                tokens[done] = PAD
-                out.append(tokens)
-                weights.append(a)
-                done |= tokens == EOS
-                if done.all():
-                    break
+            with self.frozen_weights():  # decoding changes no weight: pack them once
+                memory = self.encode(src, src_len)
+                N = memory.m.shape[0]
+                tokens = np.full(N, BOS, np.int64)
+                state, done = memory.state, np.zeros(N, bool)
+                out, weights, total = [], [], np.zeros(N)
+                for _ in range(max_len):
+                    logp, state, a = self.decode_step(tokens, state, memory)
+                    tokens = np.argmax(logp, axis=1)
+                    total += np.where(done, 0.0, logp[np.arange(N), tokens])
+                    tokens[done] = PAD
+                    out.append(tokens)
+                    weights.append(a)
+                    done |= tokens == EOS
+                    if done.all():
+                        break
         finally:
             self.train(was_training)
         return _collect(np.stack(out, 1), total, weights if return_attention and self.use_attention else None, src_len)
@@ -343,38 +344,39 @@ class Seq2Seq(Module):
         was_training = self.training
         self.eval()
         try:
-            memory = self.encode(src, src_len)
-            N, S = memory.mask.shape
-            memory = memory.select(np.repeat(np.arange(N), B))  # row n·B + b is slot b of input n
-            state = memory.state
-            scores = np.full((N, B), -np.inf)
-            scores[:, 0] = 0.0  # all slots start as the same empty hypothesis: keep only one
-            finished = np.zeros((N, B), bool)
-            length = np.zeros((N, B))
-            tokens = np.full(N * B, BOS, np.int64)
-            toks, backs, atts = [], [], []
-            for _ in range(max_len):
-                logp, state, a = self.decode_step(tokens, state, memory)
-                V = logp.shape[1]
-                logp = logp.reshape(N, B, V)
-                logp[finished] = -np.inf
-                logp[finished, PAD] = 0.0
-                cand = (scores[:, :, None] + logp).reshape(N, B * V)
-                # stable sort: among equal scores the lowest (slot, token) wins, as np.argmax does
-                best = np.argsort(-cand, axis=1, kind="stable")[:, :B]
-                scores = np.take_along_axis(cand, best, axis=1)
-                back, tok = best // V, best % V
-                was_finished = np.take_along_axis(finished, back, axis=1)
-                length = np.take_along_axis(length, back, axis=1) + ~was_finished
-                finished = was_finished | (tok == EOS)
-                rows = (np.arange(N)[:, None] * B + back).reshape(-1)
-                state = tuple(s[:, rows] for s in state) if isinstance(state, tuple) else state[:, rows]
-                tokens = tok.reshape(-1)
-                toks.append(tok)
-                backs.append(back)
-                atts.append(None if a is None else a.reshape(N, B, S))
-                if finished.all():
-                    break
+            with self.frozen_weights():  # decoding changes no weight: pack them once
+                memory = self.encode(src, src_len)
+                N, S = memory.mask.shape
+                memory = memory.select(np.repeat(np.arange(N), B))  # row n·B + b is slot b of input n
+                state = memory.state
+                scores = np.full((N, B), -np.inf)
+                scores[:, 0] = 0.0  # all slots start as the same empty hypothesis: keep only one
+                finished = np.zeros((N, B), bool)
+                length = np.zeros((N, B))
+                tokens = np.full(N * B, BOS, np.int64)
+                toks, backs, atts = [], [], []
+                for _ in range(max_len):
+                    logp, state, a = self.decode_step(tokens, state, memory)
+                    V = logp.shape[1]
+                    logp = logp.reshape(N, B, V)
+                    logp[finished] = -np.inf
+                    logp[finished, PAD] = 0.0
+                    cand = (scores[:, :, None] + logp).reshape(N, B * V)
+                    # stable sort: among equal scores the lowest (slot, token) wins, as np.argmax does
+                    best = np.argsort(-cand, axis=1, kind="stable")[:, :B]
+                    scores = np.take_along_axis(cand, best, axis=1)
+                    back, tok = best // V, best % V
+                    was_finished = np.take_along_axis(finished, back, axis=1)
+                    length = np.take_along_axis(length, back, axis=1) + ~was_finished
+                    finished = was_finished | (tok == EOS)
+                    rows = (np.arange(N)[:, None] * B + back).reshape(-1)
+                    state = tuple(s[:, rows] for s in state) if isinstance(state, tuple) else state[:, rows]
+                    tokens = tok.reshape(-1)
+                    toks.append(tok)
+                    backs.append(back)
+                    atts.append(None if a is None else a.reshape(N, B, S))
+                    if finished.all():
+                        break
         finally:
             self.train(was_training)
         final = scores / (((5.0 + length) / 6.0) ** alpha) if alpha else scores
