@@ -51,3 +51,30 @@ def test_validation_pass_is_forward_only_and_exact():
         total += cross_entropy(logits, y, reduction="sum", need_grad=False)[0]
         count += y.size
     assert got == total / count
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_nll_sums_the_loss_by_the_decoders_row_slices(tied, monkeypatch):
+    """CharLM.nll sums each slice of logit rows in the thread that made it (ops.affine_forward_then):
+    the same sum as the cross-entropy over all the logits, in one slice or in two, with a mask."""
+    from bptt.nn import ops
+    from bptt.runtime import threads as blas
+
+    V, T, N = 7, 30, 50  # 1,500 rows: two slices of 750 with two threads
+    config = CharLMConfig(vocab_size=V, hidden=12, layers=1, embedding=12 if tied else 0, tie_weights=tied)
+    lm = CharLM(config, rng=0)
+    lm.eval()
+    rng = np.random.default_rng(2)
+    x, y = rng.integers(0, V, (T, N)), rng.integers(0, V, (T, N))
+    mask = rng.random((T, N)) < 0.7
+    logits, _ = lm.forward(x)
+    for m in (None, mask):
+        want, _ = cross_entropy(logits.astype(np.float64), y, mask=m, reduction="sum", need_grad=False)
+        for threads in (1, 2):
+            monkeypatch.setattr(blas, "OUTER_THREADS", [threads] if threads > 1 else [])
+            monkeypatch.setattr(blas, "blas_threads", lambda t=threads: t)
+            assert len(ops._row_parts(T * N)) == threads
+            got, _ = lm.nll(x, y, mask=m)
+            assert got == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match="mask must have the targets' shape"):
+        lm.nll(x, y, mask=mask[:, :3])

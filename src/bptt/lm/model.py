@@ -56,7 +56,7 @@ from bptt.nn.layers import Dropout, Embedding, Linear
 from bptt.nn.rnn import GRU, LSTM, RNN
 from bptt.nn.losses import cross_entropy
 from bptt.nn.module import Module
-from bptt.nn.ops import affine_backward, affine_forward
+from bptt.nn.ops import affine_backward, affine_forward_then
 from bptt.nn.regularized_loop import check_options
 
 __all__ = ["CharLMConfig", "CharLM", "CHECKPOINT_KIND", "load_model", "build_model", "config_from_dict", "model_context",
@@ -282,12 +282,20 @@ class CharLM(Module):
         """Σ −log p(y_t | ids_≤t) over the (T, N) positions (``mask`` (T, N) bool: those that count), in
         nats, and the final state; no gradient.  With an adaptive softmax only each target's cluster
         is evaluated; the log-probabilities are exact either way."""
-        if not self.config.adaptive_softmax:
-            logits, state = self.forward(ids, state)
-            total, _ = cross_entropy(logits, targets, mask=mask, reduction="sum", need_grad=False)
-            return float(total), state
         h, state = self.hidden(ids, state)
         y = self._targets(targets, h.shape[:-1])
+        if not self.config.adaptive_softmax:  # each slice of logit rows summed in the thread that made it
+            y1 = y.reshape(-1)
+            if mask is not None and np.shape(mask) != y.shape:
+                raise ValueError(f"mask must have the targets' shape {y.shape}, got {np.shape(mask)}")
+            m1 = None if mask is None else np.asarray(mask).reshape(-1)
+
+            def summed(rows, z):
+                return cross_entropy(z, y1[rows], mask=None if m1 is None else m1[rows], reduction="sum",
+                                     need_grad=False)[0]
+
+            _, sums = self.decoder.forward_then(h, summed)
+            return float(sum(sums)), state
         logp = self.decoder(h.reshape(-1, h.shape[-1]), y.reshape(-1)).output.reshape(y.shape)
         keep = np.ones(y.shape, bool) if mask is None else np.asarray(mask, bool)
         return -float(np.sum(logp[keep], dtype=np.float64)), state
@@ -347,8 +355,12 @@ class TiedDecoder(Module):
         return f"tied to the embedding {self.embed.num_embeddings}x{self.embed.embedding_dim}"
 
     def forward(self, h):
+        return self.forward_then(h, None)[0]
+
+    def forward_then(self, h, then):
+        """(z, results): :meth:`forward`, with ``then`` on each slice of rows (as :meth:`Linear.forward_then`)."""
         self._ctx = h
-        return affine_forward(h, self.embed.params["weight"], self.params["bias"])
+        return affine_forward_then(h, self.embed.params["weight"], self.params["bias"], then)
 
     def backward(self, dz):
         h = self._saved(self._ctx)

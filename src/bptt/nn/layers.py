@@ -11,7 +11,7 @@ import numpy as np
 
 from bptt.nn.cells import resolve_rng, uniform_init
 from bptt.nn.module import Module, as_float_array
-from bptt.nn.ops import affine_backward, affine_forward, dropout_mask, embedding_backward, embedding_forward
+from bptt.nn.ops import affine_backward, affine_forward_then, dropout_mask, embedding_backward, embedding_forward
 
 __all__ = ["Linear", "Embedding", "Dropout"]
 
@@ -38,11 +38,16 @@ class Linear(Module):
         return f"{self.in_features}, {self.out_features}"
 
     def forward(self, x):
+        return self.forward_then(x, None)[0]
+
+    def forward_then(self, x, then):
+        """(y, results): :meth:`forward`, with ``then(rows, y_rows)`` run on each slice of the output's
+        rows in the thread that made it (:func:`bptt.nn.ops.affine_forward_then`)."""
         x = as_float_array(x, self._dtype, "input")
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"Linear expects input (..., {self.in_features}), got {x.shape}")
         self._ctx = x
-        return affine_forward(x, self._own_params["weight"], self._own_params.get("bias"))
+        return affine_forward_then(x, self._own_params["weight"], self._own_params.get("bias"), then)
 
     def backward(self, dy):
         x = self._saved(self._ctx)

@@ -15,6 +15,7 @@ from bptt.runtime.wavefront import run_parallel  # one job runs in the calling t
 
 __all__ = [
     "affine_forward",
+    "affine_forward_then",
     "affine_backward",
     "embedding_forward",
     "embedding_backward",
@@ -53,6 +54,17 @@ def affine_forward(x, W, b):
 
     One 2-d product (not a stack of them), by slices of rows in parallel threads
     where :func:`_row_parts` gives several."""
+    return affine_forward_then(x, W, b, None)[0]
+
+
+def affine_forward_then(x, W, b, then):
+    """:func:`affine_forward`, and ``then(rows, y2[rows])`` on each slice of rows of y2 (the output
+    as (rows of x, K)) in the thread that made it, right after its product: → (y (..., K), the
+    results of ``then`` in row order), or (y, []) when ``then`` is None.
+
+    What follows the product then shares its threads: a language model's loss over its logits
+    runs in the decoder's threads instead of on one core after them (a thread handed work
+    starts 0.1 ms late on this machine, a tenth of the 2,500 × 65 logits' product and loss)."""
     K, D = W.shape
     x2 = x.reshape(_rows(x), D)  # (not -1: D may be 0)
     y2 = np.empty((x2.shape[0], K), np.result_type(x2, W))
@@ -61,9 +73,10 @@ def affine_forward(x, W, b):
         np.matmul(x2[s], W.T, out=y2[s])
         if b is not None:
             y2[s] += b
+        return None if then is None else then(s, y2[s])
 
-    run_parallel([lambda s=s: rows(s) for s in _row_parts(len(x2))])
-    return y2.reshape(*x.shape[:-1], K)
+    results = run_parallel([lambda s=s: rows(s) for s in _row_parts(len(x2))])
+    return y2.reshape(*x.shape[:-1], K), ([] if then is None else results)
 
 
 def affine_backward(dy, x, W, dW, db):
