@@ -199,3 +199,38 @@ def test_step_matches_forward():
         layer.reset_state()
         got1 = np.stack([layer.step(x) for x in xs[:, 0]])  # unbatched (D,) input
         assert rel(got1, ref[:, 0]) < 1e-12
+
+
+@pytest.mark.parametrize("H", [5, 6])
+@pytest.mark.parametrize("schedule", ["wavefront", "batch-split", "one thread"])
+def test_gru_weight_gradients_from_the_n_part_of_dgh(H, schedule, monkeypatch):
+    """The fused GRU's backward keeps of dgh only its n-part (T, N, H); ∂L/∂W_hh and ∂L/∂b_hh take
+    the r- and z-rows from dgx.  Under the wavefront the weight gradients come in two halves of
+    gate rows, which cut through z (H = 5: rows 0-6 and 7-14, z is 5-9; H = 6: 0-8 and 9-17,
+    z is 6-11): every schedule equals the reference loop, with lengths and an initial state."""
+    monkeypatch.setattr(policy, "SMALL_MACS", -1)
+    if schedule != "one thread":
+        monkeypatch.setattr(blas, "blas_threads", lambda: 2)
+        monkeypatch.setattr(policy, "SPLIT_MIN_ROWS", 1 << 62 if schedule == "wavefront" else 2)
+        monkeypatch.setattr(policy, "SPLIT_MAX_MACS", 1 << 62)
+    rng = np.random.default_rng(zlib.crc32(f"gru dgh {H} {schedule}".encode()))
+    case = random_case(rng, "gru", np.float64, 7, 6, 3, H, 2, False, 0, True, True)
+    layer, x, state, lengths = case[:4]
+    layer(x, state, lengths=lengths)  # which schedule the forward takes
+    ctx = layer._ctx
+    assert (len(ctx.chunks) > 1 and ctx.threads == 2) if schedule == "wavefront" else \
+        len(ctx.parts) == (2 if schedule == "batch-split" else 0)
+    assert_same(*case, TOL[np.float64])
+
+
+def test_fused_sequence_backward_returns_the_whole_gru_dgh():
+    """kernels.sequence_backward gives the reference's (T, N, G) dgh, though its run keeps the n-part."""
+    rng = np.random.default_rng(4)
+    T, N, H = 5, 3, 4
+    W = recurrence.Weights(rng.standard_normal((3 * H, H)), rng.standard_normal(3 * H), None)
+    gx, h0, dy = rng.standard_normal((T, N, 3 * H)), rng.standard_normal((N, H)), rng.standard_normal((T, N, H))
+    ref = recurrence.sequence_backward(dy, None, None, recurrence.sequence_forward("gru", gx, h0, None, W)[3], W)
+    fus = kernels.sequence_backward(dy, None, None, kernels.sequence_forward("gru", gx, h0, None, W)[3], W)
+    assert fus[1].shape == (T, N, 3 * H)
+    for a, b in zip(fus[:3], ref[:3]):
+        assert rel(a, b) < 1e-12

@@ -265,7 +265,7 @@ if HAVE_NUMBA:
                     hnr[j] = yr[j]
 
     @njit(**JIT)
-    def gru_bw_step(t, rev, dy, dh, hs, gates, gh_n, dgx, dgh, mask, has_mask):
+    def gru_bw_step(t, rev, dy, dh, hs, gates, gh_n, dgx, dgh_n, dgh, mask, has_mask):
         """Backward of one GRU step:
 
             dh̃ = m_t (dh + dy_t)
@@ -273,6 +273,12 @@ if HAVE_NUMBA:
             da_z = dh̃ ⊙ (h_{t−1} − n) ⊙ z(1−z)
             dgx = [da_r, da_z, da_n],  dgh = [da_r, da_z, da_n ⊙ r]
             dh ← m_t ? dh̃ ⊙ z (+ dgh W_hh, added by ``merge_grad``) : dh
+
+        dgx[t] (N, G) is kept for the weight gradients, and of dgh only the part that differs
+        from dgx, dgh_n[t] = da_n ⊙ r (N, H); the whole dgh row goes to ``dgh`` (N, G), one
+        step's scratch for the product with W_hh.  dgh_n may be gh_n itself (BackwardRun writes
+        it over the forward's): each row of gh_n is read (for da_r) before the row of dgh_n is
+        written, in separate loops, so no loop reads and writes the same memory (_ALIASED_ROWS).
         """
         wide_vectors()
         N, H = dh.shape
@@ -280,15 +286,16 @@ if HAVE_NUMBA:
         gr = np.empty(gates.shape[2], gates.dtype)  # the gate row, copied: see _ALIASED_ROWS
         one = gates.dtype.type(1.0)  # typed: a float64 1.0 made the float32 maths float64
         for n in range(N):
-            xr, hr = dgx[t, n], dgh[t, n]
+            xr, hr, nr = dgx[t, n], dgh[n], dgh_n[t, n]
             if has_mask and not mask[t, n]:
                 xr[:] = 0.0
                 hr[:] = 0.0
+                nr[:] = 0.0
                 continue
             gr[:] = gates[t, n]
             dhr, dyr, ghr, hpr = dh[n], dy[t, n], gh_n[t, n], hp[n]
             r, z, nn = gr[:H], gr[H : 2 * H], gr[2 * H :]  # views: loops from 0 vectorise
-            da_r, da_z, da_n, dgh_n = xr[:H], xr[H : 2 * H], xr[2 * H :], hr[2 * H :]
+            da_r, da_z, da_n, hr_n = xr[:H], xr[H : 2 * H], xr[2 * H :], hr[2 * H :]
             # one output per loop, as in lstm_bw_step
             for j in range(H):
                 dhr[j] += dyr[j]  # dh̃
@@ -299,11 +306,13 @@ if HAVE_NUMBA:
             for j in range(H):
                 da_z[j] = dhr[j] * (hpr[j] - nn[j]) * (z[j] * (one - z[j]))
             for j in range(H):
-                dgh_n[j] = da_n[j] * r[j]
+                nr[j] = da_n[j] * r[j]
             for j in range(H):
                 dhr[j] *= z[j]  # the direct path h_{t−1} → h̃_t
             for j in range(2 * H):
                 hr[j] = xr[j]
+            for j in range(H):
+                hr_n[j] = nr[j]
 
     # ======================================================================== every cell
     # the carried gradient after the product with W_hh

@@ -73,6 +73,24 @@ def _shifted(shift, j):
     return shift and j % 2 == 0
 
 
+class _ZerosOnDemand(dict):
+    """A batch slice's own gradient arrays, shaped as those of ``like`` (a dict of arrays), each made
+    (zeros) when the slice's backward first reaches it: a layer's, as that layer's weight gradients
+    come, when the layers above have freed their caches, not all at the start of the backward, the
+    peak of a training step (GRU 2×512 in two slices: measured 111.5 → see policy.batch_parts)."""
+
+    def __init__(self, like):
+        super().__init__()
+        self._like = like
+
+    def __missing__(self, name):
+        g = self[name] = np.zeros_like(self._like[name])
+        return g
+
+    def get(self, name, default=None):
+        return self[name] if name in self._like else default
+
+
 def _run_slices(jobs):
     """Run one job per batch slice, each in a thread with one BLAS thread (see
     :func:`bptt.runtime.policy.batch_parts`) → (their results, and the first three fields of the
@@ -581,7 +599,7 @@ class RNNBase(Module):
         grads = self._own_grads | buffers
         if ctx.parts:  # the forward ran batch slices in threads: so does the backward, each into its own grads
             def part(i, s, sub):
-                own = grads if i == 0 else {name: np.zeros_like(g) for name, g in grads.items()}
+                own = grads if i == 0 else _ZerosOnDemand(grads)
                 return self._backward_stack(sub, dy[:, s], None if dh_n is None else dh_n[:, s],
                                             None if dc_n is None else dc_n[:, s], need_input_grad, kernels, own,
                                             W_hh=W_hh) + (own,)
@@ -706,7 +724,6 @@ class RNNBase(Module):
         T, N, G = run.dgx.shape
         gW_ih, gb_ih, gW_hh, gb_hh, _ = self._direction_grads(k, d, grads)
         dgx = run.dgx.reshape(T * N, G)[:, rows]  # strided column blocks: BLAS reads them in place
-        dgh = dgx if self.mode != "gru" else run.dgh.reshape(T * N, G)[:, rows]  # dgh is dgx but in the GRU
         if k == 0 and one_hot:  # ∂L/∂W_ih[:, v] = Σ of dgx over the steps whose input is v
             if scatter:
                 dW_ihT = np.zeros((self.input_size, G), self._dtype)
@@ -714,11 +731,32 @@ class RNNBase(Module):
                 gW_ih += dW_ihT.T
         else:
             gW_ih[rows] += dgx.T @ layer.x.reshape(T * N, -1)
-        gW_hh[rows] += dgh.T @ layer.directions[d].h_prev.reshape(T * N, -1)
+        db = dgx.sum(axis=0) if gb_ih is not None else None
         if gb_ih is not None:
-            db = dgx.sum(axis=0)
             gb_ih[rows] += db
-            gb_hh[rows] += db if dgh is dgx else dgh.sum(axis=0)
+        h_prev = layer.directions[d].h_prev.reshape(T * N, -1)
+        for part, dgh in self._dgh_parts(run, rows, dgx):  # dgh is dgx but in the GRU's n-part
+            gW_hh[part] += dgh.T @ h_prev
+            if gb_hh is not None:
+                gb_hh[part] += db[part.start - rows.start : part.stop - rows.start] if dgh is dgx else dgh.sum(axis=0)
+
+    def _dgh_parts(self, run, rows, dgx):
+        """[(gate rows, ∂L/∂gh over those rows (T·N, ·))] covering ``rows``: dgx itself where dgh equals
+        it (every gate but the GRU's n), the run's own dgh for the GRU's n-rows (the fused run keeps only
+        that part, (T, N, H); the reference loop the whole (T, N, G))."""
+        if self.mode != "gru":
+            return [(rows, dgx)]
+        T, N, G = run.dgx.shape
+        H = G // 3
+        dgh, n0 = run.dgh.reshape(T * N, -1), (0 if run.dgh.shape[2] == H else 2 * H)  # n0: where n starts in dgh
+        parts = []
+        if rows.start < 2 * H:  # r- and z-rows: dgx's columns
+            part = slice(rows.start, min(rows.stop, 2 * H))
+            parts.append((part, dgx[:, : part.stop - part.start]))
+        if rows.stop > 2 * H:  # n-rows: dgh's
+            part = slice(max(rows.start, 2 * H), rows.stop)
+            parts.append((part, dgh[:, n0 + part.start - 2 * H : n0 + part.stop - 2 * H]))
+        return parts
 
     def _final_grads(self, k, d, run, grads):
         """After the weight gradients: ∂L/∂W_hr of a projected LSTM (one product over all
