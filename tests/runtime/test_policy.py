@@ -100,7 +100,7 @@ def test_eval_mode_splits_above_the_training_bound(monkeypatch):
     monkeypatch.setattr(blas, "blas_threads", lambda: 2)
     monkeypatch.setattr(policy, "SMALL_MACS", -1)
     monkeypatch.setattr(policy, "SPLIT_MAX_MACS", 1)  # every product counts as large
-    monkeypatch.setattr(policy, "LSTM_SPLIT_MAX_MACS", 1)
+    monkeypatch.setattr(policy, "GATED_SPLIT_MAX_MACS", 1)
     rng = np.random.default_rng(5)
     T, N, D, H = 6, 16, 4, 5
     x, dout = rng.standard_normal((T, N, D)), rng.standard_normal((T, N, H))
@@ -117,17 +117,18 @@ def test_eval_mode_splits_above_the_training_bound(monkeypatch):
         assert rel(a, b) < 1e-12
 
 
-def test_the_lstm_trains_in_slices_at_every_size_the_gru_and_rnn_up_to_the_bound(monkeypatch):
-    """In training, a step product above SPLIT_MAX_MACS keeps the LSTM in batch slices (its bound is
-    LSTM_SPLIT_MAX_MACS) and the GRU and RNN with the wavefront; BPTT_LSTM_SPLIT_MAX_MACS restores one."""
+def test_the_lstm_and_gru_train_in_slices_at_every_size_the_rnn_up_to_the_bound(monkeypatch):
+    """In training, a step product above SPLIT_MAX_MACS keeps the LSTM and the GRU in batch slices (their
+    bound is GATED_SPLIT_MAX_MACS) and the RNN with the wavefront; BPTT_GATED_SPLIT_MAX_MACS restores one."""
     monkeypatch.setattr(blas, "blas_threads", lambda: 2)
     N, H = 50, 600  # LSTM: 50 · 2400 · 600 = 72 M multiply-adds a step, far above SPLIT_MAX_MACS
     layers = {cls.__name__: cls(8, H, 2) for cls in (bptt.LSTM, bptt.GRU, bptt.RNN)}
     assert all(N * layer.gate_count * H * H > policy.SPLIT_MAX_MACS for layer in layers.values())
     assert layers["LSTM"]._batch_parts(N, fused=True) == [slice(0, 25), slice(25, 50)]
-    assert layers["GRU"]._batch_parts(N, fused=True) == [slice(0, N)]
+    assert layers["GRU"]._batch_parts(N, fused=True) == [slice(0, 25), slice(25, 50)]
     assert layers["RNN"]._batch_parts(N, fused=True) == [slice(0, N)]
-    monkeypatch.setattr(policy, "LSTM_SPLIT_MAX_MACS", policy.SPLIT_MAX_MACS)
+    monkeypatch.setattr(policy, "GATED_SPLIT_MAX_MACS", policy.SPLIT_MAX_MACS)
     assert layers["LSTM"]._batch_parts(N, fused=True) == [slice(0, N)]
+    assert layers["GRU"]._batch_parts(N, fused=True) == [slice(0, N)]
     for layer in layers.values():  # eval mode splits every one of them
         assert len(layer.eval()._batch_parts(N, fused=True)) == 2

@@ -15,7 +15,7 @@ the comments and BENCHMARKS.md.
 * ``ONE_THREAD_MACS``: below it a step's BLAS call runs on one thread
   (:func:`step_blas_limit`).
 * ``PANEL_PRODUCTS``: whether register-blocked products may be used at all.
-* ``SPLIT_MIN_ROWS`` / ``SPLIT_MAX_MACS`` / ``LSTM_SPLIT_MAX_MACS``: when a batch runs as slices in
+* ``SPLIT_MIN_ROWS`` / ``SPLIT_MAX_MACS`` / ``GATED_SPLIT_MAX_MACS``: when a batch runs as slices in
   threads (:func:`batch_parts`); otherwise a stack may run as a wavefront
   over its layers (:func:`time_chunks`).
 * ``STEP_THREADS_BYTES``: when one sampling step lets BLAS use its threads.
@@ -30,7 +30,7 @@ import os
 
 from bptt.runtime import threads
 
-__all__ = ["SMALL_MACS", "ONE_THREAD_MACS", "PANEL_PRODUCTS", "SPLIT_MIN_ROWS", "SPLIT_MAX_MACS", "LSTM_SPLIT_MAX_MACS",
+__all__ = ["SMALL_MACS", "ONE_THREAD_MACS", "PANEL_PRODUCTS", "SPLIT_MIN_ROWS", "SPLIT_MAX_MACS", "GATED_SPLIT_MAX_MACS",
            "STEP_THREADS_BYTES", "WAVEFRONT_CHUNKS", "INFER_GX_BYTES", "step_blas_limit", "sampling_blas_limit",
            "batch_parts", "time_chunks", "inference_chunks"]
 
@@ -60,14 +60,18 @@ PANEL_PRODUCTS = os.environ.get("BPTT_PANEL_PRODUCTS", "1") != "0"
 SPLIT_MIN_ROWS = int(os.environ.get("BPTT_SPLIT_MIN_ROWS", 8)) or 1 << 62
 SPLIT_MAX_MACS = int(os.environ.get("BPTT_SPLIT_MAX_MACS", 12_000_000))
 
-# The LSTM's bound (BPTT_LSTM_SPLIT_MAX_MACS), by default none: since its forward activates the gates
-# in place (one (T, N, G) array less) its split training step stays below PyTorch's peak memory at every
-# size of the layer table (2×256 54.9 against 75.7 MB, 2×512 137 against 147, 1×1024 364 against 539),
-# and since the step products run in tall blocks (bptt.kernels.gemm.TALL_ROWS) the split beat the
-# wavefront there: 1.19× at 2×256, 1.05× at 2×512, 1.10× at 1×1024 (Intel Xeon, 2 cores, same process,
-# alternating).  The GRU and the RNN gained 1.07–1.10× at 2×512 too, but went above PyTorch's peak
-# (GRU 121 against 111 MB, RNN 59 against 56; GRU 1×1024 375 against 349), so they keep SPLIT_MAX_MACS.
-LSTM_SPLIT_MAX_MACS = int(os.environ.get("BPTT_LSTM_SPLIT_MAX_MACS", 1 << 62))
+# The LSTM's and the GRU's bound (BPTT_GATED_SPLIT_MAX_MACS), by default none.  The LSTM's forward
+# activates the gates in place (one (T, N, G) array less), so its split training step stays below PyTorch's
+# peak memory at every size of the layer table (2×256 54.9 against 75.7 MB, 2×512 137 against 147, 1×1024
+# 364 against 539), and since the step products run in tall blocks (bptt.kernels.gemm.TALL_ROWS) the split
+# beat the wavefront there: 1.19× at 2×256, 1.05× at 2×512, 1.10× at 1×1024 (Intel Xeon, 2 cores, same
+# process, alternating).  The GRU joined once its backward kept only the n-part of dgh, over the
+# forward's gh_n (bptt.kernels.loops.BackwardRun), and a slice's own weight gradients were made layer by
+# layer (bptt.nn.rnn._ZerosOnDemand): split, 100 against PyTorch's 111–125 MB at 2×512 (before: 121) and
+# 287 against 349–408 at 1×1024 (before: 362), and 1.07× and 1.13× faster than the wavefront there.  The
+# RNN gains 1.07× at 1×1024 too but its split peaks at 172 MB against PyTorch's 160–222 (2×512: 57 against
+# 58): it keeps SPLIT_MAX_MACS.
+GATED_SPLIT_MAX_MACS = int(os.environ.get("BPTT_GATED_SPLIT_MAX_MACS", 1 << 62))
 
 # One step at a small batch (sampling) is a few matrix–vector products, limited by how
 # fast the weights stream from memory, not by arithmetic.  Once a layer's recurrent
@@ -111,7 +115,7 @@ def batch_parts(N, macs, training, fused, mode=""):
     whole stack: one per core when every slice keeps at least ``SPLIT_MIN_ROWS`` rows,
     else [0:N].  ``macs`` is one step's product N·G·P, ``fused`` whether the layer runs on
     the compiled kernels (the reference loop never splits), ``mode`` the cell ("lstm", "gru",
-    "rnn_tanh", …), which sets the training bound (``LSTM_SPLIT_MAX_MACS`` for the LSTM, else
+    "rnn_tanh", …), which sets the training bound (``GATED_SPLIT_MAX_MACS`` for the LSTM and GRU, else
     ``SPLIT_MAX_MACS``).
 
     A per-step product of N rows is too small for BLAS threads, so a layer's time
@@ -132,7 +136,7 @@ def batch_parts(N, macs, training, fused, mode=""):
     whole = [slice(0, N)]
     if not fused or N < 2 * SPLIT_MIN_ROWS:
         return whole
-    bound = LSTM_SPLIT_MAX_MACS if mode == "lstm" else SPLIT_MAX_MACS
+    bound = GATED_SPLIT_MAX_MACS if mode in ("lstm", "gru") else SPLIT_MAX_MACS
     if macs <= SMALL_MACS or (training and macs >= bound):
         return whole  # a step of µs (compiled loops), or products for the wavefront (see SPLIT_MAX_MACS)
     n = min(threads.blas_threads(), N // SPLIT_MIN_ROWS)
