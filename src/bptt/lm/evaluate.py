@@ -9,23 +9,15 @@ from the logits ``forward`` gives (a Transformer, a model run in ONNX Runtime).
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 
 from bptt.lm.model import model_context
 from bptt.lm.data import DataError, TBPTTBatches
 from bptt.lm.units import as_units, lm_metrics
 from bptt.nn.losses import cross_entropy
+from bptt.nn.module import frozen
 
 __all__ = ["evaluate", "evaluate_ids", "evaluate_text", "summed_nll"]
-
-
-def frozen(model):
-    """The model's :meth:`bptt.nn.module.Module.frozen_weights` block (an evaluation changes no
-    weight), or nothing for a model without one (a model run in ONNX Runtime)."""
-    block = getattr(model, "frozen_weights", None)
-    return block() if block is not None else contextlib.nullcontext()
 
 
 def summed_nll(model, x, y, state, mask=None) -> tuple[float, object]:

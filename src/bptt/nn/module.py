@@ -18,7 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Module", "StateDictError", "as_float_array"]
+__all__ = ["Module", "StateDictError", "as_float_array", "frozen"]
+
+
+def frozen(model):
+    """``model.frozen_weights()`` (see :meth:`Module.frozen_weights`), or an empty block for a model
+    without one (run in ONNX Runtime, say)."""
+    block = getattr(model, "frozen_weights", None)
+    return block() if block is not None else contextlib.nullcontext()
 
 
 class StateDictError(ValueError):

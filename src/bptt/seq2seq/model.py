@@ -46,7 +46,7 @@ from bptt.nn.cells import resolve_rng
 from bptt.nn.layers import Embedding, Linear
 from bptt.nn.rnn import GRU, LSTM, RNN
 from bptt.nn.losses import cross_entropy, log_softmax
-from bptt.nn.module import Module
+from bptt.nn.module import Module, frozen
 from bptt.seq2seq.tasks import BOS, EOS, PAD
 
 __all__ = [
@@ -306,7 +306,7 @@ class Seq2Seq(Module):
         was_training = self.training
         self.eval()
         try:
-            with self.frozen_weights():  # decoding changes no weight: pack them once
+            with frozen(self):  # decoding changes no weight: pack them once
                 memory = self.encode(src, src_len)
                 N = memory.m.shape[0]
                 tokens = np.full(N, BOS, np.int64)
@@ -344,7 +344,7 @@ class Seq2Seq(Module):
         was_training = self.training
         self.eval()
         try:
-            with self.frozen_weights():  # decoding changes no weight: pack them once
+            with frozen(self):  # decoding changes no weight: pack them once
                 memory = self.encode(src, src_len)
                 N, S = memory.mask.shape
                 memory = memory.select(np.repeat(np.arange(N), B))  # row n·B + b is slot b of input n
