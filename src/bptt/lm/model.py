@@ -43,6 +43,7 @@ top layer's output per stream, before the decoder's own ``dropout`` (per step).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,6 +59,8 @@ from bptt.nn.losses import cross_entropy
 from bptt.nn.module import Module
 from bptt.nn.ops import affine_backward, affine_forward_then
 from bptt.nn.regularized_loop import check_options
+from bptt.runtime.threads import cores_each, keep_freed_memory
+from bptt.runtime.wavefront import run_parallel
 
 __all__ = ["CharLMConfig", "CharLM", "CHECKPOINT_KIND", "load_model", "build_model", "config_from_dict", "model_context",
            "default_cutoffs"]
@@ -324,6 +327,73 @@ class CharLM(Module):
         de, _ = self.rnn.backward(dh, need_input_grad=self.embed is not None, recurrent_scale=recurrent_scale)
         if self.embed is not None:
             self.embed.backward(de if self._row_keep is None else de * self._row_keep)
+
+    def train_step(self, ids, targets, state=None):
+        """:meth:`loss`, then :meth:`backward` unless the loss is not finite: → (loss, final state),
+        the gradients accumulated into this model's.
+
+        When the recurrent layer would cut this batch into slices run in threads of their own
+        (:func:`bptt.runtime.policy.batch_parts`) and nothing of the step is drawn at random (no
+        dropout of any kind), the whole model runs in slices instead: slice i of the streams goes
+        through embedding, layers, decoder, loss and backward in thread i, on this model (i = 0) or
+        on a :meth:`~bptt.nn.module.Module.replica` sharing its weights, whose gradients are added
+        to this model's at the end, in slice order.  With the mean loss over all M = T·N positions,
+        slice i (M_i positions) has L = Σ_i (M_i / M) L_i, so its ∂L/∂logits is its own mean's
+        gradient times M_i / M.  The layer's own slices hand the work over between threads four
+        times a step (its forward, the decoder's two halves, the decoder's backward, its backward),
+        with the loss on one core between them; this hands it over once (a 2×128 LSTM step 1.05×
+        faster, 2×256 1.03×: benchmarks/history.md).  The numbers are those of the whole batch up
+        to the order of the gradient sums.
+        """
+        ids, y = np.asarray(ids), np.asarray(targets)
+        parts = self._step_slices(ids.shape)
+        if len(parts) < 2:
+            loss, dlogits, state = self.loss(ids, y, state)
+            if np.isfinite(loss):
+                self.backward(dlogits)
+            return loss, state
+        replicas = self._replicas(len(parts))
+        M = ids.size
+
+        def run(i, s):
+            model = self if i == 0 else replicas[i - 1]
+            sub = None if state is None else tuple(a[:, s] for a in state) if isinstance(state, tuple) else state[:, s]
+            loss, dlogits, end = model.loss(np.ascontiguousarray(ids[:, s]), np.ascontiguousarray(y[:, s]), sub)
+            if np.isfinite(loss):
+                dlogits *= dlogits.dtype.type(ids[:, s].size / M)
+                model.backward(dlogits)
+            return loss * ids[:, s].size / M, end
+
+        keep_freed_memory()  # arrays made and freed in worker threads (see there)
+        with cores_each(1):
+            results = run_parallel([functools.partial(run, i, s) for i, s in enumerate(parts)])
+        for rep in replicas:
+            for (_, _, g), (_, _, g_rep) in zip(self.named_parameters(), rep.named_parameters(), strict=True):
+                g += g_rep
+                g_rep.fill(0.0)
+        ends = [end for _, end in results]
+        if isinstance(ends[0], tuple):
+            state = tuple(np.concatenate(parts_, axis=1) for parts_ in zip(*ends))
+        else:
+            state = np.concatenate(ends, axis=1)
+        return float(sum(loss for loss, _ in results)), state
+
+    def _step_slices(self, shape):
+        """The batch slices :meth:`train_step` runs the model in: the recurrent layer's own, when the
+        step draws nothing at random and the decoder is plain (else [whole batch])."""
+        T, N = shape
+        c = self.config
+        if (not self.training or c.dropout or c.embedding_dropout or c.adaptive_softmax
+                or self.rnn.regularizer is not None or self.rnn.backend == "reference"):
+            return [slice(0, N)]
+        return self.rnn.batch_slices(N)
+
+    def _replicas(self, n):
+        """n − 1 replicas of this model (made once, kept while their count fits)."""
+        reps = getattr(self, "_step_replicas", [])
+        if len(reps) != n - 1:
+            reps = self._step_replicas = [self.replica() for _ in range(n - 1)]
+        return reps
 
     # ------------------------------------------------------------------ generation
     def reset_state(self):

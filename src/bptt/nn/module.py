@@ -13,6 +13,7 @@ accumulates (``+=``) into ``self.grads`` and returns the gradient of its inputs.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -110,6 +111,28 @@ class Module:
 
     def eval(self) -> Module:
         return self.train(False)
+
+    def replica(self) -> Module:
+        """A copy of this module tree that shares its parameter arrays but has gradients of its own
+        (zeros), its own forward contexts and its own recurrent state: another thread can run a
+        forward and backward through it while this one runs its own, and its gradients are then
+        added to this one's (:meth:`bptt.lm.model.CharLM.train_step`).  Attributes that point to a
+        module of the tree (a tied decoder's embedding) point to that module's copy."""
+        clones: dict[int, Module] = {}
+
+        def clone(m):
+            c = copy.copy(m)
+            clones[id(m)] = c
+            c._own_grads = {name: np.zeros_like(g) for name, g in m._own_grads.items()}
+            c._children = {name: clone(child) for name, child in m._children.items()}
+            return c
+
+        top = clone(self)
+        for c in clones.values():
+            for name, value in list(vars(c).items()):
+                if isinstance(value, Module) and id(value) in clones:
+                    setattr(c, name, clones[id(value)])
+        return top
 
     @contextlib.contextmanager
     def frozen_weights(self):

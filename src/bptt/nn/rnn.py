@@ -32,6 +32,7 @@ import numpy as np
 from bptt.nn import gates, recurrence
 from bptt.nn.regularized_loop import Regularization, check_options, option_hint
 from bptt.nn.cells import resolve_rng, uniform_init
+from bptt.nn.batch_slices import ZerosOnDemand, run_slices
 from bptt.nn.module import Module, as_float_array
 from bptt.nn.ops import dropout_mask, lengths_to_mask, scatter_add_rows
 from bptt.runtime import policy
@@ -71,36 +72,6 @@ def _shifted(shift, j):
     """Whether chunk j's product for layer k+1 is made in layer k's thread: on every other
     chunk when the layers run shifted (one-hot input, see RNNBase.forward)."""
     return shift and j % 2 == 0
-
-
-class _ZerosOnDemand(dict):
-    """A batch slice's own gradient arrays, shaped as those of ``like`` (a dict of arrays), each made
-    (zeros) when the slice's backward first reaches it: a layer's, as that layer's weight gradients
-    come, when the layers above have freed their caches, not all at the start of the backward, the
-    peak of a training step (GRU 2×512 in two slices: measured 111.5 → see policy.batch_parts)."""
-
-    def __init__(self, like):
-        super().__init__()
-        self._like = like
-
-    def __missing__(self, name):
-        g = self[name] = np.zeros_like(self._like[name])
-        return g
-
-    def get(self, name, default=None):
-        return self[name] if name in self._like else default
-
-
-def _run_slices(jobs):
-    """Run one job per batch slice, each in a thread with one BLAS thread (see
-    :func:`bptt.runtime.policy.batch_parts`) → (their results, and the first three fields of the
-    results joined along the batch axis, None where the slices have None)."""
-    from bptt.runtime.wavefront import run_parallel
-
-    with single_thread_blas():
-        results = run_parallel(jobs)
-    joined = tuple(None if results[0][i] is None else np.concatenate([r[i] for r in results], axis=1) for i in range(3))
-    return results, joined
 
 
 class RNNBase(Module):
@@ -257,6 +228,15 @@ class RNNBase(Module):
             return single_thread_blas()
         return contextlib.nullcontext()
 
+    def batch_slices(self, N):
+        """The slices of a batch of N streams this layer would run in threads of its own now, in its
+        mode (training or eval), on its kernels, with the cores there are (:func:`bptt.runtime.policy.batch_parts`);
+        [slice(0, N)] for none.  A model may run its whole step in these slices instead
+        (:meth:`bptt.lm.model.CharLM.train_step`)."""
+        if self._reference_loop:
+            return [slice(0, N)]
+        return self._batch_parts(N, self._kernels() is not None)
+
     def _batch_parts(self, N, fused):
         """The batch slices to run in threads, each through the whole stack
         (:func:`bptt.runtime.policy.batch_parts`)."""
@@ -379,7 +359,7 @@ class RNNBase(Module):
                                            [None if m is None else m[:, s] for m in drops], one_hot, kernels, [(0, T)], 1,
                                            prepared, keep, W_hh)
 
-            results, (output, h_n, c_n) = _run_slices([functools.partial(part, s) for s in parts])
+            results, (output, h_n, c_n) = run_slices([functools.partial(part, s) for s in parts])
             self._ctx = _Context([] if keep else None, batched, output.shape, one_hot, [(0, T)], 1,
                                  [(s, r[3]) for s, r in zip(parts, results)] if keep else [], outside)
         else:
@@ -599,13 +579,13 @@ class RNNBase(Module):
         grads = self._own_grads | buffers
         if ctx.parts:  # the forward ran batch slices in threads: so does the backward, each into its own grads
             def part(i, s, sub):
-                own = grads if i == 0 else _ZerosOnDemand(grads)
+                own = grads if i == 0 else ZerosOnDemand(grads)
                 return self._backward_stack(sub, dy[:, s], None if dh_n is None else dh_n[:, s],
                                             None if dc_n is None else dc_n[:, s], need_input_grad, kernels, own,
                                             W_hh=W_hh) + (own,)
 
             jobs = [functools.partial(part, i, s, sub) for i, (s, sub) in enumerate(ctx.parts)]
-            results, (dx, dh0, dc0) = _run_slices(jobs)
+            results, (dx, dh0, dc0) = run_slices(jobs)
             for r in results[1:]:
                 for name, g in r[3].items():
                     grads[name] += g
@@ -746,17 +726,13 @@ class RNNBase(Module):
         that part, (T, N, H); the reference loop the whole (T, N, G))."""
         if self.mode != "gru":
             return [(rows, dgx)]
-        T, N, G = run.dgx.shape
-        H = G // 3
-        dgh, n0 = run.dgh.reshape(T * N, -1), (0 if run.dgh.shape[2] == H else 2 * H)  # n0: where n starts in dgh
-        parts = []
-        if rows.start < 2 * H:  # r- and z-rows: dgx's columns
-            part = slice(rows.start, min(rows.stop, 2 * H))
-            parts.append((part, dgx[:, : part.stop - part.start]))
-        if rows.stop > 2 * H:  # n-rows: dgh's
-            part = slice(max(rows.start, 2 * H), rows.stop)
-            parts.append((part, dgh[:, n0 + part.start - 2 * H : n0 + part.stop - 2 * H]))
-        return parts
+        H = run.dgx.shape[2] // 3
+        dgh = run.dgh.reshape(-1, run.dgh.shape[2])
+        n0 = 0 if dgh.shape[1] == H else 2 * H  # where the n-part starts in dgh
+        rz, n = slice(rows.start, min(rows.stop, 2 * H)), slice(max(rows.start, 2 * H), rows.stop)
+        return [(part, cols) for part, cols in ((rz, dgx[:, : rz.stop - rz.start]),
+                                                (n, dgh[:, n0 + n.start - 2 * H : n0 + n.stop - 2 * H]))
+                if part.stop > part.start]
 
     def _final_grads(self, k, d, run, grads):
         """After the weight gradients: ∂L/∂W_hr of a projected LSTM (one product over all

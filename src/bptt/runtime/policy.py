@@ -67,7 +67,7 @@ SPLIT_MAX_MACS = int(os.environ.get("BPTT_SPLIT_MAX_MACS", 12_000_000))
 # beat the wavefront there: 1.19× at 2×256, 1.05× at 2×512, 1.10× at 1×1024 (Intel Xeon, 2 cores, same
 # process, alternating).  The GRU joined once its backward kept only the n-part of dgh, over the
 # forward's gh_n (bptt.kernels.loops.BackwardRun), and a slice's own weight gradients were made layer by
-# layer (bptt.nn.rnn._ZerosOnDemand): split, 100 against PyTorch's 111–125 MB at 2×512 (before: 121) and
+# layer (bptt.nn.batch_slices.ZerosOnDemand): split, 100 against PyTorch's 111–125 MB at 2×512 (before: 121) and
 # 287 against 349–408 at 1×1024 (before: 362), and 1.07× and 1.13× faster than the wavefront there.  The
 # RNN gains 1.07× at 1×1024 too but its split peaks at 172 MB against PyTorch's 160–222 (2×512: 57 against
 # 58): it keeps SPLIT_MAX_MACS.

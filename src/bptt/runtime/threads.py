@@ -18,8 +18,8 @@ from __future__ import annotations
 import contextlib
 import os
 
-__all__ = ["blas_threads", "single_thread_blas", "inside_single_thread_blas", "keep_freed_memory", "blas_controllers",
-           "OUTER_THREADS"]
+__all__ = ["blas_threads", "single_thread_blas", "inside_single_thread_blas", "cores_each", "keep_freed_memory",
+           "blas_controllers", "OUTER_THREADS"]
 
 _BLAS: dict = {}  # "libs" -> threadpoolctl's controller of NumPy's BLAS, or None
 
@@ -81,6 +81,21 @@ def single_thread_blas():
         for c, n in zip(libs.lib_controllers, before):
             c.set_num_threads(n)
         OUTER_THREADS.pop()
+
+
+@contextlib.contextmanager
+def cores_each(n: int):
+    """Inside the block :func:`blas_threads` reports ``n``: the cores each of several threads that
+    the caller runs side by side may keep busy (BLAS held to one thread meanwhile, as in
+    :func:`single_thread_blas`).  A model step run in batch slices, one thread each, gives each
+    ``cores_each(1)``, so that its recurrent layers neither slice the batch again nor start a
+    wavefront (:mod:`bptt.runtime.policy`)."""
+    with single_thread_blas():
+        OUTER_THREADS.append(n)
+        try:
+            yield
+        finally:
+            OUTER_THREADS.pop()
 
 
 # glibc malloc options (mallopt): M_TRIM_THRESHOLD = -1, M_MMAP_THRESHOLD = -3
