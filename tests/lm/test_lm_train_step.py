@@ -37,7 +37,7 @@ def test_train_step_in_slices_equals_the_whole_batch(kw, two_cores):
     state = None
     for _ in range(2):
         x, y = rng.integers(0, 9, (5, 10)), rng.integers(0, 9, (5, 10))
-        assert len(sliced._step_slices(x.shape)) == 2
+        assert len(sliced._model_slices(x.shape)) == 2
         loss, got_state = sliced.train_step(x, y, state)
         want, dlogits, want_state = whole.loss(x, y, state)
         whole.backward(dlogits)
@@ -58,7 +58,7 @@ def test_train_step_with_dropout_runs_the_whole_batch(two_cores):
     cfg = CharLMConfig(vocab_size=9, hidden=12, layers=2, dropout=0.3, dtype="float64")
     a, b = CharLM(cfg, rng=0), CharLM(cfg, rng=0)
     x, y = np.random.default_rng(2).integers(0, 9, (5, 10)), np.random.default_rng(3).integers(0, 9, (5, 10))
-    assert a._step_slices(x.shape) == [slice(0, 10)]
+    assert a._model_slices(x.shape) == [slice(0, 10)]
     loss, _ = a.train_step(x, y)
     want, dlogits, _ = b.loss(x, y)
     b.backward(dlogits)
@@ -91,3 +91,29 @@ def test_cores_each_keeps_a_layer_from_slicing_again(monkeypatch):
         assert layer.batch_slices(50) == [slice(0, 50)]
         assert policy.time_chunks(50, 10**9, 2, False, True)[1] == 1  # nor a wavefront
     assert len(layer.batch_slices(50)) == 2
+
+
+@pytest.mark.parametrize("kw", [dict(model="lstm"), dict(model="gru", embedding=12, tie_weights=True)])
+def test_nll_in_slices_equals_the_whole_batch_and_forgets_frozen_weights(kw, two_cores):
+    """In eval mode nll runs the model in slices too: the same sum and state as one thread, with a
+    mask; a replica made inside a frozen_weights() block drops that block's packed weights with it."""
+    cfg = CharLMConfig(vocab_size=9, hidden=12, layers=2, dtype="float64", **kw)
+    lm = CharLM(cfg, rng=0).eval()
+    rng = np.random.default_rng(4)
+    x, y = rng.integers(0, 9, (5, 10)), rng.integers(0, 9, (5, 10))
+    mask = rng.random((5, 10)) < 0.8
+    assert len(lm._model_slices(x.shape)) == 2
+    with lm.frozen_weights():
+        got, got_state = lm.nll(x, y, mask=mask)
+        rep = lm._step_replicas[0]
+        assert rep.rnn.frozen_cache is lm.rnn.frozen_cache and rep.rnn.frozen_cache  # packed once, shared
+    assert rep.rnn.frozen_cache is not None  # until the replicas are next used
+    want, want_state = lm._nll(x, y, None, mask)
+    assert got == pytest.approx(want, rel=1e-13)
+    for a, b in zip(flat(got_state), flat(want_state), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+    for name, p, _ in lm.named_parameters():  # new weights after the block: the replica must not use old ones
+        p *= 0.5
+    again, _ = lm.nll(x, y, mask=mask)
+    assert rep.rnn.frozen_cache is None
+    assert again == pytest.approx(lm._nll(x, y, None, mask)[0], rel=1e-13)
