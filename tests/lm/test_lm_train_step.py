@@ -24,6 +24,7 @@ def two_cores(monkeypatch):
     monkeypatch.setattr(blas, "blas_threads", lambda: blas.OUTER_THREADS[-1] if blas.OUTER_THREADS else 2)
     monkeypatch.setattr(policy, "SPLIT_MIN_ROWS", 4)
     monkeypatch.setattr(policy, "SMALL_MACS", -1)
+    monkeypatch.setattr(policy, "MODEL_SPLIT_MIN_MACS", 0)
 
 
 @pytest.mark.parametrize("kw", [dict(model="lstm"), dict(model="gru"), dict(model="rnn", embedding=6),
@@ -117,3 +118,14 @@ def test_nll_in_slices_equals_the_whole_batch_and_forgets_frozen_weights(kw, two
     again, _ = lm.nll(x, y, mask=mask)
     assert rep.rnn.frozen_cache is None
     assert again == pytest.approx(lm._nll(x, y, None, mask)[0], rel=1e-13)
+
+
+def test_short_windows_keep_the_layers_own_slices(monkeypatch):
+    """Below policy.MODEL_SPLIT_MIN_MACS of one layer's step products over the window the model step
+    runs whole (the layer may still slice the batch itself)."""
+    monkeypatch.setattr(blas, "blas_threads", lambda: blas.OUTER_THREADS[-1] if blas.OUTER_THREADS else 2)
+    lm = CharLM(CharLMConfig(vocab_size=65, hidden=128, layers=2), rng=0)
+    per_step = 50 * 4 * 128 * 128
+    assert lm._model_slices((policy.MODEL_SPLIT_MIN_MACS // per_step + 1, 50)) == [slice(0, 25), slice(25, 50)]
+    assert lm._model_slices((policy.MODEL_SPLIT_MIN_MACS // per_step - 1, 50)) == [slice(0, 50)]
+    assert len(lm.rnn.batch_slices(50)) == 2

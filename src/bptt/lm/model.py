@@ -59,6 +59,7 @@ from bptt.nn.losses import cross_entropy
 from bptt.nn.module import Module
 from bptt.nn.ops import affine_backward, affine_forward_then
 from bptt.nn.regularized_loop import check_options
+from bptt.runtime import policy
 from bptt.runtime.threads import cores_each, keep_freed_memory
 from bptt.runtime.wavefront import run_parallel
 
@@ -399,14 +400,16 @@ class CharLM(Module):
 
     def _model_slices(self, shape):
         """The batch slices :meth:`train_step` (training mode) and :meth:`nll` (eval mode) run the model
-        in: the recurrent layer's own, when the step draws nothing at random and the decoder is plain
-        (else [whole batch])."""
+        in: the recurrent layer's own, when the step draws nothing at random, the decoder is plain and
+        the window has work enough (``policy.MODEL_SPLIT_MIN_MACS``); else [whole batch]."""
         T, N = shape
-        c = self.config
-        if c.adaptive_softmax or self.rnn.regularizer is not None or self.rnn.backend == "reference" or (
+        c, rnn = self.config, self.rnn
+        if c.adaptive_softmax or rnn.regularizer is not None or rnn.backend == "reference" or (
                 self.training and (c.dropout or c.embedding_dropout)):
             return [slice(0, N)]
-        return self.rnn.batch_slices(N)
+        if T * N * rnn.gate_count * rnn.hidden_size * rnn.out_size < policy.MODEL_SPLIT_MIN_MACS:
+            return [slice(0, N)]  # too little work for a whole model's Python per thread (see there)
+        return rnn.batch_slices(N)
 
     def _replicas(self, n):
         """n − 1 replicas of this model (made once, kept while their count fits), each module in this

@@ -31,6 +31,7 @@ import os
 from bptt.runtime import threads
 
 __all__ = ["SMALL_MACS", "ONE_THREAD_MACS", "PANEL_PRODUCTS", "SPLIT_MIN_ROWS", "SPLIT_MAX_MACS", "GATED_SPLIT_MAX_MACS",
+           "MODEL_SPLIT_MIN_MACS",
            "STEP_THREADS_BYTES", "WAVEFRONT_CHUNKS", "INFER_GX_BYTES", "step_blas_limit", "sampling_blas_limit",
            "batch_parts", "time_chunks", "inference_chunks"]
 
@@ -72,6 +73,14 @@ SPLIT_MAX_MACS = int(os.environ.get("BPTT_SPLIT_MAX_MACS", 12_000_000))
 # RNN gains 1.07× at 1×1024 too but its split peaks at 172 MB against PyTorch's 160–222 (2×512: 57 against
 # 58): it keeps SPLIT_MAX_MACS.
 GATED_SPLIT_MAX_MACS = int(os.environ.get("BPTT_GATED_SPLIT_MAX_MACS", 1 << 62))
+
+# A language model's step in batch slices, each through the whole model (bptt.lm.model.CharLM.train_step,
+# CharLM.nll), runs the Python of a whole model in every thread, one at a time under the GIL, for one
+# hand-off instead of four.  That pays once the window's recurrent work is large enough: below this many
+# multiply-adds of one layer's step products over the window (T·N·G·P) the layer slices the batch itself.
+# Measured (LSTM, 2 threads, same process, alternating): 2×128, N = 50: T = 1 0.87×, 10 0.98×, 15 1.02×,
+# 20 1.05×, 50 1.04×, 100 1.05×; N = 32, T = 10 0.97×; 2×256, N = 50: T = 5 (65 M) 1.01×, T = 10 1.05×.
+MODEL_SPLIT_MIN_MACS = int(os.environ.get("BPTT_MODEL_SPLIT_MIN_MACS", 64_000_000))
 
 # One step at a small batch (sampling) is a few matrix–vector products, limited by how
 # fast the weights stream from memory, not by arithmetic.  Once a layer's recurrent
