@@ -358,8 +358,9 @@ class CharLM(Module):
         gradient times M_i / M.  The layer's own slices hand the work over between threads four
         times a step (its forward, the decoder's two halves, the decoder's backward, its backward),
         with the loss on one core between them; this hands it over once (a 2×128 LSTM step 1.05×
-        faster, 2×256 1.03×: benchmarks/history.md).  The numbers are those of the whole batch up
-        to the order of the gradient sums.
+        faster, 2×256 1.05×, for windows of 64 M multiply-adds of a layer's step products or more,
+        ``policy.MODEL_SPLIT_MIN_MACS``: benchmarks/history.md).  The numbers are those of the whole
+        batch up to the order of the gradient sums.
         """
         ids, y = np.asarray(ids), np.asarray(targets)
         parts = self._model_slices(ids.shape)

@@ -114,10 +114,12 @@ class Module:
 
     def replica(self) -> Module:
         """A copy of this module tree that shares its parameter arrays but has gradients of its own
-        (zeros), its own forward contexts and its own recurrent state: another thread can run a
-        forward and backward through it while this one runs its own, and its gradients are then
-        added to this one's (:meth:`bptt.lm.model.CharLM.train_step`).  Attributes that point to a
-        module of the tree (a tied decoder's embedding) point to that module's copy."""
+        (zeros): another thread can run a forward and backward through it while this one runs its
+        own, and its gradients are then added to this one's (:meth:`bptt.lm.model.CharLM.train_step`).
+        Every other attribute is copied by reference (a shallow copy of each module): forward contexts
+        and recurrent state are rebound by each module's own calls, but a mutable object shared with
+        the original (a random generator, a frozen_cache dict) stays shared.  Attributes that point to
+        a module of the tree (a tied decoder's embedding) point to that module's copy."""
         clones: dict[int, Module] = {}
 
         def clone(m):
