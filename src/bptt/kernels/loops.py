@@ -378,8 +378,8 @@ class BackwardRun:
         self.dgx = cache.gates
         # dgh: the GRU's keeps only its n-part, da_n ⊙ r (T, N, H), where it differs from dgx (its r- and
         # z-parts are dgx's), written over the forward's gh_n = h_{t−1} W_hnᵀ + b_hn (cache.aux), which
-        # step t reads just before (gru_bw_step); else dgh is dgx.  No (T, N, G) buffer of its own: at
-        # the GRU's 2×512 training step, peak memory 107.6 → 88.2 MB (its own (T, N, H): 88.2 too).
+        # step t reads just before (gru_bw_step); else dgh is dgx.  No buffer of its own: the GRU's 2×512
+        # training step peaked at 107.6 MB with a (T, N, G) dgh, 88.2 with a (T, N, H) one, 78.4 now.
         self.dgh = cache.aux if kind == 3 else self.dgx
         self.dh_all = np.empty((T, N, P), dtype) if self.proj else None
         self.macs = N * G * P

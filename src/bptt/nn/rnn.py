@@ -715,24 +715,24 @@ class RNNBase(Module):
         if gb_ih is not None:
             gb_ih[rows] += db
         h_prev = layer.directions[d].h_prev.reshape(T * N, -1)
-        for part, dgh in self._dgh_parts(run, rows, dgx):  # dgh is dgx but in the GRU's n-part
+        for part, dgh, is_dgx in self._dgh_parts(run, rows, dgx):  # dgh is dgx but in the GRU's n-part
             gW_hh[part] += dgh.T @ h_prev
             if gb_hh is not None:
-                gb_hh[part] += db[part.start - rows.start : part.stop - rows.start] if dgh is dgx else dgh.sum(axis=0)
+                gb_hh[part] += db[part.start - rows.start : part.stop - rows.start] if is_dgx else dgh.sum(axis=0)
 
     def _dgh_parts(self, run, rows, dgx):
-        """[(gate rows, ∂L/∂gh over those rows (T·N, ·))] covering ``rows``: dgx itself where dgh equals
-        it (every gate but the GRU's n), the run's own dgh for the GRU's n-rows (the fused run keeps only
-        that part, (T, N, H); the reference loop the whole (T, N, G))."""
+        """[(gate rows, ∂L/∂gh over those rows (T·N, ·), whether that is dgx's columns)] covering ``rows``:
+        dgx itself where dgh equals it (every gate but the GRU's n), the run's own dgh for the GRU's
+        n-rows (the fused run keeps only that part, (T, N, H); the reference loop the whole (T, N, G))."""
         if self.mode != "gru":
-            return [(rows, dgx)]
+            return [(rows, dgx, True)]
         H = run.dgx.shape[2] // 3
         dgh = run.dgh.reshape(-1, run.dgh.shape[2])
         n0 = 0 if dgh.shape[1] == H else 2 * H  # where the n-part starts in dgh
         rz, n = slice(rows.start, min(rows.stop, 2 * H)), slice(max(rows.start, 2 * H), rows.stop)
-        return [(part, cols) for part, cols in ((rz, dgx[:, : rz.stop - rz.start]),
-                                                (n, dgh[:, n0 + n.start - 2 * H : n0 + n.stop - 2 * H]))
-                if part.stop > part.start]
+        return [part for part in ((rz, dgx[:, : rz.stop - rz.start], True),
+                                  (n, dgh[:, n0 + n.start - 2 * H : n0 + n.stop - 2 * H], False))
+                if part[0].stop > part[0].start]
 
     def _final_grads(self, k, d, run, grads):
         """After the weight gradients: ∂L/∂W_hr of a projected LSTM (one product over all
