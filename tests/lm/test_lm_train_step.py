@@ -50,7 +50,15 @@ def test_train_step_in_slices_equals_the_whole_batch(kw, two_cores):
         assert np.abs(g).max() > 0, name
         np.testing.assert_allclose(sliced.grads[name], g, rtol=1e-11, atol=1e-14, err_msg=name)
     rep = sliced._step_replicas[0]
-    assert all(not g.any() for g in rep.grads.values())  # handed over and cleared
+    assert any(g.any() for g in rep.grads.values())  # the last step's slice, already added to the model's
+    rep.grads["rnn.weight_hh_l0"][...] = 1e9  # what a step that raised half-way would leave behind
+    sliced.zero_grad()
+    whole.zero_grad()
+    loss, _ = sliced.train_step(x, y, state)
+    _, dlogits, _ = whole.loss(x, y, state)
+    whole.backward(dlogits)
+    np.testing.assert_allclose(sliced.grads["rnn.weight_hh_l0"], whole.grads["rnn.weight_hh_l0"], rtol=1e-11,
+                               atol=1e-14)  # replicas start every step from zero
 
 
 def test_train_step_with_dropout_runs_the_whole_batch(two_cores):

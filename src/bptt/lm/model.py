@@ -370,6 +370,8 @@ class CharLM(Module):
                 self.backward(dlogits)
             return loss, state
         M = ids.size
+        for rep in self._replicas(len(parts)):  # zeroed before, not after: a step that raised leaves none behind
+            rep.zero_grad()
 
         def one(model, s):
             loss, dlogits, end = model.loss(np.ascontiguousarray(ids[:, s]), np.ascontiguousarray(y[:, s]),
@@ -383,7 +385,6 @@ class CharLM(Module):
         for rep in self._step_replicas:
             for (_, _, g), (_, _, g_rep) in zip(self.named_parameters(), rep.named_parameters(), strict=True):
                 g += g_rep
-                g_rep.fill(0.0)
         return float(sum(losses)), state
 
     def _run_sliced(self, parts, one):
