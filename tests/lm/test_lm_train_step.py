@@ -38,7 +38,7 @@ def test_train_step_in_slices_equals_the_whole_batch(kw, two_cores):
     state = None
     for _ in range(2):
         x, y = rng.integers(0, 9, (5, 10)), rng.integers(0, 9, (5, 10))
-        assert len(sliced._model_slices(x.shape)) == 2
+        assert len(sliced._model_slices(x, y)) == 2
         loss, got_state = sliced.train_step(x, y, state)
         want, dlogits, want_state = whole.loss(x, y, state)
         whole.backward(dlogits)
@@ -67,7 +67,7 @@ def test_train_step_with_dropout_runs_the_whole_batch(two_cores):
     cfg = CharLMConfig(vocab_size=9, hidden=12, layers=2, dropout=0.3, dtype="float64")
     a, b = CharLM(cfg, rng=0), CharLM(cfg, rng=0)
     x, y = np.random.default_rng(2).integers(0, 9, (5, 10)), np.random.default_rng(3).integers(0, 9, (5, 10))
-    assert a._model_slices(x.shape) == [slice(0, 10)]
+    assert a._model_slices(x, y) == [slice(0, 10)]
     loss, _ = a.train_step(x, y)
     want, dlogits, _ = b.loss(x, y)
     b.backward(dlogits)
@@ -111,7 +111,7 @@ def test_nll_in_slices_equals_the_whole_batch_and_forgets_frozen_weights(kw, two
     rng = np.random.default_rng(4)
     x, y = rng.integers(0, 9, (5, 10)), rng.integers(0, 9, (5, 10))
     mask = rng.random((5, 10)) < 0.8
-    assert len(lm._model_slices(x.shape)) == 2
+    assert len(lm._model_slices(x, y)) == 2
     with lm.frozen_weights():
         got, got_state = lm.nll(x, y, mask=mask)
         rep = lm._step_replicas[0]
@@ -134,6 +134,24 @@ def test_short_windows_keep_the_layers_own_slices(monkeypatch):
     monkeypatch.setattr(blas, "blas_threads", lambda: blas.OUTER_THREADS[-1] if blas.OUTER_THREADS else 2)
     lm = CharLM(CharLMConfig(vocab_size=65, hidden=128, layers=2), rng=0)
     per_step = 50 * 4 * 128 * 128
-    assert lm._model_slices((policy.MODEL_SPLIT_MIN_MACS // per_step + 1, 50)) == [slice(0, 25), slice(25, 50)]
-    assert lm._model_slices((policy.MODEL_SPLIT_MIN_MACS // per_step - 1, 50)) == [slice(0, 50)]
+    long, short = (np.zeros((policy.MODEL_SPLIT_MIN_MACS // per_step + d, 50), np.int64) for d in (1, -1))
+    assert lm._model_slices(long, long) == [slice(0, 25), slice(25, 50)]
+    assert lm._model_slices(short, short) == [slice(0, 50)]
     assert len(lm.rnn.batch_slices(50)) == 2
+
+
+def test_bad_shapes_get_the_whole_batchs_errors(two_cores):
+    """train_step and nll check their input as loss() does: one-dimensional ids, and targets or a mask
+    wider than the ids (which slices of the ids' columns would silently cut), are clear errors."""
+    lm = CharLM(CharLMConfig(vocab_size=9, hidden=12, layers=2), rng=0)
+    x = np.zeros((5, 10), np.int64)
+    assert len(lm._model_slices(x, x)) == 2
+    with pytest.raises(ValueError, match=r"targets shape \(5, 11\) does not match"):
+        lm.train_step(x, np.zeros((5, 11), np.int64))
+    with pytest.raises(ValueError, match="CharLM expects integer ids of shape"):
+        lm.train_step(x[:, 0], x[:, 0])
+    lm.eval()
+    with pytest.raises(ValueError, match="targets must be integer ids of shape"):
+        lm.nll(x, np.zeros((5, 11), np.int64))
+    with pytest.raises(ValueError, match="mask must have the targets' shape"):
+        lm.nll(x, x, mask=np.ones((5, 11), bool))

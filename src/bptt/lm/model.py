@@ -289,8 +289,7 @@ class CharLM(Module):
         layer's batch slices, each through the whole model in a thread of its own (as
         :meth:`train_step`; an evaluation pass 1.025–1.048× faster at 2×128)."""
         ids, targets = np.asarray(ids), np.asarray(targets)
-        parts = self._model_slices(ids.shape) if targets.shape == ids.shape and (
-            mask is None or np.shape(mask) == ids.shape) else [slice(None)]
+        parts = self._model_slices(ids, targets, mask)
         if len(parts) < 2:
             return self._nll(ids, targets, state, mask)
 
@@ -363,17 +362,17 @@ class CharLM(Module):
         batch up to the order of the gradient sums.
         """
         ids, y = np.asarray(ids), np.asarray(targets)
-        parts = self._model_slices(ids.shape)
+        parts = self._model_slices(ids, y)
         if len(parts) < 2:
             loss, dlogits, state = self.loss(ids, y, state)
             if np.isfinite(loss):
                 self.backward(dlogits)
             return loss, state
         M = ids.size
-        for rep in self._replicas(len(parts)):  # zeroed before, not after: a step that raised leaves none behind
-            rep.zero_grad()
 
         def one(model, s):
+            if model is not self:
+                model.zero_grad()  # before, not after the step: a step that raised leaves nothing behind
             loss, dlogits, end = model.loss(np.ascontiguousarray(ids[:, s]), np.ascontiguousarray(y[:, s]),
                                             _state_slice(state, s))
             if np.isfinite(loss):
@@ -400,11 +399,15 @@ class CharLM(Module):
             np.concatenate(ends, axis=1)
         return [value for value, _ in results], joined
 
-    def _model_slices(self, shape):
+    def _model_slices(self, ids, targets, mask=None):
         """The batch slices :meth:`train_step` (training mode) and :meth:`nll` (eval mode) run the model
         in: the recurrent layer's own, when the step draws nothing at random, the decoder is plain and
-        the window has work enough (``policy.MODEL_SPLIT_MIN_MACS``); else [whole batch]."""
-        T, N = shape
+        the window has work enough (``policy.MODEL_SPLIT_MIN_MACS``); else [whole batch].  Ids that
+        are not (T, N), or targets or a mask of another shape, run whole: the whole batch's checks
+        then say what is wrong (slices of a wider target would not)."""
+        if ids.ndim != 2 or np.shape(targets) != ids.shape or (mask is not None and np.shape(mask) != ids.shape):
+            return [slice(None)]
+        T, N = ids.shape
         c, rnn = self.config, self.rnn
         if c.adaptive_softmax or rnn.regularizer is not None or rnn.backend == "reference" or (
                 self.training and (c.dropout or c.embedding_dropout)):
