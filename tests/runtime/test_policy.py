@@ -29,7 +29,9 @@ def test_batch_parts_follow_the_thresholds(monkeypatch):
     assert policy.batch_parts(few, big, True, fused=True) == [slice(0, few)]
     assert policy.batch_parts(50, policy.SPLIT_MAX_MACS, True, fused=True) == [slice(0, 50)]  # training: wavefront
     assert len(policy.batch_parts(50, policy.SPLIT_MAX_MACS, False, fused=True)) == 2  # eval: split at any size
-    assert len(policy.batch_parts(50, policy.SPLIT_MAX_MACS, True, fused=True, mode="lstm")) == 2  # the LSTM's bound
+    monkeypatch.setattr(policy, "SPLIT_MAX_MACS", big + 1)  # a bound (BPTT_SPLIT_MAX_MACS): training below it splits
+    assert len(policy.batch_parts(50, big, True, fused=True)) == 2
+    assert policy.batch_parts(50, big + 1, True, fused=True) == [slice(0, 50)]
     monkeypatch.setattr(policy, "SPLIT_MIN_ROWS", 30)
     assert policy.batch_parts(50, big, True, fused=True) == [slice(0, 50)]
     monkeypatch.setattr(blas, "blas_threads", lambda: 1)
@@ -100,7 +102,6 @@ def test_eval_mode_splits_above_the_training_bound(monkeypatch):
     monkeypatch.setattr(blas, "blas_threads", lambda: 2)
     monkeypatch.setattr(policy, "SMALL_MACS", -1)
     monkeypatch.setattr(policy, "SPLIT_MAX_MACS", 1)  # every product counts as large
-    monkeypatch.setattr(policy, "GATED_SPLIT_MAX_MACS", 1)
     rng = np.random.default_rng(5)
     T, N, D, H = 6, 16, 4, 5
     x, dout = rng.standard_normal((T, N, D)), rng.standard_normal((T, N, H))
@@ -117,18 +118,16 @@ def test_eval_mode_splits_above_the_training_bound(monkeypatch):
         assert rel(a, b) < 1e-12
 
 
-def test_the_lstm_and_gru_train_in_slices_at_every_size_the_rnn_up_to_the_bound(monkeypatch):
-    """In training, a step product above SPLIT_MAX_MACS keeps the LSTM and the GRU in batch slices (their
-    bound is GATED_SPLIT_MAX_MACS) and the RNN with the wavefront; BPTT_GATED_SPLIT_MAX_MACS restores one."""
+def test_every_cell_trains_in_slices_at_every_size_unless_bounded(monkeypatch):
+    """In training, the LSTM, the GRU and the RNN run a batch in slices however large a step's product
+    (RNN 1×1024 at N = 64: 67 M multiply-adds); a bound (BPTT_SPLIT_MAX_MACS) restores the wavefront above it."""
     monkeypatch.setattr(blas, "blas_threads", lambda: 2)
-    N, H = 50, 600  # LSTM: 50 · 2400 · 600 = 72 M multiply-adds a step, far above SPLIT_MAX_MACS
-    layers = {cls.__name__: cls(8, H, 2) for cls in (bptt.LSTM, bptt.GRU, bptt.RNN)}
-    assert all(N * layer.gate_count * H * H > policy.SPLIT_MAX_MACS for layer in layers.values())
-    assert layers["LSTM"]._batch_parts(N, fused=True) == [slice(0, 25), slice(25, 50)]
-    assert layers["GRU"]._batch_parts(N, fused=True) == [slice(0, 25), slice(25, 50)]
-    assert layers["RNN"]._batch_parts(N, fused=True) == [slice(0, N)]
-    monkeypatch.setattr(policy, "GATED_SPLIT_MAX_MACS", policy.SPLIT_MAX_MACS)
-    assert layers["LSTM"]._batch_parts(N, fused=True) == [slice(0, N)]
-    assert layers["GRU"]._batch_parts(N, fused=True) == [slice(0, N)]
+    N, H = 64, 1024
+    layers = {cls.__name__: cls(8, H, 1) for cls in (bptt.LSTM, bptt.GRU, bptt.RNN)}
+    for layer in layers.values():
+        assert layer._batch_parts(N, fused=True) == [slice(0, 32), slice(32, 64)]
+    monkeypatch.setattr(policy, "SPLIT_MAX_MACS", 12_000_000)
+    for layer in layers.values():
+        assert layer._batch_parts(N, fused=True) == [slice(0, N)]
     for layer in layers.values():  # eval mode splits every one of them
         assert len(layer.eval()._batch_parts(N, fused=True)) == 2

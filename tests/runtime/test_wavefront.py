@@ -14,6 +14,7 @@ import pytest
 from conftest import require_numba
 
 import bptt
+from bptt.nn import batch_slices
 from bptt.nn.ops import scatter_add_rows
 from bptt.runtime import policy
 from bptt.runtime import threads as blas
@@ -201,6 +202,33 @@ def test_pipelined_matches_torch(torch, monkeypatch, schedule):
     assert rel(dx, xt.grad.numpy()) < 1e-5
     for name, p in theirs.named_parameters():
         assert rel(ours.grads[name], p.grad.numpy()) < 1e-4, name
+
+
+@pytest.mark.parametrize("cls, bidirectional", [(bptt.LSTM, True), (bptt.GRU, False), (bptt.RNN, False)])
+def test_batch_slices_read_x_and_write_dx_in_place(monkeypatch, cls, bidirectional):
+    """A batch slice reads x[:, s] and writes dx[:, s] as views of the whole batch's arrays, a few
+    steps at a time (batch_slices.PIECE_ROWS, here 3 steps of 8 rows): the same outputs, input
+    gradient and weight gradients as the layer run whole (float64)."""
+    monkeypatch.setattr(blas, "blas_threads", lambda: 2)
+    monkeypatch.setattr(batch_slices, "PIECE_ROWS", 24)
+    layer = cls(20, 64, 2, bidirectional=bidirectional, dtype=np.float64, rng=0)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((31, 16, 20))
+    dout = rng.standard_normal((31, 16, 64 * (1 + bidirectional)))
+    runs = []
+    for split in (True, False):
+        if not split:
+            monkeypatch.setattr(policy, "SPLIT_MIN_ROWS", 1 << 62)
+        out, _ = layer(x)
+        assert len(layer._ctx.parts) == (2 if split else 0)
+        layer.zero_grad()
+        dx, _ = layer.backward(dout)
+        runs.append((out, dx, {k: g.copy() for k, g in layer.grads.items()}))
+    (out_a, dx_a, g_a), (out_b, dx_b, g_b) = runs
+    assert dx_a.flags.c_contiguous and dx_a.shape == x.shape
+    assert rel(out_a, out_b) < 1e-13 and rel(dx_a, dx_b) < 1e-13
+    for k in g_b:
+        assert rel(g_a[k], g_b[k]) < 1e-12, k
 
 
 # ---------------------------------------------------------------------------- one-hot input by index

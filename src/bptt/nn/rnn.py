@@ -32,7 +32,7 @@ import numpy as np
 from bptt.nn import gates, recurrence
 from bptt.nn.regularized_loop import Regularization, check_options, option_hint
 from bptt.nn.cells import resolve_rng, uniform_init
-from bptt.nn.batch_slices import ZerosOnDemand, run_slices
+from bptt.nn.batch_slices import ZerosOnDemand, add_gram, matmul_into, run_slices
 from bptt.nn.module import Module, as_float_array
 from bptt.nn.ops import dropout_mask, lengths_to_mask, scatter_add_rows
 from bptt.runtime import policy
@@ -241,7 +241,7 @@ class RNNBase(Module):
         """The batch slices to run in threads, each through the whole stack
         (:func:`bptt.runtime.policy.batch_parts`)."""
         macs = N * self.gate_count * self.hidden_size * self.out_size  # one step's product h_{t−1} W_hhᵀ
-        return policy.batch_parts(N, macs, self.training, fused, self.mode)
+        return policy.batch_parts(N, macs, self.training, fused)
 
     def _time_chunks(self, T, N, fused):
         """(time chunks, threads) of the wavefront over the layers (:func:`bptt.runtime.policy.time_chunks`)."""
@@ -354,7 +354,7 @@ class RNNBase(Module):
         if len(parts) > 1:  # batch slices in parallel threads, each the whole stack (see policy.batch_parts)
 
             def part(s):
-                return self._forward_stack(np.ascontiguousarray(x[:, s]), h0[:, s], None if c0 is None else c0[:, s],
+                return self._forward_stack(x[:, s], h0[:, s], None if c0 is None else c0[:, s],  # x: a view, no copy
                                            None if mask is None else mask[:, s],
                                            [None if m is None else m[:, s] for m in drops], one_hot, kernels, [(0, T)], 1,
                                            prepared, keep, W_hh)
@@ -578,14 +578,17 @@ class RNNBase(Module):
         W_hh, buffers = (None, {}) if outside is None else (outside.W_hh, outside.recurrent_grads(self))
         grads = self._own_grads | buffers
         if ctx.parts:  # the forward ran batch slices in threads: so does the backward, each into its own grads
+            # and each into its own columns of dx (see bptt.nn.batch_slices)
+            dx = np.empty((T, N, self.input_size), self._dtype) if need_input_grad and not ctx.one_hot else None
+
             def part(i, s, sub):
                 own = grads if i == 0 else ZerosOnDemand(grads)
                 return self._backward_stack(sub, dy[:, s], None if dh_n is None else dh_n[:, s],
                                             None if dc_n is None else dc_n[:, s], need_input_grad, kernels, own,
-                                            W_hh=W_hh) + (own,)
+                                            W_hh=W_hh, dx=None if dx is None else dx[:, s]) + (own,)
 
             jobs = [functools.partial(part, i, s, sub) for i, (s, sub) in enumerate(ctx.parts)]
-            results, (dx, dh0, dc0) = run_slices(jobs)
+            results, (_, dh0, dc0) = run_slices(jobs, join_first=False)
             for r in results[1:]:
                 for name, g in r[3].items():
                     grads[name] += g
@@ -599,18 +602,20 @@ class RNNBase(Module):
             dx = dx[:, 0] if not ctx.batched else dx.transpose(1, 0, 2) if self.batch_first else dx
         return dx, self._pack_state(dh0, dc0, ctx.batched)
 
-    def _backward_stack(self, ctx, dy, dh_n, dc_n, need_input_grad, kernels, grads, recurrent_scale=None, W_hh=None):
+    def _backward_stack(self, ctx, dy, dh_n, dc_n, need_input_grad, kernels, grads, recurrent_scale=None, W_hh=None,
+                        dx=None):
         """The backward of every layer from dy (T, N, K·P) as the forward of ``ctx`` ran it,
         accumulating parameter gradients into the dict ``grads``: → (dx or None, dh_0, dc_0);
-        ``W_hh``: the W̃_hh per layer and direction the forward ran with (weight drop), or None."""
+        ``W_hh``: the W̃_hh per layer and direction the forward ran with (weight drop), or None;
+        ``dx``: where to write ∂L/∂x (a batch slice's view of the whole batch's), else a new array."""
         T, N, _ = dy.shape
         L, K, P = self.num_layers, self.num_directions, self.out_size
         chunks, threads = ctx.chunks, ctx.threads
         need_dx0 = need_input_grad and not ctx.one_hot
         # dxs[k] = ∂L/∂(layer k's input); for k ≥ 1 that is the gradient the layer below
         # receives (after the dropout mask), filled chunk by chunk
-        dxs = [np.empty((T, N, self.input_size if k == 0 else K * P), self._dtype) if k > 0 or need_dx0 else None
-               for k in range(L)]
+        dxs = [(dx if dx is not None else np.empty((T, N, self.input_size), self._dtype)) if need_dx0 else None]
+        dxs += [np.empty((T, N, K * P), self._dtype) for _ in range(1, L)]
         runs = [None] * L
         drops = [layer.drop for layer in ctx.layers]
         shift = ctx.one_hot and threads > 1  # layer k's input gradient made in layer k−1's thread (see forward)
@@ -618,13 +623,7 @@ class RNNBase(Module):
 
         def input_grad(k, t0, t1):  # backprop into layer k's input: dx = Σ_d dgx W_ih (one product), ⊙ mask
             for d, run in enumerate(runs[k]):
-                W_ih = self._direction_params(k, d)[0]
-                dgx = run.dgx[t0:t1].reshape(-1, W_ih.shape[0])
-                dx = dxs[k][t0:t1].reshape(-1, W_ih.shape[1])
-                if d == 0:
-                    np.matmul(dgx, W_ih, out=dx)
-                else:
-                    dx += dgx @ W_ih
+                matmul_into(run.dgx[t0:t1], self._direction_params(k, d)[0], dxs[k][t0:t1], add=d > 0)
             if drops[k] is not None:
                 dxs[k][t0:t1] *= drops[k][t0:t1]
 
@@ -710,7 +709,7 @@ class RNNBase(Module):
                 scatter_add_rows(dW_ihT, layer.x.reshape(-1), run.dgx.reshape(T * N, G))
                 gW_ih += dW_ihT.T
         else:
-            gW_ih[rows] += dgx.T @ layer.x.reshape(T * N, -1)
+            add_gram(gW_ih[rows], dgx, layer.x)  # layer.x: a batch slice's view, read a piece at a time
         db = dgx.sum(axis=0) if gb_ih is not None else None
         if gb_ih is not None:
             gb_ih[rows] += db

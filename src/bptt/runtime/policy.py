@@ -15,7 +15,7 @@ the comments and BENCHMARKS.md.
 * ``ONE_THREAD_MACS``: below it a step's BLAS call runs on one thread
   (:func:`step_blas_limit`).
 * ``PANEL_PRODUCTS``: whether register-blocked products may be used at all.
-* ``SPLIT_MIN_ROWS`` / ``SPLIT_MAX_MACS`` / ``GATED_SPLIT_MAX_MACS``: when a batch runs as slices in
+* ``SPLIT_MIN_ROWS`` / ``SPLIT_MAX_MACS``: when a batch runs as slices in
   threads (:func:`batch_parts`); otherwise a stack may run as a wavefront
   over its layers (:func:`time_chunks`).
 * ``STEP_THREADS_BYTES``: when one sampling step lets BLAS use its threads.
@@ -30,7 +30,7 @@ import os
 
 from bptt.runtime import threads
 
-__all__ = ["SMALL_MACS", "ONE_THREAD_MACS", "PANEL_PRODUCTS", "SPLIT_MIN_ROWS", "SPLIT_MAX_MACS", "GATED_SPLIT_MAX_MACS",
+__all__ = ["SMALL_MACS", "ONE_THREAD_MACS", "PANEL_PRODUCTS", "SPLIT_MIN_ROWS", "SPLIT_MAX_MACS",
            "MODEL_SPLIT_MIN_MACS",
            "STEP_THREADS_BYTES", "WAVEFRONT_CHUNKS", "INFER_GX_BYTES", "step_blas_limit", "sampling_blas_limit",
            "batch_parts", "time_chunks", "inference_chunks"]
@@ -52,27 +52,25 @@ ONE_THREAD_MACS = int(os.environ.get("BPTT_STEP_THREADS_MACS", 16_000_000))
 # them; BPTT_PANEL_PRODUCTS=0 keeps every such product with BLAS.
 PANEL_PRODUCTS = os.environ.get("BPTT_PANEL_PRODUCTS", "1") != "0"
 
-# Batches of at least twice this many rows run in slices, one thread each (batch_parts),
-# when a step's product has fewer multiply-adds than SPLIT_MAX_MACS; BPTT_SPLIT_MIN_ROWS=0 turns that off.
-# Above 12 M (measured at 13 M: LSTM 2×256 and RNN 2×512 at N = 50) the split gained at most 1.10× and
-# its extra memory (each slice's copy of a dense input, a second set of weight gradients) put the RNN
-# 2×512 training step at 60 MB of peak growth against PyTorch's 57 (the wavefront: 46).  The bound holds
-# in training mode only: an eval-mode forward splits at every size (see batch_parts).
+# Batches of at least twice this many rows run in slices, one thread each (batch_parts); BPTT_SPLIT_MIN_ROWS=0
+# turns that off.
 SPLIT_MIN_ROWS = int(os.environ.get("BPTT_SPLIT_MIN_ROWS", 8)) or 1 << 62
-SPLIT_MAX_MACS = int(os.environ.get("BPTT_SPLIT_MAX_MACS", 12_000_000))
 
-# The LSTM's and the GRU's bound (BPTT_GATED_SPLIT_MAX_MACS), by default none.  The LSTM's forward
-# activates the gates in place (one (T, N, G) array less), so its split training step stays below PyTorch's
+# In training, step products of this many multiply-adds and more would run as a wavefront instead
+# (BPTT_SPLIT_MAX_MACS); by default there is no such bound: every cell trains in slices at every size.
+# The split pays a second set of weight gradients, so it once had a bound of 12 M for all cells, then
+# for the RNN alone.  The LSTM's forward activates the gates in place, so its split stays below PyTorch's
 # peak memory at every size of the layer table (2×256 54.9 against 75.7 MB, 2×512 137 against 147, 1×1024
-# 364 against 539), and since the step products run in tall blocks (bptt.kernels.gemm.TALL_ROWS) the split
-# beat the wavefront there: 1.19× at 2×256, 1.05× at 2×512, 1.10× at 1×1024 (Intel Xeon, 2 cores, same
-# process, alternating).  The GRU joined once its backward kept only the n-part of dgh, over the
-# forward's gh_n (bptt.kernels.loops.BackwardRun), and a slice's own weight gradients were made layer by
-# layer (bptt.nn.batch_slices.ZerosOnDemand): split, 100 against PyTorch's 111–125 MB at 2×512 (before: 121) and
-# 287 against 349–408 at 1×1024 (before: 362), and 1.07× and 1.13× faster than the wavefront there.  The
-# RNN gains 1.07× at 1×1024 too but its split peaks at 172 MB against PyTorch's 160–222 (2×512: 57 against
-# 58): it keeps SPLIT_MAX_MACS.
-GATED_SPLIT_MAX_MACS = int(os.environ.get("BPTT_GATED_SPLIT_MAX_MACS", 1 << 62))
+# 364 against 539), and with the step products in tall blocks (bptt.kernels.gemm.TALL_ROWS) it beat the
+# wavefront: 1.19× at 2×256, 1.05× at 2×512, 1.10× at 1×1024 (Intel Xeon, 2 cores, same process,
+# alternating).  The GRU followed once its backward kept only the n-part of dgh and a slice's own weight
+# gradients were made layer by layer (bptt.nn.batch_slices.ZerosOnDemand): 100 against PyTorch's 111–125 MB
+# at 2×512, 287 against 349–408 at 1×1024, 1.07× and 1.13× faster than the wavefront.  The RNN followed
+# once a slice read its input and wrote its input gradient in place (bptt.nn.batch_slices.add_gram,
+# matmul_into) instead of copying both: its split peaks at 50 MB against PyTorch's 59–62 at 2×512 (before:
+# 57) and at 140 against 163–221 at 1×1024 (before: 172), and runs 1.07× (2×512) and 1.10× (1×1024)
+# faster than the wavefront (same machine, medians of 21 and 15 steps, three alternating runs each).
+SPLIT_MAX_MACS = int(os.environ.get("BPTT_SPLIT_MAX_MACS", 1 << 62))
 
 # A language model's step in batch slices, each through the whole model (bptt.lm.model.CharLM.train_step,
 # CharLM.nll), runs the Python of a whole model in every thread, one at a time under the GIL, for one
@@ -119,13 +117,11 @@ def sampling_blas_limit(weight_bytes, macs):
     return step_blas_limit(macs)
 
 
-def batch_parts(N, macs, training, fused, mode=""):
+def batch_parts(N, macs, training, fused):
     """The batch slices a recurrent stack runs in parallel threads, each slice through the
     whole stack: one per core when every slice keeps at least ``SPLIT_MIN_ROWS`` rows,
     else [0:N].  ``macs`` is one step's product N·G·P, ``fused`` whether the layer runs on
-    the compiled kernels (the reference loop never splits), ``mode`` the cell ("lstm", "gru",
-    "rnn_tanh", …), which sets the training bound (``GATED_SPLIT_MAX_MACS`` for the LSTM and GRU, else
-    ``SPLIT_MAX_MACS``).
+    the compiled kernels (the reference loop never splits).
 
     A per-step product of N rows is too small for BLAS threads, so a layer's time
     loop keeps one core busy; the wavefront gives the other core the next layer,
@@ -135,9 +131,9 @@ def batch_parts(N, macs, training, fused, mode=""):
     process, alternating (2 cores, T = 50, training step): 2×128 at N = 50 1.03-1.24×
     (LSTM), 0.93-1.21× (GRU), 1.09-1.21× (RNN) over three runs; 2×128 LSTM at N = 32
     and 16 1.20× and 1.26×; one-layer stacks, which have no wavefront, 1.24-1.44×.
-    In training mode, products of that bound's multiply-adds and more stay with
-    the wavefront: the backward of a split needs a second set of weight gradients.  In
-    eval mode, which keeps nothing for a backward (unless ``need_backward=True``),
+    In training mode, products of ``SPLIT_MAX_MACS`` multiply-adds and more (by default
+    none) stay with the wavefront: the backward of a split needs a second set of weight
+    gradients.  In eval mode, which keeps nothing for a backward (unless ``need_backward=True``),
     every size splits: forward only, against the wavefront, LSTM 2×256 1.26×, 2×512
     1.16×, 1×1024 (N = 64) 1.05×; GRU 1.14-1.18×, RNN 1.15-1.16× at 2×512 and 1×1024
     (same process, alternating, outputs identical up to summation order).
@@ -145,8 +141,7 @@ def batch_parts(N, macs, training, fused, mode=""):
     whole = [slice(0, N)]
     if not fused or N < 2 * SPLIT_MIN_ROWS:
         return whole
-    bound = GATED_SPLIT_MAX_MACS if mode in ("lstm", "gru") else SPLIT_MAX_MACS
-    if macs <= SMALL_MACS or (training and macs >= bound):
+    if macs <= SMALL_MACS or (training and macs >= SPLIT_MAX_MACS):
         return whole  # a step of µs (compiled loops), or products for the wavefront (see SPLIT_MAX_MACS)
     n = min(threads.blas_threads(), N // SPLIT_MIN_ROWS)
     if n < 2:
