@@ -33,7 +33,7 @@ from bptt.runtime import policy, threads
 
 __all__ = ["times", "mm_acc", "panel_times", "panel_affine", "pack_panels", "pack_bias", "transposed", "PackedAffine",
            "panel_width", "block_rows", "panel_vectors", "Panels", "panels_enabled", "gemm_function", "VECTOR_BYTES",
-           "PANEL_VECTORS", "TALL_ROWS", "TALL_VECTORS", "HAS_PANELS"]
+           "PANEL_VECTORS", "TALL_ROWS", "TALL_VECTORS", "HAS_PANELS", "PREFETCH_ROWS"]
 
 if HAVE_NUMBA:
     from llvmlite import ir as _ir
@@ -79,6 +79,14 @@ HAS_PANELS = VECTOR_BYTES > 0  # this CPU can run panel_times (policy.PANEL_PROD
 # shapes are the same.  13 rows × 2 vectors: 26 accumulators + 2 panel vectors + 1 broadcast ≤ 32.
 TALL_ROWS, TALL_VECTORS = (13, 2) if PANEL_VECTORS == 4 else (6, PANEL_VECTORS)
 
+# A block kernel asks for the panel row this many k ahead of the one it multiplies (software prefetch).
+# A step product's weights outgrow the L2 cache from H = 512 (4 MB), so each step streams them from L3,
+# which the hardware prefetcher alone did not keep up with.  One core, 13 + 12 rows, same run (Intel
+# Xeon, AVX-512): 25×256 by 256×1024 158 → 165–169 GFLOP/s, 25×512 by 512×2048 142 → 155–160, at 8,
+# 16 or 32 rows ahead alike; into L2 only (locality 2) gained less (146).  A constant, not an environment
+# variable: it is compiled into the kernels, which Numba caches on disk without it in the key.
+PREFETCH_ROWS = 16
+
 if HAVE_NUMBA:
     # ======================================================================== small products
     @njit(**JIT)
@@ -113,8 +121,8 @@ if HAVE_NUMBA:
         K rows of PW = V·w contiguous elements (w = lanes of a vector of the dtype of
         ``zero``); init: the address of PW values the sums start from (a bias, or
         zeros).  The R·V accumulators are SSA values, so LLVM keeps them in registers:
-        per k, V vector loads of B and R broadcasts of A feed R·V fused multiply-adds.
-        K ≥ 1.
+        per k, V vector loads of B and R broadcasts of A feed R·V fused multiply-adds, and
+        the cache lines of B's row k + PREFETCH_ROWS are asked for.  K ≥ 1.
         """
 
         @intrinsic
@@ -140,6 +148,10 @@ if HAVE_NUMBA:
                 name = f"llvm.fma.v{lanes}f{8 * item}"
                 fma = builder.module.globals.get(name) or _ir.Function(
                     builder.module, _ir.FunctionType(vec, [vec, vec, vec]), name)
+                i8p, i32 = _ir.IntType(8).as_pointer(), _ir.IntType(32)
+                prefetch = builder.module.globals.get("llvm.prefetch.p0i8") or _ir.Function(
+                    builder.module, _ir.FunctionType(_ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8")
+                line = 64 // item  # elements of a cache line
                 start = [builder.load(vector_at(I, const(v * lanes)), align=item) for v in range(V)]  # init's vectors
                 entry = builder.block
                 loop, done = builder.append_basic_block("panel.k"), builder.append_basic_block("panel.done")
@@ -148,6 +160,10 @@ if HAVE_NUMBA:
                 k = builder.phi(i64)
                 acc = [[builder.phi(vec) for _ in range(V)] for _ in range(R)]
                 b_row = builder.mul(k, const(V * lanes))  # B_panel[k, :]
+                for e in range(0, V * lanes, line) if PREFETCH_ROWS else ():  # read, keep in every cache level, data
+                    ahead = builder.gep(B, [builder.add(b_row, const(PREFETCH_ROWS * V * lanes + e))])
+                    builder.call(prefetch, [builder.bitcast(ahead, i8p), _ir.Constant(i32, 0), _ir.Constant(i32, 3),
+                                            _ir.Constant(i32, 1)])
                 bv = [builder.load(vector_at(B, builder.add(b_row, const(v * lanes))), align=item) for v in range(V)]
                 splat = _ir.Constant(_ir.VectorType(_ir.IntType(32), lanes), [0] * lanes)
                 new = []
