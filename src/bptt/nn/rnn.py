@@ -35,6 +35,7 @@ from bptt.nn.cells import resolve_rng, uniform_init
 from bptt.nn.batch_slices import ZerosOnDemand, add_gram, matmul_into, run_slices
 from bptt.nn.module import Module, as_float_array
 from bptt.nn.ops import dropout_mask, lengths_to_mask, scatter_add_rows
+from bptt.nn.prepared import input_product, prepare
 from bptt.runtime import policy
 from bptt.runtime import threads as runtime_threads
 from bptt.runtime.threads import keep_freed_memory, single_thread_blas
@@ -46,15 +47,6 @@ class _LayerCache(NamedTuple):
     x: np.ndarray  # (T, N, D_k) this layer's input, after dropout (layer 0 with one_hot: the indices (T, N))
     drop: np.ndarray | None  # (T, N, D_k) the dropout mask applied to it, if any
     directions: list  # one recurrence.SequenceCache (or kernels.KernelCache) per direction
-
-
-class _Prepared(NamedTuple):
-    """One layer direction's weights as a forward call's products read them (RNNBase._prepare)."""
-
-    table: np.ndarray | None  # W_ihᵀ (D_k, G) contiguous for BLAS, or W_ihᵀ + bias for a one-hot gather
-    bias: np.ndarray | None  # the bias still to add after the BLAS product
-    affine: object  # kernels.PackedAffine: x W_ihᵀ + bias on packed panels, or None
-    panels: object  # kernels.Panels: the packed recurrent weights, shared by the batch slices (or None)
 
 
 class _Context(NamedTuple):
@@ -341,7 +333,7 @@ class RNNBase(Module):
         W_hh = None if outside is None else outside.W_hh  # W̃_hh in place of W_hh (weight drop), or None
         parts = self._batch_parts(N, kernels is not None)
         chunks, threads = ([(0, T)], 1) if len(parts) > 1 else self._time_chunks(T, N, kernels is not None)
-        # each layer's weights as its products read them (see _prepare), made once and shared by batch slices;
+        # each layer's weights as its products read them (bptt.nn.prepared), made once and shared by batch slices;
         # packed for the register-blocked products where every product runs on one BLAS thread
         one_thread = len(parts) > 1 or threads > 1 or runtime_threads.blas_threads() == 1
         panels = kernels is not None and kernels.panels_enabled() and one_thread
@@ -475,29 +467,9 @@ class RNNBase(Module):
         return cache[key]
 
     def _prepare(self, k, d, one_hot, panels, kernels):
-        """Layer k, direction d's weights as this forward call's products read them, made once
-        per call and shared by its batch slices (an :class:`_Prepared`):
-
-        * the input product x W_ihᵀ + b (see :meth:`_input_product`): with ``panels``, W_ihᵀ
-          and the bias packed for the register-blocked products (``kernels.PackedAffine``: at
-          the shapes of a batch slice 90–109 against OpenBLAS's 73–93 GFLOP/s on one core);
-          else W_ihᵀ contiguous (a product reads W_ihᵀ untransposed faster: measured 198
-          against 217 µs for a 300×128 by 128×512 chunk) and the bias still to add.  A one-hot
-          x picks rows of W_ihᵀ + b_ih (+ b_hh), so then the bias is folded into the table;
-        * the recurrent product's packed weights (``kernels.Panels``, packed by the first run
-          that uses them), so that slices share one copy: packing or transposing a 1024×4096
-          matrix per slice took 7–30 ms of a 650 ms forward.
-        """
-        W_ih = self._direction_params(k, d)[0]
-        bias = self._input_bias(k, d)
-        shared = kernels.Panels() if kernels is not None else None
-        if one_hot:
-            table = np.ascontiguousarray(W_ih.T) if bias is None else np.add(W_ih.T, bias, order="C")
-            return _Prepared(table, None, None, shared)
-        if panels:
-            return _Prepared(None, None, kernels.PackedAffine(W_ih, bias), shared)
-        table = kernels.transposed(W_ih) if kernels is not None else np.ascontiguousarray(W_ih.T)
-        return _Prepared(table, bias, None, shared)
+        """Layer k, direction d's weights as this forward call's products read them (see
+        :mod:`bptt.nn.prepared`), made once per call and shared by its batch slices."""
+        return prepare(self._direction_params(k, d)[0], self._input_bias(k, d), one_hot, panels, kernels)
 
     def _input_bias(self, k, d):
         """b_ih, plus b_hh for RNN/LSTM, whose b_hh adds to the same sum (the GRU keeps b_hh apart)."""
@@ -507,25 +479,8 @@ class RNNBase(Module):
         return b_ih
 
     def _input_product(self, k, d, inp, gx, one_hot, prepared):
-        """gx = inp W_ihᵀ + b_ih (+ b_hh for RNN/LSTM), into gx.
-
-        inp (t, N, D_k) → gx (t, N, G), as one (t·N, D_k)×(D_k, G) product (on packed panels,
-        the bias added as the sums start, or by BLAS); for a one-hot input (indices (t, N))
-        the product picks rows of W_ihᵀ + bias.  prepared[k][d] is :meth:`_prepare`'s.
-        """
-        table, bias, affine, _ = prepared[k][d]
-        G = gx.shape[2]
-        if affine is not None:
-            affine(np.ascontiguousarray(inp.reshape(-1, inp.shape[2])), gx.reshape(-1, G))
-            return
-        if one_hot:
-            # mode="clip": the indices were checked in _check_input, and the default mode="raise"
-            # writes through a buffer when given out= (measured 0.28 against 0.09 ms for 2,500 rows)
-            np.take(table, inp.reshape(-1), axis=0, out=gx.reshape(-1, G), mode="clip")
-            return
-        np.matmul(inp.reshape(-1, inp.shape[2]), table, out=gx.reshape(-1, G))
-        if bias is not None:
-            gx += bias
+        """gx = inp W_ihᵀ + b_ih (+ b_hh for RNN/LSTM), into gx (see :func:`bptt.nn.prepared.input_product`)."""
+        input_product(prepared[k][d], inp, gx, one_hot)
 
     # ------------------------------------------------------------------ backward
     def backward(self, doutput, dstate=None, need_input_grad=True, recurrent_scale=None):
