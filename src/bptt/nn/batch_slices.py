@@ -45,15 +45,13 @@ class ZerosOnDemand(dict):
         return self[name] if name in self._like else default
 
 
-def run_slices(jobs, join_first=True):
+def run_slices(jobs):
     """Run one job per batch slice, each in a thread with one BLAS thread (see
     :func:`bptt.runtime.policy.batch_parts`) → (their results, and the first three fields of the
-    results joined along the batch axis, None where the slices have None, and the first None
-    without ``join_first``: the slices wrote it in place)."""
+    results joined along the batch axis, None where the slices have None)."""
     with single_thread_blas():
         results = run_parallel(jobs)
-    joined = tuple(None if results[0][i] is None or (i == 0 and not join_first)
-                   else np.concatenate([r[i] for r in results], axis=1) for i in range(3))
+    joined = tuple(None if results[0][i] is None else np.concatenate([r[i] for r in results], axis=1) for i in range(3))
     return results, joined
 
 

@@ -538,12 +538,13 @@ class RNNBase(Module):
 
             def part(i, s, sub):
                 own = grads if i == 0 else ZerosOnDemand(grads)
-                return self._backward_stack(sub, dy[:, s], None if dh_n is None else dh_n[:, s],
-                                            None if dc_n is None else dc_n[:, s], need_input_grad, kernels, own,
-                                            W_hh=W_hh, dx=None if dx is None else dx[:, s]) + (own,)
+                _, dh0_s, dc0_s = self._backward_stack(sub, dy[:, s], None if dh_n is None else dh_n[:, s],
+                                                       None if dc_n is None else dc_n[:, s], need_input_grad, kernels,
+                                                       own, W_hh=W_hh, dx=None if dx is None else dx[:, s])
+                return None, dh0_s, dc0_s, own  # its dx: written in place
 
             jobs = [functools.partial(part, i, s, sub) for i, (s, sub) in enumerate(ctx.parts)]
-            results, (_, dh0, dc0) = run_slices(jobs, join_first=False)
+            results, (_, dh0, dc0) = run_slices(jobs)
             for r in results[1:]:
                 for name, g in r[3].items():
                     grads[name] += g
