@@ -54,7 +54,7 @@ from bptt.nn.cells import resolve_rng
 from bptt.nn.adaptive import AdaptiveLogSoftmaxWithLoss
 from bptt.nn.gates import gate_slice
 from bptt.nn.layers import Dropout, Embedding, Linear
-from bptt.nn.rnn import GRU, LSTM, RNN
+from bptt.nn.rnn import GRU, LSTM, RNN, join_streams, select_streams
 from bptt.nn.losses import cross_entropy
 from bptt.nn.module import Module
 from bptt.nn.ops import affine_backward, affine_forward_then
@@ -294,7 +294,7 @@ class CharLM(Module):
             return self._nll(ids, targets, state, mask)
 
         def one(model, s):
-            return model._nll(ids[:, s], targets[:, s], _state_slice(state, s), None if mask is None else mask[:, s])
+            return model._nll(ids[:, s], targets[:, s], select_streams(state, s), None if mask is None else mask[:, s])
 
         sums, state = self._run_sliced(parts, one)
         return float(sum(sums)), state
@@ -374,7 +374,7 @@ class CharLM(Module):
             if model is not self:
                 model.zero_grad()  # before, not after the step: a step that raised leaves nothing behind
             loss, dlogits, end = model.loss(np.ascontiguousarray(ids[:, s]), np.ascontiguousarray(y[:, s]),
-                                            _state_slice(state, s))
+                                            select_streams(state, s))
             if np.isfinite(loss):
                 dlogits *= dlogits.dtype.type(ids[:, s].size / M)
                 model.backward(dlogits)
@@ -394,10 +394,7 @@ class CharLM(Module):
         with cores_each(1):
             results = run_parallel([functools.partial(one, self if i == 0 else replicas[i - 1], s)
                                     for i, s in enumerate(parts)])
-        ends = [end for _, end in results]
-        joined = tuple(np.concatenate(p, axis=1) for p in zip(*ends)) if isinstance(ends[0], tuple) else \
-            np.concatenate(ends, axis=1)
-        return [value for value, _ in results], joined
+        return [value for value, _ in results], join_streams([end for _, end in results])
 
     def _model_slices(self, ids, targets, mask=None):
         """The batch slices :meth:`train_step` (training mode) and :meth:`nll` (eval mode) run the model
@@ -440,13 +437,6 @@ class CharLM(Module):
         ids = np.asarray(ids).reshape(-1)
         h = self.rnn.step(self.inputs(ids))  # (N, H)
         return self.scores(h)
-
-
-def _state_slice(state, s):
-    """Streams ``s`` of a recurrent state: h (L·K, N, P), an LSTM's (h, c), or None."""
-    if state is None:
-        return None
-    return tuple(a[:, s] for a in state) if isinstance(state, tuple) else state[:, s]
 
 
 class TiedDecoder(Module):

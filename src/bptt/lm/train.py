@@ -55,6 +55,7 @@ from bptt.lm.model import CHECKPOINT_KIND, CharLM, CharLMConfig, build_model, co
 from bptt.lm import presets
 from bptt.lm.transformer import TransformerLMConfig
 from bptt.nn.optim import make_optimizer, make_schedule
+from bptt.nn.rnn import join_streams
 from bptt.rundir import claim_run_dir, discarded_on_failure, missing_dirs
 from bptt.trainer import LoopConfig, StepResult, Trainer, TrainingError
 
@@ -449,9 +450,7 @@ class CharLMJob:
         state = self.state
         if self.world is not None:  # all N streams, rank by rank: pieces joined along N
             pieces = self.world.gather(state)
-            state = None if any(p is None for p in pieces) else (
-                tuple(np.concatenate(parts, axis=1) for parts in zip(*pieces, strict=True)) if isinstance(state, tuple)
-                else np.concatenate(pieces, axis=1))  # (L, N_r, H) pieces
+            state = join_streams(pieces)  # (L, N_r, H) pieces
             mask_pieces = self.world.gather(masks)
             masks = {} if not all(mask_pieces) else {
                 k: np.concatenate([m[k] for m in mask_pieces], axis=0) for k in masks}  # (N_r, ...) pieces

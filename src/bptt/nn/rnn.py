@@ -40,7 +40,7 @@ from bptt.runtime import policy
 from bptt.runtime import threads as runtime_threads
 from bptt.runtime.threads import keep_freed_memory, single_thread_blas
 
-__all__ = ["RNN", "LSTM", "GRU", "RNNBase"]
+__all__ = ["RNN", "LSTM", "GRU", "RNNBase", "select_streams", "join_streams"]
 
 
 class _LayerCache(NamedTuple):
@@ -58,6 +58,24 @@ class _Context(NamedTuple):
     threads: int
     parts: list  # [(batch slice, _Context of that slice)] when the batch ran split in threads, else []
     outside: object = None  # regularized_loop.Outside: the regularisers outside the loop, in training; else None
+
+
+def select_streams(state, idx):
+    """Streams ``idx`` (a slice or index array over N) of a recurrent state: h (L·K, N, P), an LSTM's
+    (h, c), or None."""
+    if state is None:
+        return None
+    return tuple(a[:, idx] for a in state) if isinstance(state, tuple) else state[:, idx]
+
+
+def join_streams(states):
+    """The states of consecutive groups of streams joined into one, along N (the inverse of
+    :func:`select_streams` over slices that cover the batch in order); None if any is None."""
+    if any(s is None for s in states):
+        return None
+    if isinstance(states[0], tuple):
+        return tuple(np.concatenate(parts, axis=1) for parts in zip(*states, strict=True))
+    return np.concatenate(states, axis=1)
 
 
 def _shifted(shift, j):

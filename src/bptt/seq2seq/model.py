@@ -44,7 +44,7 @@ from bptt.config import DictConfig
 from bptt.nn.attention import ATTENTION_KINDS, Attention
 from bptt.nn.cells import resolve_rng
 from bptt.nn.layers import Embedding, Linear
-from bptt.nn.rnn import GRU, LSTM, RNN
+from bptt.nn.rnn import GRU, LSTM, RNN, select_streams
 from bptt.nn.losses import cross_entropy, log_softmax
 from bptt.nn.module import Module, frozen
 from bptt.seq2seq.tasks import BOS, EOS, PAD
@@ -370,7 +370,7 @@ class Seq2Seq(Module):
                     length = np.take_along_axis(length, back, axis=1) + ~was_finished
                     finished = was_finished | (tok == EOS)
                     rows = (np.arange(N)[:, None] * B + back).reshape(-1)
-                    state = tuple(s[:, rows] for s in state) if isinstance(state, tuple) else state[:, rows]
+                    state = select_streams(state, rows)
                     tokens = tok.reshape(-1)
                     toks.append(tok)
                     backs.append(back)
