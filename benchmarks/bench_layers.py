@@ -28,10 +28,10 @@ Method
 * sampling: one character at a time, batch 1, a 2-layer LSTM of 512 units over
   a one-hot input of V = 65; bptt's ``LSTM.step`` vs ``torch.nn.LSTM`` called on
   a (1, 1, V) input with the carried state, under ``no_grad``.
-* peak memory of one training step is measured in a fresh subprocess per side
+* peak memory of one training step, and of one inference forward, is measured in a fresh subprocess per side
   and configuration (Linux): after building the model and inputs (and, for
   bptt, loading the compiled kernels), the peak resident set is reset
-  (``/proc/self/clear_refs`` ← 5), one training step runs, and the growth of the
+  (``/proc/self/clear_refs`` ← 5), one training step (or forward) runs, and the growth of the
   peak (``VmHWM``) over the resident set before the step is reported.  Both sides
   are measured the same way (tracemalloc would miss torch's allocator).  Memory
   already mapped and reused by an allocator is not counted, so these are
@@ -232,15 +232,16 @@ def sampling(repeat_chars, V=65, H=512, L=2):
 MEM_CHILD = r"""
 import json, sys
 import numpy as np
-side, mode, T, N, D, H, L, threads = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
+side, mode, which, (T, N, D, H, L, threads) = sys.argv[1], sys.argv[2], sys.argv[3], map(int, sys.argv[4:])
 from threadpoolctl import threadpool_limits
 threadpool_limits(threads)
 import torch
 torch.set_num_threads(threads)
 sys.path.insert(0, sys.argv[0].rsplit("/", 1)[0] if "/" in sys.argv[0] else ".")
 from bench_layers import make_runners
-ours_train, torch_train, _, _ = make_runners(mode, T, N, D, H, L)
-step = ours_train if side == "bptt" else torch_train
+ours_train, torch_train, ours_infer, torch_infer = make_runners(mode, T, N, D, H, L)
+step = {("bptt", "train"): ours_train, ("torch", "train"): torch_train,
+        ("bptt", "infer"): ours_infer, ("torch", "infer"): torch_infer}[side, which]
 import gc; gc.collect()
 if side == "bptt":
     import bptt.kernels as K
@@ -258,13 +259,14 @@ print(json.dumps({"mb": (after - before) / 1024}))
 """
 
 
-def peak_memory(side, mode, cfg, threads):
+def peak_memory(side, mode, which, cfg, threads):
+    """Growth of the peak resident set (MB) over one call of ``which`` (train or infer) in a fresh process."""
     here = os.path.dirname(os.path.abspath(__file__))
     script = os.path.join(here, "_mem_child.py")
     with open(script, "w") as f:
         f.write(MEM_CHILD)
     try:
-        out = subprocess.run([sys.executable, script, side, mode, *map(str, cfg), str(threads)],
+        out = subprocess.run([sys.executable, script, side, mode, which, *map(str, cfg), str(threads)],
                              capture_output=True, text=True, check=True, cwd=here)
         return json.loads(out.stdout.strip().splitlines()[-1])["mb"]
     finally:
@@ -362,16 +364,16 @@ def main(argv=None):
 
     if not args.no_memory:
         emit()
-        emit("## Peak memory of one training step (growth of peak RSS in a fresh subprocess, MB)")
+        emit("## Peak memory of one training step and one inference forward (growth of peak RSS in a fresh subprocess, MB)")
         emit()
-        emit("| config | mode | MB bptt | MB torch |")
-        emit("|---|---|---:|---:|")
+        emit("| config | mode | train MB bptt | train MB torch | infer MB bptt | infer MB torch |")
+        emit("|---|---|---:|---:|---:|---:|")
         mem_grid = grid[1:] if not args.quick else grid[-1:]
         for cfg in mem_grid:
             for mode in ("lstm",) if args.quick else modes:
-                mo = peak_memory("bptt", mode, cfg, args.threads)
-                mt = peak_memory("torch", mode, cfg, args.threads)
-                emit(f"| {cfg} | {mode} | {mo:.1f} | {mt:.1f} |")
+                mb = [peak_memory(side, mode, which, cfg, args.threads)
+                      for which in ("train", "infer") for side in ("bptt", "torch")]
+                emit(f"| {cfg} | {mode} | " + " | ".join(f"{v:.1f}" for v in mb) + " |")
 
     if args.out:
         with open(args.out, "w") as f:
