@@ -64,7 +64,7 @@ def test_inference_forward_is_the_training_forward_bit_for_bit(mode, dtype, gx_b
     """gx_bytes: the input pre-activations made a chunk at a time (1 byte: one step a chunk;
     300: a few steps, chunks of unequal length) or, None, the default (the whole sequence here)."""
     if gx_bytes is not None:
-        monkeypatch.setattr(policy, "INFER_GX_BYTES", gx_bytes)
+        monkeypatch.setattr(policy, "INFER_WINDOW_BYTES", gx_bytes)
     for seed, kw in enumerate([
         {},
         dict(bidir=True),
@@ -77,9 +77,33 @@ def test_inference_forward_is_the_training_forward_bit_for_bit(mode, dtype, gx_b
         assert_identical(layer, x, st, lens)
 
 
+@pytest.mark.parametrize("gx_bytes", [None, 1, 300])
+@pytest.mark.parametrize("mode", MODES)
+def test_training_mode_forward_without_backward_applies_the_same_dropout(mode, gx_bytes, path, monkeypatch):  # noqa: F811
+    """In training mode with dropout between layers, ``need_backward=False`` (the inference path,
+    its input windows multiplied by the masks) gives the forward that keeps its caches, bit for
+    bit, for the same draws, on every kernel path (N = 16: two batch slices on "batch-split")."""
+    if gx_bytes is not None:
+        monkeypatch.setattr(policy, "INFER_WINDOW_BYTES", gx_bytes)
+    cls = {"lstm": bptt.LSTM, "gru": bptt.GRU}.get(mode, bptt.RNN)
+    kw = {"nonlinearity": mode[4:]} if cls is bptt.RNN else {}
+    layer = cls(3, 8, 3, dropout=0.5, rng=1, dtype=np.float64, **kw)
+    for N in (2, 16):  # (N = 1 in one-step windows: a one-row product, which NumPy runs as a
+        # vector-matrix product, rounds differently from the whole sequence's)
+        x = np.random.default_rng(N).standard_normal((7, N, 3))
+        outs = []
+        for need_backward in (True, False):
+            layer.rng = np.random.default_rng(5)
+            outs.append(layer.forward(x, need_backward=need_backward))
+        (want, want_h), (got, got_h) = outs
+        assert np.array_equal(got, want) and np.array_equal(got_h, want_h)
+        layer.rng = np.random.default_rng(6)
+        assert not np.array_equal(layer.forward(x, need_backward=False)[0], want)  # the masks do matter
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_inference_with_projection(dtype, path, monkeypatch):  # noqa: F811
-    monkeypatch.setattr(policy, "INFER_GX_BYTES", 200)
+    monkeypatch.setattr(policy, "INFER_WINDOW_BYTES", 200)
     for seed, kw in enumerate([dict(proj=2), dict(proj=3, bidir=True, lengths=True, state=True)]):
         layer, x, st, lens = case("lstm", dtype, 10 + seed, **kw)
         assert_identical(layer, x, st, lens)
@@ -145,20 +169,26 @@ def test_reference_backend_keeps_its_caches_in_eval():
 
 def test_window_of_gx_rows():
     """ForwardRun(keep=False, length=T) over a window of gx rows, filled chunk by chunk through
-    gx_rows, equals the whole sequence; chunks out of turn or too long are refused."""
+    gx_rows, equals the whole sequence, each chunk's output read from y's window after its steps;
+    chunks out of turn or too long, and a y of the wrong shape, are refused."""
     rng = np.random.default_rng(4)
     T, N, H = 7, 2, 3
     W = recurrence.Weights(rng.standard_normal((4 * H, H)), None, None)
     gx = rng.standard_normal((T, N, 4 * H))
     h0, c0 = rng.standard_normal((N, H)), rng.standard_normal((N, H))
     want = kernels.sequence_forward("lstm", gx, h0, c0, W)
-    run = kernels.ForwardRun("lstm", h0, c0, W, np.empty((3, N, 4 * H)), keep=False, length=T)
+    y_window = np.full((3, N, H), np.nan)
+    run = kernels.ForwardRun("lstm", h0, c0, W, np.empty((3, N, 4 * H)), keep=False, length=T, y=y_window)
+    y = np.full((T, N, H), np.nan)
     for t0, t1 in ((0, 3), (3, 5), (5, 7)):
         run.gx_rows(t0, t1)[...] = gx[t0:t1]
         run.steps(t0, t1)
-    y, h_n, c_n, cache = run.result()
-    assert cache is None and np.array_equal(y, want[0]) and np.array_equal(h_n, want[1])
-    assert np.array_equal(c_n, want[2])
+        y[t0:t1] = y_window[: t1 - t0]
+    y_last, h_n, c_n, cache = run.result()
+    assert cache is None and y_last is y_window
+    assert np.array_equal(y, want[0]) and np.array_equal(h_n, want[1]) and np.array_equal(c_n, want[2])
+    with pytest.raises(ValueError, match="y must be"):
+        kernels.ForwardRun("lstm", h0, c0, W, np.empty((3, N, 4 * H)), keep=False, length=T, y=np.empty((T, N, H)))
     with pytest.raises(ValueError, match="does not fit"):
         run.gx_rows(0, 4)
     with pytest.raises(RuntimeError, match="window holds"):

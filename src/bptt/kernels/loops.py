@@ -110,7 +110,7 @@ if HAVE_NUMBA:
         step reads its state at hs[0 + r] and writes it at hs[1 − r] (r its ``rev`` argument,
         which picks nothing else), so r = turn alternating 0, 1, 0, … makes each step read the
         row the step before wrote.  ``turn`` (0 or 1) is the row holding the current state;
-        gx may be a window of steps whose first row is step g0 (ForwardRun's ``window``)."""
+        gx and y may be windows of steps whose first row is step g0 (ForwardRun's ``window``)."""
         wide_vectors()
         N, G = gx.shape[1], gx.shape[2]
         a = np.empty((N, G), gx.dtype)
@@ -118,7 +118,7 @@ if HAVE_NUMBA:
         for s in range(t1 - t0):
             t = t1 - 1 - s if rev else t0 + s
             r = (turn + s) % 2  # hs[r] = h_{t−1} (and cs[r] = c_{t−1}); this step writes row 1 − r
-            gx_t, y_t = gx[t - g0 : t - g0 + 1], y[t : t + 1]
+            gx_t, y_t = gx[t - g0 : t - g0 + 1], y[t - g0 : t - g0 + 1]
             mask_t = mask[t : t + 1] if has_mask else mask
             times(gemm, one, zero, hs[r], WhhT, WhhP, tmp, a)  # a = h_{t−1} W_hhᵀ
             if kind == 2:
@@ -192,10 +192,14 @@ class ForwardRun:
     current state, so ``result()`` gives no cache (None) and no backward can follow.
     It may also take gx as a window of fewer rows than the ``length`` T of the
     sequence: the caller then fills ``gx_rows(t0, t1)`` before each ``steps(t0, t1)``
-    (chunks of at most the window's rows), and a (T, N, G) array is never made.
+    (chunks of at most the window's rows), and a (T, N, G) array is never made.  y is
+    then a window of as many rows, the output of steps [t0, t1) in ``y[:t1 − t0]`` once
+    ``steps(t0, t1)`` returns, for the caller to read before the next chunk.  ``y``: the
+    array to write the output into, (T, N, P) or (window, N, P) contiguous (default: a new one).
     """
 
-    def __init__(self, mode, h0, c0, weights, gx, mask=None, reverse=False, keep=True, length=None, panels=None):
+    def __init__(self, mode, h0, c0, weights, gx, mask=None, reverse=False, keep=True, length=None, panels=None,
+                 y=None):
         self.mode, self.kind, self.gx = mode, _KIND[mode], gx
         T, N, G = gx.shape
         if length is not None and length != T:
@@ -229,7 +233,10 @@ class ForwardRun:
         if self.kind == 2:
             self.cs = np.empty((rows, N, H), dtype)
             self.cs[first] = c0
-        self.y = np.empty((T, N, P), dtype)
+        rows_y = gx.shape[0] if self.window else T  # a window of gx: y is one too
+        if y is not None and (y.shape != (rows_y, N, P) or y.dtype != dtype or not y.flags.c_contiguous):
+            raise ValueError(f"y must be a contiguous {dtype} array of shape {(rows_y, N, P)}")
+        self.y = np.empty((rows_y, N, P), dtype) if y is None else y
         self.gates = gx if keep else None
         self.aux = np.empty((steps, N, H), dtype) if self.kind >= 2 else None
         self.m_all = np.empty((steps, N, H), dtype) if self.proj else None
@@ -308,7 +315,8 @@ class ForwardRun:
             # (the step's time index, its rev, and its time-indexed arrays: see _infer_loop when not keeping)
             i, r, gates, y, mask = t, rev, self.gx, self.y, self.mask
             if not self.keep:
-                i, r, gates, y = 0, (self.turn + s) % 2, gates[t - self.g0 : t - self.g0 + 1], y[t : t + 1]
+                w = t - self.g0  # the step's row in the gx and y windows
+                i, r, gates, y = 0, (self.turn + s) % 2, gates[w : w + 1], y[w : w + 1]
                 mask = mask[t : t + 1] if self.has_mask else mask
             np.matmul(hs[i + r], self.WhhT, out=a)  # a = h_{t−1} W_hhᵀ  (BLAS)
             if kind == 2:
@@ -324,7 +332,8 @@ class ForwardRun:
             self.turn = (self.turn + t1 - t0) % 2
 
     def result(self):
-        """(y, h_n, c_n, cache); the cache is None when the run keeps none (``keep=False``)."""
+        """(y, h_n, c_n, cache); the cache is None when the run keeps none (``keep=False``), and y
+        the last chunk's window when gx is a window."""
         if not self.keep:
             return self.y, self.hs[self.turn], None if self.cs is None else self.cs[self.turn], None
         T, rev = self.y.shape[0], self.rev

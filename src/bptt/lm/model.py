@@ -54,7 +54,8 @@ from bptt.nn.cells import resolve_rng
 from bptt.nn.adaptive import AdaptiveLogSoftmaxWithLoss
 from bptt.nn.gates import gate_slice
 from bptt.nn.layers import Dropout, Embedding, Linear
-from bptt.nn.rnn import GRU, LSTM, RNN, join_streams, select_streams
+from bptt.nn.batch_slices import join_streams, select_streams
+from bptt.nn.rnn import GRU, LSTM, RNN
 from bptt.nn.losses import cross_entropy
 from bptt.nn.module import Module
 from bptt.nn.ops import affine_backward, affine_forward_then

@@ -55,7 +55,7 @@ from bptt.lm.model import CHECKPOINT_KIND, CharLM, CharLMConfig, build_model, co
 from bptt.lm import presets
 from bptt.lm.transformer import TransformerLMConfig
 from bptt.nn.optim import make_optimizer, make_schedule
-from bptt.nn.rnn import join_streams
+from bptt.nn.batch_slices import join_streams
 from bptt.rundir import claim_run_dir, discarded_on_failure, missing_dirs
 from bptt.trainer import LoopConfig, StepResult, Trainer, TrainingError
 

@@ -11,6 +11,7 @@ A slice reads the layer's input x[:, s] and writes its input gradient dx[:, s] i
 of the whole batch's arrays (each step's n rows contiguous, the steps N rows apart), not as copies:
 :func:`add_gram` and :func:`matmul_into` run a product over such a view a few steps at a time
 (``PIECE_ROWS``), so neither a (T, n, D) copy of x nor a slice's own dx joined afterwards is made.
+:func:`select_streams` and :func:`join_streams` cut a recurrent state into the slices' rows and join them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from bptt.runtime.threads import single_thread_blas
 from bptt.runtime.wavefront import run_parallel
 
-__all__ = ["ZerosOnDemand", "run_slices", "add_gram", "matmul_into", "PIECE_ROWS"]
+__all__ = ["ZerosOnDemand", "run_slices", "add_gram", "matmul_into", "PIECE_ROWS", "select_streams", "join_streams"]
 
 # The rows of one piece of a product over a slice's strided view: enough for BLAS to run near its
 # best, few enough that a piece's copy or scratch stays small.
@@ -92,3 +93,21 @@ def matmul_into(a, W, out, add=False):
             out[t0:t1] += piece.reshape(t1 - t0, n, -1)
         else:
             out[t0:t1] = piece.reshape(t1 - t0, n, -1)
+
+
+def select_streams(state, idx):
+    """Streams ``idx`` (a slice or index array over N) of a recurrent state: h (L·K, N, P), an LSTM's
+    (h, c), or None."""
+    if state is None:
+        return None
+    return tuple(a[:, idx] for a in state) if isinstance(state, tuple) else state[:, idx]
+
+
+def join_streams(states):
+    """The states of consecutive groups of streams joined into one, along N (the inverse of
+    :func:`select_streams` over slices that cover the batch in order); None if any is None."""
+    if any(s is None for s in states):
+        return None
+    if isinstance(states[0], tuple):
+        return tuple(np.concatenate(parts, axis=1) for parts in zip(*states, strict=True))
+    return np.concatenate(states, axis=1)

@@ -40,7 +40,7 @@ from bptt.runtime import policy
 from bptt.runtime import threads as runtime_threads
 from bptt.runtime.threads import keep_freed_memory, single_thread_blas
 
-__all__ = ["RNN", "LSTM", "GRU", "RNNBase", "select_streams", "join_streams"]
+__all__ = ["RNN", "LSTM", "GRU", "RNNBase"]
 
 
 class _LayerCache(NamedTuple):
@@ -58,24 +58,6 @@ class _Context(NamedTuple):
     threads: int
     parts: list  # [(batch slice, _Context of that slice)] when the batch ran split in threads, else []
     outside: object = None  # regularized_loop.Outside: the regularisers outside the loop, in training; else None
-
-
-def select_streams(state, idx):
-    """Streams ``idx`` (a slice or index array over N) of a recurrent state: h (L·K, N, P), an LSTM's
-    (h, c), or None."""
-    if state is None:
-        return None
-    return tuple(a[:, idx] for a in state) if isinstance(state, tuple) else state[:, idx]
-
-
-def join_streams(states):
-    """The states of consecutive groups of streams joined into one, along N (the inverse of
-    :func:`select_streams` over slices that cover the batch in order); None if any is None."""
-    if any(s is None for s in states):
-        return None
-    if isinstance(states[0], tuple):
-        return tuple(np.concatenate(parts, axis=1) for parts in zip(*states, strict=True))
-    return np.concatenate(states, axis=1)
 
 
 def _shifted(shift, j):
@@ -362,14 +344,18 @@ class RNNBase(Module):
             # one thread: 3,700 page faults and 62 against 53 ms a call)
             keep_freed_memory()
         if len(parts) > 1:  # batch slices in parallel threads, each the whole stack (see policy.batch_parts)
+            # an inference in windows writes each slice's rows of the output in place, else they are joined
+            output = np.empty((T, N, K * P), self._dtype) if self._in_windows(keep, kernels, 1) else None
 
             def part(s):
-                return self._forward_stack(x[:, s], h0[:, s], None if c0 is None else c0[:, s],  # x: a view, no copy
-                                           None if mask is None else mask[:, s],
-                                           [None if m is None else m[:, s] for m in drops], one_hot, kernels, [(0, T)], 1,
-                                           prepared, keep, W_hh)
+                y, *rest = self._forward_stack(x[:, s], h0[:, s], None if c0 is None else c0[:, s],  # x: a view, no copy
+                                               None if mask is None else mask[:, s],
+                                               [None if m is None else m[:, s] for m in drops], one_hot, kernels,
+                                               [(0, T)], 1, prepared, keep, W_hh, None if output is None else output[:, s])
+                return (None if output is not None else y, *rest)
 
-            results, (output, h_n, c_n) = run_slices([functools.partial(part, s) for s in parts])
+            results, (joined, h_n, c_n) = run_slices([functools.partial(part, s) for s in parts])
+            output = joined if output is None else output
             self._ctx = _Context([] if keep else None, batched, output.shape, one_hot, [(0, T)], 1,
                                  [(s, r[3]) for s, r in zip(parts, results)] if keep else [], outside)
         else:
@@ -384,24 +370,25 @@ class RNNBase(Module):
             output = output.transpose(1, 0, 2)
         return output, self._pack_state(h_n, c_n, batched)
 
-    def _forward_stack(self, x, h0, c0, mask, drops, one_hot, kernels, chunks, threads, prepared, keep=True, W_hh=None):
+    def _in_windows(self, keep, kernels, threads):
+        """Whether a forward runs as :meth:`_infer_in_windows`: inference, one direction, compiled, one thread."""
+        return not keep and kernels is not None and threads == 1 and self.num_directions == 1
+
+    def _forward_stack(self, x, h0, c0, mask, drops, one_hot, kernels, chunks, threads, prepared, keep=True, W_hh=None,
+                       out=None):
         """The forward of every layer over (T, N) inputs x (checked), as a wavefront over
         ``chunks`` with ``threads`` threads: → (output (T, N, K·P), h_n, c_n, _Context);
         without ``keep`` the context's layers are None (nothing kept for a backward);
-        ``W_hh``: W̃_hh per layer and direction, used in place of W_hh (weight drop), or None."""
+        ``W_hh``: W̃_hh per layer and direction, used in place of W_hh (weight drop), or None;
+        ``out``: where an inference in windows writes the output (see there)."""
+        if self._in_windows(keep, kernels, threads):
+            return self._infer_in_windows(x, h0, c0, mask, drops, one_hot, kernels, prepared, W_hh, out)
         T, N = x.shape[:2]
         L, K, P = self.num_layers, self.num_directions, self.out_size
         inputs = [x] + [None if m is None else np.empty((T, N, K * P), self._dtype) for m in drops[1:]]  # after dropout
         outputs = [np.empty((T, N, K * P), self._dtype) if K == 2 else None for _ in range(L)]  # K = 1: the run's y
-        window = None
-        if not keep and kernels is not None and threads == 1 and K == 1:
-            # inference layer after layer: each layer's gx made a chunk at a time into a window of
-            # steps (policy.inference_chunks), not (T, N, G) at once.  (A wavefront's threads would
-            # refill a window still being read; a reverse direction runs its chunks from the end.)
-            chunks = policy.inference_chunks(T, N * self.gate_count * self.hidden_size * self._dtype.itemsize)
-            window = max(t1 - t0 for t0, t1 in chunks)
-        runs = [[self._start_forward(k, d, T, N, h0, c0, mask, kernels, keep, window, prepared[k][d].panels,
-                                     None if W_hh is None else W_hh[k][d])
+        runs = [[self._start_forward(k, d, T, N, h0, c0, mask, kernels, keep, panels=prepared[k][d].panels,
+                                     W_hh=None if W_hh is None else W_hh[k][d])
                  for d in range(K)] for k in range(L)]
         # With a one-hot input the bottom layer's input product is a cheap gather, so its thread
         # also makes the product feeding the layer above, for every other chunk: the threads then
@@ -454,22 +441,61 @@ class RNNBase(Module):
         output = layer_output(L - 1)
         return output, h_n, c_n, _Context(layers if keep else None, True, output.shape, one_hot, chunks, threads, [])
 
-    def _start_forward(self, k, d, T, N, h0, c0, mask, kernels, keep=True, window=None, panels=None, W_hh=None):
+    def _infer_in_windows(self, x, h0, c0, mask, drops, one_hot, kernels, prepared, W_hh=None, out=None):
+        """An inference forward (nothing kept for a backward) a window of steps at a time, through
+        the whole stack: for each chunk [t0, t1) of ``policy.inference_chunks``, layer 0, 1, … in
+        turn make their input product gx = inp W_ihᵀ + b into one gx window shared by the layers,
+        then run their steps, writing y into a window of their own, which the layer above reads
+        at once (still in cache); the top layer's window is copied to ``out`` (T, N, P), which may
+        be a batch slice's view of the whole batch's output.  Held at once: one gx and L y windows, not
+        (T, N, G) and L (T, N, P) arrays (docs/README.md, "Inference").  → as :meth:`_forward_stack`."""
+        T, N = x.shape[:2]
+        L, P, dtype = self.num_layers, self.out_size, self._dtype
+        G, dropout = self.gate_count * self.hidden_size, any(m is not None for m in drops[1:])
+        chunks = policy.inference_chunks(T, N * (G + (L + dropout) * P) * dtype.itemsize)  # a step's gx and y rows
+        w = max(t1 - t0 for t0, t1 in chunks)
+        if out is None:
+            out = np.empty((T, N, P), dtype)
+        gx = np.empty((w, N, G), dtype)
+        direct = w == T and out.flags.c_contiguous  # one chunk: the top layer writes out itself
+        ys = [out if direct and k == L - 1 else np.empty((w, N, P), dtype) for k in range(L)]
+        dropped = np.empty((w, N, P), dtype) if dropout else None
+        runs = [self._start_forward(k, 0, T, N, h0, c0, mask, kernels, False, gx=gx, y=ys[k],
+                                    panels=prepared[k][0].panels, W_hh=None if W_hh is None else W_hh[k][0])
+                for k in range(L)]
+        for t0, t1 in chunks:
+            for k, run in enumerate(runs):
+                inp = x[t0:t1] if k == 0 else ys[k - 1][: t1 - t0]
+                if drops[k] is not None:
+                    inp = np.multiply(inp, drops[k][t0:t1], out=dropped[: t1 - t0])
+                self._input_product(k, 0, inp, run.gx_rows(t0, t1), one_hot and k == 0, prepared)
+                run.steps(t0, t1)
+            if not direct:
+                out[t0:t1] = ys[L - 1][: t1 - t0]
+        h_n, c_n = np.empty_like(h0), None if c0 is None else np.empty_like(c0)
+        for k, run in enumerate(runs):
+            _, h_n[k], c_last, _ = run.result()
+            if c_n is not None:
+                c_n[k] = c_last
+        return out, h_n, c_n, _Context(None, True, out.shape, one_hot, chunks, 1, [])
+
+    def _start_forward(self, k, d, T, N, h0, c0, mask, kernels, keep=True, gx=None, y=None, panels=None, W_hh=None):
         """The time loop of layer k, direction d, ready to run chunk by chunk (gx filled by the caller,
         through ``run.gx_rows``); ``keep``: whether it keeps the per-step values a backward needs,
-        ``window``: gx's rows if fewer than T, ``panels``: the packed recurrent weights shared by the
-        runs of a forward call (all three for the fused kernels only, see ForwardRun); ``W_hh``: the
-        recurrent weight to use (W̃_hh under weight drop, packed into ``panels`` by the first run;
-        default the parameter)."""
+        ``gx``, ``y``: the arrays to use (default new (T, N, ·) ones; for inference, windows of
+        fewer steps), ``panels``: the packed recurrent weights shared by the runs of a forward call
+        (all four for the fused kernels only, see ForwardRun); ``W_hh``: the recurrent weight to
+        use (W̃_hh under weight drop, packed into ``panels`` by the first run; default the parameter)."""
         _, _, W_param, b_hh, W_hr = self._direction_params(k, d)
         W_hh = W_param if W_hh is None else W_hh
         if self.mode != "gru":
             b_hh = None  # RNN/LSTM: folded into gx by _input_product
         idx = k * self.num_directions + d
         args = (self.mode, h0[idx], None if c0 is None else c0[idx], recurrence.Weights(W_hh, b_hh, W_hr))
-        gx = np.empty((window or T, N, self.gate_count * self.hidden_size), self._dtype)
+        if gx is None:
+            gx = np.empty((T, N, self.gate_count * self.hidden_size), self._dtype)
         if kernels is not None:
-            return kernels.ForwardRun(*args, gx, mask, reverse=d == 1, keep=keep, length=T, panels=panels)
+            return kernels.ForwardRun(*args, gx, mask, reverse=d == 1, keep=keep, length=T, panels=panels, y=y)
         return recurrence.WholeSequence(T, gx, lambda: recurrence.sequence_forward(args[0], gx, *args[1:], mask, reverse=d == 1))
 
     def _prepared(self, k, d, one_hot, panels, kernels, W_hh=None):

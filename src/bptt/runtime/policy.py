@@ -19,8 +19,8 @@ the comments and BENCHMARKS.md.
   threads (:func:`batch_parts`); otherwise a stack may run as a wavefront
   over its layers (:func:`time_chunks`).
 * ``STEP_THREADS_BYTES``: when one sampling step lets BLAS use its threads.
-* ``INFER_GX_BYTES``: the input pre-activations an inference forward holds at
-  once (:func:`inference_chunks`).
+* ``INFER_WINDOW_BYTES``: the input pre-activations and outputs an inference
+  forward holds at once, per thread (:func:`inference_chunks`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from bptt.runtime import threads
 
 __all__ = ["SMALL_MACS", "ONE_THREAD_MACS", "PANEL_PRODUCTS", "SPLIT_MIN_ROWS", "SPLIT_MAX_MACS",
            "MODEL_SPLIT_MIN_MACS",
-           "STEP_THREADS_BYTES", "WAVEFRONT_CHUNKS", "INFER_GX_BYTES", "step_blas_limit", "sampling_blas_limit",
+           "STEP_THREADS_BYTES", "WAVEFRONT_CHUNKS", "INFER_WINDOW_BYTES", "step_blas_limit", "sampling_blas_limit",
            "batch_parts", "time_chunks", "inference_chunks"]
 
 # Below this many multiply-adds per recurrent product, the whole sequence runs in
@@ -94,11 +94,12 @@ STEP_THREADS_BYTES = 2 * 1024 * 1024
 # a 2×128 LSTM training step at T = 50.
 WAVEFRONT_CHUNKS = 8
 
-# An inference forward (no backward caches) run layer after layer makes each layer's input
-# pre-activations gx = X W_ihᵀ a chunk of steps at a time into one window of at most this
-# many bytes, instead of all T steps at once (T·N·G: 105 MB for the 1×1024 LSTM at T = 100,
-# N = 64), see inference_chunks; BPTT_INFER_GX_BYTES=0 makes the whole sequence at once.
-INFER_GX_BYTES = int(os.environ.get("BPTT_INFER_GX_BYTES", 4 << 20)) or 1 << 62
+# An inference forward (no backward caches) runs the stack a chunk of steps at a time: each
+# layer's input pre-activations gx = X W_ihᵀ and its outputs y go to windows of the chunk's
+# steps (one gx window for all layers, a y window per layer), together at most this many bytes
+# per thread, instead of (T, N, G) and L (T, N, P) arrays (gx alone: 105 MB for the 1×1024 LSTM
+# at T = 100, N = 64); see inference_chunks.  BPTT_INFER_WINDOW_BYTES=0: the whole sequence at once.
+INFER_WINDOW_BYTES = int(os.environ.get("BPTT_INFER_WINDOW_BYTES", 4 << 20)) or 1 << 62
 
 
 def step_blas_limit(macs):
@@ -175,8 +176,8 @@ def time_chunks(T, macs, num_layers, bidirectional, fused):
 
 def inference_chunks(T, step_bytes):
     """The time chunks [(t0, t1)] of an inference forward run layer after layer: as many steps
-    a chunk as fit ``INFER_GX_BYTES`` of input pre-activations (``step_bytes`` = N·G·itemsize
+    a chunk as fit ``INFER_WINDOW_BYTES`` of windows (``step_bytes``: a step's rows of them, e.g. N·(G + L·P)·itemsize
     a step; at least one step), cut evenly."""
-    c = -(-T // max(1, min(T, INFER_GX_BYTES // max(step_bytes, 1))))  # the number of chunks
+    c = -(-T // max(1, min(T, INFER_WINDOW_BYTES // max(step_bytes, 1))))  # the number of chunks
     bounds = [round(T * i / c) for i in range(c + 1)]
     return list(zip(bounds[:-1], bounds[1:]))

@@ -44,7 +44,8 @@ from bptt.config import DictConfig
 from bptt.nn.attention import ATTENTION_KINDS, Attention
 from bptt.nn.cells import resolve_rng
 from bptt.nn.layers import Embedding, Linear
-from bptt.nn.rnn import GRU, LSTM, RNN, select_streams
+from bptt.nn.batch_slices import select_streams
+from bptt.nn.rnn import GRU, LSTM, RNN
 from bptt.nn.losses import cross_entropy, log_softmax
 from bptt.nn.module import Module, frozen
 from bptt.seq2seq.tasks import BOS, EOS, PAD
