@@ -10,6 +10,10 @@ of a shared machine hit both; no evaluation during the runs.  Each run logs
 training characters per second every 10 steps (training time only); a run's
 figure is the median of those lines after the first three (start-up,
 compilation, first touch of memory), and the result is the median over rounds.
+Each round also gives a ratio, bptt's figure over the PyTorch run just before it;
+the median of those per-round ratios is printed too: when the machine's speed
+drifts during the run (both sides' rates moved by a third in one run of row E5),
+it compares runs minutes apart less often than the ratio of the two medians does.
 Threads: ``--threads`` for both (OMP/MKL/OpenBLAS variables and the torch
 script's ``--threads``; bptt's own BLAS follows OPENBLAS_NUM_THREADS).
 """
@@ -66,10 +70,12 @@ def main(argv=None):
                 results[side].append(cps)
                 print(f"round {r + 1} {side:5s} {cps:10,.0f} chars/s", flush=True)
     t, b = statistics.median(results["torch"]), statistics.median(results["bptt"])
-    print(f"\n| threads | PyTorch chars/s | bptt chars/s | bptt / PyTorch |\n|---:|---:|---:|---:|\n"
-          f"| {a.threads} | {t:,.0f} | {b:,.0f} | {b / t:.2f}× |")
+    paired = [y / x for x, y in zip(results["torch"], results["bptt"])]  # each round: bptt over the torch run before it
+    print(f"\n| threads | PyTorch chars/s | bptt chars/s | bptt / PyTorch | median of the rounds' ratios |\n"
+          f"|---:|---:|---:|---:|---:|\n| {a.threads} | {t:,.0f} | {b:,.0f} | {b / t:.2f}× | {statistics.median(paired):.2f}× |")
     print(f"(median of {a.rounds} alternating runs of {a.seconds:.0f} s; per round: "
-          f"torch {', '.join(f'{x:,.0f}' for x in results['torch'])}; bptt {', '.join(f'{x:,.0f}' for x in results['bptt'])})")
+          f"torch {', '.join(f'{x:,.0f}' for x in results['torch'])}; bptt {', '.join(f'{x:,.0f}' for x in results['bptt'])}; "
+          f"ratios {', '.join(f'{x:.2f}' for x in paired)})")
 
 
 if __name__ == "__main__":
