@@ -371,7 +371,8 @@ class RNNBase(Module):
         return output, self._pack_state(h_n, c_n, batched)
 
     def _in_windows(self, keep, kernels, threads):
-        """Whether a forward runs as :meth:`_infer_in_windows`: inference, one direction, compiled, one thread."""
+        """Whether a forward runs as :meth:`_infer_in_windows`: inference, one direction, compiled, one thread
+        (a wavefront's threads would refill a window still being read; a reverse direction starts at the end)."""
         return not keep and kernels is not None and threads == 1 and self.num_directions == 1
 
     def _forward_stack(self, x, h0, c0, mask, drops, one_hot, kernels, chunks, threads, prepared, keep=True, W_hh=None,
