@@ -175,9 +175,9 @@ def time_chunks(T, macs, num_layers, bidirectional, fused):
 
 
 def inference_chunks(T, step_bytes):
-    """The time chunks [(t0, t1)] of an inference forward run layer after layer: as many steps
-    a chunk as fit ``INFER_WINDOW_BYTES`` of windows (``step_bytes``: a step's rows of them, e.g. N·(G + L·P)·itemsize
-    a step; at least one step), cut evenly."""
+    """The time chunks [(t0, t1)] of an inference forward run a window at a time: as many steps a
+    chunk as fit ``INFER_WINDOW_BYTES`` of windows (``step_bytes``: one step's rows of them, e.g.
+    N·(G + L·P)·itemsize; at least one step), cut evenly."""
     c = -(-T // max(1, min(T, INFER_WINDOW_BYTES // max(step_bytes, 1))))  # the number of chunks
     bounds = [round(T * i / c) for i in range(c + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
