@@ -3,6 +3,7 @@ script (benchmarks/charlm_torch.py) on the same corpus and configuration.
 
     python benchmarks/train_throughput.py --data ../shared/data/tinyshakespeare.txt [--threads 2]
         [--rounds 3] [--seconds 40] [-- extra flags for both, e.g. --hidden 512 --seq-len 100]
+    python benchmarks/train_throughput.py --data ../shared/data/tinyshakespeare.txt --in-process [--rounds 9] [--block 30]
 
 Method: the two commands run one at a time, alternating (PyTorch, bptt, PyTorch,
 bptt, ...) for ``--rounds`` rounds of ``--seconds`` each, so that slow drifts
@@ -16,6 +17,16 @@ drifts during the run (both sides' rates moved by a third in one run of row E5),
 it compares runs minutes apart less often than the ratio of the two medians does.
 Threads: ``--threads`` for both (OMP/MKL/OpenBLAS variables and the torch
 script's ``--threads``; bptt's own BLAS follows OPENBLAS_NUM_THREADS).
+
+``--in-process``: both training loops in this one process instead, taking turns every
+``--block`` steps (default 30) for ``--rounds`` rounds (default here 9), each turn's figure the
+median time of its steps.  A step is what each trainer's loop runs per window (bptt:
+``zero_grad``, the model's ``train_step`` under its ``blas_scope``, ``clip_grad_value``, the
+RMSprop step; PyTorch: ``torch_lm_loop.train``'s forward, loss, backward, clip and step), on the
+same windows from the same initial weights, both models training as they go.  On a shared
+machine whose speed drifts over tens of seconds (one 30 s run of the PyTorch script took 22 ms
+a step and the next 29, with nothing else of ours running) the separate runs' ratio moves with
+the drift; turns of about a second do not see it.  No logging, checkpoints or progress bar.
 """
 
 from __future__ import annotations
@@ -43,14 +54,97 @@ def run(cmd, env, out_dir):
     return statistics.median(rates[3:])
 
 
+def in_process(a):
+    """Both trainers' steps in this process, taking turns (see the module docstring); prints a table."""
+    import time
+
+    import numpy as np
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    import torch_lm_loop as loop
+    from bptt.lm.data import TBPTTBatches, Vocab, encode_text, read_text, split_corpus
+    from bptt.lm.model import CharLM, CharLMConfig
+    from bptt.nn.optim import RMSprop, clip_grad_value
+    from charlm_torch import TorchCharLM, forward
+
+    torch.set_num_threads(a.threads)
+    threadpool_limits(a.threads)
+    text = read_text(a.data)
+    vocab = Vocab(text)
+    V = len(vocab)
+    batches = TBPTTBatches(split_corpus(encode_text(text, vocab), 0.1, 0.0)[0], 50, 50)
+    ours = CharLM(CharLMConfig(vocab_size=V, hidden=128, layers=2, model="lstm"), rng=123)
+    theirs = TorchCharLM(V, 128, 2, "lstm", 0.0, 0)
+    loop.load_bptt_weights(theirs, ours.state_dict())
+    opt_b = RMSprop(ours, lr=2e-3, alpha=0.95)
+    opt_t = torch.optim.RMSprop(theirs.parameters(), lr=2e-3, alpha=0.95, eps=1e-8)
+    at = {"bptt": [0, None], "torch": [0, None]}  # each side's next window and carried state
+
+    def bptt_step():
+        k, state = at["bptt"]
+        x, y = batches.batch(k)
+        opt_b.zero_grad()
+        with ours.blas_scope(*x.shape):
+            _, state = ours.train_step(x, y, None if k == 0 else state)
+        clip_grad_value(ours, 5.0)
+        opt_b.step()
+        at["bptt"] = [(k + 1) % len(batches), state]
+
+    def torch_step():
+        k, state = at["torch"]
+        x, y = (torch.from_numpy(np.asarray(v, np.int64)) for v in batches.batch(k))
+        logits, state = forward(theirs, x, None if k == 0 else state)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
+        opt_t.zero_grad(set_to_none=False)
+        loss.backward()
+        torch.nn.utils.clip_grad_value_(theirs.parameters(), 5.0)
+        opt_t.step()
+        loss.item()
+        at["torch"] = [(k + 1) % len(batches), tuple(s.detach() for s in state)]
+
+    steps = {"torch": torch_step, "bptt": bptt_step}
+    for step in steps.values():  # compilation, first touch of memory, the warm-up of both libraries
+        for _ in range(a.block):
+            step()
+    results = {"torch": [], "bptt": []}
+    for r in range(a.rounds):
+        for side, step in steps.items():
+            times = []
+            for _ in range(a.block):
+                t = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t)
+            results[side].append(statistics.median(times))
+        print(f"round {r + 1}: torch {1e3 * results['torch'][-1]:.2f} ms, bptt {1e3 * results['bptt'][-1]:.2f} ms a step",
+              flush=True)
+    t, b = statistics.median(results["torch"]), statistics.median(results["bptt"])
+    paired = [x / y for x, y in zip(results["torch"], results["bptt"])]
+    chars = batches.batch(0)[0].size
+    print(f"\n| threads | PyTorch chars/s | bptt chars/s | bptt / PyTorch | median of the turns' ratios |\n"
+          f"|---:|---:|---:|---:|---:|\n| {a.threads} | {chars / t:,.0f} | {chars / b:,.0f} | {t / b:.2f}× | "
+          f"{statistics.median(paired):.2f}× |")
+    print(f"(in one process, {a.rounds} rounds of {a.block} steps a side in turn; per round's ratio: "
+          f"{', '.join(f'{x:.2f}' for x in paired)})")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=40.0)
+    ap.add_argument("--in-process", action="store_true",
+                    help="both training loops in this process, in turns of --block steps (char-rnn defaults only)")
+    ap.add_argument("--block", type=int, default=30)
     ap.add_argument("extra", nargs="*", help="flags passed to both trainers (after --)")
     a = ap.parse_args(argv)
+    if a.in_process:
+        if a.extra:
+            raise SystemExit("--in-process runs char-rnn's defaults only; drop the extra flags")
+        if "--rounds" not in (argv if argv is not None else sys.argv[1:]):
+            a.rounds = 9
+        return in_process(a)
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(a.threads)
