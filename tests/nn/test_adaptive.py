@@ -12,6 +12,10 @@ from bptt.nn.gradcheck import gradcheck, rel_error
 from conftest import require_torch
 
 TOL = {np.float64: 1e-12, np.float32: 1e-5}
+# float32 parameter gradients are sums over the N rows, which can cancel: with D = 1 (a 1×1 projection)
+# one drawn case differed from torch's by 1.8e-5 of its size under OpenBLAS's default sgemm kernel
+# (under OPENBLAS_CORETYPE's it passed); float64 keeps 1e-12
+GRAD_TOL = {np.float64: 1e-12, np.float32: 1e-4}
 
 # torch's own warning when it builds a zero-width projection (⌊D / div_value^(i+1)⌋ = 0), which both allow
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op:UserWarning")
@@ -70,7 +74,7 @@ def test_matches_torch(c):
     assert rel_error(dx, tx.grad.numpy()) < tol
     for name, p in tm.named_parameters():
         expected = np.zeros(tuple(p.shape)) if p.grad is None else p.grad.numpy()  # a cluster with no target
-        assert rel_error(bm.grads[name], expected) < tol, name
+        assert rel_error(bm.grads[name], expected) < GRAD_TOL[dtype], name
     with torch.no_grad():
         t_logp = tm.log_prob(tx).numpy()
         t_pred = tm.predict(tx).numpy()

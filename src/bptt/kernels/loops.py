@@ -52,8 +52,8 @@ if HAVE_NUMBA:
 
     from bptt.kernels.gemm import times
     from bptt.kernels.mathfn import JIT, wide_vectors
-    from bptt.kernels.steps import (gru_bw_step, gru_fw_step, lstm_bw_step, lstm_fw_step, masked_sum, merge_grad,
-                                    merge_step, rnn_bw_step, rnn_fw_step)
+    from bptt.kernels.steps import (gru_bw, gru_bw_step, gru_fw, gru_fw_step, lstm_bw, lstm_bw_step, lstm_fw, lstm_fw_step,
+                                    masked_sum, merge_grad, merge_step, rnn_bw, rnn_bw_step, rnn_fw, rnn_fw_step)
 
 
 class KernelCache(NamedTuple):
@@ -88,14 +88,14 @@ if HAVE_NUMBA:
             t = t1 - 1 - s if rev else t0 + s
             times(gemm, one, zero, hs[t + rev], WhhT, WhhP, tmp, a)  # a = h_{t−1} W_hhᵀ
             if kind == 2:
-                lstm_fw_step(t, rev, a, hs, cs, y, gates, aux, m_all, mask, has_mask, proj)
+                lstm_fw(t, rev, a, hs, cs, y, gates, aux, m_all, mask, has_mask, proj)
                 if proj:
                     times(gemm, one, zero, m_all[t], WhrT, WhrP, tmp, h_new)  # h̃_t = m_t W_hrᵀ
                     merge_step(t, rev, h_new, hs, y, mask, has_mask)
             elif kind == 3:
-                gru_fw_step(t, rev, a, b_hh, hs, y, gates, aux, mask, has_mask)
+                gru_fw(t, rev, a, b_hh, hs, y, gates, aux, mask, has_mask)
             else:
-                rnn_fw_step(t, rev, a, hs, y, gates, mask, has_mask, kind == 1)
+                rnn_fw(t, rev, a, hs, y, gates, mask, has_mask, kind == 1)
 
     @njit(**JIT)
     def _infer_loop(kind, rev, t0, t1, turn, g0, gemm, one, zero, gx, WhhT, b_hh, WhrT, hs, cs, y, aux, m_one,
@@ -122,14 +122,14 @@ if HAVE_NUMBA:
             mask_t = mask[t : t + 1] if has_mask else mask
             times(gemm, one, zero, hs[r], WhhT, WhhP, tmp, a)  # a = h_{t−1} W_hhᵀ
             if kind == 2:
-                lstm_fw_step(0, r, a, hs, cs, y_t, gx_t, aux, m_one, mask_t, has_mask, proj)
+                lstm_fw(0, r, a, hs, cs, y_t, gx_t, aux, m_one, mask_t, has_mask, proj)
                 if proj:
                     times(gemm, one, zero, m_one[0], WhrT, WhrP, tmp, h_new)  # h̃_t = m_t W_hrᵀ
                     merge_step(0, r, h_new, hs, y_t, mask_t, has_mask)
             elif kind == 3:
-                gru_fw_step(0, r, a, b_hh, hs, y_t, gx_t, aux, mask_t, has_mask)
+                gru_fw(0, r, a, b_hh, hs, y_t, gx_t, aux, mask_t, has_mask)
             else:
-                rnn_fw_step(0, r, a, hs, y_t, gx_t, mask_t, has_mask, kind == 1)
+                rnn_fw(0, r, a, hs, y_t, gx_t, mask_t, has_mask, kind == 1)
 
     @njit(**JIT)
     def _backward_loop(kind, H, rev, t0, t1, gemm, one, zero, dy, dh, dc, W_hh, W_hr, hs, cs, gates, aux, dgx, dgh,
@@ -148,11 +148,11 @@ if HAVE_NUMBA:
                 if proj:
                     masked_sum(t, dh, dy, dh_all, mask, has_mask)
                     times(gemm, one, zero, dh_all[t], W_hr, W_hrP, tmp, dm)  # dm = dh̃ W_hr
-                lstm_bw_step(t, rev, dy, dh, dc, dm, cs, gates, aux, dgx, mask, has_mask, proj)
+                lstm_bw(t, rev, dy, dh, dc, dm, cs, gates, aux, dgx, mask, has_mask, proj)
             elif kind == 3:
-                gru_bw_step(t, rev, dy, dh, hs, gates, aux, dgx, dgh, dgh_t, mask, has_mask)
+                gru_bw(t, rev, dy, dh, hs, gates, aux, dgx, dgh, dgh_t, mask, has_mask)
             else:
-                rnn_bw_step(t, dy, dh, gates, dgx, mask, has_mask, kind == 1)
+                rnn_bw(t, dy, dh, gates, dgx, mask, has_mask, kind == 1)
             if kind == 3 or has_mask:  # GRU: dh += dgh W_hh;  padded rows keep their dh
                 times(gemm, one, zero, dgh_t if kind == 3 else dgx[t], W_hh, W_hhP, tmp, prod)
                 merge_grad(t, prod, dh, mask, has_mask, kind == 3)
@@ -553,7 +553,7 @@ def _layer_step(kind, params, x, h0, c0, h_n, c_n, dtype, N, L, P):
         if kind == 3:
             b = np.zeros(G, dtype) if b_hh is None else b_hh
             aux = np.empty((1, N, P), dtype)
-            gru_fw_step(0, 0, a, b, hs, y, gx, aux, _NO_MASK, False)  # the gates activated in gx
+            gru_fw(0, 0, a, b, hs, y, gx, aux, _NO_MASK, False)  # the gates activated in gx
         else:
             if b_hh is not None:
                 gx[0] += b_hh
@@ -564,13 +564,13 @@ def _layer_step(kind, params, x, h0, c0, h_n, c_n, dtype, N, L, P):
                 aux = np.empty((1, N, H), dtype)
                 proj = W_hr is not None
                 m = np.empty((1, N, H), dtype) if proj else aux
-                lstm_fw_step(0, 0, a, hs, cs, y, gx, aux, m, _NO_MASK, False, proj)
+                lstm_fw(0, 0, a, hs, cs, y, gx, aux, m, _NO_MASK, False, proj)
                 if proj:
                     np.matmul(m[0], W_hr.T, out=hs[1])  # h̃ = m W_hrᵀ
                     y[0] = hs[1]
                 c_n[k] = cs[1]
             else:
-                rnn_fw_step(0, 0, a, hs, y, gx, _NO_MASK, False, kind == 1)
+                rnn_fw(0, 0, a, hs, y, gx, _NO_MASK, False, kind == 1)
         h_n[k] = hs[1]
         inp = y[0]
     return inp, h_n, c_n

@@ -40,7 +40,7 @@ import numpy as np
 from bptt.kernels.mathfn import HAVE_NUMBA
 
 __all__ = ["rnn_fw_step", "rnn_bw_step", "lstm_fw_step", "merge_step", "lstm_bw_step", "masked_sum", "gru_fw_step",
-           "gru_bw_step", "merge_grad"]
+           "gru_bw_step", "merge_grad", "rnn_fw", "rnn_bw", "lstm_fw", "lstm_bw", "gru_fw", "gru_bw"]
 
 if HAVE_NUMBA:
     from numba import njit
@@ -331,3 +331,77 @@ if HAVE_NUMBA:
             else:
                 for j in range(P):
                     dhr[j] = pr[j]
+
+    # ======================================================================== the flags as constants
+    # Numba compiles a function once per tuple of argument types, and a bool written as a constant
+    # is a type of its own (Literal[bool]): each branch below calls a version of the step compiled
+    # for those flags, the other paths' code left out.  Called with run-time flags, the one version
+    # keeps every path and its loops vectorise less: the RNN's forward gate step (25×256, float32,
+    # one core) took 5.6 against 3.3 µs.  The time loops call these.
+    @njit(inline="always", **JIT)
+    def rnn_fw(t, rev, a, hs, y, gates, mask, has_mask, relu):
+        """:func:`rnn_fw_step` with ``has_mask`` and ``relu`` compiled in."""
+        if has_mask:
+            if relu:
+                rnn_fw_step(t, rev, a, hs, y, gates, mask, True, True)
+            else:
+                rnn_fw_step(t, rev, a, hs, y, gates, mask, True, False)
+        elif relu:
+            rnn_fw_step(t, rev, a, hs, y, gates, mask, False, True)
+        else:
+            rnn_fw_step(t, rev, a, hs, y, gates, mask, False, False)
+
+    @njit(inline="always", **JIT)
+    def rnn_bw(t, dy, dh, gates, dgx, mask, has_mask, relu):
+        """:func:`rnn_bw_step` with ``has_mask`` and ``relu`` compiled in."""
+        if has_mask:
+            if relu:
+                rnn_bw_step(t, dy, dh, gates, dgx, mask, True, True)
+            else:
+                rnn_bw_step(t, dy, dh, gates, dgx, mask, True, False)
+        elif relu:
+            rnn_bw_step(t, dy, dh, gates, dgx, mask, False, True)
+        else:
+            rnn_bw_step(t, dy, dh, gates, dgx, mask, False, False)
+
+    @njit(inline="always", **JIT)
+    def lstm_fw(t, rev, a, hs, cs, y, gates, tanh_c, m_all, mask, has_mask, proj):
+        """:func:`lstm_fw_step` with ``has_mask`` and ``proj`` compiled in."""
+        if has_mask:
+            if proj:
+                lstm_fw_step(t, rev, a, hs, cs, y, gates, tanh_c, m_all, mask, True, True)
+            else:
+                lstm_fw_step(t, rev, a, hs, cs, y, gates, tanh_c, m_all, mask, True, False)
+        elif proj:
+            lstm_fw_step(t, rev, a, hs, cs, y, gates, tanh_c, m_all, mask, False, True)
+        else:
+            lstm_fw_step(t, rev, a, hs, cs, y, gates, tanh_c, m_all, mask, False, False)
+
+    @njit(inline="always", **JIT)
+    def lstm_bw(t, rev, dy, dh, dc, dm_in, cs, gates, tanh_c, dgx, mask, has_mask, proj):
+        """:func:`lstm_bw_step` with ``has_mask`` and ``proj`` compiled in."""
+        if has_mask:
+            if proj:
+                lstm_bw_step(t, rev, dy, dh, dc, dm_in, cs, gates, tanh_c, dgx, mask, True, True)
+            else:
+                lstm_bw_step(t, rev, dy, dh, dc, dm_in, cs, gates, tanh_c, dgx, mask, True, False)
+        elif proj:
+            lstm_bw_step(t, rev, dy, dh, dc, dm_in, cs, gates, tanh_c, dgx, mask, False, True)
+        else:
+            lstm_bw_step(t, rev, dy, dh, dc, dm_in, cs, gates, tanh_c, dgx, mask, False, False)
+
+    @njit(inline="always", **JIT)
+    def gru_fw(t, rev, a, b_hh, hs, y, gates, gh_n, mask, has_mask):
+        """:func:`gru_fw_step` with ``has_mask`` compiled in."""
+        if has_mask:
+            gru_fw_step(t, rev, a, b_hh, hs, y, gates, gh_n, mask, True)
+        else:
+            gru_fw_step(t, rev, a, b_hh, hs, y, gates, gh_n, mask, False)
+
+    @njit(inline="always", **JIT)
+    def gru_bw(t, rev, dy, dh, hs, gates, gh_n, dgx, dgh_n, dgh, mask, has_mask):
+        """:func:`gru_bw_step` with ``has_mask`` compiled in."""
+        if has_mask:
+            gru_bw_step(t, rev, dy, dh, hs, gates, gh_n, dgx, dgh_n, dgh, mask, True)
+        else:
+            gru_bw_step(t, rev, dy, dh, hs, gates, gh_n, dgx, dgh_n, dgh, mask, False)
