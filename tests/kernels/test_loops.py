@@ -185,6 +185,15 @@ def test_sequence_impl_contract():
         kernels.sequence_impl("nope", np.float32, required=True)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode", ["rnn_tanh", "rnn_relu", "lstm", "gru"])
+def test_every_kernel_compiles(mode, dtype):
+    """Where a kernel fails to compile a layer falls back to the reference loop, quietly (as without Numba), and
+    every comparison with the reference would still pass: so compiling is checked on its own (required=True
+    raises with Numba's error)."""
+    assert kernels.sequence_impl(mode, dtype, required=True) is not None
+
+
 def test_step_matches_forward():
     """RNNBase.step (the fast path) equals running forward one step at a time."""
     rng = np.random.default_rng(5)

@@ -142,17 +142,18 @@ if HAVE_NUMBA:
         prod = np.empty((N, P), dy.dtype)
         dm = np.empty((N, H), dy.dtype)
         dgh_t = np.empty((N, dgx.shape[2]), dy.dtype)  # GRU: a step's whole dgh, for the product with W_hh
+        row = np.empty(dgx.shape[2], dy.dtype)  # the backward steps' scratch gate row
         for s in range(t1 - t0):
             t = t0 + s if rev else t1 - 1 - s  # the forward order, read backwards
             if kind == 2:
                 if proj:
                     masked_sum(t, dh, dy, dh_all, mask, has_mask)
                     times(gemm, one, zero, dh_all[t], W_hr, W_hrP, tmp, dm)  # dm = dh̃ W_hr
-                lstm_bw(t, rev, dy, dh, dc, dm, cs, gates, aux, dgx, mask, has_mask, proj)
+                lstm_bw(t, rev, dy, dh, dc, dm, cs, gates, aux, dgx, row, mask, has_mask, proj)
             elif kind == 3:
-                gru_bw(t, rev, dy, dh, hs, gates, aux, dgx, dgh, dgh_t, mask, has_mask)
+                gru_bw(t, rev, dy, dh, hs, gates, aux, dgx, dgh, dgh_t, row, mask, has_mask)
             else:
-                rnn_bw(t, dy, dh, gates, dgx, mask, has_mask, kind == 1)
+                rnn_bw(t, dy, dh, gates, dgx, row, mask, has_mask, kind == 1)
             if kind == 3 or has_mask:  # GRU: dh += dgh W_hh;  padded rows keep their dh
                 times(gemm, one, zero, dgh_t if kind == 3 else dgx[t], W_hh, W_hhP, tmp, prod)
                 merge_grad(t, prod, dh, mask, has_mask, kind == 3)
@@ -424,16 +425,17 @@ class BackwardRun:
         prod = np.empty((N, P), self.dtype)
         dm = np.empty((N, self.H), self.dtype) if proj else dh
         dgh_t = np.empty((N, dgx.shape[2]), self.dtype)  # GRU: a step's whole dgh (see gru_bw_step)
+        row = np.empty(dgx.shape[2], self.dtype)  # the backward steps' scratch gate row
         for t in (range(t0, t1) if rev else range(t1 - 1, t0 - 1, -1)):  # the forward order, read backwards
             if kind == 2:
                 if proj:
                     masked_sum(t, dh, dy, dh_all, mask, has_mask)
                     np.matmul(dh_all[t], self.W_hr, out=dm)  # dm = dh̃ W_hr
-                lstm_bw_step(t, rev, dy, dh, dc, dm, c.cs, c.gates, c.aux, dgx, mask, has_mask, proj)
+                lstm_bw_step(t, rev, dy, dh, dc, dm, c.cs, c.gates, c.aux, dgx, row, mask, has_mask, proj)
             elif kind == 3:
-                gru_bw_step(t, rev, dy, dh, c.hs, c.gates, c.aux, dgx, dgh, dgh_t, mask, has_mask)
+                gru_bw_step(t, rev, dy, dh, c.hs, c.gates, c.aux, dgx, dgh, dgh_t, row, mask, has_mask)
             else:
-                rnn_bw_step(t, dy, dh, c.gates, dgx, mask, has_mask, kind == 1)
+                rnn_bw_step(t, dy, dh, c.gates, dgx, row, mask, has_mask, kind == 1)
             if kind == 3 or has_mask:  # GRU: dh += dgh W_hh;  padded rows keep their dh
                 np.matmul(dgh_t if kind == 3 else dgx[t], self.W_hh, out=prod)
                 merge_grad(t, prod, dh, mask, has_mask, kind == 3)
