@@ -4,6 +4,7 @@ script (benchmarks/charlm_torch.py) on the same corpus and configuration.
     python benchmarks/train_throughput.py --data ../shared/data/tinyshakespeare.txt [--threads 2]
         [--rounds 3] [--seconds 40] [-- extra flags for both, e.g. --hidden 512 --seq-len 100]
     python benchmarks/train_throughput.py --data ../shared/data/tinyshakespeare.txt --in-process [--rounds 9] [--block 30]
+        [--lstm-alone]
 
 Method: the two commands run one at a time, alternating (PyTorch, bptt, PyTorch,
 bptt, ...) for ``--rounds`` rounds of ``--seconds`` each, so that slow drifts
@@ -27,6 +28,9 @@ same windows from the same initial weights, both models training as they go.  On
 machine whose speed drifts over tens of seconds (one 30 s run of the PyTorch script took 22 ms
 a step and the next 29, with nothing else of ours running) the separate runs' ratio moves with
 the drift; turns of about a second do not see it.  No logging, checkpoints or progress bar.
+``--lstm-alone`` also times each side's recurrent layer alone (one-hot input, forward and backward with
+a random ∂L/∂y) in turns of its own, and prints what the whole step's ratio would be with bptt's LSTM at
+1, 1.25, 1.33 and 1.5 times PyTorch's speed and the rest of the step as measured (row E8).
 """
 
 from __future__ import annotations
@@ -104,10 +108,27 @@ def in_process(a):
         at["torch"] = [(k + 1) % len(batches), tuple(s.detach() for s in state)]
 
     steps = {"torch": torch_step, "bptt": bptt_step}
+    if a.lstm_alone:  # the recurrent layer's own step besides: one-hot input, forward and backward, on the same window
+        x0 = batches.batch(0)[0]
+        dy = np.random.default_rng(2).standard_normal((*x0.shape, 128)).astype(np.float32)
+        x_t, dy_t = torch.nn.functional.one_hot(torch.from_numpy(np.asarray(x0, np.int64)), V).float(), torch.from_numpy(dy)
+
+        def bptt_lstm():
+            with ours.blas_scope(*x0.shape):
+                ours.rnn.zero_grad()
+                ours.rnn.forward(x0, one_hot=True)
+                ours.rnn.backward(dy, need_input_grad=False)
+
+        def torch_lstm():
+            theirs.rnn.zero_grad()
+            out, _ = theirs.rnn(x_t)
+            out.backward(dy_t)
+
+        steps |= {"torch LSTM": torch_lstm, "bptt LSTM": bptt_lstm}
     for step in steps.values():  # compilation, first touch of memory, the warm-up of both libraries
         for _ in range(a.block):
             step()
-    results = {"torch": [], "bptt": []}
+    results = {side: [] for side in steps}
     for r in range(a.rounds):
         for side, step in steps.items():
             times = []
@@ -126,6 +147,14 @@ def in_process(a):
           f"{statistics.median(paired):.2f}× |")
     print(f"(in one process, {a.rounds} rounds of {a.block} steps a side in turn; per round's ratio: "
           f"{', '.join(f'{x:.2f}' for x in paired)})")
+    if a.lstm_alone:
+        m = {side: statistics.median(v) for side, v in results.items()}
+        rest_b, rest_t = m["bptt"] - m["bptt LSTM"], m["torch"] - m["torch LSTM"]
+        print(f"LSTM alone: bptt {1e3 * m['bptt LSTM']:.2f} ms, torch {1e3 * m['torch LSTM']:.2f} ms "
+              f"({m['torch LSTM'] / m['bptt LSTM']:.2f}×); the rest of the step: bptt {1e3 * rest_b:.2f} ms, "
+              f"torch {1e3 * rest_t:.2f} ms")
+        for x in (1.0, 1.25, 1.33, 1.5):  # the step's ratio if bptt's LSTM ran at x times PyTorch's speed, the rest as measured
+            print(f"  with the LSTM at {x:.2f}× PyTorch's: the step at {m['torch'] / (rest_b + m['torch LSTM'] / x):.2f}×")
 
 
 def main(argv=None):
@@ -137,8 +166,12 @@ def main(argv=None):
     ap.add_argument("--in-process", action="store_true",
                     help="both training loops in this process, in turns of --block steps (char-rnn defaults only)")
     ap.add_argument("--block", type=int, default=30)
+    ap.add_argument("--lstm-alone", action="store_true",
+                    help="with --in-process: also time the LSTM layer's own step, and bound the step's ratio by it")
     ap.add_argument("extra", nargs="*", help="flags passed to both trainers (after --)")
     a = ap.parse_args(argv)
+    if a.lstm_alone and not a.in_process:
+        raise SystemExit("--lstm-alone goes with --in-process")
     if a.in_process:
         if a.extra:
             raise SystemExit("--in-process runs char-rnn's defaults only; drop the extra flags")
