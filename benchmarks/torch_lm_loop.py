@@ -70,6 +70,23 @@ def _detach(state):
     return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
 
 
+def train_step(model, forward, opt, x, y, state, V: int, grad_clip: float, clip_mode: str):
+    """One training step on the window x, y (T, N) int64 from ``state``: forward, mean cross-entropy,
+    backward, clipping (by value or by norm; none if grad_clip is 0), the optimizer's step
+    → (the loss tensor, the state detached for the next window)."""
+    logits, state = forward(model, x, state)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
+    opt.zero_grad(set_to_none=False)
+    loss.backward()
+    if grad_clip:
+        if clip_mode == "norm":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        else:
+            torch.nn.utils.clip_grad_value_(model.parameters(), grad_clip)
+    opt.step()
+    return loss, _detach(state)
+
+
 def train(a, model, forward, opt, sched, batches, val_batches, V: int, max_iters: int) -> None:
     """Train until ``max_iters`` steps or ``--max-time`` minutes, logging as ``bptt train`` does.
 
@@ -94,17 +111,7 @@ def train(a, model, forward, opt, sched, batches, val_batches, V: int, max_iters
         lr = sched(it)
         for g in opt.param_groups:
             g["lr"] = lr
-        logits, state = forward(model, x, state)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
-        opt.zero_grad(set_to_none=False)
-        loss.backward()
-        if a.grad_clip:
-            if a.clip_mode == "norm":
-                torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
-            else:
-                torch.nn.utils.clip_grad_value_(model.parameters(), a.grad_clip)
-        opt.step()
-        state = _detach(state)
+        loss, state = train_step(model, forward, opt, x, y, state, V, a.grad_clip, a.clip_mode)
         it += 1
         window_loss += loss.item()
         window_n += 1

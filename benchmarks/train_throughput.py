@@ -23,7 +23,7 @@ script's ``--threads``; bptt's own BLAS follows OPENBLAS_NUM_THREADS).
 ``--block`` steps (default 30) for ``--rounds`` rounds (default here 9), each turn's figure the
 median time of its steps.  A step is what each trainer's loop runs per window (bptt:
 ``zero_grad``, the model's ``train_step`` under its ``blas_scope``, ``clip_grad_value``, the
-RMSprop step; PyTorch: ``torch_lm_loop.train``'s forward, loss, backward, clip and step), on the
+RMSprop step; PyTorch: ``torch_lm_loop.train_step``, as the script's loop runs it), on the
 same windows from the same initial weights, both models training as they go.  On a shared
 machine whose speed drifts over tens of seconds (one 30 s run of the PyTorch script took 22 ms
 a step and the next 29, with nothing else of ours running) the separate runs' ratio moves with
@@ -98,14 +98,9 @@ def in_process(a):
     def torch_step():
         k, state = at["torch"]
         x, y = (torch.from_numpy(np.asarray(v, np.int64)) for v in batches.batch(k))
-        logits, state = forward(theirs, x, None if k == 0 else state)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
-        opt_t.zero_grad(set_to_none=False)
-        loss.backward()
-        torch.nn.utils.clip_grad_value_(theirs.parameters(), 5.0)
-        opt_t.step()
-        loss.item()
-        at["torch"] = [(k + 1) % len(batches), tuple(s.detach() for s in state)]
+        loss, state = loop.train_step(theirs, forward, opt_t, x, y, None if k == 0 else state, V, 5.0, "value")
+        loss.item()  # as the script's loop reads it every step
+        at["torch"] = [(k + 1) % len(batches), state]
 
     steps = {"torch": torch_step, "bptt": bptt_step}
     if a.lstm_alone:  # the recurrent layer's own step besides: one-hot input, forward and backward, on the same window
@@ -161,7 +156,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=None, help="default 3, or 9 with --in-process")
     ap.add_argument("--seconds", type=float, default=40.0)
     ap.add_argument("--in-process", action="store_true",
                     help="both training loops in this process, in turns of --block steps (char-rnn defaults only)")
@@ -170,13 +165,12 @@ def main(argv=None):
                     help="with --in-process: also time the LSTM layer's own step, and bound the step's ratio by it")
     ap.add_argument("extra", nargs="*", help="flags passed to both trainers (after --)")
     a = ap.parse_args(argv)
+    a.rounds = a.rounds or (9 if a.in_process else 3)
     if a.lstm_alone and not a.in_process:
         raise SystemExit("--lstm-alone goes with --in-process")
     if a.in_process:
         if a.extra:
             raise SystemExit("--in-process runs char-rnn's defaults only; drop the extra flags")
-        if "--rounds" not in (argv if argv is not None else sys.argv[1:]):
-            a.rounds = 9
         return in_process(a)
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
