@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bptt.runtime import threads  # read at run time: threads.blas_threads() (tests monkeypatch it there)
+from bptt.runtime import policy, threads  # read at run time: threads.blas_threads() (tests monkeypatch it there)
 from bptt.runtime.wavefront import run_parallel  # one job runs in the calling thread: no pool, no overhead
 
 __all__ = [
@@ -39,9 +39,7 @@ def _row_parts(rows):
     """
     if not threads.inside_single_thread_blas() or rows < 2 * _MIN_ROWS_PER_THREAD:
         return [slice(0, rows)]
-    from bptt.runtime.wavefront import even_slices
-
-    return even_slices(rows, min(threads.blas_threads(), rows // _MIN_ROWS_PER_THREAD))
+    return policy.even_slices(rows, min(threads.blas_threads(), rows // _MIN_ROWS_PER_THREAD))
 
 
 def _rows(a) -> int:

@@ -15,7 +15,8 @@ BLAS threads to pay).  The backward pass is the same picture upside down: layer
 k's gradient for chunk j comes from layer k+1's chunk j, read from the last chunk.
 
 The chunk tasks are supplied by the caller (:mod:`bptt.nn.rnn`); this module only
-orders them.  The numbers do not depend on the schedule: each task does the same
+orders them.  :func:`run_parallel`, which runs the batch slices side by side, keeps threads of
+its own that poll for work a while before sleeping (:mod:`bptt.runtime.spin`).  The numbers do not depend on the schedule: each task does the same
 arithmetic whichever thread runs it.
 """
 
@@ -24,7 +25,9 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["run_wavefront", "run_parallel", "even_slices"]
+from bptt.runtime import policy
+
+__all__ = ["run_wavefront", "run_parallel"]
 
 _POOL: list[ThreadPoolExecutor] = []
 
@@ -36,24 +39,87 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL[0]
 
 
-def even_slices(n: int, parts: int) -> list[slice]:
-    """[0, n) cut into ``parts`` contiguous slices whose lengths differ by at most one."""
-    bounds = [round(n * i / parts) for i in range(parts + 1)]
-    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+class _Worker:
+    """A thread of :func:`run_parallel`'s own: it runs one job at a time, and between jobs polls for the
+    next one for ``policy.SPIN_SECONDS`` (:mod:`bptt.runtime.spin`) before it sleeps (a daemon thread:
+    an idle worker does not keep the process alive).
+
+    ``posted`` counts the jobs handed to it, ``done`` the jobs it has finished; each side spins on the
+    other's counter, then waits on an Event (set after every count, so a sleeper never misses one)."""
+
+    def __init__(self):
+        from bptt.runtime import spin  # imports Numba: here, not when the package is imported
+
+        self.spin = spin
+        self.posted, self.done = spin.new_cell(), spin.new_cell()
+        self.jobs = 0  # handed over so far (posted[0], as the submitting side knows it)
+        self.job = self.result = self.error = None
+        self.wake, self.finished = threading.Event(), threading.Event()
+        threading.Thread(target=self._loop, name="bptt-slice", daemon=True).start()
+
+    def _wait(self, cell, count, event):
+        if not self.spin.spin_until(cell, count, policy.SPIN_SECONDS):
+            while int(cell[0]) < count:
+                event.wait()
+                event.clear()
+
+    def _loop(self):
+        n = 0
+        while True:
+            n += 1
+            self._wait(self.posted, n, self.wake)
+            try:
+                self.result, self.error = self.job(), None
+            except BaseException as exc:  # noqa: BLE001 - handed to the submitting thread
+                self.result, self.error = None, exc
+            self.job = None
+            self.spin.publish(self.done, n)
+            self.finished.set()
+
+    def submit(self, job):
+        self.job = job
+        self.jobs += 1
+        self.spin.publish(self.posted, self.jobs)
+        self.wake.set()
+
+    def outcome(self):
+        """Wait for the job submitted last → (its result, the exception it raised or None)."""
+        self._wait(self.done, self.jobs, self.finished)
+        return self.result, self.error
+
+
+_IDLE: list[_Worker] = []  # workers not running a job (taken and given back under _IDLE_LOCK)
+_IDLE_LOCK = threading.Lock()
 
 
 def run_parallel(jobs) -> list:
     """Call every zero-argument job at once, one thread each (the first in the calling
     thread), and return their results in order; the first exception is re-raised
-    after all have returned.  :mod:`bptt.nn.rnn` runs batch slices this way."""
-    futures = [_pool().submit(job) for job in jobs[1:]]
+    after all have returned.  :mod:`bptt.nn.rnn` runs batch slices this way.
+
+    The other jobs go to :class:`_Worker` threads kept between calls, which wait for
+    work, and the calling thread for their results, by spinning a while before
+    sleeping (``policy.SPIN_SECONDS``, where the figures are)."""
+    if len(jobs) == 1:
+        return [jobs[0]()]
+    with _IDLE_LOCK:
+        workers = [_IDLE.pop() if _IDLE else None for _ in jobs[1:]]
+    workers = [w or _Worker() for w in workers]  # several callers at once: more workers
+    for w, job in zip(workers, jobs[1:]):
+        w.submit(job)
     results, failed = [], []
-    for job in [jobs[0]] + [f.result for f in futures]:
-        try:
-            results.append(job())
-        except BaseException as exc:  # noqa: BLE001 - wait for the others, then re-raise
-            failed.append(exc)
-            results.append(None)
+    try:
+        results.append(jobs[0]())
+    except BaseException as exc:  # noqa: BLE001 - wait for the others, then re-raise
+        failed.append(exc)
+        results.append(None)
+    for w in workers:
+        result, error = w.outcome()
+        results.append(result)
+        if error is not None:
+            failed.append(error)
+    with _IDLE_LOCK:
+        _IDLE.extend(workers)
     if failed:
         raise failed[0]
     return results
