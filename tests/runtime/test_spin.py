@@ -125,3 +125,21 @@ def test_workers_share_arrays_written_before_publishing(spin_seconds):
         out[:] = 0
         run_parallel([lambda i=i: fill(i) for i in range(3)])
         assert (out == np.arange(1000) * np.arange(1, 4)[:, None]).all()
+
+
+def _child_runs_parallel(queue):
+    queue.put(run_parallel([lambda: "a", lambda: "b"]))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork is POSIX's")
+def test_a_forked_child_starts_its_own_workers():
+    """The parent's idle workers are threads the child does not have: the child must not hand them jobs."""
+    import multiprocessing
+
+    assert run_parallel([lambda: 1, lambda: 2]) == [1, 2]  # the parent now keeps an idle worker
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_runs_parallel, args=(queue,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0 and queue.get(timeout=5) == ["a", "b"]

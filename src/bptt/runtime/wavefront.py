@@ -22,6 +22,7 @@ arithmetic whichever thread runs it.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -90,6 +91,17 @@ class _Worker:
 
 _IDLE: list[_Worker] = []  # workers not running a job (taken and given back under _IDLE_LOCK)
 _IDLE_LOCK = threading.Lock()
+
+
+def _forget_workers_in_child():
+    """A forked child has none of its parent's threads: it starts with no workers and a fresh lock."""
+    global _IDLE_LOCK
+    _IDLE.clear()
+    _IDLE_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_workers_in_child)
 
 
 def run_parallel(jobs) -> list:
