@@ -12,7 +12,7 @@ import pytest
 from conftest import require_numba
 
 from bptt.runtime import policy, spin
-from bptt.runtime.wavefront import run_parallel
+from bptt.runtime.wavefront import run_parallel, run_wavefront
 
 require_numba()
 
@@ -128,18 +128,22 @@ def test_workers_share_arrays_written_before_publishing(spin_seconds):
 
 
 def _child_runs_parallel(queue):
-    queue.put(run_parallel([lambda: "a", lambda: "b"]))
+    log = []
+    run_wavefront(2, 3, lambda k, j: log.append((k, j)), threads=2)  # the layer pool too
+    queue.put((run_parallel([lambda: "a", lambda: "b"]), sorted(log)))
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork is POSIX's")
 def test_a_forked_child_starts_its_own_workers():
-    """The parent's idle workers are threads the child does not have: the child must not hand them jobs."""
+    """The parent's idle workers (and layer pool) are threads the child does not have: the child must not hand
+    them jobs."""
     import multiprocessing
 
     assert run_parallel([lambda: 1, lambda: 2]) == [1, 2]  # the parent now keeps an idle worker
+    run_wavefront(2, 3, lambda k, j: None, threads=2)  # and an idle thread of its layer pool
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     child = ctx.Process(target=_child_runs_parallel, args=(queue,))
     child.start()
     child.join(60)
-    assert child.exitcode == 0 and queue.get(timeout=5) == ["a", "b"]
+    assert child.exitcode == 0 and queue.get(timeout=5) == (["a", "b"], [(k, j) for k in range(2) for j in range(3)])

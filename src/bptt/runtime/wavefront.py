@@ -94,10 +94,12 @@ _IDLE_LOCK = threading.Lock()
 
 
 def _forget_workers_in_child():
-    """A forked child has none of its parent's threads: it starts with no workers and a fresh lock."""
+    """A forked child has none of its parent's threads: it starts with no workers, no layer pool and a
+    fresh lock (a ThreadPoolExecutor copied from the parent would count the parent's idle threads)."""
     global _IDLE_LOCK
     _IDLE.clear()
     _IDLE_LOCK = threading.Lock()
+    _POOL.clear()
 
 
 if hasattr(os, "register_at_fork"):
