@@ -5,6 +5,7 @@ spin, and the spin's counter itself."""
 import platform
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -112,6 +113,25 @@ def test_several_callers_at_once_and_workers_reused(spin_seconds):
     for _ in range(10):
         run_parallel([lambda: 0, lambda: 1])
     assert sum(t.name == "bptt-slice" for t in threading.enumerate()) == before
+
+
+def test_workers_keep_no_result(spin_seconds):
+    """Once run_parallel has returned, a job's result is the caller's alone: a forward slice's result holds
+    its caches, and a worker keeping it would keep them alive through the backward that frees them."""
+    class Box:
+        pass
+
+    refs = []
+
+    def make():
+        box = Box()
+        refs.append(weakref.ref(box))
+        return box
+
+    out = run_parallel([make, make, make])
+    assert all(r() is not None for r in refs)
+    del out
+    assert all(r() is None for r in refs)
 
 
 def test_workers_share_arrays_written_before_publishing(spin_seconds):

@@ -15,9 +15,9 @@ BLAS threads to pay).  The backward pass is the same picture upside down: layer
 k's gradient for chunk j comes from layer k+1's chunk j, read from the last chunk.
 
 The chunk tasks are supplied by the caller (:mod:`bptt.nn.rnn`); this module only
-orders them.  :func:`run_parallel`, which runs the batch slices side by side, keeps threads of
-its own that poll for work a while before sleeping (:mod:`bptt.runtime.spin`).  The numbers do not depend on the schedule: each task does the same
-arithmetic whichever thread runs it.
+orders them.  The numbers do not depend on the schedule: each task does the same
+arithmetic whichever thread runs it.  :func:`run_parallel`, which runs the batch slices side by
+side, keeps threads of its own that poll for work a while before sleeping (:mod:`bptt.runtime.spin`).
 """
 
 from __future__ import annotations
@@ -84,9 +84,11 @@ class _Worker:
         self.wake.set()
 
     def outcome(self):
-        """Wait for the job submitted last → (its result, the exception it raised or None)."""
+        """Wait for the job submitted last → (its result, the exception it raised or None).  The worker
+        lets go of both: a forward slice's result holds its caches, which the backward frees as it goes."""
         self._wait(self.done, self.jobs, self.finished)
-        return self.result, self.error
+        outcome, self.result, self.error = (self.result, self.error), None, None
+        return outcome
 
 
 _IDLE: list[_Worker] = []  # workers not running a job (taken and given back under _IDLE_LOCK)
