@@ -157,9 +157,20 @@ def test_missing_file(tmp_path):
     _one_line(exc)
 
 
-def test_directory(tmp_path):
-    with pytest.raises(CheckpointError, match="directory"):
-        load_checkpoint(tmp_path)
+def test_directory(tmp_path, good_file):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="directory") as exc:
+        load_checkpoint(empty)
+    assert "holds" not in str(exc.value)
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("last.safetensors", "best.safetensors"):
+        (run / name).write_bytes(good_file.read_bytes())
+    with pytest.raises(CheckpointError, match="directory") as exc:
+        load_checkpoint(run)  # a run directory: the message names the checkpoints inside
+    _one_line(exc)
+    assert str(exc.value).endswith(f"(it holds {run / 'best.safetensors'}, {run / 'last.safetensors'})")
 
 
 @pytest.mark.parametrize("keep", [0, 4, 8, 100, -1])

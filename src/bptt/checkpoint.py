@@ -315,7 +315,9 @@ def load_checkpoint(path: str | os.PathLike, verify: bool | None = None) -> tupl
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
     if p.is_dir():
-        raise CheckpointError(f"{p} is a directory; expected a checkpoint file")
+        inside = sorted(c.name for c in p.glob("*.safetensors"))
+        hint = f" (it holds {', '.join(str(p / c) for c in inside)})" if inside else ""
+        raise CheckpointError(f"{p} is a directory; expected a checkpoint file{hint}")
     try:
         with safe_open(str(p), framework="numpy") as f:
             header_meta = f.metadata() or {}
