@@ -246,6 +246,8 @@ import gc; gc.collect()
 if side == "bptt":
     import bptt.kernels as K
     K.available(mode if mode != "rnn" else "rnn_tanh", np.float32)  # compile / load kernels first
+    from bptt.runtime.wavefront import run_parallel
+    run_parallel([lambda: 0, lambda: 0])  # and the slices' worker thread with its compiled wait
 def rss_kb(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
