@@ -6,7 +6,7 @@ watched by another.
 Why: on a virtual machine a thread that sleeps (a futex wait, as in ``Event.wait``) gives its vCPU
 back to the hypervisor, and the work it resumes runs slower for a while.  Two batch slices of a
 2×128 LSTM's inference forward, run in lockstep in two processes, took 5.1 ms a call when each
-waited for the other by spinning and 5.8–6.7 ms when it slept (history, "2026-12-04, late").
+waited for the other by spinning and 5.8–6.7 ms when it slept (benchmarks/history.md, "2026-12-04 late").
 OpenMP runtimes spin for a while before sleeping for the same reason (libgomp's ``GOMP_SPINCOUNT``).
 
 :func:`spin_until` polls a cell with the GIL released (compiled with Numba, ``nogil``) for at most a
@@ -109,6 +109,8 @@ if _AVAILABLE:
 
     @njit(nogil=True, cache=True)
     def _spin_until(cell, count, max_ticks):
+        """Poll cell[0] until ≥ count (8 ``pause`` between looks); every 64 looks yield the core once and
+        give up after max_ticks of the time-stamp counter → whether the count was reached."""
         t0 = _ticks()
         polls = 0
         while _load_acquire(cell) < count:
@@ -134,19 +136,19 @@ _TICKS_PER_SECOND: list[float] = []
 
 
 def ticks_per_second() -> float:
-    """The time-stamp counter's rate, measured once (over 5 ms) on first use."""
-    if not _TICKS_PER_SECOND:
+    """The time-stamp counter's rate, measured once on first use, over a 5 ms sleep (current x86 CPUs
+    count at a constant rate, asleep or not; a wrong rate would only change how long a wait spins)."""
+    if not _TICKS_PER_SECOND and _AVAILABLE:
         _read_ticks()  # compile (or load) first
         t0, c0 = time.perf_counter(), _read_ticks()
-        while time.perf_counter() - t0 < 0.005:
-            pass
+        time.sleep(0.005)
         _TICKS_PER_SECOND.append((_read_ticks() - c0) / (time.perf_counter() - t0))
     return _TICKS_PER_SECOND[0]
 
 
 def spin_until(cell: np.ndarray, count: int, seconds: float) -> bool:
     """Poll until cell[0] ≥ count, for at most ``seconds`` (GIL released); → whether it got there.
-    Without ``AVAILABLE`` or with seconds ≤ 0: a single look."""
+    Where spinning is not :func:`available`, or with seconds ≤ 0: a single look."""
     if seconds <= 0 or not _AVAILABLE:
         return int(cell[0]) >= count
     return _spin_until(cell, count, int(seconds * ticks_per_second()))
