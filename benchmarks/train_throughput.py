@@ -105,7 +105,7 @@ def in_process(a):
     steps = {"torch": torch_step, "bptt": bptt_step}
     if a.lstm_alone:  # the recurrent layer's own step besides: one-hot input, forward and backward, on the same window
         x0 = batches.batch(0)[0]
-        dy = np.random.default_rng(2).standard_normal((*x0.shape, 128)).astype(np.float32)
+        dy = np.random.default_rng(2).standard_normal((*x0.shape, ours.rnn.out_size)).astype(np.float32)
         x_t, dy_t = torch.nn.functional.one_hot(torch.from_numpy(np.asarray(x0, np.int64)), V).float(), torch.from_numpy(dy)
 
         def bptt_lstm():

@@ -166,15 +166,12 @@ if HAVE_NUMBA:
                 mr[j] = o[j] * tcr[j]
             keep = has_mask and not mask[t, n]
             if keep:
-                for j in range(H):
-                    cnr[j] = cpr[j]
+                _copy_row(cpr, cnr)
             if not proj:
                 if keep:
                     _keep_row(y[t, n], hn[n], hp[n])
                 else:
-                    hnr = hn[n]
-                    for j in range(H):
-                        hnr[j] = mr[j]
+                    _copy_row(mr, hn[n])
 
     @njit(**STEP_JIT)
     def lstm_bw_step(t, rev, dy, dh, dc, dm_in, cs, gates, tanh_c, dgx, row, mask, has_mask, proj):
