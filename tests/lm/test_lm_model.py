@@ -106,6 +106,9 @@ def test_sampling_is_reproducible_and_respects_argmax_and_top_k():
     assert p[0] == 0 and p[3] == 0 and abs(p.sum() - 1) < 1e-12 and p[1] > p[2]
     with pytest.raises(DataError, match="'z'"):
         generate(lm, vocab, 5, prime="az")
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0.*argmax"):  # points to greedy decoding
+        generate(lm, vocab, 5, temperature=0.0, prime="a")
+    assert len(generate(lm, vocab, 5, temperature=0.0, argmax=True, prime="a")) == 5  # argmax needs no temperature
 
 
 def test_evaluate_text_counts_every_character_and_reports_unknown():

@@ -75,7 +75,8 @@ def generate(
     if length < 0:
         raise ValueError(f"length must be >= 0, got {length}")
     if not argmax and not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise ValueError(f"temperature must be > 0, got {temperature}; for the most likely unit at every step use "
+                         "argmax (--argmax)")
     if top_k < 0:
         raise ValueError(f"top-k must be >= 0, got {top_k}")
     units = as_units(vocab)
