@@ -210,7 +210,8 @@ def _check_not_binary(p: Path, head: bytes, codec: codecs.CodecInfo) -> None:
         return
     nul = head.find(b"\0")
     if nul >= 0:
-        raise DataError(f"{p}: looks like a binary file (NUL byte at offset {nul}); expected a text file")
+        raise DataError(f"{p}: looks like a binary file (NUL byte at offset {nul}); expected a text file "
+                        "(a byte-level model reads any file: bptt train --unit byte)")
 
 
 def _decode_error(p: Path, data: bytes, offset: int, encoding: str) -> DataError:
