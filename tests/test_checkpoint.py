@@ -151,10 +151,19 @@ def good_file(tmp_path, rng):
     return path
 
 
-def test_missing_file(tmp_path):
+def test_missing_file(tmp_path, good_file):
     with pytest.raises(CheckpointError, match="not found") as exc:
+        load_checkpoint(tmp_path / "nowhere" / "nope.safetensors")
+    _one_line(exc)
+    assert "holds" not in str(exc.value)
+    with pytest.raises(CheckpointError, match="not found") as exc:  # a mistyped name: the message names the others
         load_checkpoint(tmp_path / "nope.safetensors")
     _one_line(exc)
+    assert str(exc.value).endswith(f"({tmp_path} holds {good_file})")
+    for i in range(5):
+        (tmp_path / f"c{i}.safetensors").write_bytes(good_file.read_bytes())
+    with pytest.raises(CheckpointError, match=r"holds .* and 2 more\)$"):  # six files: four named
+        load_checkpoint(tmp_path / "nope.safetensors")
 
 
 def test_directory(tmp_path, good_file):

@@ -70,6 +70,7 @@ __all__ = [
     "upgrade_meta",
     "set_default_verify",
     "load_checkpoint_of_kind",
+    "checkpoints_in",
 ]
 
 #: Version of the layout above; bump it when an old reader could misread a new file.
@@ -290,6 +291,15 @@ def set_default_verify(enabled: bool) -> None:
     _VERIFY_BY_DEFAULT[0] = bool(enabled)
 
 
+def checkpoints_in(directory: str | os.PathLike, limit: int = 4) -> str:
+    """The ``*.safetensors`` files in ``directory`` for an error message: "d/best.safetensors,
+    d/last.safetensors" (at most ``limit`` named, then "and N more"), or "" for none or no such folder."""
+    d = Path(directory)
+    found = sorted(str(c) for c in d.glob("*.safetensors")) if d.is_dir() else []
+    more = f" and {len(found) - limit} more" if len(found) > limit else ""
+    return ", ".join(found[:limit]) + more
+
+
 def load_checkpoint(path: str | os.PathLike, verify: bool | None = None) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
@@ -313,11 +323,11 @@ def load_checkpoint(path: str | os.PathLike, verify: bool | None = None) -> tupl
 
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(f"checkpoint not found: {p}")
+        near = checkpoints_in(p.parent)
+        raise CheckpointError(f"checkpoint not found: {p}" + (f" ({p.parent} holds {near})" if near else ""))
     if p.is_dir():
-        inside = sorted(c.name for c in p.glob("*.safetensors"))
-        hint = f" (it holds {', '.join(str(p / c) for c in inside)})" if inside else ""
-        raise CheckpointError(f"{p} is a directory; expected a checkpoint file{hint}")
+        inside = checkpoints_in(p)
+        raise CheckpointError(f"{p} is a directory; expected a checkpoint file" + (f" (it holds {inside})" if inside else ""))
     try:
         with safe_open(str(p), framework="numpy") as f:
             header_meta = f.metadata() or {}

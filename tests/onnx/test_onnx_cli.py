@@ -77,6 +77,9 @@ def test_seq2seq_export_then_translate_from_the_folder(tmp_path, capsys):
             assert main(["seq2seq", "translate", str(model), "abcde", "--beam", beam]) == 0
             results.append(capsys.readouterr().out)
         assert results[0] == results[1] and results[0].strip()
+    assert main(["seq2seq", "translate", str(out), "abcde"]) == 2  # the run's folder, not the export's
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.strip().endswith(f"give a checkpoint file instead: {ckpt}")
     assert main(["seq2seq", "eval", str(folder), "--json"]) == 0
     onnx_res = json.loads(capsys.readouterr().out)
     assert main(["seq2seq", "eval", str(ckpt), "--json"]) == 0

@@ -10,6 +10,7 @@ import json
 import time
 from pathlib import Path
 
+from bptt.checkpoint import checkpoints_in
 from bptt.cli.options import add_dataclass_options
 from bptt.lm.data import DataError
 from bptt.seq2seq.data import SeqData
@@ -39,6 +40,11 @@ def load_any_model(path):
 
     if Path(path).is_dir():
         from bptt.onnx.seq2seq import OnnxSeq2Seq
+
+        checkpoints = checkpoints_in(path)
+        if checkpoints and not (Path(path) / "encoder.onnx").exists():  # a training run's folder, not an export
+            raise DataError(f"{path} is a folder with no ONNX export in it (no encoder.onnx); give a checkpoint "
+                            f"file instead: {checkpoints}")
 
         model = OnnxSeq2Seq(path)
         meta = model.meta
