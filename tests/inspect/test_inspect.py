@@ -281,11 +281,12 @@ def test_units_and_gates_commands(checkpoints, tmp_path, capsys):
     page = html_out.read_text()
     assert page.startswith("<!DOCTYPE html>") and '"chosen":[3,7]' in page
     gates_out = tmp_path / "gates.png"
-    assert main(["inspect", "gates", str(paths["lstm"]), "--text", str(data), "--max-chars", "500", "--streams", "5",
+    assert main(["inspect", "gates", str(paths["lstm"]), "--data", str(data), "--max-chars", "500", "--streams", "5",
                  "--out", str(gates_out)]) == 0
     assert gates_out.read_bytes()[:4] == b"\x89PNG"
     summary = json.loads(gates_out.with_suffix(".json").read_text())
     assert list(summary["layers"][1]) == ["input", "forget", "output"] and len(summary["layers"][1]["forget"]["left"]) == 8
+    assert summary["text"] == str(data)  # --data, train's name for it, is --text
     assert main(["inspect", "gradients", str(paths["lstm"]), "--model", "gru", "--hidden", "8", "--text", str(data),
                  "--window", "20", "--batch", "2", "--out", str(tmp_path / "gf.png")]) == 0
     assert (tmp_path / "gf.png").exists()

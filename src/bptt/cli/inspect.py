@@ -260,7 +260,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="inspect_command", metavar="{gradients,units,gates,attention}", required=True)
 
     def text_options(q, default_max):
-        q.add_argument("--text", help="text file to run the model on (default: the built-in Python-source corpus)")
+        q.add_argument("--text", "--data", dest="text",  # --data: the name train and eval give the same file
+                       help="text file to run the model on (default: the built-in Python-source corpus)")
         q.add_argument("--encoding", default="utf-8", help="encoding of --text (default: utf-8)")
         if default_max is not None:
             q.add_argument("--start", type=int, default=0, help="character of the text to start at (default: 0)")
