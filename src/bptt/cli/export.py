@@ -1,7 +1,7 @@
 """``bptt export CKPT --out PATH [--opset N] [--graph sequence|step]``: a checkpoint → ONNX.
 
-A char LM becomes one file (its sequence or one-step graph); a seq2seq model a folder holding
-``encoder.onnx`` and ``decoder_step.onnx``.
+A char LM becomes one file (its sequence or one-step graph), a Transformer LM one file (its sequence
+graph); a seq2seq model a folder holding ``encoder.onnx`` and ``decoder_step.onnx``.
 
 Wired into the ``bptt`` command by :func:`register` (``register(subparsers)``).  Bad input
 (not a bptt char LM checkpoint, an unwritable path, an opset out of range, onnx missing)
@@ -19,7 +19,8 @@ __all__ = ["register", "cmd_export"]
 def register(subparsers) -> argparse.ArgumentParser:
     from bptt.onnx.graph import DEFAULT_OPSET, EXPORT_OPSETS
 
-    p = subparsers.add_parser("export", help="export a char LM or seq2seq checkpoint to ONNX",
+    p = subparsers.add_parser("export", help="export a language model (recurrent or Transformer) or a seq2seq "
+                                             "checkpoint to ONNX",
                               description="Write a checkpoint of bptt train as an ONNX model (vocabulary and config "
                                           "in its metadata), runnable by ONNX Runtime and by bptt sample/eval. "
                                           'Needs the optional extra: pip install "bptt[onnx]".')
@@ -51,7 +52,15 @@ def cmd_export(args) -> int:
     vocab = vocab.vocab
     keep = {k: meta[k] for k in ("step", "best", "eval", "saved_at") if k in meta}
     keep["source"] = str(args.checkpoint)
-    path = export_charlm(model, vocab, args.out, graph=args.graph, opset=args.opset, meta=keep)
+    if meta["config"].get("model") == "transformer":  # one graph: the whole window (no step graph, no cache)
+        from bptt.onnx.transformer_lm import export_transformer_lm
+
+        if args.graph != "sequence":
+            raise ValueError("a Transformer exports as its sequence graph only (generation re-reads the prefix); "
+                             "leave out --graph step")
+        path = export_transformer_lm(model, vocab, args.out, opset=args.opset, meta=keep)
+    else:
+        path = export_charlm(model, vocab, args.out, graph=args.graph, opset=args.opset, meta=keep)
     print(f"wrote {path} ({model.extra_repr()}, opset {args.opset}, {args.graph} graph)", file=sys.stderr)
     return 0
 

@@ -7,9 +7,10 @@ imported only when one of these functions runs.
                                       (an LSTM with proj_size → a Scan over the cell in basic operators)
     export_charlm(model, vocab, path) a char LM → a one-step or a whole-sequence graph, vocabulary and
                                       config in the model's metadata
+    transformer_lm.export_transformer_lm(model, vocab, path)  a Transformer LM → its whole-window graph
     load(path)                        a stack of standard recurrent nodes (+ a final Gemm / MatMul + Add)
                                       → bptt modules (:class:`bptt.onnx.from_onnx.Imported`)
-    runtime.load_charlm(path)         → (OnnxCharLM, vocab, meta), like bptt.lm.train.load_model
+    runtime.load_charlm(path)         → (OnnxCharLM or OnnxTransformerLM, vocab, meta), like bptt.lm.train.load_model
     seq2seq.export_seq2seq(model, dir) encoder.onnx + decoder_step.onnx;  seq2seq.OnnxSeq2Seq(dir) decodes
 
 See docs/onnx.md for the opset, the operator mapping and the float64 limits.

@@ -1,4 +1,4 @@
-"""Run an exported char language model in ONNX Runtime, through the interface of a bptt CharLM.
+"""Run an exported language model in ONNX Runtime, through the interface of a bptt CharLM (or TransformerLM).
 
 Shape legend: T time steps, N batch streams, V vocabulary, H hidden units, L layers.
 
@@ -22,8 +22,9 @@ import numpy as np
 from bptt.onnx.from_onnx import read_model
 from bptt.onnx.graph import OnnxError, require_onnx
 from bptt.onnx.to_onnx import CHARLM_KIND, META_PREFIX
+from bptt.onnx.transformer_lm import TRANSFORMER_LM_KIND
 
-__all__ = ["OnnxCharLM", "load_charlm", "session"]
+__all__ = ["OnnxCharLM", "OnnxTransformerLM", "InferenceOnly", "load_charlm", "session", "read_bptt_metadata"]
 
 
 def session(model_or_path, threads: int | None = None):
@@ -34,10 +35,68 @@ def session(model_or_path, threads: int | None = None):
     if threads:
         opts.intra_op_num_threads = int(threads)
     src = model_or_path.SerializeToString() if hasattr(model_or_path, "SerializeToString") else str(model_or_path)
-    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # e.g. no kernel for an operator in this dtype (float64: docs/onnx.md): one line
+        raise OnnxError(f"ONNX Runtime cannot run this model: {' '.join(str(e).split())}") from None
 
 
-class OnnxCharLM:
+def read_bptt_metadata(model, path, kind: str, config_class) -> dict:
+    """The ``bptt.*`` metadata of a language model written by bptt export, checked to be of ``kind``:
+    {"graph", "config" (a ``config_class``), "vocab", "meta"} (parsed from JSON); one OnnxError line otherwise."""
+    props = {p.key: p.value for p in model.metadata_props}
+    if props.get(META_PREFIX + "kind") != kind:
+        what = "Transformer language model" if kind == TRANSFORMER_LM_KIND else "char language model"
+        raise OnnxError(f"{path}: not a {what} written by bptt export "
+                        f"(metadata {META_PREFIX}kind is {props.get(META_PREFIX + 'kind')!r})")
+    try:
+        return {"graph": props[META_PREFIX + "graph"],
+                "config": config_class.from_dict(json.loads(props[META_PREFIX + "config"])),
+                "vocab": json.loads(props[META_PREFIX + "vocab"]), "meta": json.loads(props.get(META_PREFIX + "meta", "{}"))}
+    except (KeyError, TypeError, ValueError) as e:
+        raise OnnxError(f"{path}: broken bptt metadata ({e})") from None
+
+
+class InferenceOnly:
+    """``train()`` / ``eval()`` / ``training`` of a model run by ONNX Runtime: always in eval mode."""
+
+    training = False
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise ValueError("an ONNX model runs in inference only: it cannot be put in training mode")
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+
+class _OnnxLanguageModel(InferenceOnly):
+    """What both language-model wrappers offer alike: ``vocab_size``, ``dtype``, ``blas_scope``, checked ids."""
+
+    config = None  # the model's config (CharLMConfig or TransformerLMConfig), set by the subclass
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.config.dtype)
+
+    def blas_scope(self, T, N):
+        return contextlib.nullcontext()
+
+    def _check_ids(self, ids, ndim):
+        ids = np.asarray(ids)
+        if ids.ndim != ndim or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"expected integer ids of {ndim} dimension(s), got {ids.dtype} {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"ids must be in [0, {self.vocab_size}), got [{ids.min()}, {ids.max()}]")
+        return ids.astype(np.int64)
+
+
+class OnnxCharLM(_OnnxLanguageModel):
     """A char LM ONNX file (``bptt.onnx.export_charlm``) in an ONNX Runtime session.
 
     The state is ``h`` (L, N, H), or ``(h, c)`` for an LSTM, as the CharLM's.  A step
@@ -47,45 +106,15 @@ class OnnxCharLM:
     def __init__(self, model, path="<model>", threads: int | None = None):
         from bptt.lm.model import CharLMConfig
 
-        props = {p.key: p.value for p in model.metadata_props}
-        if props.get(META_PREFIX + "kind") != CHARLM_KIND:
-            raise OnnxError(f"{path}: not a char language model written by bptt export "
-                            f"(metadata {META_PREFIX}kind is {props.get(META_PREFIX + 'kind')!r})")
-        try:
-            self.config = CharLMConfig.from_dict(json.loads(props[META_PREFIX + "config"]))
-            self.graph = props[META_PREFIX + "graph"]
-            self.vocab_json = json.loads(props[META_PREFIX + "vocab"])
-            self.meta = json.loads(props.get(META_PREFIX + "meta", "{}"))
-        except (KeyError, TypeError, ValueError) as e:
-            raise OnnxError(f"{path}: broken bptt metadata ({e})") from None
+        props = read_bptt_metadata(model, path, CHARLM_KIND, CharLMConfig)
+        self.config, self.graph, self.vocab_json, self.meta = props["config"], props["graph"], props["vocab"], props["meta"]
         if self.graph not in ("sequence", "step"):
             raise OnnxError(f"{path}: unknown graph kind {self.graph!r}")
         self.session = session(model, threads)
         self.lstm = self.config.model == "lstm"
-        self.training = False
         self.state = None
 
     # ------------------------------------------------------------------ what CharLM offers
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(self.config.dtype)
-
-    def train(self, mode: bool = True):
-        if mode:
-            raise ValueError("an ONNX model runs in inference only: it cannot be put in training mode")
-        self.training = False
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-    def blas_scope(self, T, N):
-        return contextlib.nullcontext()
-
     def reset_state(self):
         self.state = None
 
@@ -101,14 +130,6 @@ class OnnxCharLM:
             feeds["h_0"] = np.ascontiguousarray(state, self.dtype)
         out = self.session.run(None, feeds)
         return out[0], ((out[1], out[2]) if self.lstm else out[1])
-
-    def _check_ids(self, ids, ndim):
-        ids = np.asarray(ids)
-        if ids.ndim != ndim or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"expected integer ids of {ndim} dimension(s), got {ids.dtype} {ids.shape}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"ids must be in [0, {self.vocab_size}), got [{ids.min()}, {ids.max()}]")
-        return ids.astype(np.int64)
 
     def forward(self, ids, state=None):
         """ids (T, N) → logits (T, N, V), final state."""
@@ -137,6 +158,45 @@ class OnnxCharLM:
         return logits[0]
 
 
+class OnnxTransformerLM(_OnnxLanguageModel):
+    """A Transformer LM ONNX file in an ONNX Runtime session, with what ``generate`` and
+    ``evaluate_text`` use from a TransformerLM: ``forward(ids (T, N)) → (logits, None)``,
+    ``step(ids (N,)) → logits (N, V)`` (the prefix since ``reset_state()`` run again, at most the
+    context), ``train()/eval()``, ``training``, ``blas_scope``, ``dtype``, ``vocab_size``, ``config``."""
+
+    def __init__(self, model, path="<model>", threads: int | None = None):
+        from bptt.lm.transformer import TransformerLMConfig
+
+        props = read_bptt_metadata(model, path, TRANSFORMER_LM_KIND, TransformerLMConfig)
+        self.config, self.vocab_json, self.meta = props["config"], props["vocab"], props["meta"]
+        self.session = session(model, threads)
+        self.history = None  # ids (t, N) fed to step() since the last reset
+
+    def reset_state(self):
+        self.history = None
+
+    def forward(self, ids, state=None):
+        """ids (T, N), T ≤ context → (logits (T, N, V), None)."""
+        ids = self._check_ids(ids, 2)
+        if ids.shape[0] > self.config.context:
+            raise ValueError(f"a window of {ids.shape[0]} positions exceeds the model's context of {self.config.context}")
+        return self.session.run(None, {"ids": ids})[0], None
+
+    __call__ = forward
+
+    def step(self, ids):
+        """One token per stream: ids (N,) → logits (N, V) for the next one, as TransformerLM.step."""
+        ids = self._check_ids(np.asarray(ids).reshape(-1), 1)
+        if self.history is None or self.history.shape[1] != ids.shape[0]:
+            self.history = np.empty((0, ids.shape[0]), np.int64)
+        t = self.history.shape[0]
+        if t >= self.config.context:
+            raise ValueError(f"position {t} would exceed the context of {self.config.context} positions; "
+                             "call reset_state() (or generate with a sliding window)")
+        self.history = np.concatenate([self.history, ids[None]])
+        return self.forward(self.history)[0][-1]
+
+
 def load_charlm(path, threads: int | None = None):
     """(model, vocab, meta) from an ONNX char LM, as ``bptt.lm.model.load_model`` returns from a checkpoint.
 
@@ -145,7 +205,9 @@ def load_charlm(path, threads: int | None = None):
     from bptt.lm.data import Vocab
 
     model = read_model(path)
-    lm = OnnxCharLM(model, Path(path), threads)
+    kind = next((p.value for p in model.metadata_props if p.key == META_PREFIX + "kind"), None)
+    wrapper = OnnxTransformerLM if kind == TRANSFORMER_LM_KIND else OnnxCharLM
+    lm = wrapper(model, Path(path), threads)
     vocab = Vocab.from_json(lm.vocab_json)
     if len(vocab) != lm.vocab_size:
         raise OnnxError(f"{path}: the vocabulary has {len(vocab)} characters, the model {lm.vocab_size}")

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from bptt.onnx.graph import DEFAULT_OPSET, Builder, OnnxError, emit_recurrent, save_model
+from bptt.onnx.runtime import InferenceOnly, session
 from bptt.onnx.to_onnx import META_PREFIX, check_opset, json_default
 
 __all__ = ["export_seq2seq", "OnnxSeq2Seq", "SEQ2SEQ_KIND"]
@@ -148,7 +149,7 @@ def export_seq2seq(model, directory, *, opset: int = DEFAULT_OPSET, meta: dict |
     return save_model(enc, directory / "encoder.onnx"), save_model(dec, directory / "decoder_step.onnx")
 
 
-class OnnxSeq2Seq:
+class OnnxSeq2Seq(InferenceOnly):
     """encoder.onnx + decoder_step.onnx in ONNX Runtime, with Seq2Seq's decoding interface:
     ``encode``, ``decode_step``, ``greedy``, ``beam_search``, ``translate`` (same arguments and results).
 
@@ -158,7 +159,6 @@ class OnnxSeq2Seq:
 
     def __init__(self, directory, threads: int | None = None):
         from bptt.onnx.from_onnx import read_model
-        from bptt.onnx.runtime import session
         from bptt.seq2seq.model import Seq2SeqConfig
 
         directory = Path(directory)
@@ -175,15 +175,6 @@ class OnnxSeq2Seq:
         self.use_attention = self.config.attention != "none"
         self.dec_lstm = self.config.cell == "lstm"
         self.encoder, self.decoder = (session(m, threads) for m in models)
-        self.training = False
-
-    def train(self, mode: bool = True):
-        if mode:
-            raise ValueError("an ONNX model runs in inference only: it cannot be put in training mode")
-        return self
-
-    def eval(self):
-        return self.train(False)
 
     def encode(self, src, src_len):
         from bptt.seq2seq.model import Memory

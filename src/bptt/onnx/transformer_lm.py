@@ -1,0 +1,119 @@
+"""Export a Transformer language model (:class:`bptt.lm.transformer.TransformerLM`) to ONNX, and run it.
+
+Shape legend: T positions (T ≤ C), N batch streams, V vocabulary, E d_model, h heads, d = E/h,
+F = 4E feed-forward width, C context.
+
+The graph is the model's ``forward`` in eval mode (dropout is the identity), ids (T, N) int64 →
+logits (T, N, V), in standard operators (any opset bptt exports, 14–21)::
+
+    e = Gather(W_tok, ids) + W_pos[0:T]                            (T, N, E)
+    per block:  z = LayerNorm(e)                                     (ReduceMean, Sub, Mul, Sqrt, Div, Add)
+                q, k, v = Split(z W_inᵀ + b_in)  → (N, h, T, d) each
+                a = Softmax(q kᵀ / √d + M[0:T, 0:T])                  M: 0 on and below the diagonal, −inf above
+                e = e + (a v, heads merged) W_outᵀ + b_out
+                u = LayerNorm(e) W₁ᵀ + b₁
+                e = e + (u ½ (1 + Erf(u / √2))) W₂ᵀ + b₂             GELU, the exact one
+    logits = LayerNorm(e) W_decᵀ + b_dec
+
+There is no key/value cache in the file: :class:`bptt.onnx.runtime.OnnxTransformerLM` generates by
+running the whole prefix again for each new position (at most C), which gives the logits of
+:meth:`TransformerLM.step` (its cache holds the same keys and values) at up to C times the cost.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from bptt.onnx.graph import DEFAULT_OPSET, Builder, OnnxError, save_model
+from bptt.onnx.to_onnx import META_PREFIX, check_opset, json_default
+
+__all__ = ["TRANSFORMER_LM_KIND", "export_transformer_lm"]
+
+TRANSFORMER_LM_KIND = "transformer_lm"
+
+
+def export_transformer_lm(model, vocab, path, *, opset: int = DEFAULT_OPSET, meta: dict | None = None):
+    """Write a TransformerLM to ``path`` (ids (T, N) → logits (T, N, V)); returns the path.  The vocabulary,
+    config and ``meta`` go into the metadata under ``bptt.*`` keys, as :func:`bptt.onnx.export_charlm` does."""
+    from bptt.lm.transformer import TransformerLM
+
+    if not isinstance(model, TransformerLM):
+        raise OnnxError(f"export_transformer_lm() takes a bptt TransformerLM, got {type(model).__name__}")
+    cfg = model.config
+    b = Builder(model.dtype, check_opset(opset))
+    E, h, C, V = cfg.d_model, cfg.heads, cfg.context, cfg.vocab_size
+    d = E // h
+    ids = b.input("ids", b.onnx.TensorProto.INT64, ["T", "N"])
+    T = b.dim(ids, 0)
+    zero = b.ints([0])
+    pos = b.node("Slice", [b.const(model.pos.params["weight"], "pos_weight"), zero, T, zero], base="pos_t")  # (T, E)
+    e = b.node("Add", [b.node("Gather", [b.const(model.embed.params["weight"], "embed_weight"), ids], axis=0),
+                       b.node("Unsqueeze", [pos, b.ints([1])])], base="e")  # (T, N, E)
+    causal = np.triu(np.full((C, C), -np.inf, model.dtype), k=1)  # M: position t sees positions ≤ t
+    mask = b.node("Slice", [b.const(causal, "causal_mask"), b.ints([0, 0]), b.node("Concat", [T, T], axis=0),
+                            b.ints([0, 1])], base="mask_tt")
+    one, half, inv_sqrt2 = (b.const(np.array(v, model.dtype), n) for v, n in ((1, "one"), (0.5, "half"),
+                                                                             (1 / np.sqrt(2), "inv_sqrt2")))
+    for i, layer in enumerate(model.encoder.layers):
+        e = b.node("Add", [e, _attention(b, layer, _norm(b, layer.norm1, e, f"l{i}_ln1"), mask, E, h, d, f"l{i}")],
+                   base=f"l{i}_e_attn")
+        u = _linear(b, layer.linear1, _norm(b, layer.norm2, e, f"l{i}_ln2"), f"l{i}_ff1")  # (T, N, F)
+        phi = b.node("Add", [one, b.node("Erf", [b.node("Mul", [u, inv_sqrt2])])])  # 1 + erf(u/√2) = 2Φ(u)
+        gelu = b.node("Mul", [b.node("Mul", [u, half]), phi], base=f"l{i}_gelu")  # u Φ(u)
+        e = b.node("Add", [e, _linear(b, layer.linear2, gelu, f"l{i}_ff2")], base=f"l{i}_e_ff")
+    logits = _linear(b, model.decoder, _norm(b, model.encoder.norm, e, "ln_f"), "logits_tnv")
+    b.output(logits, "logits", b.elem, ["T", "N", V])
+    metadata = {
+        META_PREFIX + "kind": TRANSFORMER_LM_KIND,
+        META_PREFIX + "graph": "sequence",
+        META_PREFIX + "config": json.dumps(cfg.to_dict()),
+        META_PREFIX + "vocab": json.dumps(vocab.to_json(), ensure_ascii=False),
+        META_PREFIX + "meta": json.dumps(meta or {}, default=json_default),
+    }
+    return save_model(b.model("bptt_transformer_lm", metadata), path)
+
+
+def _norm(b, norm, x, base):
+    """The module's LayerNorm over the last axis in basic operators, in the model's own precision (the
+    LayerNormalization operator, opset 17, would hold its mean and variance in float32 unless told, and
+    neither ONNX's reference evaluator nor ONNX Runtime runs it told otherwise):
+
+        μ = mean(x),  x̂ = (x − μ) / √(mean((x − μ)²) + ε),  y = γ x̂ + β"""
+    def mean(v):
+        if b.opset >= 18:  # axes became an input
+            return b.node("ReduceMean", [v, b.ints([-1])], keepdims=1)
+        return b.node("ReduceMean", [v], axes=[-1], keepdims=1)
+
+    xc = b.node("Sub", [x, mean(x)], base=f"{base}_centred")
+    var = mean(b.node("Mul", [xc, xc]))
+    std = b.node("Sqrt", [b.node("Add", [var, b.const(np.array(norm.eps, b.dtype), f"{base}_eps")])])
+    y = b.node("Mul", [b.node("Div", [xc, std]), b.const(norm.params["weight"], f"{base}_weight")])
+    return b.node("Add", [y, b.const(norm.params["bias"], f"{base}_bias")], base=base)
+
+
+def _linear(b, linear, x, base):
+    """x Wᵀ + b of a bptt Linear (W (out, in))."""
+    y = b.node("MatMul", [x, b.const(np.ascontiguousarray(linear.params["weight"].T), f"{base}_weight_T")])
+    bias = linear.params.get("bias")
+    return b.node("Add", [y, b.const(bias, f"{base}_bias")], base=base) if bias is not None else y
+
+
+def _attention(b, layer, z, mask, E, h, d, tag):
+    """Causal multi-head self-attention of z (T, N, E) → (T, N, E), with the layer's in_proj and out_proj."""
+    attn = layer.self_attn
+    qkv = b.node("MatMul", [z, b.const(np.ascontiguousarray(attn.params["in_proj_weight"].T), f"{tag}_in_proj_T")])
+    if attn.params.get("in_proj_bias") is not None:
+        qkv = b.node("Add", [qkv, b.const(attn.params["in_proj_bias"], f"{tag}_in_proj_bias")])
+    q, k, v = b.node("Split", [qkv, b.ints([E, E, E])], outputs=3, base=f"{tag}_qkv", axis=2)
+    heads = b.ints([0, 0, h, d], f"{tag}_heads")  # (T, N, E) → (T, N, h, d)
+    q, k, v = (b.node("Reshape", [x, heads]) for x in (q, k, v))
+    q = b.node("Transpose", [q], perm=[1, 2, 0, 3])  # (N, h, T, d)
+    k = b.node("Transpose", [k], perm=[1, 2, 3, 0])  # (N, h, d, T)
+    v = b.node("Transpose", [v], perm=[1, 2, 0, 3])
+    s = b.node("Mul", [b.node("MatMul", [q, k]), b.const(np.array(1 / np.sqrt(d), b.dtype), f"{tag}_scale")])
+    a = b.node("Softmax", [b.node("Add", [s, mask])], base=f"{tag}_attn", axis=-1)  # (N, h, T, T)
+    o = b.node("Transpose", [b.node("MatMul", [a, v])], perm=[2, 0, 1, 3])  # (T, N, h, d)
+    o = b.node("Reshape", [o, b.ints([0, 0, E], f"{tag}_merge")])
+    return _linear(b, attn.out_proj, o, f"{tag}_out_proj")
