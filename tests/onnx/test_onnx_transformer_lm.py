@@ -77,9 +77,13 @@ def test_float64_graph_matches_in_the_reference_evaluator(tmp_path):
     assert "\n" not in str(exc.value)
 
 
-def test_generation_matches_the_key_value_cache(tmp_path):
+@pytest.mark.parametrize("graph", ["sequence", "step"])
+def test_generation_matches_the_key_value_cache(tmp_path, graph):
+    """Step by step against TransformerLM.step: the step graph with its own cache fed back, the sequence
+    graph over the prefix; and generation past the context, which slides the window."""
     model = _model(seed=3)
-    lm, _, _ = load_charlm(export_transformer_lm(model, VOCAB, tmp_path / "t.onnx"))
+    lm, _, _ = load_charlm(export_transformer_lm(model, VOCAB, tmp_path / "t.onnx", graph=graph))
+    assert lm.graph == graph
     ids = np.random.default_rng(1).integers(0, len(VOCAB), (CONTEXT, 2))
     for t in range(CONTEXT):  # step by step: the cache's logits, and the file's run over the prefix
         np.testing.assert_allclose(lm.step(ids[t]), model.step(ids[t]), rtol=1e-5, atol=1e-5)
@@ -91,6 +95,22 @@ def test_generation_matches_the_key_value_cache(tmp_path):
     a = generate(model, VOCAB, 3 * CONTEXT, prime="abc", argmax=True)
     b = generate(lm, VOCAB, 3 * CONTEXT, prime="abc", argmax=True)
     assert a == b and len(a) == 3 * CONTEXT
+    ids = np.random.default_rng(2).integers(0, len(VOCAB), (7, 3))  # forward: the step graph position by position
+    np.testing.assert_allclose(lm.forward(ids)[0], model.forward(ids)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_float64_step_graph_in_the_reference_evaluator(tmp_path):
+    model = _model("float64", seed=4)
+    run = ReferenceEvaluator(onnx.load(str(export_transformer_lm(model, VOCAB, tmp_path / "s.onnx", graph="step"))),
+                             new_ops=[_Erf64])
+    c = model.config
+    kv = {f"past_{k}_{i}": np.zeros((2, c.heads, 0, c.d_model // c.heads)) for i in range(c.layers) for k in ("key", "value")}
+    model.reset_state()
+    for t, ids in enumerate(np.random.default_rng(5).integers(0, len(VOCAB), (4, 2))):
+        logits, *presents = run.run(None, {"ids": ids.astype(np.int64), "position": np.array([t], np.int64), **kv})
+        np.testing.assert_allclose(logits, model.step(ids), rtol=1e-10, atol=1e-10)
+        kv = {f"past_{k}_{i}": presents[2 * i + j] for i in range(c.layers) for j, k in enumerate(("key", "value"))}
+        assert kv["past_key_0"].shape == (2, c.heads, t + 1, c.d_model // c.heads)
 
 
 def test_export_sample_eval_from_the_command_line(tmp_path, capsys):
@@ -114,15 +134,18 @@ def test_export_sample_eval_from_the_command_line(tmp_path, capsys):
         scores.append(json.loads(capsys.readouterr().out))
     assert scores[1]["characters"] == scores[0]["characters"]
     assert scores[1]["loss"] == pytest.approx(scores[0]["loss"], rel=1e-5)
-    assert main(["export", str(ckpt), "--out", str(tmp_path / "x.onnx"), "--graph", "step"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("bptt: error:") and "sequence graph only" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "x.onnx").exists()
+    step_path = tmp_path / "t_step.onnx"
+    assert main(["export", str(ckpt), "--out", str(step_path), "--graph", "step"]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(step_path), "--seed", "5", "--length", "60", "--prime", "the "]) == 0
+    assert capsys.readouterr().out == texts[0]
 
 
 def test_export_refuses_what_it_cannot_write(tmp_path):
     with pytest.raises(OnnxError, match="takes a bptt TransformerLM"):
         export_transformer_lm(object(), VOCAB, tmp_path / "x.onnx")
+    with pytest.raises(OnnxError, match="graph must be"):
+        export_transformer_lm(_model(), VOCAB, tmp_path / "x.onnx", graph="window")
     with pytest.raises(OnnxError, match="opset must be"):
         export_transformer_lm(_model(), VOCAB, tmp_path / "x.onnx", opset=13)
     assert not (tmp_path / "x.onnx").exists()

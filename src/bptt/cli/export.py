@@ -1,7 +1,7 @@
 """``bptt export CKPT --out PATH [--opset N] [--graph sequence|step]``: a checkpoint → ONNX.
 
-A char LM becomes one file (its sequence or one-step graph), a Transformer LM one file (its sequence
-graph); a seq2seq model a folder holding ``encoder.onnx`` and ``decoder_step.onnx``.
+A language model (recurrent or Transformer) becomes one file (its sequence or one-step graph); a seq2seq
+model a folder holding ``encoder.onnx`` and ``decoder_step.onnx``.
 
 Wired into the ``bptt`` command by :func:`register` (``register(subparsers)``).  Bad input
 (not a bptt char LM checkpoint, an unwritable path, an opset out of range, onnx missing)
@@ -52,13 +52,10 @@ def cmd_export(args) -> int:
     vocab = vocab.vocab
     keep = {k: meta[k] for k in ("step", "best", "eval", "saved_at") if k in meta}
     keep["source"] = str(args.checkpoint)
-    if meta["config"].get("model") == "transformer":  # one graph: the whole window (no step graph, no cache)
+    if meta["config"].get("model") == "transformer":  # step: one position, with its key/value cache
         from bptt.onnx.transformer_lm import export_transformer_lm
 
-        if args.graph != "sequence":
-            raise ValueError("a Transformer exports as its sequence graph only (generation re-reads the prefix); "
-                             "leave out --graph step")
-        path = export_transformer_lm(model, vocab, args.out, opset=args.opset, meta=keep)
+        path = export_transformer_lm(model, vocab, args.out, graph=args.graph, opset=args.opset, meta=keep)
     else:
         path = export_charlm(model, vocab, args.out, graph=args.graph, opset=args.opset, meta=keep)
     print(f"wrote {path} ({model.extra_repr()}, opset {args.opset}, {args.graph} graph)", file=sys.stderr)

@@ -7,7 +7,8 @@ imported only when one of these functions runs.
                                       (an LSTM with proj_size → a Scan over the cell in basic operators)
     export_charlm(model, vocab, path) a char LM → a one-step or a whole-sequence graph, vocabulary and
                                       config in the model's metadata
-    transformer_lm.export_transformer_lm(model, vocab, path)  a Transformer LM → its whole-window graph
+    transformer_lm.export_transformer_lm(model, vocab, path)  a Transformer LM → its whole-window graph, or its
+                                      step graph with the key/value cache as inputs and outputs
     load(path)                        a stack of standard recurrent nodes (+ a final Gemm / MatMul + Add)
                                       → bptt modules (:class:`bptt.onnx.from_onnx.Imported`)
     runtime.load_charlm(path)         → (OnnxCharLM or OnnxTransformerLM, vocab, meta), like bptt.lm.train.load_model

@@ -159,42 +159,70 @@ class OnnxCharLM(_OnnxLanguageModel):
 
 
 class OnnxTransformerLM(_OnnxLanguageModel):
-    """A Transformer LM ONNX file in an ONNX Runtime session, with what ``generate`` and
-    ``evaluate_text`` use from a TransformerLM: ``forward(ids (T, N)) → (logits, None)``,
-    ``step(ids (N,)) → logits (N, V)`` (the prefix since ``reset_state()`` run again, at most the
-    context), ``train()/eval()``, ``training``, ``blas_scope``, ``dtype``, ``vocab_size``, ``config``."""
+    """A Transformer LM ONNX file (``bptt.onnx.transformer_lm.export_transformer_lm``) in an ONNX Runtime
+    session, with what ``generate`` and ``evaluate_text`` use from a TransformerLM: ``forward(ids (T, N))
+    → (logits, None)``, ``step(ids (N,)) → logits (N, V)`` until ``reset_state()``, ``train()/eval()``,
+    ``training``, ``blas_scope``, ``dtype``, ``vocab_size``, ``config``.
+
+    A step graph keeps the key/value cache here (its presents fed back as the next step's pasts) and runs
+    ``forward`` one position at a time; a sequence graph runs ``step`` over the whole prefix since the
+    reset (at most the context), the last position's logits."""
 
     def __init__(self, model, path="<model>", threads: int | None = None):
         from bptt.lm.transformer import TransformerLMConfig
 
         props = read_bptt_metadata(model, path, TRANSFORMER_LM_KIND, TransformerLMConfig)
-        self.config, self.vocab_json, self.meta = props["config"], props["vocab"], props["meta"]
+        self.config, self.graph, self.vocab_json, self.meta = props["config"], props["graph"], props["vocab"], props["meta"]
+        if self.graph not in ("sequence", "step"):
+            raise OnnxError(f"{path}: unknown graph kind {self.graph!r}")
         self.session = session(model, threads)
-        self.history = None  # ids (t, N) fed to step() since the last reset
+        self.history = None  # sequence graph: ids (t, N) fed to step() since the last reset
+        self.cache = None  # step graph: {"t": position, "kv": {past input name: array (N, h, t, d)}}
 
     def reset_state(self):
-        self.history = None
+        self.history = self.cache = None
 
     def forward(self, ids, state=None):
         """ids (T, N), T ≤ context → (logits (T, N, V), None)."""
         ids = self._check_ids(ids, 2)
         if ids.shape[0] > self.config.context:
             raise ValueError(f"a window of {ids.shape[0]} positions exceeds the model's context of {self.config.context}")
-        return self.session.run(None, {"ids": ids})[0], None
+        if self.graph == "sequence":
+            return self.session.run(None, {"ids": ids})[0], None
+        saved, self.cache = self.cache, None  # a window of its own, from position 0
+        try:
+            return np.stack([self.step(row) for row in ids]), None
+        finally:
+            self.cache = saved
 
     __call__ = forward
 
     def step(self, ids):
         """One token per stream: ids (N,) → logits (N, V) for the next one, as TransformerLM.step."""
         ids = self._check_ids(np.asarray(ids).reshape(-1), 1)
-        if self.history is None or self.history.shape[1] != ids.shape[0]:
-            self.history = np.empty((0, ids.shape[0]), np.int64)
-        t = self.history.shape[0]
+        N, c = ids.shape[0], self.config
+        if self.graph == "sequence":
+            if self.history is None or self.history.shape[1] != N:
+                self.history = np.empty((0, N), np.int64)
+            self._check_position(self.history.shape[0])
+            self.history = np.concatenate([self.history, ids[None]])
+            return self.session.run(None, {"ids": self.history})[0][-1]
+        if self.cache is None or self.cache["N"] != N:
+            empty = np.zeros((N, c.heads, 0, c.d_model // c.heads), self.dtype)
+            self.cache = {"N": N, "t": 0, "kv": {f"past_{kind}_{i}": empty for i in range(c.layers)
+                                                  for kind in ("key", "value")}}
+        t = self.cache["t"]
+        self._check_position(t)
+        logits, *presents = self.session.run(None, {"ids": ids, "position": np.array([t], np.int64), **self.cache["kv"]})
+        names = [o.name for o in self.session.get_outputs()[1:]]  # present_key_i, present_value_i
+        self.cache["kv"] = {name.replace("present_", "past_"): value for name, value in zip(names, presents)}
+        self.cache["t"] = t + 1
+        return logits
+
+    def _check_position(self, t):
         if t >= self.config.context:
             raise ValueError(f"position {t} would exceed the context of {self.config.context} positions; "
                              "call reset_state() (or generate with a sliding window)")
-        self.history = np.concatenate([self.history, ids[None]])
-        return self.forward(self.history)[0][-1]
 
 
 def load_charlm(path, threads: int | None = None):

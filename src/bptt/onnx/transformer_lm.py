@@ -3,7 +3,7 @@
 Shape legend: T positions (T ≤ C), N batch streams, V vocabulary, E d_model, h heads, d = E/h,
 F = 4E feed-forward width, C context.
 
-The graph is the model's ``forward`` in eval mode (dropout is the identity), ids (T, N) int64 →
+The sequence graph is the model's ``forward`` in eval mode (dropout is the identity), ids (T, N) int64 →
 logits (T, N, V), in standard operators (any opset bptt exports, 14–21)::
 
     e = Gather(W_tok, ids) + W_pos[0:T]                            (T, N, E)
@@ -15,9 +15,10 @@ logits (T, N, V), in standard operators (any opset bptt exports, 14–21)::
                 e = e + (u ½ (1 + Erf(u / √2))) W₂ᵀ + b₂             GELU, the exact one
     logits = LayerNorm(e) W_decᵀ + b_dec
 
-There is no key/value cache in the file: :class:`bptt.onnx.runtime.OnnxTransformerLM` generates by
-running the whole prefix again for each new position (at most C), which gives the logits of
-:meth:`TransformerLM.step` (its cache holds the same keys and values) at up to C times the cost.
+The step graph is :meth:`TransformerLM.step`: one position, the keys and values of the positions before
+it as inputs and with its own appended as outputs (the caller keeps the cache).  With the sequence graph
+:class:`bptt.onnx.runtime.OnnxTransformerLM` generates by running the whole prefix again for each new
+position (at most C), which gives the same logits at up to C times the cost.
 """
 
 from __future__ import annotations
@@ -34,45 +35,77 @@ __all__ = ["TRANSFORMER_LM_KIND", "export_transformer_lm"]
 TRANSFORMER_LM_KIND = "transformer_lm"
 
 
-def export_transformer_lm(model, vocab, path, *, opset: int = DEFAULT_OPSET, meta: dict | None = None):
-    """Write a TransformerLM to ``path`` (ids (T, N) → logits (T, N, V)); returns the path.  The vocabulary,
-    config and ``meta`` go into the metadata under ``bptt.*`` keys, as :func:`bptt.onnx.export_charlm` does."""
+def export_transformer_lm(model, vocab, path, *, graph: str = "sequence", opset: int = DEFAULT_OPSET,
+                          meta: dict | None = None):
+    """Write a TransformerLM to ``path``; returns the path.
+
+    ``graph="sequence"``: ids (T, N) int64 → logits (T, N, V), T ≤ C, as ``forward``.
+    ``graph="step"``: ids (N,) int64, position (1,) int64 = t, past_key_l, past_value_l (N, h, t, d) for each
+    layer l → logits (N, V), present_key_l, present_value_l (N, h, t + 1, d): one position with a key/value
+    cache, as ``step`` (the caller feeds each step's presents back as the next step's pasts, and t < C).
+
+    The vocabulary, config and ``meta`` go into the metadata under ``bptt.*`` keys, as
+    :func:`bptt.onnx.export_charlm` does."""
     from bptt.lm.transformer import TransformerLM
 
     if not isinstance(model, TransformerLM):
         raise OnnxError(f"export_transformer_lm() takes a bptt TransformerLM, got {type(model).__name__}")
+    if graph not in ("sequence", "step"):
+        raise OnnxError(f"graph must be 'sequence' or 'step', got {graph!r}")
     cfg = model.config
     b = Builder(model.dtype, check_opset(opset))
     E, h, C, V = cfg.d_model, cfg.heads, cfg.context, cfg.vocab_size
     d = E // h
-    ids = b.input("ids", b.onnx.TensorProto.INT64, ["T", "N"])
-    T = b.dim(ids, 0)
-    zero = b.ints([0])
-    pos = b.node("Slice", [b.const(model.pos.params["weight"], "pos_weight"), zero, T, zero], base="pos_t")  # (T, E)
-    e = b.node("Add", [b.node("Gather", [b.const(model.embed.params["weight"], "embed_weight"), ids], axis=0),
-                       b.node("Unsqueeze", [pos, b.ints([1])])], base="e")  # (T, N, E)
-    causal = np.triu(np.full((C, C), -np.inf, model.dtype), k=1)  # M: position t sees positions ≤ t
-    mask = b.node("Slice", [b.const(causal, "causal_mask"), b.ints([0, 0]), b.node("Concat", [T, T], axis=0),
-                            b.ints([0, 1])], base="mask_tt")
+    i64 = b.onnx.TensorProto.INT64
+    tok = b.const(model.embed.params["weight"], "embed_weight")
+    pos = b.const(model.pos.params["weight"], "pos_weight")
+    if graph == "sequence":
+        ids = b.input("ids", i64, ["T", "N"])
+        T = b.dim(ids, 0)
+        zero = b.ints([0])
+        e = b.node("Add", [b.node("Gather", [tok, ids], axis=0),  # (T, N, E) + W_pos[0:T] (T, 1, E)
+                           b.node("Unsqueeze", [b.node("Slice", [pos, zero, T, zero]), b.ints([1])])], base="e")
+        causal = np.triu(np.full((C, C), -np.inf, model.dtype), k=1)  # M: position t sees positions ≤ t
+        mask = b.node("Slice", [b.const(causal, "causal_mask"), b.ints([0, 0]), b.node("Concat", [T, T], axis=0),
+                                b.ints([0, 1])], base="mask_tt")
+
+        def attend(i, layer, z):
+            return _attention(b, layer, z, mask, E, h, d, f"l{i}")
+    else:
+        ids = b.input("ids", i64, ["N"])
+        t = b.input("position", i64, [1])
+        e = b.node("Add", [b.node("Gather", [tok, ids], axis=0), b.node("Gather", [pos, t], axis=0)], base="e")  # (N, E)
+        pasts = [(b.input(f"past_key_{i}", b.elem, ["N", h, "t", d]), b.input(f"past_value_{i}", b.elem, ["N", h, "t", d]))
+                 for i in range(cfg.layers)]
+
+        presents = []
+
+        def attend(i, layer, z):
+            out, K, Vs = _attention_step(b, layer, z, *pasts[i], E, h, d, f"l{i}")
+            presents.append((K, Vs))
+            return out
     one, half, inv_sqrt2 = (b.const(np.array(v, model.dtype), n) for v, n in ((1, "one"), (0.5, "half"),
                                                                              (1 / np.sqrt(2), "inv_sqrt2")))
     for i, layer in enumerate(model.encoder.layers):
-        e = b.node("Add", [e, _attention(b, layer, _norm(b, layer.norm1, e, f"l{i}_ln1"), mask, E, h, d, f"l{i}")],
-                   base=f"l{i}_e_attn")
-        u = _linear(b, layer.linear1, _norm(b, layer.norm2, e, f"l{i}_ln2"), f"l{i}_ff1")  # (T, N, F)
+        e = b.node("Add", [e, attend(i, layer, _norm(b, layer.norm1, e, f"l{i}_ln1"))], base=f"l{i}_e_attn")
+        u = _linear(b, layer.linear1, _norm(b, layer.norm2, e, f"l{i}_ln2"), f"l{i}_ff1")  # (…, F)
         phi = b.node("Add", [one, b.node("Erf", [b.node("Mul", [u, inv_sqrt2])])])  # 1 + erf(u/√2) = 2Φ(u)
         gelu = b.node("Mul", [b.node("Mul", [u, half]), phi], base=f"l{i}_gelu")  # u Φ(u)
         e = b.node("Add", [e, _linear(b, layer.linear2, gelu, f"l{i}_ff2")], base=f"l{i}_e_ff")
-    logits = _linear(b, model.decoder, _norm(b, model.encoder.norm, e, "ln_f"), "logits_tnv")
-    b.output(logits, "logits", b.elem, ["T", "N", V])
+    logits = _linear(b, model.decoder, _norm(b, model.encoder.norm, e, "ln_f"), "logits_out")
+    b.output(logits, "logits", b.elem, (["T", "N"] if graph == "sequence" else ["N"]) + [V])
+    if graph == "step":
+        for i, (K, Vs) in enumerate(presents):
+            b.output(K, f"present_key_{i}", b.elem, ["N", h, "t1", d])
+            b.output(Vs, f"present_value_{i}", b.elem, ["N", h, "t1", d])
     metadata = {
         META_PREFIX + "kind": TRANSFORMER_LM_KIND,
-        META_PREFIX + "graph": "sequence",
+        META_PREFIX + "graph": graph,
         META_PREFIX + "config": json.dumps(cfg.to_dict()),
         META_PREFIX + "vocab": json.dumps(vocab.to_json(), ensure_ascii=False),
         META_PREFIX + "meta": json.dumps(meta or {}, default=json_default),
     }
-    return save_model(b.model("bptt_transformer_lm", metadata), path)
+    return save_model(b.model(f"bptt_transformer_lm_{graph}", metadata), path)
 
 
 def _norm(b, norm, x, base):
@@ -117,3 +150,22 @@ def _attention(b, layer, z, mask, E, h, d, tag):
     o = b.node("Transpose", [b.node("MatMul", [a, v])], perm=[2, 0, 1, 3])  # (T, N, h, d)
     o = b.node("Reshape", [o, b.ints([0, 0, E], f"{tag}_merge")])
     return _linear(b, attn.out_proj, o, f"{tag}_out_proj")
+
+
+def _attention_step(b, layer, z, past_k, past_v, E, h, d, tag):
+    """Self-attention of one position z (N, E) over the cached keys and values and its own → (output (N, E),
+    keys, values (N, h, t+1, d): the caches grown by this position)."""
+    attn = layer.self_attn
+    qkv = b.node("MatMul", [z, b.const(np.ascontiguousarray(attn.params["in_proj_weight"].T), f"{tag}_in_proj_T")])
+    if attn.params.get("in_proj_bias") is not None:
+        qkv = b.node("Add", [qkv, b.const(attn.params["in_proj_bias"], f"{tag}_in_proj_bias")])
+    q, k, v = b.node("Split", [qkv, b.ints([E, E, E])], outputs=3, base=f"{tag}_qkv", axis=1)
+    heads = b.ints([0, h, 1, d], f"{tag}_heads")  # (N, E) → (N, h, 1, d)
+    q, k, v = (b.node("Reshape", [x, heads]) for x in (q, k, v))
+    K = b.node("Concat", [past_k, k], axis=2, base=f"{tag}_present_key")  # (N, h, t+1, d)
+    Vs = b.node("Concat", [past_v, v], axis=2, base=f"{tag}_present_value")
+    s = b.node("Mul", [b.node("MatMul", [q, b.node("Transpose", [K], perm=[0, 1, 3, 2])]),
+                       b.const(np.array(1 / np.sqrt(d), b.dtype), f"{tag}_scale")])  # (N, h, 1, t+1)
+    a = b.node("Softmax", [s], base=f"{tag}_attn", axis=-1)
+    o = b.node("Reshape", [b.node("MatMul", [a, Vs]), b.ints([0, E], f"{tag}_merge")])  # (N, h, 1, d) → (N, E)
+    return _linear(b, attn.out_proj, o, f"{tag}_out_proj"), K, Vs
