@@ -1,6 +1,7 @@
 """The exported char model in ONNX Runtime against bptt's own sampler and PyTorch's, at batch 1.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_onnx.py [--hidden 512] [--layers 2]
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_onnx.py --model transformer
 
 For a char LSTM (V = 65, one-hot input, random weights — the speed does not depend on them) it prints:
 the time to export the one-step and the full-sequence graphs and their file sizes; then the time per
@@ -8,6 +9,12 @@ character of generating at batch 1 — one step of the model per character, the 
 bptt's ``CharLM.step``, ONNX Runtime on the one-step graph, and ``torch.nn.LSTM`` + ``nn.Linear`` on
 the same weights under ``torch.inference_mode``, all with the same number of threads, alternating,
 medians of --rounds rounds of --chars characters.  Needs the onnx extra and torch.
+
+``--model transformer``: a TransformerLM (4 layers, d_model 128, 4 heads, context 128, V = 65, random
+weights), greedy generation of --chars characters from position 0 (fewer than the context): bptt's
+``step`` (its key/value cache), ONNX Runtime on the step graph (the cache fed back) and on the
+sequence graph (the prefix run again per character), and torch's ``nn.TransformerEncoder`` re-running
+the prefix (it has no cache; the model of ``bench_transformer.py``), all producing the same characters.
 """
 
 from __future__ import annotations
@@ -30,7 +37,10 @@ def main():
     p.add_argument("--chars", type=int, default=300, help="characters per timed round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", choices=("lstm", "transformer"), default="lstm")
     a = p.parse_args()
+    if a.model == "transformer":
+        return transformer(a)
 
     import torch
 
@@ -93,6 +103,60 @@ def main():
             f()
             times[name].append((time.perf_counter() - t0) / a.chars)
     print(f"\nper character at batch 1, {L}x{H} LSTM, V={V} (median of {a.rounds} x {a.chars} characters):")
+    base = statistics.median(times["torch"])
+    for name, ts in times.items():
+        m = statistics.median(ts)
+        print(f"  {name:12s} {m * 1e6:8.1f} us/char  {1 / m:9,.0f} chars/s  torch/this {base / m:5.2f}x"
+              f"  (range {min(ts) * 1e6:.1f}-{max(ts) * 1e6:.1f})")
+
+
+def transformer(a):
+    import torch
+
+    import bptt.onnx as bo  # noqa: F401  (the extra's check)
+    from bench_transformer import build_generation
+    from bptt.lm.data import Vocab
+    from bptt.onnx.runtime import load_charlm
+    from bptt.onnx.transformer_lm import export_transformer_lm
+
+    torch.set_num_threads(a.threads)
+    print(f"BLAS: {blas_line()}; threads {a.threads}")
+    n = min(a.chars, 127)
+    bptt_gen, torch_gen, same, lm = build_generation(n, C=128, return_model=True)
+    vocab = Vocab([chr(33 + i) for i in range(lm.vocab_size)])
+    tmp = tempfile.mkdtemp()
+    sessions = {}
+    for graph in ("step", "sequence"):
+        path = os.path.join(tmp, f"{graph}.onnx")
+        t0 = time.perf_counter()
+        export_transformer_lm(lm, vocab, path, graph=graph)
+        dt = time.perf_counter() - t0
+        print(f"export {graph:8s} graph: {dt:.2f} s, {os.path.getsize(path) / 1e6:.1f} MB ({lm.num_parameters():,} parameters)")
+        sessions[graph] = load_charlm(path, threads=a.threads)[0]
+
+    def ort_gen(model):
+        def run():
+            model.reset_state()
+            c, out = 0, []
+            for _ in range(n):
+                c = int(np.argmax(model.step(np.array([c]))[0]))
+                out.append(c)
+            return out
+        return run
+
+    runs = {"bptt": bptt_gen, "ort step": ort_gen(sessions["step"]), "ort sequence": ort_gen(sessions["sequence"]),
+            "torch": torch_gen}
+    outs = {name: f() for name, f in runs.items()}  # warm up, and the characters to compare
+    agree = same and all(o == outs["bptt"] for o in outs.values() if o is not None)
+    times = {k: [] for k in runs}
+    for _ in range(a.rounds):
+        for name, f in runs.items():
+            time.sleep(0.2)
+            t0 = time.perf_counter()
+            f()
+            times[name].append((time.perf_counter() - t0) / n)
+    print(f"\nper character at batch 1, greedy, {n} characters from position 0, transformer 4x128, context 128 "
+          f"(median of {a.rounds} rounds; the same characters on every side: {agree}):")
     base = statistics.median(times["torch"])
     for name, ts in times.items():
         m = statistics.median(ts)

@@ -86,7 +86,7 @@ def build_layer(N, T, E, h, seed=0):
     return ours_train, torch_train, max(err_y, err_dx)
 
 
-def build_generation(n_chars, seed=0, V=65, L=4, E=128, h=4, C=512):
+def build_generation(n_chars, seed=0, V=65, L=4, E=128, h=4, C=512, return_model=False):
     import torch
 
     from bptt.lm.transformer import TransformerLM, TransformerLMConfig
@@ -131,6 +131,8 @@ def build_generation(n_chars, seed=0, V=65, L=4, E=128, h=4, C=512):
         return ids[1:]
 
     same = ours_generate() == torch_generate()
+    if return_model:  # bench_onnx.py exports this model
+        return ours_generate, torch_generate, same, lm
     return ours_generate, torch_generate, same
 
 
