@@ -85,6 +85,15 @@ class TransformerLMConfig(DictConfig):
         return super().from_dict(d).validate()
 
 
+def _affine(linear, x):
+    """x Wᵀ + b of a Linear for one generation step (N, ·): the product alone, without the layer's
+    checks, saved input and row threads, which cost more than a (1, 128) × (128, 512) product
+    (a 4 × 128 model's step: 590 against 435 µs a character with the attention's matmuls below)."""
+    W, b = linear.params["weight"], linear.params.get("bias")
+    y = x @ W.T
+    return y + b if b is not None else y
+
+
 class TransformerLM(Module):
     """GPT-style character model with the interface of :class:`bptt.lm.model.CharLM`.
 
@@ -194,9 +203,9 @@ class TransformerLM(Module):
         x = self.embed.params["weight"][ids] + self.pos.params["weight"][t]  # (N, E)
         for layer, (K, V) in zip(self.encoder.layers, self._cache["kv"]):
             x = x + self._attend_cached(layer, layer.norm1(x), K, V, t)
-            x = x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))  # no dropout
+            x = x + _affine(layer.linear2, layer.activation(_affine(layer.linear1, layer.norm2(x))))  # no dropout
         self._cache["t"] = t + 1
-        return self.decoder(self.encoder.norm(x))
+        return _affine(self.decoder, self.encoder.norm(x))
 
     @staticmethod
     def _attend_cached(layer, z, K, V, t):
@@ -210,10 +219,10 @@ class TransformerLM(Module):
         N, E = z.shape
         h, d = attn.num_heads, attn.head_dim
         qkv = z @ W.T + (b if b is not None else 0.0)  # (N, 3E)
-        q, k, v = (qkv[:, i * E:(i + 1) * E].reshape(N, h, d) for i in range(3))
-        K[:, :, t], V[:, :, t] = k, v
-        s = np.einsum("nhd,nhsd->nhs", q, K[:, :, : t + 1])  # (N, h, t+1)
+        q, k, v = (qkv[:, i * E:(i + 1) * E].reshape(N, h, 1, d) for i in range(3))
+        K[:, :, t], V[:, :, t] = k[:, :, 0], v[:, :, 0]
+        s = q @ K[:, :, : t + 1].transpose(0, 1, 3, 2)  # (N, h, 1, t+1); matmul, not einsum: 4x less overhead
         s *= s.dtype.type(1.0 / np.sqrt(d))  # in s's dtype: a NumPy float64 scalar would make s float64
         a = softmax(s, axis=-1)
-        o = np.einsum("nhs,nhsd->nhd", a, V[:, :, : t + 1]).reshape(N, E)  # merge heads
-        return attn.out_proj(o)
+        o = (a @ V[:, :, : t + 1]).reshape(N, E)  # (N, h, 1, d), heads merged
+        return _affine(attn.out_proj, o)
