@@ -159,6 +159,54 @@ class Builder:
         return self.node("Slice", [x, self.ints([-1]), self.ints([np.iinfo(np.int64).min]), self.ints([0]),
                                    self.ints([-1])], base=f"{x}_flipped")
 
+    def mean(self, x: str, axes) -> str:
+        """ReduceMean over ``axes``, kept (their axes became an input at opset 18)."""
+        if self.opset >= 18:
+            return self.node("ReduceMean", [x, self.ints(list(axes))], keepdims=1)
+        return self.node("ReduceMean", [x], axes=list(axes), keepdims=1)
+
+    def affine(self, linear, x: str, base: str) -> str:
+        """x Wᵀ + b of a bptt Linear (W (out, in); the bias left out when it has none)."""
+        y = self.node("MatMul", [x, self.const(np.ascontiguousarray(linear.params["weight"].T), f"{base}_weight_T")])
+        bias = linear.params.get("bias")
+        return self.node("Add", [y, self.const(bias, f"{base}_bias")], base=base) if bias is not None else y
+
+    def layer_norm(self, norm, x: str, base: str) -> str:
+        """A bptt LayerNorm over the last axis in basic operators, in the graph's own precision (the
+        LayerNormalization operator, opset 17, would hold its mean and variance in float32 unless told,
+        and neither ONNX's reference evaluator nor ONNX Runtime runs it told otherwise):
+
+            μ = mean(x),  x̂ = (x − μ) / √(mean((x − μ)²) + ε),  y = γ x̂ + β"""
+        xc = self.node("Sub", [x, self.mean(x, [-1])], base=f"{base}_centred")
+        var = self.mean(self.node("Mul", [xc, xc]), [-1])
+        std = self.node("Sqrt", [self.node("Add", [var, self.const(np.array(norm.eps, self.dtype), f"{base}_eps")])])
+        y = self.node("Div", [xc, std])
+        if norm.params.get("weight") is not None:
+            y = self.node("Mul", [y, self.const(norm.params["weight"], f"{base}_weight")])
+        if norm.params.get("bias") is not None:
+            y = self.node("Add", [y, self.const(norm.params["bias"], f"{base}_bias")], base=base)
+        return y
+
+    def activation(self, module, x: str, base: str) -> str:
+        """A feed-forward activation of :mod:`bptt.nn.feedforward`: ReLU, or GELU exact (x ½ (1 + erf(x/√2)))
+        or in its tanh form (½ x (1 + tanh(√(2/π) (x + 0.044715 x³))))."""
+        from bptt.nn.feedforward import GELU, ReLU
+
+        def c(v, name):
+            return self.const(np.array(v, self.dtype), f"{base}_{name}")
+
+        if isinstance(module, ReLU):
+            return self.node("Relu", [x], base=base)
+        if not isinstance(module, GELU):
+            raise OnnxError(f"no ONNX form for the activation {type(module).__name__}")
+        if module.approximate == "tanh":
+            inner = self.node("Mul", [c(np.sqrt(2 / np.pi), "k"), self.node("Add", [
+                x, self.node("Mul", [c(0.044715, "a"), self.node("Mul", [x, self.node("Mul", [x, x])])])])])
+            phi2 = self.node("Add", [c(1.0, "one"), self.node("Tanh", [inner])])
+        else:
+            phi2 = self.node("Add", [c(1.0, "one"), self.node("Erf", [self.node("Mul", [x, c(1 / np.sqrt(2), "inv_sqrt2")])])])
+        return self.node("Mul", [self.node("Mul", [x, c(0.5, "half")]), phi2], base=base)  # x Φ(x); 1 + erf = 2Φ
+
     def time_mask(self, x: str, lengths: str) -> str:
         """(T, N, 1) bool, True where t < lengths[n], for time-major x (T, N, D) and lengths (N,) int64."""
         T = self.node("Squeeze", [self.dim(x, 0), self.ints([0])])

@@ -30,7 +30,7 @@ import numpy as np
 from bptt.onnx.graph import DEFAULT_OPSET, Builder, OnnxError, save_model
 from bptt.onnx.to_onnx import META_PREFIX, check_opset, json_default
 
-__all__ = ["TRANSFORMER_LM_KIND", "export_transformer_lm"]
+__all__ = ["TRANSFORMER_LM_KIND", "export_transformer_lm", "feed_forward", "attention_step"]
 
 TRANSFORMER_LM_KIND = "transformer_lm"
 
@@ -81,18 +81,14 @@ def export_transformer_lm(model, vocab, path, *, graph: str = "sequence", opset:
         presents = []
 
         def attend(i, layer, z):
-            out, K, Vs = _attention_step(b, layer, z, *pasts[i], E, h, d, f"l{i}")
+            out, K, Vs = attention_step(b, layer.self_attn, z, *pasts[i], E, h, d, f"l{i}")
             presents.append((K, Vs))
             return out
-    one, half, inv_sqrt2 = (b.const(np.array(v, model.dtype), n) for v, n in ((1, "one"), (0.5, "half"),
-                                                                             (1 / np.sqrt(2), "inv_sqrt2")))
     for i, layer in enumerate(model.encoder.layers):
-        e = b.node("Add", [e, attend(i, layer, _norm(b, layer.norm1, e, f"l{i}_ln1"))], base=f"l{i}_e_attn")
-        u = _linear(b, layer.linear1, _norm(b, layer.norm2, e, f"l{i}_ln2"), f"l{i}_ff1")  # (…, F)
-        phi = b.node("Add", [one, b.node("Erf", [b.node("Mul", [u, inv_sqrt2])])])  # 1 + erf(u/√2) = 2Φ(u)
-        gelu = b.node("Mul", [b.node("Mul", [u, half]), phi], base=f"l{i}_gelu")  # u Φ(u)
-        e = b.node("Add", [e, _linear(b, layer.linear2, gelu, f"l{i}_ff2")], base=f"l{i}_e_ff")
-    logits = _linear(b, model.decoder, _norm(b, model.encoder.norm, e, "ln_f"), "logits_out")
+        e = b.node("Add", [e, attend(i, layer, b.layer_norm(layer.norm1, e, f"l{i}_ln1"))], base=f"l{i}_e_attn")
+        e = b.node("Add", [e, feed_forward(b, layer, b.layer_norm(layer.norm2, e, f"l{i}_ln2"), f"l{i}")],
+                   base=f"l{i}_e_ff")
+    logits = b.affine(model.decoder, b.layer_norm(model.encoder.norm, e, "ln_f"), "logits_out")
     b.output(logits, "logits", b.elem, (["T", "N"] if graph == "sequence" else ["N"]) + [V])
     if graph == "step":
         for i, (K, Vs) in enumerate(presents):
@@ -108,29 +104,10 @@ def export_transformer_lm(model, vocab, path, *, graph: str = "sequence", opset:
     return save_model(b.model(f"bptt_transformer_lm_{graph}", metadata), path)
 
 
-def _norm(b, norm, x, base):
-    """The module's LayerNorm over the last axis in basic operators, in the model's own precision (the
-    LayerNormalization operator, opset 17, would hold its mean and variance in float32 unless told, and
-    neither ONNX's reference evaluator nor ONNX Runtime runs it told otherwise):
-
-        μ = mean(x),  x̂ = (x − μ) / √(mean((x − μ)²) + ε),  y = γ x̂ + β"""
-    def mean(v):
-        if b.opset >= 18:  # axes became an input
-            return b.node("ReduceMean", [v, b.ints([-1])], keepdims=1)
-        return b.node("ReduceMean", [v], axes=[-1], keepdims=1)
-
-    xc = b.node("Sub", [x, mean(x)], base=f"{base}_centred")
-    var = mean(b.node("Mul", [xc, xc]))
-    std = b.node("Sqrt", [b.node("Add", [var, b.const(np.array(norm.eps, b.dtype), f"{base}_eps")])])
-    y = b.node("Mul", [b.node("Div", [xc, std]), b.const(norm.params["weight"], f"{base}_weight")])
-    return b.node("Add", [y, b.const(norm.params["bias"], f"{base}_bias")], base=base)
-
-
-def _linear(b, linear, x, base):
-    """x Wᵀ + b of a bptt Linear (W (out, in))."""
-    y = b.node("MatMul", [x, b.const(np.ascontiguousarray(linear.params["weight"].T), f"{base}_weight_T")])
-    bias = linear.params.get("bias")
-    return b.node("Add", [y, b.const(bias, f"{base}_bias")], base=base) if bias is not None else y
+def feed_forward(b, layer, z, tag):
+    """The layer's position-wise feed-forward, act(z W₁ᵀ + b₁) W₂ᵀ + b₂ (no dropout: eval mode)."""
+    u = b.affine(layer.linear1, z, f"{tag}_ff1")  # (…, F)
+    return b.affine(layer.linear2, b.activation(layer.activation, u, f"{tag}_act"), f"{tag}_ff2")
 
 
 def _attention(b, layer, z, mask, E, h, d, tag):
@@ -149,13 +126,12 @@ def _attention(b, layer, z, mask, E, h, d, tag):
     a = b.node("Softmax", [b.node("Add", [s, mask])], base=f"{tag}_attn", axis=-1)  # (N, h, T, T)
     o = b.node("Transpose", [b.node("MatMul", [a, v])], perm=[2, 0, 1, 3])  # (T, N, h, d)
     o = b.node("Reshape", [o, b.ints([0, 0, E], f"{tag}_merge")])
-    return _linear(b, attn.out_proj, o, f"{tag}_out_proj")
+    return b.affine(attn.out_proj, o, f"{tag}_out_proj")
 
 
-def _attention_step(b, layer, z, past_k, past_v, E, h, d, tag):
-    """Self-attention of one position z (N, E) over the cached keys and values and its own → (output (N, E),
-    keys, values (N, h, t+1, d): the caches grown by this position)."""
-    attn = layer.self_attn
+def attention_step(b, attn, z, past_k, past_v, E, h, d, tag):
+    """Self-attention (a bptt MultiheadAttention ``attn``) of one position z (N, E) over the cached keys and
+    values and its own → (output (N, E), keys, values (N, h, t+1, d): the caches grown by this position)."""
     qkv = b.node("MatMul", [z, b.const(np.ascontiguousarray(attn.params["in_proj_weight"].T), f"{tag}_in_proj_T")])
     if attn.params.get("in_proj_bias") is not None:
         qkv = b.node("Add", [qkv, b.const(attn.params["in_proj_bias"], f"{tag}_in_proj_bias")])
@@ -168,4 +144,4 @@ def _attention_step(b, layer, z, past_k, past_v, E, h, d, tag):
                        b.const(np.array(1 / np.sqrt(d), b.dtype), f"{tag}_scale")])  # (N, h, 1, t+1)
     a = b.node("Softmax", [s], base=f"{tag}_attn", axis=-1)
     o = b.node("Reshape", [b.node("MatMul", [a, Vs]), b.ints([0, E], f"{tag}_merge")])  # (N, h, 1, d) → (N, E)
-    return _linear(b, attn.out_proj, o, f"{tag}_out_proj"), K, Vs
+    return b.affine(attn.out_proj, o, f"{tag}_out_proj"), K, Vs
