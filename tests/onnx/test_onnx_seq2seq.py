@@ -12,6 +12,7 @@ import onnx  # noqa: E402
 from bptt.onnx.graph import OnnxError  # noqa: E402
 from bptt.onnx.seq2seq import OnnxSeq2Seq, export_seq2seq  # noqa: E402
 from bptt.seq2seq.model import Seq2Seq, Seq2SeqConfig, make_batch  # noqa: E402
+from bptt.seq2seq.transformer import TransformerSeq2Seq, TransformerSeq2SeqConfig  # noqa: E402
 
 CASES = [("lstm", "general", True, 2), ("gru", "additive", False, 1), ("rnn", "dot", True, 1),
          ("lstm", "none", False, 2), ("gru", "dot", True, 2), ("rnn", "additive", False, 2)]
@@ -57,5 +58,38 @@ def test_mismatched_files_are_refused(tmp_path):
     (tmp_path / "a" / "decoder_step.onnx").replace(tmp_path / "b" / "decoder_step.onnx")
     with pytest.raises(OnnxError, match="different models"):
         OnnxSeq2Seq(tmp_path / "b")
-    with pytest.raises(OnnxError, match="takes a bptt Seq2Seq"):
+    with pytest.raises(OnnxError, match="takes a bptt Seq2Seq or TransformerSeq2Seq"):
         export_seq2seq(object(), tmp_path / "c")
+
+
+@pytest.mark.parametrize("layers, heads, opset", [(1, 2, 17), (2, 4, 18)])  # ReduceMean's axes: attribute, input
+def test_transformer_encoder_and_decoder_step_match(tmp_path, layers, heads, opset):
+    """The Transformer's two graphs against TransformerSeq2Seq.encode / decode_step (its key/value caches as
+    the state), over padded sources, and its greedy and beam decoding through them."""
+    cfg = TransformerSeq2SeqConfig(src_vocab=9, tgt_vocab=8, d_model=8, heads=heads, layers=layers, ff=16, dropout=0.2,
+                                   max_len=32)
+    model = TransformerSeq2Seq(cfg, rng=2).eval()
+    rng = np.random.default_rng(3)
+    for _, p, _ in model.named_parameters():  # away from the init's small values, so the logits differ by token
+        p[...] += 0.3 * rng.standard_normal(p.shape)
+    export_seq2seq(model, tmp_path, opset=opset, meta={"step": 9})
+    om = OnnxSeq2Seq(tmp_path)
+    assert om.meta == {"step": 9} and om.config == cfg and om.use_attention
+    b = make_batch([rng.integers(4, 9, size=k) for k in (5, 2, 4, 1)])
+    want, got = model.encode(b.src, b.src_len), om.encode(b.src, b.src_len)
+    assert np.array_equal(want.mask, got.mask) and len(got.state) == 4
+    real = want.mask[:, :, None]  # the memory at padded positions is never read (its keys are masked)
+    assert np.abs(np.where(real, got.m - want.m, 0)).max() < 1e-5
+    assert max(np.abs(g - w).max(initial=0.0) for g, w in zip(got.state, want.state, strict=True)) < 1e-5
+    state_a, state_b = want.state, want.state
+    for tokens in ([1, 4, 5, 6], [7, 4, 4, 5], [6, 6, 5, 4]):  # three steps: the self-attention caches grow
+        la, state_a, wa = model.decode_step(np.array(tokens), state_a, want)
+        lb, state_b, wb = om.decode_step(np.array(tokens), state_b, want)
+        assert lb.dtype == np.float64 and np.abs(la - lb).max() < 1e-5 and np.abs(la).max() > 0.5
+        assert max(np.abs(g - w).max(initial=0.0) for g, w in zip(state_b, state_a, strict=True)) < 1e-5
+        assert np.abs(wa - wb).max() < 1e-5 and np.all(wb[~want.mask] == 0.0)
+    assert state_b[0].shape[3] == 3
+    ga, gb = model.greedy(b.src, b.src_len, 12), om.greedy(b.src, b.src_len, 12)
+    assert ga.tokens == gb.tokens and np.abs(ga.logprob - gb.logprob).max() < 1e-4
+    ba, bb = model.translate(b.src, b.src_len, 12, beam=3), om.translate(b.src, b.src_len, 12, beam=3)
+    assert ba.tokens == bb.tokens

@@ -68,8 +68,6 @@ def _export_seq2seq(args) -> int:
     from bptt.seq2seq.train import load_model
 
     model, meta, _ = load_model(args.checkpoint)
-    if meta["config"].get("arch") == "transformer":
-        raise ValueError(f"{args.checkpoint}: ONNX export of a seq2seq Transformer is not supported (only --arch rnn)")
     keep = {k: meta[k] for k in ("src_vocab", "tgt_vocab", "task", "level", "max_src_len", "max_tgt_len", "step")}
     keep["source"] = str(args.checkpoint)
     enc, dec = export_seq2seq(model, args.out, opset=args.opset, meta=keep)

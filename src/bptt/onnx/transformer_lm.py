@@ -30,7 +30,7 @@ import numpy as np
 from bptt.onnx.graph import DEFAULT_OPSET, Builder, OnnxError, save_model
 from bptt.onnx.to_onnx import META_PREFIX, check_opset, json_default
 
-__all__ = ["TRANSFORMER_LM_KIND", "export_transformer_lm", "feed_forward", "attention_step"]
+__all__ = ["TRANSFORMER_LM_KIND", "export_transformer_lm", "feed_forward", "attention", "attention_step"]
 
 TRANSFORMER_LM_KIND = "transformer_lm"
 
@@ -70,7 +70,7 @@ def export_transformer_lm(model, vocab, path, *, graph: str = "sequence", opset:
                                 b.ints([0, 1])], base="mask_tt")
 
         def attend(i, layer, z):
-            return _attention(b, layer, z, mask, E, h, d, f"l{i}")
+            return attention(b, layer.self_attn, z, mask, E, h, d, f"l{i}")
     else:
         ids = b.input("ids", i64, ["N"])
         t = b.input("position", i64, [1])
@@ -110,9 +110,9 @@ def feed_forward(b, layer, z, tag):
     return b.affine(layer.linear2, b.activation(layer.activation, u, f"{tag}_act"), f"{tag}_ff2")
 
 
-def _attention(b, layer, z, mask, E, h, d, tag):
-    """Causal multi-head self-attention of z (T, N, E) → (T, N, E), with the layer's in_proj and out_proj."""
-    attn = layer.self_attn
+def attention(b, attn, z, bias, E, h, d, tag):
+    """Multi-head self-attention (a bptt MultiheadAttention ``attn``) of z (T, N, E) → (T, N, E), the additive
+    ``bias`` broadcast to the scores (N, h, T, T): a causal (T, T) mask, or a key padding (N, 1, 1, T)."""
     qkv = b.node("MatMul", [z, b.const(np.ascontiguousarray(attn.params["in_proj_weight"].T), f"{tag}_in_proj_T")])
     if attn.params.get("in_proj_bias") is not None:
         qkv = b.node("Add", [qkv, b.const(attn.params["in_proj_bias"], f"{tag}_in_proj_bias")])
@@ -123,7 +123,7 @@ def _attention(b, layer, z, mask, E, h, d, tag):
     k = b.node("Transpose", [k], perm=[1, 2, 3, 0])  # (N, h, d, T)
     v = b.node("Transpose", [v], perm=[1, 2, 0, 3])
     s = b.node("Mul", [b.node("MatMul", [q, k]), b.const(np.array(1 / np.sqrt(d), b.dtype), f"{tag}_scale")])
-    a = b.node("Softmax", [b.node("Add", [s, mask])], base=f"{tag}_attn", axis=-1)  # (N, h, T, T)
+    a = b.node("Softmax", [b.node("Add", [s, bias])], base=f"{tag}_attn", axis=-1)  # (N, h, T, T)
     o = b.node("Transpose", [b.node("MatMul", [a, v])], perm=[2, 0, 1, 3])  # (T, N, h, d)
     o = b.node("Reshape", [o, b.ints([0, 0, E], f"{tag}_merge")])
     return b.affine(attn.out_proj, o, f"{tag}_out_proj")
