@@ -45,7 +45,7 @@ def test_both_graphs_match_the_charlm(tmp_path, model, embedding):
         path = bo.export_charlm(lm, VOCAB, tmp_path / f"{graph}.onnx", graph=graph, meta={"step": 12})
         onnx.checker.check_model(onnx.load(str(path)), full_check=True)
         om, vocab, meta = load_charlm(path)
-        assert isinstance(om, OnnxCharLM) and vocab.to_json() == VOCAB.to_json()
+        assert isinstance(om, OnnxCharLM) and list(vocab.chars) == VOCAB.chars  # loaded as character units
         assert meta["step"] == 12 and meta["config"] == lm.config.to_dict() and meta["kind"] == "charlm"
         got, got_state = om.forward(ids)
         assert got.shape == want.shape and np.max(np.abs(got - want)) < 1e-5

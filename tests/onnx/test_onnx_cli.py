@@ -88,3 +88,27 @@ def test_seq2seq_export_then_translate_from_the_folder(tmp_path, capsys, arch):
     assert main(["seq2seq", "eval", str(ckpt), "--json"]) == 0
     ref = json.loads(capsys.readouterr().out)
     assert onnx_res["exact_match"] == ref["exact_match"] and onnx_res["n"] == ref["n"]
+
+
+@pytest.mark.parametrize("unit", ["byte", "word"])
+def test_byte_and_word_models_export_too(tmp_path, capsys, unit):
+    """The units (bytes, or words with <unk> and <eos>) go into the file's metadata as the checkpoint holds
+    them, so sampling and scoring from the ONNX file give the checkpoint's text and loss."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(corpus), "--out", str(out), "--unit", unit, "--hidden", "16", "--seq-len", "10",
+                 "--batch-size", "4", "--max-iters", "20", "--eval-every", "20", "--sample-length", "0",
+                 "--no-progress"]) == 0
+    ckpt, path = out / "best.safetensors", tmp_path / "model.onnx"
+    assert main(["export", str(ckpt), "--out", str(path)]) == 0
+    capsys.readouterr()
+    texts, scores = [], []
+    for model in (ckpt, path):
+        assert main(["sample", str(model), "--seed", "3", "--length", "40", "--prime", "the "]) == 0
+        texts.append(capsys.readouterr().out)
+        assert main(["eval", str(model), "--data", str(corpus), "--json"]) == 0
+        scores.append(json.loads(capsys.readouterr().out))
+    assert texts[0] == texts[1] and len(texts[0]) > 40
+    assert scores[1]["unit"] == scores[0]["unit"] == ("byte" if unit == "byte" else "word")
+    assert scores[1]["loss"] == pytest.approx(scores[0]["loss"], rel=1e-5) and scores[1]["count"] == scores[0]["count"]

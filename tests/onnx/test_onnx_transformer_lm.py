@@ -43,7 +43,7 @@ def _model(dtype="float32", seed=0, layers=2):
 def test_sequence_graph_matches_the_model_in_onnx_runtime(tmp_path, T, N):
     model = _model()
     lm, vocab, meta = load_charlm(export_transformer_lm(model, VOCAB, tmp_path / "t.onnx", meta={"step": 7}))
-    assert isinstance(lm, OnnxTransformerLM) and meta["step"] == 7 and vocab.to_json() == VOCAB.to_json()
+    assert isinstance(lm, OnnxTransformerLM) and meta["step"] == 7 and list(vocab.chars) == VOCAB.chars
     ids = np.random.default_rng(T).integers(0, len(VOCAB), (T, N))
     want, _ = model.forward(ids)
     got, state = lm.forward(ids)

@@ -46,10 +46,7 @@ def cmd_export(args) -> int:
     from bptt.lm.model import load_model
     from bptt.onnx.to_onnx import export_charlm
 
-    model, vocab, meta = load_model(args.checkpoint)
-    if vocab.kind != "char" or vocab.unk_id is not None:
-        raise ValueError(f"bptt export writes character models without <unk>; this checkpoint's units are {vocab!r}")
-    vocab = vocab.vocab
+    model, vocab, meta = load_model(args.checkpoint)  # vocab: the units (characters, bytes or words), saved as JSON
     keep = {k: meta[k] for k in ("step", "best", "eval", "saved_at") if k in meta}
     keep["source"] = str(args.checkpoint)
     if meta["config"].get("model") == "transformer":  # step: one position, with its key/value cache

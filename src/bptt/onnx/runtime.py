@@ -230,14 +230,17 @@ def load_charlm(path, threads: int | None = None):
 
     ``meta`` holds what the export kept (e.g. step, best, eval) plus ``kind``, ``config`` and ``vocab``.
     """
-    from bptt.lm.data import Vocab
+    from bptt.lm.units import units_from_json
 
     model = read_model(path)
     kind = next((p.value for p in model.metadata_props if p.key == META_PREFIX + "kind"), None)
     wrapper = OnnxTransformerLM if kind == TRANSFORMER_LM_KIND else OnnxCharLM
     lm = wrapper(model, Path(path), threads)
-    vocab = Vocab.from_json(lm.vocab_json)
+    try:
+        vocab = units_from_json(lm.vocab_json)  # characters (a list, or with <unk>), bytes or words
+    except ValueError as e:  # DataError: saved units of an unknown kind or shape
+        raise OnnxError(f"{path}: broken bptt metadata ({e})") from None
     if len(vocab) != lm.vocab_size:
-        raise OnnxError(f"{path}: the vocabulary has {len(vocab)} characters, the model {lm.vocab_size}")
+        raise OnnxError(f"{path}: the vocabulary has {len(vocab)} {vocab.unit_name}s, the model {lm.vocab_size}")
     meta = dict(lm.meta, kind=CHARLM_KIND, config=lm.config.to_dict(), vocab=lm.vocab_json)
     return lm, vocab, meta
