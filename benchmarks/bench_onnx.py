@@ -56,14 +56,8 @@ def main():
     model = CharLM(CharLMConfig(V, "lstm", H, L), rng=0)
     model.eval()
     vocab = Vocab([chr(33 + i) for i in range(V)])
-    tmp = tempfile.mkdtemp()
-    for graph in ("step", "sequence"):
-        path = os.path.join(tmp, f"{graph}.onnx")
-        t0 = time.perf_counter()
-        bo.export_charlm(model, vocab, path, graph=graph)
-        dt = time.perf_counter() - t0
-        print(f"export {graph:8s} graph: {dt:.2f} s, {os.path.getsize(path) / 1e6:.1f} MB ({model.num_parameters():,} parameters)")
-    ort, _, _ = load_charlm(os.path.join(tmp, "step.onnx"), threads=a.threads)
+    paths = export_both(bo.export_charlm, model, vocab)
+    ort, _, _ = load_charlm(paths["step"], threads=a.threads)
 
     sd = {k: torch.tensor(v) for k, v in model.state_dict().items()}
     tl = torch.nn.LSTM(V, H, L)
@@ -95,14 +89,34 @@ def main():
     runs = {"bptt": run_bptt, "onnxruntime": run_ort, "torch": run_torch}
     for f in runs.values():  # warm up (compilation, allocation)
         f()
+    report(runs, a.rounds, a.chars,
+           f"per character at batch 1, {L}x{H} LSTM, V={V} (median of {a.rounds} x {a.chars} characters)")
+
+
+def export_both(export, model, vocab):
+    """Export ``model`` as its step and its sequence graph into a temporary folder, printing the time each
+    export took and the file's size → {graph: path}."""
+    tmp, paths = tempfile.mkdtemp(), {}
+    for graph in ("step", "sequence"):
+        paths[graph] = path = os.path.join(tmp, f"{graph}.onnx")
+        t0 = time.perf_counter()
+        export(model, vocab, path, graph=graph)
+        dt = time.perf_counter() - t0
+        print(f"export {graph:8s} graph: {dt:.2f} s, {os.path.getsize(path) / 1e6:.1f} MB ({model.num_parameters():,} parameters)")
+    return paths
+
+
+def report(runs, rounds, chars, title):
+    """Time every run (each making ``chars`` characters) ``rounds`` times, the sides alternating after 0.2 s
+    of idle, and print each side's median time per character and PyTorch's over it."""
     times = {k: [] for k in runs}
-    for _ in range(a.rounds):
+    for _ in range(rounds):
         for name, f in runs.items():
             time.sleep(0.2)
             t0 = time.perf_counter()
             f()
-            times[name].append((time.perf_counter() - t0) / a.chars)
-    print(f"\nper character at batch 1, {L}x{H} LSTM, V={V} (median of {a.rounds} x {a.chars} characters):")
+            times[name].append((time.perf_counter() - t0) / chars)
+    print(f"\n{title}:")
     base = statistics.median(times["torch"])
     for name, ts in times.items():
         m = statistics.median(ts)
@@ -114,7 +128,7 @@ def transformer(a):
     import torch
 
     import bptt.onnx as bo  # noqa: F401  (the extra's check)
-    from bench_transformer import build_generation
+    from bench_transformer import build_generation, greedy
     from bptt.lm.data import Vocab
     from bptt.onnx.runtime import load_charlm
     from bptt.onnx.transformer_lm import export_transformer_lm
@@ -124,44 +138,14 @@ def transformer(a):
     n = min(a.chars, 127)
     bptt_gen, torch_gen, same, lm = build_generation(n, C=128, return_model=True)
     vocab = Vocab([chr(33 + i) for i in range(lm.vocab_size)])
-    tmp = tempfile.mkdtemp()
-    sessions = {}
-    for graph in ("step", "sequence"):
-        path = os.path.join(tmp, f"{graph}.onnx")
-        t0 = time.perf_counter()
-        export_transformer_lm(lm, vocab, path, graph=graph)
-        dt = time.perf_counter() - t0
-        print(f"export {graph:8s} graph: {dt:.2f} s, {os.path.getsize(path) / 1e6:.1f} MB ({lm.num_parameters():,} parameters)")
-        sessions[graph] = load_charlm(path, threads=a.threads)[0]
-
-    def ort_gen(model):
-        def run():
-            model.reset_state()
-            c, out = 0, []
-            for _ in range(n):
-                c = int(np.argmax(model.step(np.array([c]))[0]))
-                out.append(c)
-            return out
-        return run
-
-    runs = {"bptt": bptt_gen, "ort step": ort_gen(sessions["step"]), "ort sequence": ort_gen(sessions["sequence"]),
-            "torch": torch_gen}
+    sessions = {graph: load_charlm(path, threads=a.threads)[0]
+                for graph, path in export_both(export_transformer_lm, lm, vocab).items()}
+    runs = {"bptt": bptt_gen, "ort step": lambda: greedy(sessions["step"], n),
+            "ort sequence": lambda: greedy(sessions["sequence"], n), "torch": torch_gen}
     outs = {name: f() for name, f in runs.items()}  # warm up, and the characters to compare
-    agree = same and all(o == outs["bptt"] for o in outs.values() if o is not None)
-    times = {k: [] for k in runs}
-    for _ in range(a.rounds):
-        for name, f in runs.items():
-            time.sleep(0.2)
-            t0 = time.perf_counter()
-            f()
-            times[name].append((time.perf_counter() - t0) / n)
-    print(f"\nper character at batch 1, greedy, {n} characters from position 0, transformer 4x128, context 128 "
-          f"(median of {a.rounds} rounds; the same characters on every side: {agree}):")
-    base = statistics.median(times["torch"])
-    for name, ts in times.items():
-        m = statistics.median(ts)
-        print(f"  {name:12s} {m * 1e6:8.1f} us/char  {1 / m:9,.0f} chars/s  torch/this {base / m:5.2f}x"
-              f"  (range {min(ts) * 1e6:.1f}-{max(ts) * 1e6:.1f})")
+    agree = same and all(o == outs["bptt"] for o in outs.values())
+    report(runs, a.rounds, n, f"per character at batch 1, greedy, {n} characters from position 0, transformer 4x128, "
+                              f"context 128 (median of {a.rounds} rounds; the same characters on every side: {agree})")
 
 
 if __name__ == "__main__":

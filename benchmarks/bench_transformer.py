@@ -86,6 +86,17 @@ def build_layer(N, T, E, h, seed=0):
     return ours_train, torch_train, max(err_y, err_dx)
 
 
+def greedy(model, n_chars):
+    """``n_chars`` ids generated greedily at batch 1 from id 0 by ``model.step`` (a TransformerLM, or its
+    ONNX Runtime wrapper: bench_onnx.py), after ``reset_state()``."""
+    model.reset_state()
+    c, out = 0, []
+    for _ in range(n_chars):
+        c = int(np.argmax(model.step(np.array([c]))[0]))
+        out.append(c)
+    return out
+
+
 def build_generation(n_chars, seed=0, V=65, L=4, E=128, h=4, C=512, return_model=False):
     import torch
 
@@ -115,12 +126,7 @@ def build_generation(n_chars, seed=0, V=65, L=4, E=128, h=4, C=512, return_model
     tm.eval()
 
     def ours_generate():
-        lm.reset_state()
-        c, out = 0, []
-        for _ in range(n_chars):
-            c = int(np.argmax(lm.step(np.array([c]))[0]))
-            out.append(c)
-        return out
+        return greedy(lm, n_chars)
 
     def torch_generate():
         ids = [0]

@@ -72,9 +72,15 @@ class InferenceOnly:
 
 
 class _OnnxLanguageModel(InferenceOnly):
-    """What both language-model wrappers offer alike: ``vocab_size``, ``dtype``, ``blas_scope``, checked ids."""
+    """What both language-model wrappers offer alike: the file's metadata read and checked (``config``,
+    ``graph``, ``vocab_json``, ``meta``), its session, ``vocab_size``, ``dtype``, ``blas_scope``, checked ids."""
 
-    config = None  # the model's config (CharLMConfig or TransformerLMConfig), set by the subclass
+    def __init__(self, model, path, threads, kind: str, config_class):
+        props = read_bptt_metadata(model, path, kind, config_class)
+        self.config, self.graph, self.vocab_json, self.meta = props["config"], props["graph"], props["vocab"], props["meta"]
+        if self.graph not in ("sequence", "step"):
+            raise OnnxError(f"{path}: unknown graph kind {self.graph!r}")
+        self.session = session(model, threads)
 
     @property
     def vocab_size(self) -> int:
@@ -106,11 +112,7 @@ class OnnxCharLM(_OnnxLanguageModel):
     def __init__(self, model, path="<model>", threads: int | None = None):
         from bptt.lm.model import CharLMConfig
 
-        props = read_bptt_metadata(model, path, CHARLM_KIND, CharLMConfig)
-        self.config, self.graph, self.vocab_json, self.meta = props["config"], props["graph"], props["vocab"], props["meta"]
-        if self.graph not in ("sequence", "step"):
-            raise OnnxError(f"{path}: unknown graph kind {self.graph!r}")
-        self.session = session(model, threads)
+        super().__init__(model, path, threads, CHARLM_KIND, CharLMConfig)
         self.lstm = self.config.model == "lstm"
         self.state = None
 
@@ -171,13 +173,11 @@ class OnnxTransformerLM(_OnnxLanguageModel):
     def __init__(self, model, path="<model>", threads: int | None = None):
         from bptt.lm.transformer import TransformerLMConfig
 
-        props = read_bptt_metadata(model, path, TRANSFORMER_LM_KIND, TransformerLMConfig)
-        self.config, self.graph, self.vocab_json, self.meta = props["config"], props["graph"], props["vocab"], props["meta"]
-        if self.graph not in ("sequence", "step"):
-            raise OnnxError(f"{path}: unknown graph kind {self.graph!r}")
-        self.session = session(model, threads)
+        super().__init__(model, path, threads, TRANSFORMER_LM_KIND, TransformerLMConfig)
         self.history = None  # sequence graph: ids (t, N) fed to step() since the last reset
-        self.cache = None  # step graph: {"t": position, "kv": {past input name: array (N, h, t, d)}}
+        self.cache = None  # step graph: {past input name: array (N, h, t, d)}, t the next position
+        # the step graph's outputs after the logits are present_key_i, present_value_i: the next step's pasts
+        self.pasts = [o.name.replace("present_", "past_") for o in self.session.get_outputs()[1:]]
 
     def reset_state(self):
         self.history = self.cache = None
@@ -207,16 +207,13 @@ class OnnxTransformerLM(_OnnxLanguageModel):
             self._check_position(self.history.shape[0])
             self.history = np.concatenate([self.history, ids[None]])
             return self.session.run(None, {"ids": self.history})[0][-1]
-        if self.cache is None or self.cache["N"] != N:
+        if self.cache is None or self.cache[self.pasts[0]].shape[0] != N:
             empty = np.zeros((N, c.heads, 0, c.d_model // c.heads), self.dtype)
-            self.cache = {"N": N, "t": 0, "kv": {f"past_{kind}_{i}": empty for i in range(c.layers)
-                                                  for kind in ("key", "value")}}
-        t = self.cache["t"]
+            self.cache = dict.fromkeys(self.pasts, empty)
+        t = self.cache[self.pasts[0]].shape[2]  # positions cached so far: this token's position
         self._check_position(t)
-        logits, *presents = self.session.run(None, {"ids": ids, "position": np.array([t], np.int64), **self.cache["kv"]})
-        names = [o.name for o in self.session.get_outputs()[1:]]  # present_key_i, present_value_i
-        self.cache["kv"] = {name.replace("present_", "past_"): value for name, value in zip(names, presents)}
-        self.cache["t"] = t + 1
+        logits, *presents = self.session.run(None, {"ids": ids, "position": np.array([t], np.int64), **self.cache})
+        self.cache = dict(zip(self.pasts, presents))
         return logits
 
     def _check_position(self, t):

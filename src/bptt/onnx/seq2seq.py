@@ -157,8 +157,7 @@ def _transformer_encoder_graph(model, opset):
     x = b.node("Add", [b.node("Mul", [b.node("Gather", [b.const(model.src_embed.params["weight"], "src_embed"), src],
                                              axis=0), b.const(np.array(model.scale), "sqrt_E")]), pos], base="x")
     valid = _valid(b, src, src_len)
-    bias = b.node("Where", [b.node("Unsqueeze", [valid, b.ints([1, 2])]), b.const(np.zeros(1, b.dtype), "zero"),
-                            b.const(np.full(1, -np.inf, b.dtype), "minus_inf")], base="key_padding")  # (N, 1, 1, S)
+    bias = _padding_bias(b, valid)
     for i, layer in enumerate(model.transformer.encoder.layers):
         _check_pre_norm(layer)
         x = b.node("Add", [x, attention(b, layer.self_attn, b.layer_norm(layer.norm1, x, f"e{i}_ln1"), bias, E, h, d,
@@ -208,8 +207,7 @@ def _transformer_decoder_graph(model, opset):
     x = b.node("Add", [b.node("Mul", [b.node("Gather", [b.const(model.tgt_embed.params["weight"], "tgt_embed"), tokens],
                                              axis=0), b.const(np.array(model.scale), "sqrt_E")]),
                        b.node("Gather", [b.const(model.tgt_pos.table, "tgt_pos"), t], axis=0)], base="x")  # (N, E)
-    bias = b.node("Where", [b.node("Unsqueeze", [mask, b.ints([1, 2])]), b.const(np.zeros(1, b.dtype), "zero"),
-                            b.const(np.full(1, -np.inf, b.dtype), "minus_inf")], base="mem_padding")  # (N, 1, 1, S)
+    bias = _padding_bias(b, mask)
     scale = b.const(np.array(1 / np.sqrt(d), b.dtype), "scale")
     new_K, new_V, a = [], [], None
     for i, layer in enumerate(model.transformer.decoder.layers):
@@ -245,6 +243,13 @@ def _transformer_decoder_graph(model, opset):
     weights = b.node("Squeeze", [b.mean(a, [1]), b.ints([1, 2])])  # (N, h, 1, S) → (N, S)
     b.output(weights, "weights", b.elem, ["N", "S"])
     return b
+
+
+def _padding_bias(b, valid):
+    """The additive bias (N, 1, 1, S) of attention scores (N, h, ·, S) over the source: 0 at real positions
+    (``valid`` (N, S) bool), −∞ at padding, so padding gets exactly no weight."""
+    return b.node("Where", [b.node("Unsqueeze", [valid, b.ints([1, 2])]), b.const(np.zeros(1, b.dtype), "zero"),
+                            b.const(np.full(1, -np.inf, b.dtype), "minus_inf")], base="padding_bias")
 
 
 def _check_pre_norm(layer):

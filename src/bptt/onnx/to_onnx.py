@@ -17,7 +17,7 @@ import numpy as np
 
 from bptt.onnx.graph import DEFAULT_OPSET, EXPORT_OPSETS, Builder, OnnxError, emit_recurrent, save_model
 
-__all__ = ["export_layer", "export_charlm", "check_opset", "json_default", "CHARLM_KIND", "META_PREFIX"]
+__all__ = ["export_layer", "export_charlm", "check_opset", "json_default", "lm_metadata", "CHARLM_KIND", "META_PREFIX"]
 
 CHARLM_KIND = "charlm"
 META_PREFIX = "bptt."
@@ -131,14 +131,19 @@ def export_charlm(model, vocab, path, *, graph: str = "sequence", opset: int = D
     b.output(h_n, "h_n", b.elem, [L, "N", H])
     if lstm:
         b.output(c_n, "c_n", b.elem, [L, "N", H])
-    metadata = {
-        META_PREFIX + "kind": CHARLM_KIND,
+    return save_model(b.model(f"bptt_charlm_{graph}", lm_metadata(CHARLM_KIND, graph, cfg, vocab, meta)), path)
+
+
+def lm_metadata(kind: str, graph: str, config, vocab, meta: dict | None) -> dict:
+    """A language model file's ``bptt.*`` metadata_props: its kind and graph, and as JSON its config, its
+    units (``vocab.to_json()``) and ``meta``; what :func:`bptt.onnx.runtime.read_bptt_metadata` reads."""
+    return {
+        META_PREFIX + "kind": kind,
         META_PREFIX + "graph": graph,
-        META_PREFIX + "config": json.dumps(cfg.to_dict()),
+        META_PREFIX + "config": json.dumps(config.to_dict()),
         META_PREFIX + "vocab": json.dumps(vocab.to_json(), ensure_ascii=False),
         META_PREFIX + "meta": json.dumps(meta or {}, default=json_default),
     }
-    return save_model(b.model(f"bptt_charlm_{graph}", metadata), path)
 
 
 def json_default(obj):

@@ -23,12 +23,10 @@ position (at most C), which gives the same logits at up to C times the cost.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 from bptt.onnx.graph import DEFAULT_OPSET, Builder, OnnxError, save_model
-from bptt.onnx.to_onnx import META_PREFIX, check_opset, json_default
+from bptt.onnx.to_onnx import check_opset, lm_metadata
 
 __all__ = ["TRANSFORMER_LM_KIND", "export_transformer_lm", "feed_forward", "attention", "attention_step"]
 
@@ -94,14 +92,8 @@ def export_transformer_lm(model, vocab, path, *, graph: str = "sequence", opset:
         for i, (K, Vs) in enumerate(presents):
             b.output(K, f"present_key_{i}", b.elem, ["N", h, "t1", d])
             b.output(Vs, f"present_value_{i}", b.elem, ["N", h, "t1", d])
-    metadata = {
-        META_PREFIX + "kind": TRANSFORMER_LM_KIND,
-        META_PREFIX + "graph": graph,
-        META_PREFIX + "config": json.dumps(cfg.to_dict()),
-        META_PREFIX + "vocab": json.dumps(vocab.to_json(), ensure_ascii=False),
-        META_PREFIX + "meta": json.dumps(meta or {}, default=json_default),
-    }
-    return save_model(b.model(f"bptt_transformer_lm_{graph}", metadata), path)
+    return save_model(b.model(f"bptt_transformer_lm_{graph}", lm_metadata(TRANSFORMER_LM_KIND, graph, cfg, vocab, meta)),
+                      path)
 
 
 def feed_forward(b, layer, z, tag):
