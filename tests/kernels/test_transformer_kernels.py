@@ -132,14 +132,15 @@ def _scores(rng, B, L, S, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("L,S", [(7, 7), (5, 9), (9, 4)])
+@pytest.mark.parametrize("L,S", [(7, 7), (5, 9), (9, 4), (40, 37), (20, 70)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_softmax_rows_equals_reference(dtype, L, S, causal):
-    """Forward and backward with a scale, causal (top-left aligned, also when L ≠ S) or not; the kernel's
-    causal slots are exactly 0 whatever the scores held there."""
+@pytest.mark.parametrize("scale", [0.37, -0.8])
+def test_softmax_rows_equals_reference(dtype, L, S, causal, scale):
+    """Forward and backward with a scale (a negative one too: F.scaled_dot_product_attention takes any),
+    causal (top-left aligned, also when L ≠ S) or not; the kernel's causal slots are exactly 0 whatever
+    the scores held there.  Rows of 37 and 70 keys run the row maximum's 16 lanes and its tail."""
     rng = np.random.default_rng(2)
     s = _scores(rng, 6, L, S, dtype)
-    scale = 0.37
     a = kt.softmax_rows(s.copy(), scale, causal)
     a_ref = softmax_rows(s.copy(), scale, causal)
     rtol = {np.float64: 1e-14, np.float32: 1e-6}[dtype]
