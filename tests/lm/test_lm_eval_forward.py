@@ -57,7 +57,7 @@ def test_validation_pass_is_forward_only_and_exact():
 def test_nll_sums_the_loss_by_the_decoders_row_slices(tied, monkeypatch):
     """CharLM.nll sums each slice of logit rows in the thread that made it (ops.affine_forward_then):
     the same sum as the cross-entropy over all the logits, in one slice or in two, with a mask."""
-    from bptt.nn import ops
+    from bptt.runtime import policy
     from bptt.runtime import threads as blas
 
     V, T, N = 7, 30, 50  # 1,500 rows: two slices of 750 with two threads
@@ -73,7 +73,7 @@ def test_nll_sums_the_loss_by_the_decoders_row_slices(tied, monkeypatch):
         for threads in (1, 2):
             monkeypatch.setattr(blas, "OUTER_THREADS", [threads] if threads > 1 else [])
             monkeypatch.setattr(blas, "blas_threads", lambda t=threads: t)
-            assert len(ops._row_parts(T * N)) == threads
+            assert len(policy.row_slices(T * N, V * 12)) == threads
             got, _ = lm.nll(x, y, mask=m)
             assert got == pytest.approx(want, rel=1e-6)
     with pytest.raises(ValueError, match="mask must have the targets' shape"):

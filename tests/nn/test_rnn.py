@@ -345,7 +345,7 @@ def test_linear_by_row_slices_equals_whole(dtype, monkeypatch):
     """Inside a step whose BLAS is held to one thread (a recurrent layer running in
     threads), Linear runs by slices of rows in two threads: same output and input
     gradient, and the weight and bias gradients summed over the slices."""
-    from bptt.nn import ops
+    from bptt.runtime import policy
     from bptt.runtime import threads as blas
 
     rng = np.random.default_rng(5)
@@ -356,7 +356,7 @@ def test_linear_by_row_slices_equals_whole(dtype, monkeypatch):
     for threads in (1, 2):
         monkeypatch.setattr(blas, "OUTER_THREADS", [threads] if threads > 1 else [])
         monkeypatch.setattr(blas, "blas_threads", lambda t=threads: t)
-        assert len(ops._row_parts(2000)) == threads
+        assert len(policy.row_slices(2000, 16 * 9)) == threads
         lin.zero_grad()
         y = lin.forward(x)
         dx = lin.backward(dy)

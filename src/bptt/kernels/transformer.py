@@ -17,6 +17,8 @@ import math
 import numpy as np
 
 from bptt.kernels.mathfn import HAVE_NUMBA
+from bptt.runtime import policy
+from bptt.runtime.wavefront import run_row_slices
 
 __all__ = ["gelu_forward", "layer_norm_forward", "layer_norm_backward", "softmax_rows", "softmax_rows_backward"]
 
@@ -62,8 +64,20 @@ def gelu_forward(x):
     if not _floats(x):
         return None
     y, dydx = np.empty_like(x), np.empty_like(x)
-    _gelu(x.reshape(-1), y.reshape(-1), dydx.reshape(-1))
+    n = x.shape[-1] if x.ndim else 1
+    x2, y2, d2 = (a.reshape(-1, n) for a in (x, y, dydx))
+
+    def rows(s):
+        _gelu(x2[s].reshape(-1), y2[s].reshape(-1), d2[s].reshape(-1))
+
+    _by_rows(len(x2), n, rows)
     return y, dydx
+
+
+def _by_rows(M, n, rows):
+    """``rows(s)`` over the M rows of n numbers: in slices side by side where BLAS is held to one thread
+    (:func:`bptt.runtime.policy.row_slices`; a Transformer layer whose attention runs in tiles), else at once."""
+    return run_row_slices(M, n * policy.ELEMENT_MACS, rows)
 
 
 # ============================================================================ LayerNorm
@@ -133,8 +147,9 @@ def layer_norm_forward(x2, eps, weight=None, bias=None):
     xhat, rstd = np.empty_like(x2), np.empty((M, 1), x2.dtype)
     y = np.empty_like(x2) if weight is not None else x2[:0]
     empty = x2[0, :0] if M else np.empty(0, x2.dtype)
-    _layer_norm(x2, empty if weight is None else weight.reshape(-1), empty if bias is None else bias.reshape(-1),
-                float(eps), y, xhat, rstd.reshape(-1))
+    gamma, beta, r = empty if weight is None else weight.reshape(-1), empty if bias is None else bias.reshape(-1), \
+        rstd.reshape(-1)
+    _by_rows(M, n, lambda s: _layer_norm(x2[s], gamma, beta, float(eps), y[s], xhat[s], r[s]))
     return (y if weight is not None else None), xhat, rstd
 
 
@@ -147,14 +162,19 @@ def layer_norm_backward(dy2, xhat, rstd, weight=None, dweight=None, dbias=None):
         return None
     M, n = dy2.shape
     dx = np.empty_like(dy2)
-    f64 = np.zeros(n) if dweight is not None else np.empty(0)
-    db64 = np.zeros(n) if dweight is not None else np.empty(0)
-    _layer_norm_backward(dy2, xhat, rstd.reshape(-1), np.empty(0, dy2.dtype) if weight is None else weight.reshape(-1),
-                         dx, f64, db64)
-    if dweight is not None:
-        dweight += f64.reshape(dweight.shape).astype(dweight.dtype)
-        if dbias is not None:
-            dbias += db64.reshape(dbias.shape).astype(dbias.dtype)
+    gamma, r = np.empty(0, dy2.dtype) if weight is None else weight.reshape(-1), rstd.reshape(-1)
+
+    def rows(s):  # each slice's own float64 sums, added below in slice order (a fixed order)
+        f64 = np.zeros(n) if dweight is not None else np.empty(0)
+        db64 = np.zeros(n) if dweight is not None else np.empty(0)
+        _layer_norm_backward(dy2[s], xhat[s], r[s], gamma, dx[s], f64, db64)
+        return f64, db64
+
+    for f64, db64 in _by_rows(M, n, rows):
+        if dweight is not None:
+            dweight += f64.reshape(dweight.shape).astype(dweight.dtype)
+            if dbias is not None:
+                dbias += db64.reshape(dbias.shape).astype(dbias.dtype)
     return dx
 
 

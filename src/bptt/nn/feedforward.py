@@ -25,6 +25,8 @@ import numpy as np
 from bptt.nn.cells import resolve_rng
 from bptt.nn.layers import Dropout, Linear
 from bptt.nn.module import Module, as_float_array
+from bptt.runtime import policy
+from bptt.runtime.wavefront import run_row_slices
 
 __all__ = [
     "erf",
@@ -121,7 +123,15 @@ class GELU(Module):
         return y
 
     def backward(self, dy):
-        return dy * self._saved(self._ctx)
+        dydx = self._saved(self._ctx)
+        dy = np.asarray(dy)
+        if dy.shape != dydx.shape or dy.ndim == 0:
+            return dy * dydx
+        dx = np.empty(dy.shape, np.result_type(dy, dydx))
+        n = dy.shape[-1]
+        dy2, d2, dx2 = (a.reshape(-1, n) for a in (dy, dydx, dx))
+        run_row_slices(len(dx2), n * policy.ELEMENT_MACS, lambda s: np.multiply(dy2[s], d2[s], out=dx2[s]))
+        return dx
 
 
 def get_activation(activation) -> Module:

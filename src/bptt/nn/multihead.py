@@ -47,6 +47,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from bptt.nn import attention_tiles
 from bptt.nn.cells import resolve_rng
 from bptt.nn.layers import Linear
 from bptt.nn.module import Module, as_float_array
@@ -163,7 +164,15 @@ def _attend(q, k, v, bias, causal, scale, p, training, rng, nan_if_all_masked, o
     """The shared core: o = dropout(softmax(q kᵀ·scale + bias)) v  → (o, SDPACache).
 
     ``causal`` (with bias None): the causal mask, applied inside the softmax.  ``out``: an array
-    (B, L, dv), possibly a strided view (the heads' slots of a merged (…, E) array), for o."""
+    (B, L, dv), possibly a strided view (the heads' slots of a merged (…, E) array), for o.
+    Large problems run in tiles that stay in cache (:mod:`bptt.nn.attention_tiles`): the same numbers."""
+    scores = q.shape[:-1] + k.shape[-2:-1]  # (B, L, S)
+    if attention_tiles.usable(q, k, v) and (bias is None or np.broadcast_shapes(scores, bias.shape) == scores):
+        drop = dropout_mask(scores, p, rng, q.dtype) if training and p > 0.0 else None  # r / (1 − p)
+        o = np.empty(q.shape[:-1] + v.shape[-1:], q.dtype) if out is None else out
+        causal = bool(causal and bias is None)
+        a = attention_tiles.attend_tiled(q, k, v, bias, causal, scale, drop, nan_if_all_masked, _softmax, o)
+        return o, SDPACache(q, k, v, a, drop, scale, causal)
     s = np.matmul(q, np.swapaxes(k, -1, -2))  # (B, L, S)
     if bias is not None:
         s *= s.dtype.type(scale)
@@ -185,6 +194,11 @@ def _attend_backward(do, cache: SDPACache, dweights=None, out=(None, None, None)
     """Backward of :func:`_attend`: ∂L/∂o (and optionally ∂L/∂ã, the dropped weights) → dq, dk, dv,
     written into ``out`` (three arrays or views shaped as q, k, v) where given."""
     q, k, v, a, drop = cache.q, cache.k, cache.v, cache.weights, cache.drop
+    if attention_tiles.usable(q, k, v) and a.shape == q.shape[:-1] + k.shape[-2:-1]:
+        grads = tuple(np.empty(x.shape, x.dtype) if o is None else o for x, o in zip((q, k, v), out))
+        attention_tiles.attend_tiled_backward(do, q, k, v, a, drop, dweights, cache.scale, cache.causal,
+                                              _softmax_backward, grads)
+        return grads
     at = a if drop is None else a * drop  # ã
     dv = np.matmul(np.swapaxes(at, -1, -2), do, out=out[2])  # ãᵀ do  (B, S, dv)
     da = np.matmul(do, np.swapaxes(v, -1, -2))  # do vᵀ = ∂L/∂ã  (B, L, S), a fresh array

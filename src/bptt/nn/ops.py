@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bptt.runtime import policy, threads  # read at run time: threads.blas_threads() (tests monkeypatch it there)
+from bptt.runtime import policy  # read at run time: policy.row_slices() reads threads.blas_threads() (tests monkeypatch it there)
 from bptt.runtime.wavefront import run_parallel  # one job runs in the calling thread: no pool, no overhead
 
 __all__ = [
@@ -24,24 +24,6 @@ __all__ = [
 ]
 
 
-# Rows per thread below which a product stays in one thread (a 2,500-row decoder product is
-# 0.4-0.6 ms; handing half of it to another thread costs some tens of µs).
-_MIN_ROWS_PER_THREAD = 512
-
-
-def _row_parts(rows):
-    """Slices of ``rows`` for parallel threads, or one slice.
-
-    Several only inside a model step whose BLAS is held to one thread because
-    its recurrent layers run in threads of their own (:func:`bptt.runtime.threads.single_thread_blas`):
-    there the products around the layer (a language model's decoder) would
-    otherwise run on one core while the other waits.
-    """
-    if not threads.inside_single_thread_blas() or rows < 2 * _MIN_ROWS_PER_THREAD:
-        return [slice(0, rows)]
-    return policy.even_slices(rows, min(threads.blas_threads(), rows // _MIN_ROWS_PER_THREAD))
-
-
 def _rows(a) -> int:
     """The number of rows of ``a`` (..., F): the product of its leading sizes (also when F = 0)."""
     return int(np.prod(a.shape[:-1], dtype=np.int64))
@@ -51,7 +33,7 @@ def affine_forward(x, W, b):
     """y = x Wᵀ + b.   x (..., D), W (K, D), b (K,) or None → y (..., K).
 
     One 2-d product (not a stack of them), by slices of rows in parallel threads
-    where :func:`_row_parts` gives several."""
+    where :func:`bptt.runtime.policy.row_slices` gives several."""
     return affine_forward_then(x, W, b, None)[0]
 
 
@@ -73,14 +55,14 @@ def affine_forward_then(x, W, b, then):
             y2[s] += b
         return None if then is None else then(s, y2[s])
 
-    results = run_parallel([lambda s=s: rows(s) for s in _row_parts(len(x2))])
+    results = run_parallel([lambda s=s: rows(s) for s in policy.row_slices(len(x2), K * D)])
     return y2.reshape(*x.shape[:-1], K), ([] if then is None else results)
 
 
 def affine_backward(dy, x, W, dW, db):
     """Backward of y = x Wᵀ + b: accumulates dW += dyᵀ x, db += Σ dy; returns dx = dy W.
 
-    By slices of rows in parallel threads where :func:`_row_parts` gives several:
+    By slices of rows in parallel threads where :func:`bptt.runtime.policy.row_slices` gives several:
     each slice's dyᵀ x and Σ dy are added in slice order (a fixed order)."""
     K, D = W.shape
     dy2, x2 = dy.reshape(_rows(dy), K), x.reshape(_rows(x), D)
@@ -90,7 +72,7 @@ def affine_backward(dy, x, W, dW, db):
         np.matmul(dy2[s], W, out=dx2[s])
         return dy2[s].T @ x2[s], None if db is None else dy2[s].sum(axis=0)
 
-    for dW_part, db_part in run_parallel([lambda s=s: rows(s) for s in _row_parts(len(dy2))]):
+    for dW_part, db_part in run_parallel([lambda s=s: rows(s) for s in policy.row_slices(len(dy2), K * D)]):
         dW += dW_part
         if db is not None:
             db += db_part

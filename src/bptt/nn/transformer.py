@@ -35,16 +35,19 @@ Dropout runs in training mode with masks from the module's generator; ``eval()``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
 
+from bptt.nn import attention_tiles
 from bptt.nn.cells import resolve_rng
 from bptt.nn.feedforward import PositionwiseFeedForward
 from bptt.nn.layers import Dropout
 from bptt.nn.module import Module, as_float_array
 from bptt.nn.multihead import MultiheadAttention, causal_mask
 from bptt.nn.norm import LayerNorm
+from bptt.runtime import threads
 
 __all__ = [
     "TransformerEncoderLayer",
@@ -84,6 +87,7 @@ class _LayerBase(Module):
         self.norm_first, self.batch_first = bool(norm_first), bool(batch_first)
         self._dtype = np.dtype(dtype)
         self.rng = rng
+        self._one_blas_thread = False  # set by each forward (_plan_threads)
         mha = dict(dropout=dropout, bias=bias, batch_first=batch_first, dtype=dtype, rng=rng)
         self.self_attn = self.add_module("self_attn", MultiheadAttention(d_model, nhead, **mha))
         if cross:
@@ -102,6 +106,20 @@ class _LayerBase(Module):
             setattr(self, f"dropout{i + 1}", self.drops[i])
         self.linear1, self.linear2 = self.ff.linear1, self.ff.linear2
         self.dropout, self.activation = self.ff.dropout, self.ff.activation
+
+    def _plan_threads(self, x, memory=None):
+        """Decide, for this forward and its backward, whether the layer holds BLAS to one thread: yes
+        when its attention runs in tiles (:func:`bptt.nn.attention_tiles.wanted`), whose threads then
+        also run the products in row slices (:func:`bptt.nn.ops.affine_forward`)."""
+        self._one_blas_thread = False
+        if x.ndim == 3:
+            T, N = (x.shape[1], x.shape[0]) if self.batch_first else x.shape[:2]
+            S = T if memory is None or memory.ndim != 3 else memory.shape[1 if self.batch_first else 0]
+            self._one_blas_thread = attention_tiles.wanted(N * self.nhead, T, max(T, S), x.dtype)
+
+    def _threads(self):
+        """The BLAS threads :meth:`_plan_threads` chose, as a context for the forward or backward."""
+        return threads.single_thread_blas() if self._one_blas_thread else contextlib.nullcontext()
 
     def _sublayer(self, x, i, f):
         """Residual sub-layer i: x + dropout_i(f(LN_i(x))) (pre-norm) or LN_i(x + dropout_i(f(x))) (post-norm)."""
@@ -144,12 +162,15 @@ class TransformerEncoderLayer(_LayerBase):
 
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
         x = as_float_array(src, self._dtype, "src")
-        x = self._sublayer(x, 0, lambda z: self._self_attention(z, src_mask, src_key_padding_mask, is_causal))
-        return self._sublayer(x, 1, self.ff)
+        self._plan_threads(x)
+        with self._threads():
+            x = self._sublayer(x, 0, lambda z: self._self_attention(z, src_mask, src_key_padding_mask, is_causal))
+            return self._sublayer(x, 1, self.ff)
 
     def backward(self, dout):
-        dx = self._sublayer_backward(as_float_array(dout, self._dtype, "dout"), 1, self.ff.backward)
-        return self._sublayer_backward(dx, 0, self._self_attention_backward)
+        with self._threads():
+            dx = self._sublayer_backward(as_float_array(dout, self._dtype, "dout"), 1, self.ff.backward)
+            return self._sublayer_backward(dx, 0, self._self_attention_backward)
 
 
 class TransformerDecoderLayer(_LayerBase):
@@ -179,9 +200,11 @@ class TransformerDecoderLayer(_LayerBase):
             return self.multihead_attn(z, m, m, attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask,
                                        need_weights=False, is_causal=bool(memory_is_causal))[0]
 
-        x = self._sublayer(x, 0, lambda z: self._self_attention(z, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
-        x = self._sublayer(x, 1, cross)
-        return self._sublayer(x, 2, self.ff)
+        self._plan_threads(x, m)
+        with self._threads():
+            x = self._sublayer(x, 0, lambda z: self._self_attention(z, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
+            x = self._sublayer(x, 1, cross)
+            return self._sublayer(x, 2, self.ff)
 
     def backward(self, dout):
         dmemory = []
@@ -191,9 +214,10 @@ class TransformerDecoderLayer(_LayerBase):
             dmemory.append(dk + dv)  # memory is both key and value
             return dz
 
-        dx = self._sublayer_backward(as_float_array(dout, self._dtype, "dout"), 2, self.ff.backward)
-        dx = self._sublayer_backward(dx, 1, cross_backward)
-        dx = self._sublayer_backward(dx, 0, self._self_attention_backward)
+        with self._threads():
+            dx = self._sublayer_backward(as_float_array(dout, self._dtype, "dout"), 2, self.ff.backward)
+            dx = self._sublayer_backward(dx, 1, cross_backward)
+            dx = self._sublayer_backward(dx, 0, self._self_attention_backward)
         return dx, dmemory[0]
 
 

@@ -34,7 +34,9 @@ from bptt.runtime import threads
 
 __all__ = ["SMALL_MACS", "ONE_THREAD_MACS", "PANEL_PRODUCTS", "SPLIT_MIN_ROWS", "SPLIT_MAX_MACS",
            "MODEL_SPLIT_MIN_MACS", "STEP_THREADS_BYTES", "WAVEFRONT_CHUNKS", "INFER_WINDOW_BYTES", "SPIN_SECONDS",
-           "step_blas_limit", "sampling_blas_limit", "batch_parts", "even_slices", "time_chunks", "inference_chunks"]
+           "ATTENTION_TILES_MIN_BYTES", "ATTENTION_TILE_BYTES",
+           "MIN_ROWS_PER_THREAD", "MIN_MACS_PER_THREAD", "ELEMENT_MACS",
+           "step_blas_limit", "sampling_blas_limit", "batch_parts", "row_slices", "even_slices", "time_chunks", "inference_chunks"]
 
 # Below this many multiply-adds per recurrent product, the whole sequence runs in
 # one Numba function with hand-written products (no Python or BLAS call per step).
@@ -102,6 +104,12 @@ WAVEFRONT_CHUNKS = 8
 # at T = 100, N = 64); see inference_chunks.  BPTT_INFER_WINDOW_BYTES=0: the whole sequence at once.
 INFER_WINDOW_BYTES = int(os.environ.get("BPTT_INFER_WINDOW_BYTES", 4 << 20)) or 1 << 62
 
+# Attention in tiles (bptt.nn.attention_tiles) when the scores (B, L, S) take at least this many bytes,
+# each tile's scores at most ATTENTION_TILE_BYTES (a quarter of one core's 2 MB L2 on the machine measured,
+# leaving room for the tile's q, k, v and the products' packing).
+ATTENTION_TILES_MIN_BYTES = int(os.environ.get("BPTT_ATTENTION_TILES_MIN_BYTES", 2 << 20))
+ATTENTION_TILE_BYTES = 512 * 1024
+
 # The threads of run_parallel (the batch slices, in the wavefront module) wait for each other, and for
 # their next job, by polling this long before they sleep: a vCPU that sleeps runs slower for a
 # while after it wakes.  2×128 LSTM, two slices, alternating in one process (12 rounds, a slow
@@ -156,6 +164,29 @@ def batch_parts(N, macs, training, fused):
     if n < 2:
         return whole
     return even_slices(N, n)
+
+
+# Products (bptt.nn.ops) and row-wise passes (bptt.kernels.transformer) split their rows among threads only
+# where BLAS is held to one thread (threads.single_thread_blas) because bptt runs threads of its own: a model
+# step whose recurrent layers run in threads, or a Transformer layer whose attention runs in tiles.  A slice
+# keeps at least MIN_ROWS_PER_THREAD rows (a 2,500-row decoder product is 0.4-0.6 ms; handing half of it to
+# another thread costs some tens of µs), or fewer for wide rows: MIN_MACS_PER_THREAD multiply-adds (about
+# 0.1 ms on one core) are worth a thread.  ELEMENT_MACS: one element of a compiled element-wise pass costs
+# about as much as this many multiply-adds of a product (the exact GELU 1.5 ns; a product 0.013 ns a
+# multiply-add on one core of the machine measured).
+MIN_ROWS_PER_THREAD = 512
+MIN_MACS_PER_THREAD = 16_000_000
+ELEMENT_MACS = 100
+
+
+def row_slices(rows: int, macs_per_row: int) -> list[slice]:
+    """Slices of ``rows`` to run in parallel threads (:func:`bptt.runtime.wavefront.run_parallel`), or one
+    slice: several only inside :func:`bptt.runtime.threads.single_thread_blas`, one per core
+    (:func:`bptt.runtime.threads.blas_threads`), each of at least the rows the constants above ask."""
+    least = max(1, min(MIN_ROWS_PER_THREAD, -(-MIN_MACS_PER_THREAD // max(1, macs_per_row))))
+    if not threads.inside_single_thread_blas() or rows < 2 * least:
+        return [slice(0, rows)]
+    return even_slices(rows, min(threads.blas_threads(), rows // least))
 
 
 def even_slices(n: int, parts: int) -> list[slice]:

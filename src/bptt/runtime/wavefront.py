@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from bptt.runtime import policy
 
-__all__ = ["run_wavefront", "run_parallel"]
+__all__ = ["run_wavefront", "run_parallel", "run_row_slices"]
 
 _POOL: list[ThreadPoolExecutor] = []
 
@@ -139,6 +139,12 @@ def run_parallel(jobs) -> list:
     if failed:
         raise failed[0]
     return results
+
+
+def run_row_slices(rows: int, macs_per_row: int, job) -> list:
+    """``job(s)`` for the slices s of ``rows`` that :func:`bptt.runtime.policy.row_slices` gives (several only
+    where BLAS is held to one thread), side by side in :func:`run_parallel`'s threads; their results in order."""
+    return run_parallel([lambda s=s: job(s) for s in policy.row_slices(rows, macs_per_row)])
 
 
 def _tail_jobs(finish, k) -> list:
