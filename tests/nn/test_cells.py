@@ -120,6 +120,27 @@ def test_dropout_train_and_eval():
     assert d(x) is x
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("compiled", [True, False])
+def test_dropout_mask_values_rate_and_stream(dtype, compiled, monkeypatch):
+    """Masks hold exactly 0 and 1/(1 − p) (rounded as the dtype), keep 1 − p of the entries, and are the
+    generator's draws u ≥ p in order (float32 masks from float32 draws): the compiled pass and NumPy's agree."""
+    from bptt import kernels
+    from bptt.nn.ops import dropout_mask
+
+    if not compiled:
+        monkeypatch.setattr(kernels, "keep_scaled", lambda u, p, scale: False)
+    p, shape = 0.3, (300, 70)
+    m = dropout_mask(shape, p, np.random.default_rng(11), dtype)
+    u = np.random.default_rng(11).random(shape, dtype=dtype)
+    scale = dtype(1.0) / dtype(1.0 - p)
+    assert m.dtype == dtype and m.shape == shape
+    np.testing.assert_array_equal(m, np.where(u >= p, scale, dtype(0)))
+    assert set(np.unique(m)) == {dtype(0), scale}
+    assert abs((m != 0).mean() - 0.7) < 0.01
+    assert (dropout_mask((3, 4), 1.0, np.random.default_rng(0), dtype) == 0).all()
+
+
 def test_embedding_rejects_out_of_range_ids():
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
         bptt.Embedding(5, 2)(np.array([1, 5]))

@@ -10,7 +10,7 @@ The package, one concern a module (each opens with what it owns):
 * :mod:`~bptt.kernels.gemm`    the step products: hand loops, register-blocked panels, BLAS from compiled code;
 * :mod:`~bptt.kernels.loops`   the time loops and their drivers (``ForwardRun`` / ``BackwardRun``,
   ``sequence_forward`` / ``sequence_backward``, ``sequence_impl``, ``layer_step``);
-* :mod:`~bptt.kernels.fused`   softmax cross-entropy, the RMSprop and Adam updates, scatter-add;
+* :mod:`~bptt.kernels.fused`   softmax cross-entropy, the RMSprop and Adam updates, scatter-add, dropout masks;
 * :mod:`~bptt.kernels.transformer`  the exact GELU, LayerNorm, the attention softmax, forward and backward.
 
 Which way a step runs and on how many threads is :mod:`bptt.runtime.policy`'s; BLAS's
@@ -20,7 +20,7 @@ thread count is :mod:`bptt.runtime.threads`'s.  Importing this package imports N
 
 from __future__ import annotations
 
-from bptt.kernels.fused import adam_step, rmsprop_step, scatter_add_rows, softmax_cross_entropy
+from bptt.kernels.fused import adam_step, keep_scaled, rmsprop_step, scatter_add_rows, softmax_cross_entropy
 from bptt.kernels.gemm import PackedAffine, Panels, panels_enabled, transposed
 from bptt.kernels.loops import (BackwardRun, ForwardRun, KernelCache, available, layer_step, sequence_backward,
                                 sequence_forward, sequence_impl)
@@ -30,5 +30,5 @@ from bptt.runtime.threads import blas_threads, single_thread_blas
 
 __all__ = ["sequence_impl", "sequence_forward", "sequence_backward", "ForwardRun", "BackwardRun", "KernelCache",
            "available", "blas_threads", "single_thread_blas", "scatter_add_rows", "softmax_cross_entropy",
-           "rmsprop_step", "adam_step", "layer_step", "gelu_forward", "layer_norm_forward", "layer_norm_backward",
-           "softmax_rows", "softmax_rows_backward", "PackedAffine", "Panels", "panels_enabled", "transposed"]
+           "rmsprop_step", "adam_step", "keep_scaled", "layer_step", "gelu_forward", "layer_norm_forward",
+           "layer_norm_backward", "softmax_rows", "softmax_rows_backward", "PackedAffine", "Panels", "panels_enabled", "transposed"]

@@ -1,4 +1,5 @@
-"""Fused element-wise passes outside the recurrence: the loss, the optimizer updates, the embedding gradient.
+"""Fused element-wise passes outside the recurrence: the loss, the optimizer updates, the embedding gradient,
+the dropout masks.
 
 Shape legend: M rows, V vocabulary (logits per row), E embedding size; optimizer
 arrays are any shape, updated as flat views.
@@ -8,7 +9,8 @@ does in several whole-array passes, with the same formulas (see each docstring
 for the equations and the measured gain).  Each returns None or False — and
 changes nothing — when Numba is missing or the arrays do not suit it, and the
 caller then runs its NumPy formulas: :func:`bptt.nn.losses.cross_entropy`,
-:class:`bptt.nn.optim.RMSprop` and ``Adam``, :func:`bptt.nn.ops.embedding_backward`.
+:class:`bptt.nn.optim.RMSprop` and ``Adam``, :func:`bptt.nn.ops.embedding_backward`,
+:func:`bptt.nn.ops.dropout_mask`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 
 from bptt.kernels.mathfn import HAVE_NUMBA
 
-__all__ = ["softmax_cross_entropy", "rmsprop_step", "adam_step", "scatter_add_rows"]
+__all__ = ["softmax_cross_entropy", "rmsprop_step", "adam_step", "scatter_add_rows", "keep_scaled"]
 
 if HAVE_NUMBA:
     from numba import njit
@@ -197,3 +199,26 @@ def scatter_add_rows(out, ids, rows):
         except Exception:  # pragma: no cover - compilation failure: the NumPy way below
             pass
     np.add.at(out, ids, rows)
+
+
+# ============================================================================ dropout masks
+if HAVE_NUMBA:
+    @njit(**JIT)
+    def _keep_scaled(u, p, scale):
+        """u[i] ← scale if u[i] ≥ p else 0, in place over a flat array."""
+        wide_vectors()
+        zero = u.dtype.type(0)
+        for i in range(u.shape[0]):
+            u[i] = scale if u[i] >= p else zero
+
+
+def keep_scaled(u, p, scale) -> bool:
+    """Uniform draws u ∈ [0, 1) become the inverted-dropout mask in place, scale where u ≥ p and 0
+    elsewhere, in one pass (NumPy's compare, cast and divide made three over a new array: 2.9 against
+    ~0.1 ns an element, beside the draw's 1.8).  False (nothing done) when u does not suit it."""
+    flat = _flat(u)
+    if flat is None:
+        return False
+    t = u.dtype.type
+    _keep_scaled(flat[0], t(p), t(scale))
+    return True
