@@ -141,6 +141,27 @@ def test_dropout_mask_values_rate_and_stream(dtype, compiled, monkeypatch):
     assert (dropout_mask((3, 4), 1.0, np.random.default_rng(0), dtype) == 0).all()
 
 
+def test_dropout_mask_in_blocks_is_the_same_on_any_number_of_threads(monkeypatch):
+    """A mask of more than DROPOUT_BLOCK numbers: each block from a generator seeded from rng, drawn side by
+    side where bptt runs threads: the same numbers on one thread and on two, blocks that differ, the rate."""
+    from bptt.nn import ops
+    from bptt.runtime import policy, threads
+
+    monkeypatch.setattr(ops, "DROPOUT_BLOCK", 1000)
+    shape, p = (300, 70), 0.4  # 21 blocks, the last one full
+    one = ops.dropout_mask(shape, p, np.random.default_rng(5), np.float32)
+    monkeypatch.setattr(threads, "OUTER_THREADS", [2])  # as inside single_thread_blas on two cores
+    monkeypatch.setattr(policy, "MIN_MACS_PER_THREAD", 1)  # a block of 2^20 is worth a thread; here of 1000
+    assert len(policy.row_slices(21, 1000 * policy.ELEMENT_MACS)) == 2
+    two = ops.dropout_mask(shape, p, np.random.default_rng(5), np.float32)
+    np.testing.assert_array_equal(one, two)
+    flat = one.reshape(-1)
+    assert not (flat[:1000] == flat[1000:2000]).all()
+    assert set(np.unique(one)) == {np.float32(0), np.float32(1) / np.float32(0.6)}
+    assert abs((one != 0).mean() - 0.6) < 0.01
+    assert not (ops.dropout_mask(shape, p, np.random.default_rng(6), np.float32) == one).all()
+
+
 def test_embedding_rejects_out_of_range_ids():
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
         bptt.Embedding(5, 2)(np.array([1, 5]))

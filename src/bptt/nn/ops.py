@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from bptt.runtime import policy  # read at run time: policy.row_slices() reads threads.blas_threads() (tests monkeypatch it there)
-from bptt.runtime.wavefront import run_parallel  # one job runs in the calling thread: no pool, no overhead
+from bptt.runtime.wavefront import run_parallel, run_row_slices  # one job runs in the calling thread: no overhead
 
 __all__ = [
     "affine_forward",
@@ -97,20 +97,45 @@ def scatter_add_rows(out, ids, rows):
     kernels.scatter_add_rows(out, ids, rows)
 
 
+# Masks of more numbers than this are drawn in blocks of it, each block from a generator of its own seeded
+# from ``rng``: the blocks can then be drawn side by side (in bptt's threads, where BLAS is held to one
+# thread: a Transformer layer's row slices), and the numbers do not depend on how many threads there are.
+DROPOUT_BLOCK = 1 << 20
+
+
 def dropout_mask(shape, p, rng: np.random.Generator, dtype):
     """Inverted dropout: keep with probability 1 − p and scale by 1/(1 − p),
     so the layer is the identity in expectation and needs no change at eval time.
-    The same mask multiplies the forward activations and the backward gradients."""
+    The same mask multiplies the forward activations and the backward gradients.
+
+    The mask is the uniform draws u ≥ p, in C order: float32 masks from float32 draws (24 random bits
+    each, half the generator's work of float64 ones), a mask of more than ``DROPOUT_BLOCK`` numbers
+    block by block (see there)."""
     dtype = np.dtype(dtype)
     if p >= 1.0:
         return np.zeros(shape, dtype)
-    # float32 masks from float32 draws (24 random bits each; half the generator's work of float64 draws)
-    u = rng.random(shape, dtype=np.float32 if dtype == np.float32 else np.float64)
+    u = np.empty(shape, np.float32 if dtype == np.float32 else np.float64)
+    flat = u.reshape(-1)
     scale = u.dtype.type(1.0) / u.dtype.type(1.0 - p)  # 1 / (1 − p), rounded as the mask's dtype
     from bptt import kernels  # lazily: importing Numba is slow
 
-    if not kernels.keep_scaled(u, p, scale):
-        np.multiply(u >= p, scale, out=u)
+    def fill(gen, block):
+        gen.random(out=block, dtype=u.dtype)
+        if not kernels.keep_scaled(block, p, scale):
+            np.multiply(block >= p, scale, out=block)
+
+    if flat.size <= DROPOUT_BLOCK:
+        fill(rng, flat)
+    else:
+        starts = range(0, flat.size, DROPOUT_BLOCK)
+        seeds = rng.integers(1 << 63, size=len(starts))
+        make = type(rng.bit_generator)
+
+        def blocks(s):
+            for i in range(len(starts))[s]:
+                fill(np.random.Generator(make(int(seeds[i]))), flat[starts[i]:starts[i] + DROPOUT_BLOCK])
+
+        run_row_slices(len(starts), DROPOUT_BLOCK * policy.ELEMENT_MACS, blocks)
     return u.astype(dtype, copy=False)
 
 

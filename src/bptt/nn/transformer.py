@@ -116,6 +116,8 @@ class _LayerBase(Module):
             T, N = (x.shape[1], x.shape[0]) if self.batch_first else x.shape[:2]
             S = T if memory is None or memory.ndim != 3 else memory.shape[1 if self.batch_first else 0]
             self._one_blas_thread = attention_tiles.wanted(N * self.nhead, T, max(T, S), x.dtype)
+        if self._one_blas_thread:
+            threads.keep_freed_memory()  # arrays made in one thread, freed in another: keep them for reuse
 
     def _threads(self):
         """The BLAS threads :meth:`_plan_threads` chose, as a context for the forward or backward."""
