@@ -17,6 +17,10 @@ Method (as ``bench_layers.py``, whose ``alternate`` and ``sgemm_peak`` this scri
   GFLOP/s counts the matrix products only (2 flops per multiply-add): per position the four
   projections 4E² and the feed-forward 8E², per query the two attention products 2·T·E (the causal
   mask does not halve them: both libraries compute the whole square), forward; training 3×.
+* language model step: a TransformerLM (bptt) and the same model in torch modules (``torch_lm``: embeddings,
+  ``nn.TransformerEncoder``, linear decoder) with its weights, in train mode with the configuration's dropout:
+  forward, mean cross-entropy, backward (no optimizer) on the same ids.  Their losses are compared with
+  dropout off (the masks cannot be the same).
 * generation: a TransformerLM (4 layers, d_model 128, 4 heads, context 512, V = 65) at batch 1
   generates N_CHARS characters greedily (argmax, so both sides follow the same path).  bptt: ``step``
   with its key/value cache (one position per call).  torch: ``nn.TransformerEncoder`` with the causal
@@ -41,6 +45,8 @@ import bench_layers  # noqa: E402  (alternate, sgemm_peak, GAP/WARM)
 from blas import blas_line  # noqa: E402
 
 LAYERS = [(12, 64, 128, 4), (16, 256, 384, 6)]  # (N, T, E, h)
+# (T, N, layers, d_model, heads, dropout): nanoGPT's laptop configuration (row F1), and F4's 4 × 256 model
+LM_STEPS = [(64, 12, 4, 128, 4, 0.0), (128, 32, 4, 256, 4, 0.1)]
 
 
 def layer_flops(N, T, E):
@@ -97,6 +103,68 @@ def greedy(model, n_chars):
     return out
 
 
+def torch_lm(lm):
+    """bptt's TransformerLM as PyTorch modules with its weights: token + learned position embeddings (dropout),
+    ``nn.TransformerEncoder`` of pre-norm GELU layers with the final LayerNorm, a linear decoder;
+    forward (T, N) ids → (T, N, V) logits under the causal mask."""
+    import torch
+
+    nn, c = torch.nn, lm.config
+    V, E, C = c.vocab_size, c.d_model, c.context
+
+    class TorchLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(V, E)
+            self.pos = nn.Embedding(C, E)
+            self.drop = nn.Dropout(c.dropout)
+            layer = nn.TransformerEncoderLayer(E, c.heads, 4 * E, c.dropout, "gelu", norm_first=True)
+            self.encoder = nn.TransformerEncoder(layer, c.layers, norm=nn.LayerNorm(E), enable_nested_tensor=False)
+            self.decoder = nn.Linear(E, V)
+
+        def forward(self, x):  # x (T, N)
+            T = x.shape[0]
+            e = self.drop(self.embed(x) + self.pos(torch.arange(T))[:, None])
+            mask = nn.Transformer.generate_square_subsequent_mask(T)
+            return self.decoder(self.encoder(e, mask=mask, is_causal=True))
+
+    tm = TorchLM()
+    tm.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in lm.state_dict().items()})
+    return tm
+
+
+def build_lm_step(T, N, L, E, h, dropout, seed=0, V=65):
+    """A TransformerLM training step (forward, cross-entropy, backward; no optimizer) at (T, N) on both sides,
+    in train mode with ``dropout``: the same weights and ids.  Returns (ours, theirs, |loss difference|), the
+    difference measured with dropout off (the masks cannot be the same)."""
+    import torch
+
+    from bptt.lm.transformer import TransformerLM, TransformerLMConfig
+
+    lm = TransformerLM(TransformerLMConfig(V, layers=L, d_model=E, heads=h, context=T, dropout=dropout), rng=seed)
+    tm = torch_lm(lm)
+    rng = np.random.default_rng(1)
+    ids, targets = rng.integers(0, V, (T, N)), rng.integers(0, V, (T, N))
+    tids, ttargets = torch.from_numpy(ids), torch.from_numpy(targets)
+
+    def ours():
+        lm.zero_grad()
+        loss, dlogits, _ = lm.loss(ids, targets)
+        lm.backward(dlogits)
+        return loss
+
+    def theirs():
+        tm.zero_grad()
+        loss = torch.nn.functional.cross_entropy(tm(tids).reshape(-1, V), ttargets.reshape(-1))
+        loss.backward()
+        return float(loss.detach())
+
+    lm.eval(), tm.eval()
+    diff = abs(ours() - theirs())
+    lm.train(), tm.train()
+    return ours, theirs, diff
+
+
 def build_generation(n_chars, seed=0, V=65, L=4, E=128, h=4, C=512, return_model=False):
     import torch
 
@@ -104,25 +172,7 @@ def build_generation(n_chars, seed=0, V=65, L=4, E=128, h=4, C=512, return_model
 
     lm = TransformerLM(TransformerLMConfig(V, layers=L, d_model=E, heads=h, context=C), rng=seed)
     lm.eval()
-    nn = torch.nn
-
-    class TorchLM(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Embedding(V, E)
-            self.pos = nn.Embedding(C, E)
-            layer = nn.TransformerEncoderLayer(E, h, 4 * E, 0.0, "gelu", norm_first=True)
-            self.encoder = nn.TransformerEncoder(layer, L, norm=nn.LayerNorm(E), enable_nested_tensor=False)
-            self.decoder = nn.Linear(E, V)
-
-        def forward(self, x):  # x (T, 1)
-            T = x.shape[0]
-            e = self.embed(x) + self.pos(torch.arange(T))[:, None]
-            mask = nn.Transformer.generate_square_subsequent_mask(T)
-            return self.decoder(self.encoder(e, mask=mask, is_causal=True))
-
-    tm = TorchLM()
-    tm.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in lm.state_dict().items()})
+    tm = torch_lm(lm)
     tm.eval()
 
     def ours_generate():
@@ -178,6 +228,14 @@ def main(argv=None):
         fl = layer_flops(N, T, E)
         print(f"| ({N}, {T}, {E}, {h}) fwd+bwd | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f}× | "
               f"{fl / a / 1e9:.1f} | {fl / b / 1e9:.1f} | {err:.1e} |", flush=True)
+    print("\n| language model training step (T, N, layers × d_model, heads, dropout) | ms bptt | ms torch | "
+          "torch/bptt | characters/s bptt | characters/s torch | loss diff (dropout off) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for T, N, L, E, h, p in LM_STEPS:
+        ot, tt, diff = build_lm_step(T, N, L, E, h, p)
+        a, b = bench_layers.alternate(ot, tt, repeat, inner=1 if args.quick else 3)
+        print(f"| ({T}, {N}, {L} × {E}, {h}, {p}) | {a * 1e3:.1f} | {b * 1e3:.1f} | {b / a:.2f}× | "
+              f"{T * N / a:,.0f} | {T * N / b:,.0f} | {diff:.1e} |", flush=True)
     if args.no_generation:
         return
     og, tg, same = build_generation(chars)

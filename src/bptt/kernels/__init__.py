@@ -31,4 +31,5 @@ from bptt.runtime.threads import blas_threads, single_thread_blas
 __all__ = ["sequence_impl", "sequence_forward", "sequence_backward", "ForwardRun", "BackwardRun", "KernelCache",
            "available", "blas_threads", "single_thread_blas", "scatter_add_rows", "softmax_cross_entropy",
            "rmsprop_step", "adam_step", "keep_scaled", "layer_step", "gelu_forward", "layer_norm_forward",
-           "layer_norm_backward", "softmax_rows", "softmax_rows_backward", "PackedAffine", "Panels", "panels_enabled", "transposed"]
+           "layer_norm_backward", "softmax_rows", "softmax_rows_backward", "PackedAffine", "Panels", "panels_enabled",
+           "transposed"]

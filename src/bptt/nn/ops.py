@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bptt.runtime import policy  # read at run time: policy.row_slices() reads threads.blas_threads() (tests monkeypatch it there)
+from bptt.runtime import policy  # read at run time (tests monkeypatch threads.blas_threads, which it reads)
 from bptt.runtime.wavefront import run_parallel, run_row_slices  # one job runs in the calling thread: no overhead
 
 __all__ = [

@@ -23,6 +23,10 @@ the comments and BENCHMARKS.md.
   forward holds at once, per thread (:func:`inference_chunks`).
 * ``SPIN_SECONDS``: how long a batch slice's thread polls for its next job, and the
   calling thread for the slices' results, before sleeping (:mod:`bptt.runtime.spin`).
+* ``ATTENTION_TILES_MIN_BYTES`` / ``ATTENTION_TILE_BYTES``: when attention runs in
+  cache-sized tiles, and how large a tile is (:mod:`bptt.nn.attention_tiles`).
+* ``MIN_ROWS_PER_THREAD`` / ``MIN_MACS_PER_THREAD`` / ``ELEMENT_MACS``: when a product
+  or a row-wise pass splits its rows among bptt's threads (:func:`row_slices`).
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ __all__ = ["SMALL_MACS", "ONE_THREAD_MACS", "PANEL_PRODUCTS", "SPLIT_MIN_ROWS", 
            "MODEL_SPLIT_MIN_MACS", "STEP_THREADS_BYTES", "WAVEFRONT_CHUNKS", "INFER_WINDOW_BYTES", "SPIN_SECONDS",
            "ATTENTION_TILES_MIN_BYTES", "ATTENTION_TILE_BYTES",
            "MIN_ROWS_PER_THREAD", "MIN_MACS_PER_THREAD", "ELEMENT_MACS",
-           "step_blas_limit", "sampling_blas_limit", "batch_parts", "row_slices", "even_slices", "time_chunks", "inference_chunks"]
+           "step_blas_limit", "sampling_blas_limit", "batch_parts", "row_slices", "even_slices", "time_chunks",
+           "inference_chunks"]
 
 # Below this many multiply-adds per recurrent product, the whole sequence runs in
 # one Numba function with hand-written products (no Python or BLAS call per step).
