@@ -75,8 +75,23 @@ def test_transformer_lm_matches_torch(torch):
         assert rel_error(lm.grads[name], p.grad.numpy()) < 1e-10, name
 
 
+def _numpy_step(monkeypatch):
+    """Make TransformerLM.step run its NumPy reference instead of the compiled step."""
+    from bptt import kernels
+
+    monkeypatch.setattr(kernels, "lm_step", lambda *args: None)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-5)])
-def test_step_with_cache_equals_forward(dtype, tol):
+def test_step_with_cache_equals_forward(dtype, tol, compiled, monkeypatch):
+    """step(), compiled (kernels.lm_step, when Numba is there) and in NumPy, gives forward()'s logits."""
+    if compiled:
+        from conftest import require_numba
+
+        require_numba()
+    else:
+        _numpy_step(monkeypatch)
     lm = _small(dtype=dtype, context=9, layers=3)
     for p in lm.params.values():
         p[...] = 0.3 * np.random.default_rng(4).standard_normal(p.shape)
@@ -122,8 +137,37 @@ def test_float32_stays_float32(monkeypatch):
     real_softmax = lm_module.softmax
     monkeypatch.setattr(lm_module, "softmax", lambda s, axis=-1: seen.append(s.dtype) or real_softmax(s, axis))
     lm.eval()
+    _numpy_step(monkeypatch)
     assert lm.step(ids[0]).dtype == np.float32
     assert seen and all(d == np.float32 for d in seen)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-13), ("float32", 2e-6)])
+def test_compiled_step_equals_numpy_step(dtype, tol, monkeypatch):
+    """The compiled generation step against its NumPy reference, position by position, three streams, 4 heads
+    of 6; and after the weights change, a reset_state() makes the compiled step read the new ones."""
+    from conftest import require_numba
+
+    require_numba()
+    from bptt import kernels
+
+    lm = _small(dtype=dtype, context=12, layers=2, d_model=24, heads=4, vocab_size=11)
+    for p in lm.params.values():
+        p[...] = 0.3 * np.random.default_rng(8).standard_normal(p.shape)
+    lm.eval()
+    ids = np.random.default_rng(3).integers(0, 11, (12, 3))
+    compiled = [lm.step(ids[t]) for t in range(12)]
+    lm.reset_state()
+    real = kernels.lm_step
+    monkeypatch.setattr(kernels, "lm_step", lambda *args: None)
+    reference = [lm.step(ids[t]) for t in range(12)]
+    assert max(rel_error(a, b) for a, b in zip(compiled, reference)) < tol
+    lm.params["encoder.layers.0.linear1.weight"][...] *= 1.5  # a changed model: the next reset reads it
+    lm.reset_state()
+    changed = lm.step(ids[0])  # NumPy, the live weights
+    monkeypatch.setattr(kernels, "lm_step", real)
+    lm.reset_state()
+    assert rel_error(lm.step(ids[0]), changed) < tol and rel_error(changed, reference[0]) > 1e-3
 
 
 def test_causality_and_window_limit():

@@ -11,7 +11,8 @@ The package, one concern a module (each opens with what it owns):
 * :mod:`~bptt.kernels.loops`   the time loops and their drivers (``ForwardRun`` / ``BackwardRun``,
   ``sequence_forward`` / ``sequence_backward``, ``sequence_impl``, ``layer_step``);
 * :mod:`~bptt.kernels.fused`   softmax cross-entropy, the RMSprop and Adam updates, scatter-add, dropout masks;
-* :mod:`~bptt.kernels.transformer`  the exact GELU, LayerNorm, the attention softmax, forward and backward.
+* :mod:`~bptt.kernels.transformer`  the exact GELU, LayerNorm, the attention softmax, forward and backward;
+  a Transformer language model's generation step.
 
 Which way a step runs and on how many threads is :mod:`bptt.runtime.policy`'s; BLAS's
 thread count is :mod:`bptt.runtime.threads`'s.  Importing this package imports Numba
@@ -24,12 +25,12 @@ from bptt.kernels.fused import adam_step, keep_scaled, rmsprop_step, scatter_add
 from bptt.kernels.gemm import PackedAffine, Panels, panels_enabled, transposed
 from bptt.kernels.loops import (BackwardRun, ForwardRun, KernelCache, available, layer_step, sequence_backward,
                                 sequence_forward, sequence_impl)
-from bptt.kernels.transformer import (gelu_forward, layer_norm_backward, layer_norm_forward, softmax_rows,
+from bptt.kernels.transformer import (gelu_forward, layer_norm_backward, layer_norm_forward, lm_step, softmax_rows,
                                       softmax_rows_backward)
 from bptt.runtime.threads import blas_threads, single_thread_blas
 
 __all__ = ["sequence_impl", "sequence_forward", "sequence_backward", "ForwardRun", "BackwardRun", "KernelCache",
            "available", "blas_threads", "single_thread_blas", "scatter_add_rows", "softmax_cross_entropy",
            "rmsprop_step", "adam_step", "keep_scaled", "layer_step", "gelu_forward", "layer_norm_forward",
-           "layer_norm_backward", "softmax_rows", "softmax_rows_backward", "PackedAffine", "Panels", "panels_enabled",
-           "transposed"]
+           "layer_norm_backward", "lm_step", "softmax_rows", "softmax_rows_backward", "PackedAffine", "Panels",
+           "panels_enabled", "transposed"]

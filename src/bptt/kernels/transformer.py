@@ -1,4 +1,5 @@
-"""The Transformer's element-wise and row-wise passes, compiled: exact GELU, LayerNorm, attention softmax.
+"""The Transformer's element-wise and row-wise passes, compiled: exact GELU, LayerNorm, attention softmax;
+and a language model's whole generation step.
 
 Shape legend: M rows (positions × batch), n numbers per normalised row, B stacked score
 matrices (batch × heads), L query rows, S key columns.
@@ -20,7 +21,8 @@ from bptt.kernels.mathfn import HAVE_NUMBA
 from bptt.runtime import policy
 from bptt.runtime.wavefront import run_row_slices
 
-__all__ = ["gelu_forward", "layer_norm_forward", "layer_norm_backward", "softmax_rows", "softmax_rows_backward"]
+__all__ = ["gelu_forward", "layer_norm_forward", "layer_norm_backward", "softmax_rows", "softmax_rows_backward",
+           "lm_step"]
 
 if HAVE_NUMBA:
     from numba import njit
@@ -283,3 +285,105 @@ def softmax_rows_backward(a, da, scale, causal=False):
     shape = (-1, *a.shape[-2:])
     _softmax_backward(a.reshape(shape), da.reshape(shape), a.dtype.type(scale), bool(causal))
     return da
+
+
+# ============================================================================ a language model's generation step
+if HAVE_NUMBA:
+    @njit(inline="always", **ROWS)
+    def _norm_row(x, gamma, beta, eps, out):
+        """out = (x − μ) / √(σ² + ε) γ + β over one row (statistics summed in float64), as _layer_norm."""
+        n = x.shape[0]
+        s = 0.0
+        for j in range(n):
+            s += x[j]
+        mu = s / n
+        q = 0.0
+        for j in range(n):
+            c = x[j] - mu
+            q += c * c
+        rs = 1.0 / math.sqrt(q / n + eps)
+        for j in range(n):
+            out[j] = (x[j] - mu) * rs * gamma[j] + beta[j]
+
+    @njit(inline="always", **ROWS)
+    def _affine_row(W, b, x, out):
+        """out = W x + b for one row x (D,), W (K, D): K dot products over contiguous rows of W."""
+        K, D = W.shape
+        for i in range(K):
+            w = W[i]
+            acc = w.dtype.type(0)
+            for j in range(D):
+                acc += w[j] * x[j]
+            out[i] = acc + b[i]
+
+    @njit(**ROWS)
+    def _lm_step(x, t, ln1w, ln1b, Wqkv, bqkv, Wo, bo, ln2w, ln2b, W1, b1, W2, b2, Kc, Vc, lnfw, lnfb, Wd, bd,
+                 eps, logits):
+        """One position t of a pre-norm GELU decoder stack for each row n of x (N, E), in place in x:
+
+            z = LN₁(x);  [q k v] = W_qkv z + b;  K[t] = k, V[t] = v              per layer l
+            per head: a = softmax(q · K[0..t]ᵀ / √d),  o = a V[0..t]
+            x += W_o o + b_o;  x += W₂ GELU(W₁ LN₂(x) + b₁) + b₂
+            logits[n] = W_dec LN_f(x) + b_dec
+
+        Weights stacked over the L layers (``Wqkv`` (L, 3E, E), ...); the caches Kc, Vc (L, N, h, C, d)."""
+        wide_vectors()
+        N, E = x.shape
+        L, F, h = Wqkv.shape[0], W1.shape[1], Kc.shape[2]
+        d = E // h
+        dt = x.dtype.type
+        scale = dt(1.0 / math.sqrt(d))
+        z, o, r = np.empty(E, x.dtype), np.empty(E, x.dtype), np.empty(E, x.dtype)
+        qkv, f, s = np.empty(3 * E, x.dtype), np.empty(F, x.dtype), np.empty(t + 1, x.dtype)
+        for n in range(N):
+            xn = x[n]
+            for l in range(L):
+                _norm_row(xn, ln1w[l], ln1b[l], eps, z)
+                _affine_row(Wqkv[l], bqkv[l], z, qkv)
+                for j in range(h):
+                    K, V = Kc[l, n, j], Vc[l, n, j]  # (C, d)
+                    for c in range(d):
+                        K[t, c] = qkv[E + j * d + c]
+                        V[t, c] = qkv[2 * E + j * d + c]
+                    m = dt(-np.inf)
+                    for i in range(t + 1):
+                        acc = dt(0)
+                        for c in range(d):
+                            acc += qkv[j * d + c] * K[i, c]
+                        s[i] = acc * scale
+                        m = max(m, s[i])
+                    tot = dt(0)
+                    for i in range(t + 1):
+                        s[i] = act_exp_neg(s[i] - m)
+                        tot += s[i]
+                    inv = dt(1) / tot
+                    for c in range(d):
+                        o[j * d + c] = 0
+                    for i in range(t + 1):
+                        w = s[i] * inv
+                        for c in range(d):
+                            o[j * d + c] += w * V[i, c]
+                _affine_row(Wo[l], bo[l], o, r)
+                for c in range(E):
+                    xn[c] += r[c]
+                _norm_row(xn, ln2w[l], ln2b[l], eps, z)
+                _affine_row(W1[l], b1[l], z, f)
+                for c in range(F):
+                    f[c] = f[c] * act_normal_cdf(f[c])  # exact GELU, x Φ(x)
+                _affine_row(W2[l], b2[l], f, r)
+                for c in range(E):
+                    xn[c] += r[c]
+            _norm_row(xn, lnfw, lnfb, eps, z)
+            _affine_row(Wd, bd, z, logits[n])
+
+
+def lm_step(x, t, weights, Kc, Vc, eps):
+    """The logits (N, V) of one generation step of :class:`bptt.lm.transformer.TransformerLM` at position t,
+    compiled: x (N, E) the token + position embeddings (overwritten), ``weights`` the tuple of
+    :meth:`TransformerLM._step_weights` (stacked over the layers), Kc, Vc (L, N, h, C, d) the caches (position
+    t written here).  The equations of ``TransformerLM._step_numpy``, its reference; None without Numba."""
+    if not HAVE_NUMBA:
+        return None
+    logits = np.empty((x.shape[0], weights[-2].shape[0]), x.dtype)
+    _lm_step(x, t, *weights[:12], Kc, Vc, *weights[12:], float(eps), logits)
+    return logits

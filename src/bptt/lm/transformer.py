@@ -193,19 +193,55 @@ class TransformerLM(Module):
         E, h = c.d_model, c.heads
         d = E // h
         if self._cache is None or self._cache["N"] != N:
-            shape = (N, h, c.context, d)
-            self._cache = {"N": N, "t": 0, "kv": [(np.zeros(shape, self.dtype), np.zeros(shape, self.dtype))
-                                                  for _ in range(c.layers)]}
+            shape = (c.layers, N, h, c.context, d)  # keys and values of every layer
+            self._cache = {"N": N, "t": 0, "K": np.zeros(shape, self.dtype), "V": np.zeros(shape, self.dtype),
+                           "weights": self._step_weights()}
         t = self._cache["t"]
         if t >= c.context:
             raise ValueError(f"position {t} would exceed the context of {c.context} positions; "
                              "call reset_state() (or generate with a sliding window)")
         x = self.embed.params["weight"][ids] + self.pos.params["weight"][t]  # (N, E)
-        for layer, (K, V) in zip(self.encoder.layers, self._cache["kv"]):
-            x = x + self._attend_cached(layer, layer.norm1(x), K, V, t)
-            x = x + _affine(layer.linear2, layer.activation(_affine(layer.linear1, layer.norm2(x))))  # no dropout
+        logits = None
+        if self._cache["weights"] is not None:
+            from bptt import kernels  # lazily: importing Numba is slow
+
+            logits = kernels.lm_step(x, t, self._cache["weights"], self._cache["K"], self._cache["V"],
+                                     self.encoder.norm.eps)
+        if logits is None:
+            logits = self._step_numpy(x, t)
         self._cache["t"] = t + 1
+        return logits
+
+    def _step_numpy(self, x, t):
+        """:meth:`step` in NumPy, the reference of the compiled step (``kernels.lm_step``): x (N, E) the
+        embeddings of position t → logits (N, V), caches filled at t."""
+        for i, layer in enumerate(self.encoder.layers):
+            x = x + self._attend_cached(layer, layer.norm1(x), self._cache["K"][i], self._cache["V"][i], t)
+            x = x + _affine(layer.linear2, layer.activation(_affine(layer.linear1, layer.norm2(x))))  # no dropout
         return _affine(self.decoder, self.encoder.norm(x))
+
+    def _step_weights(self):
+        """The weights the compiled step reads, stacked over the layers (copies, made at each
+        ``reset_state``: generation after more training starts from a reset), in ``kernels.lm_step``'s
+        order; None when it does not apply (no Numba, or a layer's LayerNorm eps differs from the
+        final one's)."""
+        from bptt.kernels.mathfn import HAVE_NUMBA
+
+        layers = self.encoder.layers
+        eps = self.encoder.norm.eps
+        if not HAVE_NUMBA or any(n.eps != eps for layer in layers for n in (layer.norm1, layer.norm2)):
+            return None
+
+        def stack(get):
+            return np.ascontiguousarray(np.stack([get(layer) for layer in layers]))
+
+        weights = [stack(lambda m, k=k: m.params[k]) for k in (
+            "norm1.weight", "norm1.bias", "self_attn.in_proj_weight", "self_attn.in_proj_bias",
+            "self_attn.out_proj.weight", "self_attn.out_proj.bias", "norm2.weight", "norm2.bias",
+            "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias")]
+        final = self.encoder.norm.params
+        return tuple(weights) + (final["weight"], final["bias"], self.decoder.params["weight"],
+                                 self.decoder.params["bias"])
 
     @staticmethod
     def _attend_cached(layer, z, K, V, t):
