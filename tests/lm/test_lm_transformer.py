@@ -220,3 +220,36 @@ def test_config_round_trip_and_errors():
     assert lm.vocab_size == 5 and lm.dtype == np.float32
     assert abs(np.std(lm.params["embed.weight"]) - 0.02) < 0.01
     assert np.all(lm.params["encoder.layers.0.linear1.bias"] == 0)
+
+
+def test_tiles_and_row_slices_change_no_number(monkeypatch):
+    """With the attention in tiles (forced at this size), the model holds BLAS to one thread for its forward
+    and backward and its layers run in row slices on two threads: the loss and every gradient are those
+    of the plain path, in float64."""
+    from conftest import require_numba
+
+    from bptt.nn import attention_tiles
+    from bptt.runtime import policy, threads
+
+    require_numba()
+    lm = _small(context=40, d_model=16, heads=4, layers=2, dropout=0.0)
+    ids = np.random.default_rng(6).integers(0, 7, (40, 5))
+
+    def run():
+        lm.zero_grad()
+        loss, dlogits, _ = lm.loss(ids, np.roll(ids, 1, axis=0))
+        lm.backward(dlogits)
+        return loss, {k: v.copy() for k, v in lm.grads.items()}
+
+    plain_loss, plain = run()
+    assert not lm._one_blas_thread
+    monkeypatch.setattr(policy, "ATTENTION_TILES_MIN_BYTES", 0)
+    monkeypatch.setattr(policy, "MIN_MACS_PER_THREAD", 1)
+    monkeypatch.setattr(policy, "MIN_ROWS_PER_THREAD", 8)
+    monkeypatch.setattr(attention_tiles, "_MIN_BLOCK_ROWS", 10)
+    monkeypatch.setattr(threads, "OUTER_THREADS", [2])
+    tiled_loss, tiled = run()
+    assert lm._one_blas_thread
+    assert tiled_loss == pytest.approx(plain_loss, rel=1e-13)
+    for k in plain:
+        assert rel_error(tiled[k], plain[k]) < 1e-12, k

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bptt.config import DictConfig
+from bptt.nn import attention_tiles
 from bptt.nn.cells import resolve_rng
 from bptt.nn.feedforward import LearnedPositionalEmbedding
 from bptt.nn.layers import Embedding, Linear
@@ -45,6 +46,7 @@ from bptt.nn.losses import cross_entropy, softmax
 from bptt.nn.module import Module
 from bptt.nn.norm import LayerNorm
 from bptt.nn.transformer import TransformerEncoder, TransformerEncoderLayer
+from bptt.runtime.threads import single_thread_blas
 
 __all__ = ["TransformerLMConfig", "TransformerLM"]
 
@@ -129,7 +131,8 @@ class TransformerLM(Module):
             else:
                 residual = name.endswith("out_proj.weight") or name.endswith("linear2.weight")
                 p[...] = (0.02 / np.sqrt(2 * c.layers) if residual else 0.02) * self.rng.standard_normal(p.shape)
-        self._cache = None  # step(): per layer (keys, values) (N, h, C, d) and the next position
+        self._cache = None  # step(): keys and values (L, N, h, C, d), the next position, the stacked weights
+        self._one_blas_thread = False  # set by each forward: see _threads
 
     @property
     def vocab_size(self) -> int:
@@ -159,9 +162,20 @@ class TransformerLM(Module):
         ids = self._check_ids(ids, 2)
         if ids.shape[0] > self.config.context:
             raise ValueError(f"a window of {ids.shape[0]} positions exceeds the model's context of {self.config.context}")
-        e = self.pos(self.embed(ids))  # token + position embeddings, dropout
-        h = self.encoder(e, is_causal=True)  # position t attends to positions ≤ t; ends in the final LayerNorm
-        return self.decoder(h), None
+        T, N = ids.shape
+        self._one_blas_thread = attention_tiles.wanted(N * self.config.heads, T, T, self.dtype)
+        with self._threads():
+            e = self.pos(self.embed(ids))  # token + position embeddings, dropout
+            h = self.encoder(e, is_causal=True)  # position t attends to positions ≤ t; ends in the final LayerNorm
+            return self.decoder(h), None
+
+    def _threads(self):
+        """BLAS held to one thread for this forward and its backward when the layers' attention runs in
+        tiles (they then hold it themselves, :class:`bptt.nn.transformer.TransformerEncoderLayer`): the
+        decoder's product too, so that no two-thread product leaves an OpenBLAS thread spinning for the
+        next ~0.1 s on the core the layers' second thread needs (an evaluation forward of a 4 × 256 model,
+        T 128, N 32: 228 against 176 ms with OpenBLAS's spin cut short)."""
+        return single_thread_blas() if self._one_blas_thread else contextlib.nullcontext()
 
     def loss(self, ids, targets, state=None):
         """Mean cross-entropy in nats per character → ``(loss, dlogits, None)``: the language models' loss
@@ -172,8 +186,9 @@ class TransformerLM(Module):
 
     def backward(self, dlogits):
         """Backprop from ∂L/∂logits (the ``dlogits`` of :meth:`loss`) into every parameter."""
-        de = self.pos.backward(self.encoder.backward(self.decoder.backward(dlogits)))
-        self.embed.backward(de)
+        with self._threads():
+            de = self.pos.backward(self.encoder.backward(self.decoder.backward(dlogits)))
+            self.embed.backward(de)
 
     # ------------------------------------------------------------------ generation
     def reset_state(self):
