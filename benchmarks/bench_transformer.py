@@ -20,7 +20,8 @@ Method (as ``bench_layers.py``, whose ``alternate`` and ``sgemm_peak`` this scri
 * language model step: a TransformerLM (bptt) and the same model in torch modules (``torch_lm``: embeddings,
   ``nn.TransformerEncoder``, linear decoder) with its weights, in train mode with the configuration's dropout:
   forward, mean cross-entropy, backward (no optimizer) on the same ids.  Their losses are compared with
-  dropout off (the masks cannot be the same).
+  dropout off (the masks cannot be the same).  Its evaluation pass: eval mode, forward and the loss, torch under
+  ``inference_mode`` (where its TransformerEncoderLayer takes its fused inference path).
 * generation: a TransformerLM (4 layers, d_model 128, 4 heads, context 512, V = 65) at batch 1
   generates N_CHARS characters greedily (argmax, so both sides follow the same path).  bptt: ``step``
   with its key/value cache (one position per call).  torch: ``nn.TransformerEncoder`` with the causal
@@ -165,6 +166,31 @@ def build_lm_step(T, N, L, E, h, dropout, seed=0, V=65):
     return ours, theirs, diff
 
 
+def build_lm_eval(T, N, L, E, h, seed=0, V=65):
+    """A TransformerLM's evaluation pass (eval mode: forward and the mean cross-entropy, no gradient) on both
+    sides, torch under ``inference_mode``: the same weights and ids → (ours, theirs, |loss difference|)."""
+    import torch
+
+    from bptt.lm.transformer import TransformerLM, TransformerLMConfig
+    from bptt.nn.losses import cross_entropy
+
+    lm = TransformerLM(TransformerLMConfig(V, layers=L, d_model=E, heads=h, context=T), rng=seed)
+    tm = torch_lm(lm)
+    lm.eval(), tm.eval()
+    rng = np.random.default_rng(1)
+    ids, targets = rng.integers(0, V, (T, N)), rng.integers(0, V, (T, N))
+    tids, ttargets = torch.from_numpy(ids), torch.from_numpy(targets)
+
+    def ours():
+        return cross_entropy(lm.forward(ids)[0], targets, need_grad=False)[0]
+
+    def theirs():
+        with torch.inference_mode():
+            return float(torch.nn.functional.cross_entropy(tm(tids).reshape(-1, V), ttargets.reshape(-1)))
+
+    return ours, theirs, abs(ours() - theirs())
+
+
 def build_generation(n_chars, seed=0, V=65, L=4, E=128, h=4, C=512, return_model=False):
     import torch
 
@@ -236,6 +262,13 @@ def main(argv=None):
         a, b = bench_layers.alternate(ot, tt, repeat, inner=1 if args.quick else 3)
         print(f"| ({T}, {N}, {L} × {E}, {h}, {p}) | {a * 1e3:.1f} | {b * 1e3:.1f} | {b / a:.2f}× | "
               f"{T * N / a:,.0f} | {T * N / b:,.0f} | {diff:.1e} |", flush=True)
+    print("\n| language model evaluation pass (T, N, layers × d_model, heads); torch in inference_mode | ms bptt | "
+          "ms torch | torch/bptt | loss diff |")
+    print("|---|---:|---:|---:|---:|")
+    for T, N, L, E, h, _ in LM_STEPS:
+        ot, tt, diff = build_lm_eval(T, N, L, E, h)
+        a, b = bench_layers.alternate(ot, tt, repeat, inner=1 if args.quick else 3)
+        print(f"| ({T}, {N}, {L} × {E}, {h}) | {a * 1e3:.1f} | {b * 1e3:.1f} | {b / a:.2f}× | {diff:.1e} |", flush=True)
     if args.no_generation:
         return
     og, tg, same = build_generation(chars)
