@@ -241,6 +241,7 @@ def test_tiles_and_row_slices_change_no_number(monkeypatch):
         lm.backward(dlogits)
         return loss, {k: v.copy() for k, v in lm.grads.items()}
 
+    monkeypatch.setattr(policy, "ATTENTION_TILES_MIN_BYTES", 1 << 62)
     plain_loss, plain = run()
     assert not lm._one_blas_thread
     monkeypatch.setattr(policy, "ATTENTION_TILES_MIN_BYTES", 0)
