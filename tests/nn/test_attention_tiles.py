@@ -33,11 +33,14 @@ def test_tiles_and_blocks_cover_everything():
     require_numba()
     keys = attention_tiles._tiles((2, 7), 40, 40, 8)  # ATTENTION_TILE_BYTES holds 40 of these: one tile a row
     assert keys == [(0, slice(0, 7)), (1, slice(0, 7))]
-    assert attention_tiles._blocks(40, 40, True) == [(0, 40)]  # fewer than 2 × 128 rows: one block
-    assert attention_tiles._blocks(512, 512, True) == [(0, 128), (128, 256), (256, 384), (384, 512)]
-    assert attention_tiles._blocks(1024, 1024, True) == [(0, 256), (256, 512), (512, 768), (768, 1024)]
-    assert attention_tiles._blocks(512, 300, True) == [(0, 512)]  # not square: no blocks
-    assert attention_tiles._blocks(512, 512, False) == [(0, 512)]
+    assert attention_tiles._blocks(40, 40, True) == [(0, 40, 40)]  # fewer than 2 × 128 rows: one block
+    assert attention_tiles._blocks(512, 512, True) == [(0, 128, 128), (128, 256, 256), (256, 384, 384),
+                                                       (384, 512, 512)]
+    assert attention_tiles._blocks(1024, 1024, True) == [(0, 256, 256), (256, 512, 512), (512, 768, 768),
+                                                         (768, 1024, 1024)]
+    assert attention_tiles._blocks(512, 300, True) == [(0, 512, 300)]  # not square: no blocks
+    assert attention_tiles._blocks(512, 512, False) == [(0, 512, 512)]
+    assert attention_tiles._blocks(20, 30, False) == [(0, 20, 30)]
 
 
 def _run_mha(x, kw, dout, dweights, seed, dropout):

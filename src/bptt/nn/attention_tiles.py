@@ -75,14 +75,15 @@ def _tiles(lead: tuple, L: int, S: int, itemsize: int) -> list[tuple]:
             for j in range(0, inner, per)]
 
 
-def _blocks(L: int, S: int, causal: bool) -> list[tuple[int, int]]:
-    """Row blocks [r0, r1): with the causal mask (L = S) up to four of at least _MIN_BLOCK_ROWS rows;
-    otherwise one block, all rows."""
+def _blocks(L: int, S: int, causal: bool) -> list[tuple[int, int, int]]:
+    """Blocks (r0, r1, end): query rows [r0, r1) need keys [0, end), and so key columns [r0, end) are
+    seen by rows [r0, L) only.  With the causal mask (L = S) up to four blocks of at least
+    _MIN_BLOCK_ROWS rows, end = r1; otherwise one block (0, L, S)."""
     if not causal or L != S:
-        return [(0, L)]
+        return [(0, L, S)]
     nb = max(1, min(4, L // _MIN_BLOCK_ROWS))
     edges = [L * i // nb for i in range(nb + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+    return [(r0, r1, r1) for r0, r1 in zip(edges[:-1], edges[1:])]
 
 
 def _run(jobs_for, keys):
@@ -107,12 +108,11 @@ def attend_tiled(q, k, v, bias, causal, scale, drop, nan_if_all_masked, softmax,
     a = np.empty(q.shape[:-1] + (S,), q.dtype)
     bias = None if bias is None else np.broadcast_to(bias, a.shape)
     blocks = _blocks(L, S, causal)
-    ends = [S if len(blocks) == 1 else r1 for _, r1 in blocks]  # the keys block r needs: [0, end)
 
     def tiles(keys):
         for key in keys:
             s, qt, kt, vt, ot = a[key], q[key], k[key], v[key], out[key]
-            for (r0, r1), end in zip(blocks, ends):
+            for r0, r1, end in blocks:
                 np.matmul(qt[..., r0:r1, :], kt[..., :end, :].swapaxes(-1, -2), out=s[..., r0:r1, :end])
             if bias is None:
                 softmax(s, scale, causal, nan_if_all_masked)
@@ -120,7 +120,7 @@ def attend_tiled(q, k, v, bias, causal, scale, drop, nan_if_all_masked, softmax,
                 s *= s.dtype.type(scale)
                 s += bias[key]
                 softmax(s, 1.0, False, nan_if_all_masked)
-            for (r0, r1), end in zip(blocks, ends):
+            for r0, r1, end in blocks:
                 at = s[..., r0:r1, :end] if drop is None else s[..., r0:r1, :end] * drop[key][..., r0:r1, :end]
                 np.matmul(at, vt[..., :end, :], out=ot[..., r0:r1, :])
 
@@ -141,9 +141,6 @@ def attend_tiled_backward(do, q, k, v, a, drop, dweights, scale, causal, softmax
     if dweights is not None:
         dweights = np.broadcast_to(dweights, a.shape)
     blocks = _blocks(L, S, causal)
-    ends = [S if len(blocks) == 1 else r1 for _, r1 in blocks]
-    starts = [0 if len(blocks) == 1 else r0 for r0, _ in blocks]  # the rows that see key block r: [start, L)
-    cols = [(0, S)] if len(blocks) == 1 else blocks
     keys = _tiles(q.shape[:-2], L, S, q.itemsize)
     most = max(key[-1].stop - key[-1].start for key in keys)
 
@@ -153,10 +150,10 @@ def attend_tiled_backward(do, q, k, v, a, drop, dweights, scale, causal, softmax
             at, qt, kt, vt, dot = a[key], q[key], k[key], v[key], do[key]
             if drop is not None:
                 at = at * drop[key]
-            for (c0, c1), start in zip(cols, starts):
-                np.matmul(at[..., start:, c0:c1].swapaxes(-1, -2), dot[..., start:, :], out=dv[key][..., c0:c1, :])
+            for r0, _, end in blocks:  # key columns [r0, end), seen by rows [r0, L)
+                np.matmul(at[..., r0:, r0:end].swapaxes(-1, -2), dot[..., r0:, :], out=dv[key][..., r0:end, :])
             ds = scratch[:at.shape[0]]
-            for (r0, r1), end in zip(blocks, ends):
+            for r0, r1, end in blocks:
                 d = ds[..., r0:r1, :end]
                 np.matmul(dot[..., r0:r1, :], vt[..., :end, :].swapaxes(-1, -2), out=d)
                 if dweights is not None:
@@ -164,9 +161,8 @@ def attend_tiled_backward(do, q, k, v, a, drop, dweights, scale, causal, softmax
                 if drop is not None:
                     d *= drop[key][..., r0:r1, :end]
             softmax_backward(a[key], ds, scale, causal)  # in place: ∂L/∂s, 0 beyond each row's diagonal
-            for (r0, r1), end in zip(blocks, ends):
+            for r0, r1, end in blocks:
                 np.matmul(ds[..., r0:r1, :end], kt[..., :end, :], out=dq[key][..., r0:r1, :])
-            for (c0, c1), start in zip(cols, starts):
-                np.matmul(ds[..., start:, c0:c1].swapaxes(-1, -2), qt[..., start:, :], out=dk[key][..., c0:c1, :])
+                np.matmul(ds[..., r0:, r0:end].swapaxes(-1, -2), qt[..., r0:, :], out=dk[key][..., r0:end, :])
 
     _run(tiles, keys)
