@@ -104,8 +104,6 @@ def export_charlm(model, vocab, path, *, graph: str = "sequence", opset: int = D
     if graph not in ("sequence", "step"):
         raise OnnxError(f"graph must be 'sequence' or 'step', got {graph!r}")
     cfg = model.config
-    if cfg.adaptive_softmax:
-        raise OnnxError("ONNX export of a model with an adaptive softmax is not supported (only the full softmax)")
     rnn = model.rnn
     b = Builder(model.dtype, check_opset(opset))
     V, L, H = cfg.vocab_size, rnn.num_layers, rnn.hidden_size
@@ -121,10 +119,13 @@ def export_charlm(model, vocab, path, *, graph: str = "sequence", opset: int = D
     x = b.node("Gather", [b.const(table, "embed_weight" if model.embed is not None else "one_hot"), ids], base="x",
                axis=0)
     y, h_n, c_n = emit_recurrent(b, rnn, x, None, h0, c0)
-    dec = model.decoder.params
-    W_dec = model.embed.params["weight"] if cfg.tie_weights else dec["weight"]  # tied: the embedding's (V, H)
-    logits = b.node("Add", [b.node("MatMul", [y, b.const(np.ascontiguousarray(W_dec.T), "decoder_weight_T")]),
-                            b.const(dec["bias"], "decoder_bias")], base="logits_tnv")
+    if cfg.adaptive_softmax:  # the exact log-probabilities of every unit, as CharLM.forward gives them
+        logits = adaptive_log_probs(b, model.decoder, y)
+    else:
+        dec = model.decoder.params
+        W_dec = model.embed.params["weight"] if cfg.tie_weights else dec["weight"]  # tied: the embedding's (V, H)
+        logits = b.node("Add", [b.node("MatMul", [y, b.const(np.ascontiguousarray(W_dec.T), "decoder_weight_T")]),
+                                b.const(dec["bias"], "decoder_bias")], base="logits_tnv")
     if graph == "step":
         logits = b.node("Squeeze", [logits, b.ints([0])], base="logits_nv")
     b.output(logits, "logits", b.elem, (["T", "N"] if graph == "sequence" else ["N"]) + [V])
@@ -132,6 +133,25 @@ def export_charlm(model, vocab, path, *, graph: str = "sequence", opset: int = D
     if lstm:
         b.output(c_n, "c_n", b.elem, [L, "N", H])
     return save_model(b.model(f"bptt_charlm_{graph}", lm_metadata(CHARLM_KIND, graph, cfg, vocab, meta)), path)
+
+
+def adaptive_log_probs(b: Builder, asm, y: str) -> str:
+    """log p(c | y) for every class c (…, V) of an :class:`bptt.nn.adaptive.AdaptiveLogSoftmaxWithLoss`, as its
+    ``log_prob``: the head's ℓ = log_softmax(y W_hᵀ (+ b_h)) (…, S + C) gives the shortlist's S classes, and
+    cluster i's classes are ℓ[S + i] + log_softmax((y P_iᵀ) O_iᵀ); concatenated in class order."""
+    S = asm.shortlist_size
+    head = b.node("LogSoftmax", [b.affine(asm.head, y, "asm_head")], base="asm_head_logp", axis=-1)
+
+    def columns(lo, hi, base):
+        return b.node("Slice", [head, b.ints([lo]), b.ints([hi]), b.ints([-1])], base=base)
+
+    parts = [columns(0, S, "asm_shortlist")]
+    for i in range(asm.n_clusters):
+        proj, out = asm.tail[i]
+        z = b.affine(out, b.affine(proj, y, f"asm_tail{i}_proj"), f"asm_tail{i}_out")
+        cluster = b.node("LogSoftmax", [z], base=f"asm_tail{i}_logp", axis=-1)
+        parts.append(b.node("Add", [cluster, columns(S + i, S + i + 1, f"asm_cluster{i}")], base=f"asm_tail{i}"))
+    return b.node("Concat", parts, base="log_probs_tnv", axis=-1)
 
 
 def lm_metadata(kind: str, graph: str, config, vocab, meta: dict | None) -> dict:
