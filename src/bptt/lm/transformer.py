@@ -238,13 +238,16 @@ class TransformerLM(Module):
     def _step_weights(self):
         """The weights the compiled step reads, stacked over the layers (copies, made at each
         ``reset_state``: generation after more training starts from a reset), in ``kernels.lm_step``'s
-        order; None when it does not apply (no Numba, or a layer's LayerNorm eps differs from the
-        final one's)."""
+        order; None when it does not apply (no Numba, or a layer unlike the kernel's: post-norm, not the
+        exact GELU, a LayerNorm eps other than the final one's)."""
         from bptt.kernels.mathfn import HAVE_NUMBA
+        from bptt.nn.feedforward import GELU
 
         layers = self.encoder.layers
         eps = self.encoder.norm.eps
-        if not HAVE_NUMBA or any(n.eps != eps for layer in layers for n in (layer.norm1, layer.norm2)):
+        if not HAVE_NUMBA or any(not layer.norm_first or not isinstance(layer.activation, GELU)
+                                 or layer.activation.approximate != "none"
+                                 or any(n.eps != eps for n in (layer.norm1, layer.norm2)) for layer in layers):
             return None
 
         def stack(get):
