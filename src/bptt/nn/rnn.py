@@ -424,7 +424,7 @@ class RNNBase(Module):
 
         from bptt.runtime.wavefront import run_wavefront
 
-        with single_thread_blas() if threads > 1 else contextlib.nullcontext():
+        with single_thread_blas(threads > 1):
             run_wavefront(L, len(chunks), layer_chunk, threads)  # each layer's thread uses one BLAS thread
 
         h_n = np.empty_like(h0)
@@ -687,7 +687,7 @@ class RNNBase(Module):
 
         dh0 = np.zeros((L * K, N, P), self._dtype)
         dc0 = np.zeros((L * K, N, self.hidden_size), self._dtype) if self.mode == "lstm" else None
-        with single_thread_blas() if threads > 1 else contextlib.nullcontext():
+        with single_thread_blas(threads > 1):
             run_wavefront(L, len(chunks), layer_chunk, threads, finish)
         return dxs[0], dh0, dc0
 

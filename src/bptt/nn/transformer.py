@@ -35,7 +35,6 @@ Dropout runs in training mode with masks from the module's generator; ``eval()``
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import numpy as np
@@ -121,7 +120,7 @@ class _LayerBase(Module):
 
     def _threads(self):
         """The BLAS threads :meth:`_plan_threads` chose, as a context for the forward or backward."""
-        return threads.single_thread_blas() if self._one_blas_thread else contextlib.nullcontext()
+        return threads.single_thread_blas(self._one_blas_thread)
 
     def _sublayer(self, x, i, f):
         """Residual sub-layer i: x + dropout_i(f(LN_i(x))) (pre-norm) or LN_i(x + dropout_i(f(x))) (post-norm)."""

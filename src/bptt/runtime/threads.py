@@ -56,8 +56,9 @@ def inside_single_thread_blas() -> bool:
 
 
 @contextlib.contextmanager
-def single_thread_blas():
-    """Limit BLAS to one thread inside the block (a no-op when it already is).
+def single_thread_blas(when: bool = True):
+    """Limit BLAS to one thread inside the block (a no-op when it already is, or when ``when`` is false:
+    ``with single_thread_blas(threads > 1):``).
 
     Why bptt does this: OpenBLAS's idle worker threads busy-wait for a while
     (~0.1 s) after each multi-threaded product.  While bptt runs one thread
@@ -65,6 +66,9 @@ def single_thread_blas():
     them: measured 2.2 ms chunks taking 6-7 ms.  So every product of a
     wavefront step, and of a model step around it, is single-threaded.
     """
+    if not when:
+        yield
+        return
     libs = blas_controllers()
     before = [] if libs is None else [c.num_threads for c in libs.lib_controllers]
     if all(n == 1 for n in before):
