@@ -175,7 +175,7 @@ class TransformerLM(Module):
         decoder's product too, so that no two-thread product leaves an OpenBLAS thread spinning for the
         next ~0.1 s on the core the layers' second thread needs (an evaluation forward of a 4 × 256 model,
         T 128, N 32: 228 against 176 ms with OpenBLAS's spin cut short)."""
-        return single_thread_blas() if self._one_blas_thread else contextlib.nullcontext()
+        return single_thread_blas(self._one_blas_thread)
 
     def loss(self, ids, targets, state=None):
         """Mean cross-entropy in nats per character → ``(loss, dlogits, None)``: the language models' loss
@@ -250,10 +250,8 @@ class TransformerLM(Module):
                                  or any(n.eps != eps for n in (layer.norm1, layer.norm2)) for layer in layers):
             return None
 
-        def stack(get):
-            return np.ascontiguousarray(np.stack([get(layer) for layer in layers]))
-
-        weights = [stack(lambda m, k=k: m.params[k]) for k in (
+        params = [layer.params for layer in layers]  # each a dict built from the module tree: once a layer
+        weights = [np.ascontiguousarray(np.stack([p[k] for p in params])) for k in (
             "norm1.weight", "norm1.bias", "self_attn.in_proj_weight", "self_attn.in_proj_bias",
             "self_attn.out_proj.weight", "self_attn.out_proj.bias", "norm2.weight", "norm2.bias",
             "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias")]
