@@ -84,6 +84,20 @@ def _by_rows(M, n, rows):
 
 # ============================================================================ LayerNorm
 if HAVE_NUMBA:
+    @njit(inline="always", **ROWS)
+    def _row_stats(x, eps):
+        """(μ, 1/√(σ² + ε)) of one row x (n,): μ = Σ x / n, σ² = Σ (x − μ)² / n, summed in float64."""
+        n = x.shape[0]
+        s = 0.0
+        for j in range(n):
+            s += x[j]
+        mu = s / n
+        q = 0.0
+        for j in range(n):
+            c = x[j] - mu
+            q += c * c
+        return mu, 1.0 / math.sqrt(q / n + eps)
+
     @njit(**ROWS)
     def _layer_norm(x, gamma, beta, eps, y, xhat, rstd):
         """Per row r of x (M, n): μ = Σ x / n, σ² = Σ (x − μ)² / n, rstd = 1/√(σ² + ε),
@@ -93,15 +107,7 @@ if HAVE_NUMBA:
         affine, shift = gamma.shape[0] > 0, beta.shape[0] > 0
         for r in range(M):
             xr, hr = x[r], xhat[r]
-            s = 0.0
-            for j in range(n):
-                s += xr[j]
-            mu = s / n
-            q = 0.0
-            for j in range(n):
-                c = xr[j] - mu
-                q += c * c
-            rs = 1.0 / math.sqrt(q / n + eps)
+            mu, rs = _row_stats(xr, eps)
             rstd[r] = rs
             for j in range(n):
                 hr[j] = (xr[j] - mu) * rs
@@ -292,17 +298,8 @@ if HAVE_NUMBA:
     @njit(inline="always", **ROWS)
     def _norm_row(x, gamma, beta, eps, out):
         """out = (x − μ) / √(σ² + ε) γ + β over one row (statistics summed in float64), as _layer_norm."""
-        n = x.shape[0]
-        s = 0.0
-        for j in range(n):
-            s += x[j]
-        mu = s / n
-        q = 0.0
-        for j in range(n):
-            c = x[j] - mu
-            q += c * c
-        rs = 1.0 / math.sqrt(q / n + eps)
-        for j in range(n):
+        mu, rs = _row_stats(x, eps)
+        for j in range(x.shape[0]):
             out[j] = (x[j] - mu) * rs * gamma[j] + beta[j]
 
     @njit(inline="always", **ROWS)
