@@ -134,10 +134,9 @@ def torch_lm(lm):
     return tm
 
 
-def build_lm_step(T, N, L, E, h, dropout, seed=0, V=65):
-    """A TransformerLM training step (forward, cross-entropy, backward; no optimizer) at (T, N) on both sides,
-    in train mode with ``dropout``: the same weights and ids.  Returns (ours, theirs, |loss difference|), the
-    difference measured with dropout off (the masks cannot be the same)."""
+def _lm_pair(T, N, L, E, h, dropout, seed, V):
+    """A TransformerLM, the same model in torch modules (``torch_lm``), and ids and targets (T, N) for both:
+    → (lm, tm, ids, targets, a function giving torch's mean cross-entropy of tm's logits on them)."""
     import torch
 
     from bptt.lm.transformer import TransformerLM, TransformerLMConfig
@@ -148,6 +147,18 @@ def build_lm_step(T, N, L, E, h, dropout, seed=0, V=65):
     ids, targets = rng.integers(0, V, (T, N)), rng.integers(0, V, (T, N))
     tids, ttargets = torch.from_numpy(ids), torch.from_numpy(targets)
 
+    def torch_loss():
+        return torch.nn.functional.cross_entropy(tm(tids).reshape(-1, V), ttargets.reshape(-1))
+
+    return lm, tm, ids, targets, torch_loss
+
+
+def build_lm_step(T, N, L, E, h, dropout, seed=0, V=65):
+    """A TransformerLM training step (forward, cross-entropy, backward; no optimizer) at (T, N) on both sides,
+    in train mode with ``dropout``: the same weights and ids.  Returns (ours, theirs, |loss difference|), the
+    difference measured with dropout off (the masks cannot be the same)."""
+    lm, tm, ids, targets, torch_loss = _lm_pair(T, N, L, E, h, dropout, seed, V)
+
     def ours():
         lm.zero_grad()
         loss, dlogits, _ = lm.loss(ids, targets)
@@ -156,7 +167,7 @@ def build_lm_step(T, N, L, E, h, dropout, seed=0, V=65):
 
     def theirs():
         tm.zero_grad()
-        loss = torch.nn.functional.cross_entropy(tm(tids).reshape(-1, V), ttargets.reshape(-1))
+        loss = torch_loss()
         loss.backward()
         return float(loss.detach())
 
@@ -171,22 +182,17 @@ def build_lm_eval(T, N, L, E, h, seed=0, V=65):
     sides, torch under ``inference_mode``: the same weights and ids → (ours, theirs, |loss difference|)."""
     import torch
 
-    from bptt.lm.transformer import TransformerLM, TransformerLMConfig
     from bptt.nn.losses import cross_entropy
 
-    lm = TransformerLM(TransformerLMConfig(V, layers=L, d_model=E, heads=h, context=T), rng=seed)
-    tm = torch_lm(lm)
+    lm, tm, ids, targets, torch_loss = _lm_pair(T, N, L, E, h, 0.0, seed, V)
     lm.eval(), tm.eval()
-    rng = np.random.default_rng(1)
-    ids, targets = rng.integers(0, V, (T, N)), rng.integers(0, V, (T, N))
-    tids, ttargets = torch.from_numpy(ids), torch.from_numpy(targets)
 
     def ours():
         return cross_entropy(lm.forward(ids)[0], targets, need_grad=False)[0]
 
     def theirs():
         with torch.inference_mode():
-            return float(torch.nn.functional.cross_entropy(tm(tids).reshape(-1, V), ttargets.reshape(-1)))
+            return float(torch_loss())
 
     return ours, theirs, abs(ours() - theirs())
 
