@@ -80,6 +80,22 @@ def test_gelu_declines_what_it_cannot_do():
     assert kt.gelu_forward(np.ones(3, np.int64)) is None
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_backward_equals_numpy(dtype):
+    rng = np.random.default_rng(5)
+    y = np.maximum(rng.standard_normal((64, 33)), 0).astype(dtype)
+    y[3, :3] = [np.nan, -0.0, 0.0]
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dx = np.full_like(dy, 7.0)
+    assert kt.relu_backward(dy, y, dx) is dx
+    np.testing.assert_array_equal(dx, np.where(y <= 0, 0, dy))
+    view = np.empty((64, 40), dtype)[:, :33]  # rows apart, each contiguous
+    kt.relu_backward(dy, y, view)
+    np.testing.assert_array_equal(view, dx)
+    assert kt.relu_backward(dy[:, ::2], y[:, ::2], dx[:, ::2]) is None  # strided rows: declined
+    assert kt.relu_backward(dy, y.astype(np.float64 if dtype == np.float32 else np.float32), dx) is None
+
+
 def _ln_reference(x2, eps, weight, bias):
     xhat, cache = layer_norm_forward(x2, eps)
     y = None if weight is None else xhat * weight + (0 if bias is None else bias)

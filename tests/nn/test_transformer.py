@@ -293,6 +293,29 @@ def test_gelu_matches_torch(torch, dtype, approximate):
     assert rel_error(dx, tx.grad.numpy()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_relu_matches_torch_bit_for_bit(torch, dtype):
+    """max(x, 0) and torch's threshold_backward: 0 where y ≤ 0 (x = ±0 included), dy elsewhere, NaN
+    passing both ways, for any layout of dy (the kernel's rows, NumPy's fallback for a 1-d dy)."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((37, 19)).astype(dtype)
+    x[0, :4] = [np.nan, 0.0, -0.0, np.inf]
+    g = rng.standard_normal(x.shape).astype(dtype)
+    tx = torch.tensor(x, requires_grad=True)
+    ty = torch.relu(tx)
+    ty.backward(torch.tensor(g))
+    m = ReLU()
+    y = m(x)
+    np.testing.assert_array_equal(y, ty.detach().numpy())
+    for dy in (g, np.asfortranarray(g), g[:, ::-1][:, ::-1]):
+        dx = m.backward(dy)
+        assert dx.dtype == dtype
+        np.testing.assert_array_equal(dx, tx.grad.numpy())
+    v = ReLU()
+    v(x[0])
+    np.testing.assert_array_equal(v.backward(g[0]), tx.grad.numpy()[0])
+
+
 def test_activations_gradcheck():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((4, 5)) * 2

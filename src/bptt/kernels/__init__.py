@@ -25,12 +25,12 @@ from bptt.kernels.fused import adam_step, keep_scaled, rmsprop_step, scatter_add
 from bptt.kernels.gemm import PackedAffine, Panels, panels_enabled, transposed
 from bptt.kernels.loops import (BackwardRun, ForwardRun, KernelCache, available, layer_step, sequence_backward,
                                 sequence_forward, sequence_impl)
-from bptt.kernels.transformer import (gelu_forward, layer_norm_backward, layer_norm_forward, lm_step, softmax_rows,
-                                      softmax_rows_backward)
+from bptt.kernels.transformer import (gelu_forward, layer_norm_backward, layer_norm_forward, lm_step, relu_backward,
+                                      softmax_rows, softmax_rows_backward)
 from bptt.runtime.threads import blas_threads, single_thread_blas
 
 __all__ = ["sequence_impl", "sequence_forward", "sequence_backward", "ForwardRun", "BackwardRun", "KernelCache",
            "available", "blas_threads", "single_thread_blas", "scatter_add_rows", "softmax_cross_entropy",
            "rmsprop_step", "adam_step", "keep_scaled", "layer_step", "gelu_forward", "layer_norm_forward",
-           "layer_norm_backward", "lm_step", "softmax_rows", "softmax_rows_backward", "PackedAffine", "Panels",
+           "layer_norm_backward", "lm_step", "relu_backward", "softmax_rows", "softmax_rows_backward", "PackedAffine", "Panels",
            "panels_enabled", "transposed"]

@@ -61,18 +61,44 @@ def erf(x: np.ndarray) -> np.ndarray:
 
 
 class ReLU(Module):
-    """relu(x) = max(x, 0);  backward: dx = dy ⊙ [x > 0]."""
+    """relu(x) = max(x, 0);  backward: dx = dy ⊙ [y > 0], read from the output y (y > 0 ⟺ x > 0).
+
+    Keeps y, not a mask: the next layer (``linear2``) keeps the same array as its input, so the
+    backward costs no memory of its own.  As ``torch.relu``, a NaN stays NaN and passes its gradient
+    (torch's ``threshold_backward`` zeroes where y ≤ 0).
+    ``np.maximum`` rather than ``np.where(x > 0, x, 0)``: a 7,680 × 512 float32 array took 1.1
+    against 18 ms (NumPy 2.4, ``where`` with a broadcast 0 runs a slow generic loop)."""
 
     def __init__(self):
         super().__init__()
         self._ctx = None
 
     def forward(self, x):
-        self._ctx = x > 0
-        return np.where(self._ctx, x, x.dtype.type(0))
+        y = np.empty_like(x)
+        n = x.shape[-1] if x.ndim else 1
+        x2, y2 = x.reshape(-1, n), y.reshape(-1, n)
+        zero = x.dtype.type(0)
+        run_row_slices(len(x2), n * policy.ELEMENT_MACS, lambda s: np.maximum(x2[s], zero, out=y2[s]))
+        self._ctx = y
+        return y
 
     def backward(self, dy):
-        return np.where(self._saved(self._ctx), dy, dy.dtype.type(0))
+        y = self._saved(self._ctx)
+        dy = np.asarray(dy)
+        if dy.shape != y.shape or dy.ndim == 0:
+            return np.where(y <= 0, dy.dtype.type(0), dy)
+        from bptt import kernels  # lazily: importing Numba is slow
+
+        dx = np.empty(dy.shape, np.result_type(dy, y))
+        n = dy.shape[-1]
+        dy2, y2, dx2 = (a.reshape(-1, n) for a in (dy, y, dx))
+
+        def rows(s):
+            if kernels.relu_backward(dy2[s], y2[s], dx2[s]) is None:  # no Numba, or mixed dtypes
+                np.copyto(dx2[s], np.where(y2[s] <= 0, dy2.dtype.type(0), dy2[s]))
+
+        run_row_slices(len(dx2), n * policy.ELEMENT_MACS, rows)
+        return dx
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
