@@ -77,10 +77,11 @@ def test_transformer_encoder_and_decoder_step_match(tmp_path, layers, heads, ops
     assert om.meta == {"step": 9} and om.config == cfg and om.use_attention
     b = make_batch([rng.integers(4, 9, size=k) for k in (5, 2, 4, 1)])
     want, got = model.encode(b.src, b.src_len), om.encode(b.src, b.src_len)
-    assert np.array_equal(want.mask, got.mask) and len(got.state) == 4
+    assert np.array_equal(want.mask, got.mask) and len(got.state) == 2 and len(got.cross) == 2
     real = want.mask[:, :, None]  # the memory at padded positions is never read (its keys are masked)
     assert np.abs(np.where(real, got.m - want.m, 0)).max() < 1e-5
     assert max(np.abs(g - w).max(initial=0.0) for g, w in zip(got.state, want.state, strict=True)) < 1e-5
+    assert max(np.abs(g - w).max() for g, w in zip(got.cross, want.cross, strict=True)) < 1e-5
     state_a, state_b = want.state, want.state
     for tokens in ([1, 4, 5, 6], [7, 4, 4, 5], [6, 6, 5, 4]):  # three steps: the self-attention caches grow
         la, state_a, wa = model.decode_step(np.array(tokens), state_a, want)

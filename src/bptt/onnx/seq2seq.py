@@ -315,16 +315,19 @@ class OnnxSeq2Seq(InferenceOnly):
         self.dtype = np.dtype(props[0][META_PREFIX + "dtype"])
         self.encoder, self.decoder = (session(m, threads) for m in models)
         inputs = [i.name for i in self.decoder.get_inputs()]
-        # the decoder state's inputs, in order: h (, c) of the recurrent model; K_self, V_self, K_mem, V_mem of the
-        # Transformer (its graph reads the memory through K_mem, V_mem and has no memory input)
-        self.state_inputs = [n for n in inputs if n not in ("tokens", "memory", "mask")]
+        # the decoder state's inputs, in order: h (, c) of the recurrent model; K_self, V_self of the Transformer,
+        # whose graph reads the memory through K_mem, V_mem (Memory.cross) and has no memory input
+        self.cross_inputs = [n for n in inputs if n in ("K_mem", "V_mem")]
+        self.state_inputs = [n for n in inputs if n not in ("tokens", "memory", "mask", *self.cross_inputs)]
         self.reads_memory = "memory" in inputs
 
     def encode(self, src, src_len):
         from bptt.seq2seq.model import Memory
 
         out = self.encoder.run(None, {"src": np.asarray(src, np.int64), "src_len": np.asarray(src_len, np.int64)})
-        state = tuple(out[2:]) if len(out) > 3 else out[2]  # h_0 (, c_0), or the Transformer's four caches
+        if self.cross_inputs:  # the Transformer: K_self, V_self (the state), then K_mem, V_mem
+            return Memory(out[0], out[1], (out[2], out[3]), (out[4], out[5]))
+        state = tuple(out[2:]) if len(out) > 3 else out[2]  # h_0 (, c_0)
         return Memory(out[0], out[1], state)
 
     def decode_step(self, tokens, state, memory):
@@ -334,10 +337,11 @@ class OnnxSeq2Seq(InferenceOnly):
             feeds["memory"] = np.ascontiguousarray(memory.m, self.dtype)
         states = state if isinstance(state, tuple) else (state,)
         feeds.update({name: np.ascontiguousarray(s, self.dtype) for name, s in zip(self.state_inputs, states)})
+        feeds.update({name: np.ascontiguousarray(a, self.dtype) for name, a in zip(self.cross_inputs, memory.cross or ())})
         out = self.decoder.run(None, feeds)
         k = len(self.state_inputs)
         new_state = tuple(out[1:1 + k]) if k > 1 else out[1]
-        weights = out[1 + k] if self.use_attention else None
+        weights = out[1 + k + len(self.cross_inputs)] if self.use_attention else None  # (after K_mem_n, V_mem_n)
         return out[0].astype(np.float64), new_state, weights
 
     def greedy(self, src, src_len, max_len: int, return_attention=False):

@@ -130,11 +130,16 @@ class Memory(NamedTuple):
     m: np.ndarray  # (N, S, C) encoder outputs
     mask: np.ndarray  # (N, S) bool, True at real source positions
     state: object  # decoder initial state: h_0 (L, N, H), or (h_0, c_0) for an LSTM
+    # A Transformer's keys and values of the memory, per decoder layer: (K_mem, V_mem) (L, N, h, S, d).
+    # Here, not in the decoder state, so that beam search's reordering of the state each step (within an
+    # input's own slots, where these rows are all alike) does not copy them.
+    cross: tuple | None = None
 
     def select(self, idx) -> Memory:
         """Rows ``idx`` of every array (beam expansion and reordering)."""
         st = tuple(s[:, idx] for s in self.state) if isinstance(self.state, tuple) else self.state[:, idx]
-        return Memory(self.m[idx], self.mask[idx], st)
+        cross = None if self.cross is None else tuple(a[:, idx] for a in self.cross)
+        return Memory(self.m[idx], self.mask[idx], st, cross)
 
 
 class DecodeResult(NamedTuple):
