@@ -29,6 +29,7 @@ import numpy as np
 
 from bptt.nn.cells import resolve_rng, uniform_init
 from bptt.nn.module import Module, as_float_array
+from bptt.nn.ops import affine_forward  # x Wᵀ as one 2-d product over all rows (NumPy runs a 3-d x @ W per row)
 
 __all__ = ["Attention", "ATTENTION_KINDS", "masked_softmax"]
 
@@ -114,11 +115,11 @@ class Attention(Module):
         if self.kind == "dot":
             e = q @ m.transpose(0, 2, 1)  # (N, T, S)
         elif self.kind == "general":
-            keys = m @ p["W_a"].T  # (N, S, H): W_a moved to the memory side, once per slot
+            keys = affine_forward(m, p["W_a"], None)  # (N, S, H): W_a moved to the memory side, once per slot
             e = q @ keys.transpose(0, 2, 1)
         else:
-            u = q @ p["W_q"].T  # (N, T, A)
-            w = m @ p["W_k"].T  # (N, S, A)
+            u = affine_forward(q, p["W_q"], None)  # (N, T, A)
+            w = affine_forward(m, p["W_k"], None)  # (N, S, A)
             z = np.tanh(u[:, :, None, :] + w[:, None, :, :])  # (N, T, S, A)
             e = z @ p["v"]  # (N, T, S)
         a = masked_softmax(e, mask)
@@ -144,7 +145,7 @@ class Attention(Module):
             dq = de @ keys
             dkeys = de.transpose(0, 2, 1) @ q  # (N, S, H)
             g["W_a"] += dkeys.reshape(-1, self.query_size).T @ m.reshape(-1, self.memory_size)
-            dm += dkeys @ p["W_a"]
+            dm += affine_forward(dkeys, p["W_a"].T, None)
         else:
             A = self.attn_size
             g["v"] += np.einsum("nts,ntsa->a", de, z)
@@ -153,6 +154,7 @@ class Attention(Module):
             dw = dpre.sum(axis=1)  # (N, S, A): W_k m is broadcast over queries
             g["W_q"] += du.reshape(-1, A).T @ q.reshape(-1, self.query_size)
             g["W_k"] += dw.reshape(-1, A).T @ m.reshape(-1, self.memory_size)
-            dq = du @ p["W_q"]
-            dm += dw @ p["W_k"]
+            dq = affine_forward(du, p["W_q"].T, None)
+            dm += affine_forward(dw, p["W_k"].T, None)
         return dq, dm
+
