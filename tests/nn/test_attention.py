@@ -11,7 +11,7 @@ N, T, S, H, A = 3, 4, 5, 6, 5
 LENGTHS = np.array([5, 2, 3])
 
 
-def _setup(kind, rng, C=None):
+def _setup(kind, rng, C=None, T=T):
     C = H if C is None else C
     att = Attention(kind, H, C, A, dtype=np.float64, rng=rng)
     q = rng.standard_normal((N, T, H))
@@ -20,10 +20,12 @@ def _setup(kind, rng, C=None):
     return att, q, m, mask
 
 
+# T ≤ S and T > S: general attention applies W_a to the queries in the first case, to the memory in the second
+@pytest.mark.parametrize("T", [T, S + 2])
 @pytest.mark.parametrize("kind", ATTENTION_KINDS)
-def test_gradcheck(kind, rng):
+def test_gradcheck(kind, T, rng):
     C = H if kind == "dot" else 7  # general and additive accept a memory width ≠ H
-    att, q, m, mask = _setup(kind, rng, C)
+    att, q, m, mask = _setup(kind, rng, C, T)
     Rc = rng.standard_normal((N, T, C))  # L = Σ Rc ⊙ context + Σ Ra ⊙ weights
     Ra = rng.standard_normal((N, T, S))
 
@@ -69,9 +71,10 @@ def test_errors():
         att(np.zeros((1, 1, 4)), np.zeros((1, 2, 4)), np.zeros((1, 2), bool))
 
 
+@pytest.mark.parametrize("T", [T, S + 2])
 @pytest.mark.parametrize("kind", ATTENTION_KINDS)
-def test_matches_torch(kind, rng, torch):
-    att, q, m, mask = _setup(kind, rng)
+def test_matches_torch(kind, T, rng, torch):
+    att, q, m, mask = _setup(kind, rng, T=T)
     Rc, Ra = rng.standard_normal((N, T, H)), rng.standard_normal((N, T, S))
     c, a = att(q, m, mask)
     att.zero_grad()
