@@ -344,10 +344,10 @@ class OnnxSeq2Seq(InferenceOnly):
         weights = out[1 + k + len(self.cross_inputs)] if self.use_attention else None  # (after K_mem_n, V_mem_n)
         return out[0].astype(np.float64), new_state, weights
 
-    def greedy(self, src, src_len, max_len: int, return_attention=False):
+    def greedy(self, src, src_len, max_len: int, return_attention=False, memory=None):
         from bptt.seq2seq.model import Seq2Seq
 
-        return Seq2Seq.greedy(self, src, src_len, max_len, return_attention)
+        return Seq2Seq.greedy(self, src, src_len, max_len, return_attention, memory)
 
     def beam_search(self, src, src_len, beam: int, max_len: int, alpha: float = 0.0, return_attention=False):
         from bptt.seq2seq.model import Seq2Seq

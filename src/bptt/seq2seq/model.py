@@ -307,13 +307,14 @@ class Seq2Seq(Module):
         picked = np.take_along_axis(logp, b.tgt_out[..., None], axis=2)[..., 0]
         return np.where(b.tgt_mask, picked, 0.0).sum(axis=0)
 
-    def greedy(self, src, src_len, max_len: int, return_attention=False) -> DecodeResult:
-        """Argmax decoding, batched; each row stops at its </s> (or after max_len tokens)."""
+    def greedy(self, src, src_len, max_len: int, return_attention=False, memory=None) -> DecodeResult:
+        """Argmax decoding, batched; each row stops at its </s> (or after max_len tokens).
+        ``memory``: ``encode(src, src_len)`` where the caller has it already (beam search)."""
         was_training = self.training
         self.eval()
         try:
             with frozen(self):  # decoding changes no weight: pack them once
-                memory = self.encode(src, src_len)
+                memory = self.encode(src, src_len) if memory is None else memory
                 N = memory.m.shape[0]
                 tokens = np.full(N, BOS, np.int64)
                 state, done = memory.state, np.zeros(N, bool)
@@ -351,9 +352,9 @@ class Seq2Seq(Module):
         self.eval()
         try:
             with frozen(self):  # decoding changes no weight: pack them once
-                memory = self.encode(src, src_len)
-                N, S = memory.mask.shape
-                memory = memory.select(np.repeat(np.arange(N), B))  # row n·B + b is slot b of input n
+                encoded = self.encode(src, src_len)
+                N, S = encoded.mask.shape
+                memory = encoded.select(np.repeat(np.arange(N), B))  # row n·B + b is slot b of input n
                 state = memory.state
                 scores = np.full((N, B), -np.inf)
                 scores[:, 0] = 0.0  # all slots start as the same empty hypothesis: keep only one
@@ -401,7 +402,7 @@ class Seq2Seq(Module):
             return result
         # A beam can lose greedy's path (seen on 1 of 2000 reversal inputs without attention),
         # so greedy's answer is one more candidate: the result never scores below greedy's.
-        greedy = self.greedy(src, src_len, max_len, return_attention)
+        greedy = self.greedy(src, src_len, max_len, return_attention, memory=encoded)  # not encoded twice
         beam_obj = np.take_along_axis(final, best, axis=1)[:, 0]
         g_len = np.array([min(len(sq) + 1, max_len) for sq in greedy.tokens], np.float64)  # </s> counts
         g_obj = greedy.logprob / (((5.0 + g_len) / 6.0) ** alpha) if alpha else greedy.logprob
