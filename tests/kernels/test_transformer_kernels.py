@@ -75,6 +75,15 @@ def test_gelu_equals_reference(dtype):
         np.testing.assert_allclose(y[big & (x > 0)], y_ref[big & (x > 0)], rtol=3e-7)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_value_alone_is_the_same_y(dtype):
+    x = (np.random.default_rng(2).standard_normal((50, 33)) * 4).astype(dtype)
+    y, g = kt.gelu_forward(x)
+    y_only, none = kt.gelu_forward(x, need_grad=False)
+    assert none is None
+    np.testing.assert_array_equal(y_only, y)
+
+
 def test_gelu_declines_what_it_cannot_do():
     assert kt.gelu_forward(np.ones((3, 4), np.float32)[:, ::2]) is None  # not contiguous
     assert kt.gelu_forward(np.ones(3, np.int64)) is None

@@ -316,6 +316,24 @@ def test_relu_matches_torch_bit_for_bit(torch, dtype):
     np.testing.assert_array_equal(v.backward(g[0]), tx.grad.numpy()[0])
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_gelu_in_eval_mode_keeps_x_and_still_backpropagates(dtype):
+    """In eval mode the compiled GELU computes y alone; a backward then (allowed) derives dy/dx from the
+    kept input and gives the training mode's numbers."""
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((9, 17)) * 3).astype(dtype)
+    g = rng.standard_normal(x.shape).astype(dtype)
+    m = GELU()
+    y_train, dx_train = m(x), m.backward(g)
+    m.eval()
+    y_eval = m(x)
+    np.testing.assert_array_equal(y_eval, y_train)
+    np.testing.assert_array_equal(m.backward(g), dx_train)
+    np.testing.assert_array_equal(m.backward(g), dx_train)  # the derivative, once made, is kept
+    layer = TransformerEncoderLayer(8, 2, 16, activation="gelu", dtype=dtype, rng=0).eval()
+    assert layer.activation.training is False  # a child of the feed-forward block: eval() reaches it
+
+
 def test_activations_gradcheck():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((4, 5)) * 2

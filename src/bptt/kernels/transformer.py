@@ -57,20 +57,33 @@ if HAVE_NUMBA:
             y[i] = v * cdf
             dydx[i] = cdf + v * pdf
 
+    @njit(**JIT)
+    def _gelu_value(x, y):
+        """y = x Φ(x) alone (no derivative: an evaluation pass), over flat arrays."""
+        wide_vectors()
+        for i in range(x.shape[0]):
+            v = x[i]
+            y[i] = v * act_normal_cdf(v)
 
-def gelu_forward(x):
+
+def gelu_forward(x, need_grad=True):
     """(y, dy/dx) of the exact GELU, y = x Φ(x), as :func:`bptt.nn.feedforward.gelu_reference`;
     x any shape.  One pass where NumPy makes about ten.  Φ for float32 data from
     :func:`bptt.kernels.mathfn.normal_cdf32` (vectorised; libm's erf costs ~9 ns an element),
-    for float64 data from libm's erf as in the reference."""
+    for float64 data from libm's erf as in the reference.  ``need_grad`` False: (y, None), the
+    same y without φ's exponential (an evaluation pass)."""
     if not _floats(x):
         return None
-    y, dydx = np.empty_like(x), np.empty_like(x)
+    y, dydx = np.empty_like(x), (np.empty_like(x) if need_grad else None)
     n = x.shape[-1] if x.ndim else 1
-    x2, y2, d2 = (a.reshape(-1, n) for a in (x, y, dydx))
+    x2, y2 = x.reshape(-1, n), y.reshape(-1, n)
+    d2 = None if dydx is None else dydx.reshape(-1, n)
 
     def rows(s):
-        _gelu(x2[s].reshape(-1), y2[s].reshape(-1), d2[s].reshape(-1))
+        if d2 is None:
+            _gelu_value(x2[s].reshape(-1), y2[s].reshape(-1))
+        else:
+            _gelu(x2[s].reshape(-1), y2[s].reshape(-1), d2[s].reshape(-1))
 
     _by_rows(len(x2), n, rows)
     return y, dydx

@@ -125,7 +125,8 @@ def gelu_reference(x: np.ndarray, approximate: str = "none"):
 class GELU(Module):
     """``nn.GELU(approximate='none' | 'tanh')``: x Φ(x) with the exact erf, or the tanh form.
 
-    The forward keeps dy/dx (one array), so the backward is one product: dx = dy ⊙ dy/dx.
+    The forward keeps dy/dx (one array), so the backward is one product: dx = dy ⊙ dy/dx; in eval
+    mode (compiled form) it keeps x instead and derives dy/dx only if a backward comes.
     The exact form runs compiled (:func:`bptt.kernels.transformer.gelu_forward`) when Numba is
     there, else :func:`gelu_reference`."""
 
@@ -144,12 +145,27 @@ class GELU(Module):
         if self.approximate == "none":
             from bptt import kernels  # lazily: importing Numba is slow
 
-            out = kernels.gelu_forward(x)
+            # in eval mode y alone (the derivative's exponential was half the kernel's time in an evaluation
+            # pass), keeping x: a backward in eval mode, which is allowed, derives dy/dx from it then
+            out = kernels.gelu_forward(x, need_grad=self.training)
+            if out is not None and out[1] is None:
+                self._ctx = ("x", x)
+                return out[0]
         y, self._ctx = out if out is not None else gelu_reference(x, self.approximate)
         return y
 
+    def _derivative(self):
+        """dy/dx of the last forward: kept, or (eval mode) computed now from its input."""
+        ctx = self._saved(self._ctx)
+        if isinstance(ctx, tuple):
+            from bptt import kernels
+
+            x = ctx[1]
+            ctx = self._ctx = kernels.gelu_forward(x)[1]
+        return ctx
+
     def backward(self, dy):
-        dydx = self._saved(self._ctx)
+        dydx = self._derivative()
         dy = np.asarray(dy)
         if dy.shape != dydx.shape or dy.ndim == 0:
             return dy * dydx
@@ -184,7 +200,7 @@ class PositionwiseFeedForward(Module):
         self.linear1 = self.add_module("linear1", Linear(d_model, dim_feedforward, bias=bias, dtype=dtype, rng=rng))
         self.dropout = self.add_module("dropout", Dropout(dropout, rng=rng))
         self.linear2 = self.add_module("linear2", Linear(dim_feedforward, d_model, bias=bias, dtype=dtype, rng=rng))
-        self.activation = get_activation(activation)
+        self.activation = self.add_module("activation", get_activation(activation))  # a child: eval() reaches it
 
     def forward(self, x):
         return self.linear2(self.dropout(self.activation(self.linear1(x))))

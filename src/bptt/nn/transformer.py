@@ -96,6 +96,7 @@ class _LayerBase(Module):
         self.add_module("linear1", self.ff.linear1)
         self.add_module("dropout", self.ff.dropout)
         self.add_module("linear2", self.ff.linear2)
+        self.add_module("activation", self.ff.activation)  # no parameters; a child so that eval() reaches it
         n = 3 if cross else 2
         self.norms = [self.add_module(f"norm{i}", LayerNorm(d_model, eps=layer_norm_eps, bias=bias, dtype=dtype))
                       for i in range(1, n + 1)]
