@@ -130,6 +130,7 @@ def test_dropout_mask_values_rate_and_stream(dtype, compiled, monkeypatch):
 
     if not compiled:
         monkeypatch.setattr(kernels, "keep_scaled", lambda u, p, scale: False)
+        monkeypatch.setattr(kernels, "keep_scaled_draws", lambda gen, p, scale, out: False)
     p, shape = 0.3, (300, 70)
     m = dropout_mask(shape, p, np.random.default_rng(11), dtype)
     u = np.random.default_rng(11).random(shape, dtype=dtype)
@@ -139,6 +140,31 @@ def test_dropout_mask_values_rate_and_stream(dtype, compiled, monkeypatch):
     assert set(np.unique(m)) == {dtype(0), scale}
     assert abs((m != 0).mean() - 0.7) < 0.01
     assert (dropout_mask((3, 4), 1.0, np.random.default_rng(0), dtype) == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dropout_mask_from_raw_bits_is_numpys_stream(dtype):
+    """kernels.keep_scaled_draws: the mask of gen.random() then keep_scaled, from PCG64's raw output, and the
+    generator left as NumPy's own draws leave it: odd and even sizes, a float32 half-word waiting in the state
+    at the start (and after), other draws in between."""
+    from conftest import require_numba
+
+    require_numba()  # the compiled path is the one under test; NumPy's draws are the reference
+    from bptt import kernels
+
+    ours, theirs = np.random.default_rng(3), np.random.default_rng(3)
+    for g in (ours, theirs):
+        g.random(3, dtype=np.float32)  # three halves drawn: one left waiting
+    scale = dtype(1) / dtype(0.7)
+    for n in (5, 6, 7, 1, 0, 3, 2, 1001, 1000):
+        got, want = np.empty(n, dtype), np.empty(n, dtype)
+        assert kernels.keep_scaled_draws(ours, 0.3, scale, got)
+        theirs.random(out=want, dtype=dtype)
+        want = np.where(want >= dtype(0.3), scale, dtype(0))
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(ours.random(1, dtype=np.float32), theirs.random(1, dtype=np.float32))
+    np.testing.assert_array_equal(ours.random(4), theirs.random(4))
+    assert not kernels.keep_scaled_draws(np.random.Generator(np.random.MT19937(0)), 0.3, scale, np.empty(4, dtype))
 
 
 def test_dropout_mask_in_blocks_is_the_same_on_any_number_of_threads(monkeypatch):

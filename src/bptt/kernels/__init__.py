@@ -21,7 +21,8 @@ thread count is :mod:`bptt.runtime.threads`'s.  Importing this package imports N
 
 from __future__ import annotations
 
-from bptt.kernels.fused import adam_step, keep_scaled, rmsprop_step, scatter_add_rows, softmax_cross_entropy
+from bptt.kernels.fused import (adam_step, keep_scaled, keep_scaled_draws, rmsprop_step, scatter_add_rows,
+                                softmax_cross_entropy)
 from bptt.kernels.gemm import PackedAffine, Panels, panels_enabled, transposed
 from bptt.kernels.loops import (BackwardRun, ForwardRun, KernelCache, available, layer_step, sequence_backward,
                                 sequence_forward, sequence_impl)
@@ -31,6 +32,6 @@ from bptt.runtime.threads import blas_threads, single_thread_blas
 
 __all__ = ["sequence_impl", "sequence_forward", "sequence_backward", "ForwardRun", "BackwardRun", "KernelCache",
            "available", "blas_threads", "single_thread_blas", "scatter_add_rows", "softmax_cross_entropy",
-           "rmsprop_step", "adam_step", "keep_scaled", "layer_step", "gelu_forward", "layer_norm_forward",
+           "rmsprop_step", "adam_step", "keep_scaled", "keep_scaled_draws", "layer_step", "gelu_forward", "layer_norm_forward",
            "layer_norm_backward", "lm_step", "relu_backward", "softmax_rows", "softmax_rows_backward", "PackedAffine", "Panels",
            "panels_enabled", "transposed"]

@@ -16,12 +16,13 @@ caller then runs its NumPy formulas: :func:`bptt.nn.losses.cross_entropy`,
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 
 from bptt.kernels.mathfn import HAVE_NUMBA
 
-__all__ = ["softmax_cross_entropy", "rmsprop_step", "adam_step", "scatter_add_rows", "keep_scaled"]
+__all__ = ["softmax_cross_entropy", "rmsprop_step", "adam_step", "scatter_add_rows", "keep_scaled", "keep_scaled_draws"]
 
 if HAVE_NUMBA:
     from numba import njit
@@ -221,4 +222,46 @@ def keep_scaled(u, p, scale) -> bool:
         return False
     t = u.dtype.type
     _keep_scaled(flat[0], t(p), t(scale))
+    return True
+
+
+if HAVE_NUMBA:
+    @njit(**JIT)
+    def _keep_scaled_bits(bits, shift, unit, p, scale, out):
+        """out[i] ← scale if u ≥ p else 0 with u = (bits[i] >> shift) · unit: NumPy's uniform draw from the
+        generator's raw bits, (b >> 8) · 2⁻²⁴ for float32 (b 32 bits), (b >> 11) · 2⁻⁵³ for float64."""
+        wide_vectors()
+        zero = out.dtype.type(0)
+        for i in range(out.shape[0]):
+            u = out.dtype.type(bits[i] >> shift) * unit
+            out[i] = scale if u >= p else zero
+
+
+def keep_scaled_draws(gen, p, scale, out) -> bool:
+    """The inverted-dropout mask drawn from ``gen`` straight into ``out`` (flat, float32 or float64): the
+    same numbers, and the same generator state after, as ``gen.random(out=out)`` then :func:`keep_scaled`,
+    from the bit generator's raw 64-bit output (``random_raw``) instead of NumPy's number-by-number
+    float draws: 1.0 against 1.65 ns an element of float32.  PCG64 only (``np.random.default_rng``'s),
+    whose float32 draws take the low then the high half of each 64-bit output, a high half left over
+    waiting in its state (``has_uint32``, ``uinteger``); False (nothing drawn) for any other generator."""
+    if not (HAVE_NUMBA and type(gen.bit_generator) is np.random.PCG64 and sys.byteorder == "little"
+            and out.ndim == 1 and out.flags.c_contiguous and out.dtype in (np.float32, np.float64)):
+        return False
+    bg, n, t = gen.bit_generator, out.shape[0], out.dtype.type
+    if out.dtype == np.float64:  # next_double = (next64 >> 11) · 2⁻⁵³: no half-words
+        _keep_scaled_bits(bg.random_raw(n), np.uint64(11), t(2.0 ** -53), t(p), t(scale), out)
+        return True
+    state = bg.state
+    first = int(state["has_uint32"])  # a high half waiting: it is the first draw
+    if first and n:
+        _keep_scaled_bits(np.array([state["uinteger"]], np.uint32), np.uint32(8), t(2.0 ** -24), t(p), t(scale),
+                          out[:1])
+    m = n - first if n else 0
+    halves = bg.random_raw((m + 1) // 2).view(np.uint32)  # little-endian: low, high, low, high, ...
+    if m:
+        _keep_scaled_bits(halves, np.uint32(8), t(2.0 ** -24), t(p), t(scale), out[first:first + m])
+    if (first and n) or m % 2:  # what NumPy's own draws would have left waiting
+        state = bg.state
+        state["has_uint32"], state["uinteger"] = (1, int(halves[m])) if m % 2 else (0, state["uinteger"])
+        bg.state = state
     return True
