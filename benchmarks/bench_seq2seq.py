@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_layers  # noqa: E402  (alternate, sgemm_peak, GAP/WARM)
+import bench_transformer  # noqa: E402  (step_pair)
 from blas import blas_line  # noqa: E402
 
 SRC_VOCAB, TGT_VOCAB = 40, 20
@@ -48,13 +49,17 @@ def pairs(n, seed):
     return src, tgt
 
 
-def build(dropout, seed=0):
-    """A bptt TransformerSeq2Seq and the same model in torch modules, with bptt's weights."""
+def build(dropout, seed=0, perturb=0.0):
+    """A bptt TransformerSeq2Seq and the same model in torch modules, with bptt's weights; ``perturb`` > 0
+    adds that much N(0, 1) noise to bptt's weights first (away from the init's small values)."""
     import torch
 
     from bptt.seq2seq.transformer import TransformerSeq2Seq, TransformerSeq2SeqConfig
 
     ours = TransformerSeq2Seq(TransformerSeq2SeqConfig(**CONFIG, dropout=dropout), rng=seed)
+    noise = np.random.default_rng(seed + 1)
+    for p in ours.params.values() if perturb else ():
+        p += perturb * noise.standard_normal(p.shape).astype(p.dtype)
     E, cfg = ours.config.d_model, ours.config
     nn = torch.nn
 
@@ -99,23 +104,11 @@ def build_train(batch, dropout):
     pad = torch.from_numpy(np.arange(b.src.shape[0])[None] >= b.src_len[:, None])
     target = torch.from_numpy(np.where(b.tgt_mask, b.tgt_out, -100))
 
-    def ours_step():
-        ours.zero_grad()
-        loss, dlogits = ours.loss(b)
-        ours.backward(dlogits)
-        return loss
-
-    def theirs_step():
-        theirs.zero_grad()
+    def theirs_loss():
         logits = theirs.decode(tgt_in, theirs.encode(src, pad), pad)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, TGT_VOCAB), target.reshape(-1), ignore_index=-100)
-        loss.backward()
-        return float(loss.detach())
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, TGT_VOCAB), target.reshape(-1), ignore_index=-100)
 
-    ours.eval(), theirs.eval()
-    diff = abs(ours_step() - theirs_step())
-    ours.train(), theirs.train()
-    return ours_step, theirs_step, diff
+    return bench_transformer.step_pair(ours, lambda: ours.loss(b), theirs, theirs_loss)
 
 
 def build_greedy(n, steps):
@@ -125,11 +118,7 @@ def build_greedy(n, steps):
     from bptt.seq2seq.model import make_batch
     from bptt.seq2seq.tasks import BOS
 
-    ours, theirs = build(0.0, seed=2)
-    rng = np.random.default_rng(3)
-    for p in ours.params.values():  # away from the init's small values, so that the tokens vary
-        p += 0.3 * rng.standard_normal(p.shape).astype(p.dtype)
-    theirs.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in ours.state_dict().items()} | {"P": theirs.P})
+    ours, theirs = build(0.0, seed=2, perturb=0.3)  # larger weights, so that the tokens vary
     ours.eval(), theirs.eval()
     b = make_batch(pairs(n, 4)[0])
     src = torch.from_numpy(b.src)

@@ -158,23 +158,31 @@ def build_lm_step(T, N, L, E, h, dropout, seed=0, V=65):
     in train mode with ``dropout``: the same weights and ids.  Returns (ours, theirs, |loss difference|), the
     difference measured with dropout off (the masks cannot be the same)."""
     lm, tm, ids, targets, torch_loss = _lm_pair(T, N, L, E, h, dropout, seed, V)
+    return step_pair(lm, lambda: lm.loss(ids, targets)[:2], tm, torch_loss)
 
-    def ours():
-        lm.zero_grad()
-        loss, dlogits, _ = lm.loss(ids, targets)
-        lm.backward(dlogits)
+
+def step_pair(ours, ours_loss, theirs, theirs_loss):
+    """Training steps (zero_grad, loss, backward; no optimizer) of a bptt model, whose ``ours_loss()`` gives
+    (loss, dlogits), and of a torch model, whose ``theirs_loss()`` gives the loss tensor → (ours_step,
+    theirs_step, |loss difference|), the difference measured in eval mode (dropout off: the masks cannot
+    be the same); both models are left in train mode."""
+
+    def ours_step():
+        ours.zero_grad()
+        loss, dlogits = ours_loss()
+        ours.backward(dlogits)
         return loss
 
-    def theirs():
-        tm.zero_grad()
-        loss = torch_loss()
+    def theirs_step():
+        theirs.zero_grad()
+        loss = theirs_loss()
         loss.backward()
         return float(loss.detach())
 
-    lm.eval(), tm.eval()
-    diff = abs(ours() - theirs())
-    lm.train(), tm.train()
-    return ours, theirs, diff
+    ours.eval(), theirs.eval()
+    diff = abs(ours_step() - theirs_step())
+    ours.train(), theirs.train()
+    return ours_step, theirs_step, diff
 
 
 def build_lm_eval(T, N, L, E, h, seed=0, V=65):

@@ -251,16 +251,18 @@ def keep_scaled_draws(gen, p, scale, out) -> bool:
     if out.dtype == np.float64:  # next_double = (next64 >> 11) · 2⁻⁵³: no half-words
         _keep_scaled_bits(bg.random_raw(n), np.uint64(11), t(2.0 ** -53), t(p), t(scale), out)
         return True
+    if n == 0:
+        return True
     state = bg.state
     first = int(state["has_uint32"])  # a high half waiting: it is the first draw
-    if first and n:
+    if first:
         _keep_scaled_bits(np.array([state["uinteger"]], np.uint32), np.uint32(8), t(2.0 ** -24), t(p), t(scale),
                           out[:1])
-    m = n - first if n else 0
+    m = n - first
     halves = bg.random_raw((m + 1) // 2).view(np.uint32)  # little-endian: low, high, low, high, ...
     if m:
-        _keep_scaled_bits(halves, np.uint32(8), t(2.0 ** -24), t(p), t(scale), out[first:first + m])
-    if (first and n) or m % 2:  # what NumPy's own draws would have left waiting
+        _keep_scaled_bits(halves, np.uint32(8), t(2.0 ** -24), t(p), t(scale), out[first:])
+    if first or m % 2:  # what NumPy's own draws would have left waiting
         state = bg.state
         state["has_uint32"], state["uinteger"] = (1, int(halves[m])) if m % 2 else (0, state["uinteger"])
         bg.state = state
