@@ -106,8 +106,12 @@ WAVEFRONT_CHUNKS = 8
 # layer's input pre-activations gx = X W_ihᵀ and its outputs y go to windows of the chunk's
 # steps (one gx window for all layers, a y window per layer), together at most this many bytes
 # per thread, instead of (T, N, G) and L (T, N, P) arrays (gx alone: 105 MB for the 1×1024 LSTM
-# at T = 100, N = 64); see inference_chunks.  BPTT_INFER_WINDOW_BYTES=0: the whole sequence at once.
-INFER_WINDOW_BYTES = int(os.environ.get("BPTT_INFER_WINDOW_BYTES", 4 << 20)) or 1 << 62
+# at T = 100, N = 64); see inference_chunks.  2 MB, one core's L2 on the machines measured: at 4 MB the
+# LSTM 2×512 forward peaked above PyTorch's (32.2 against 28.3 MB; 27.0 at 2 MB, every size below
+# PyTorch's).  Time at 2 MB over 4 MB, alternating in one process (2026-12-05, X): LSTM 2×128 1.01-1.02,
+# 2×256 1.00-1.01, 2×512 0.99-1.00, 1×1024 0.99-1.01; GRU and RNN 0.96-1.04.
+# BPTT_INFER_WINDOW_BYTES=0: the whole sequence at once.
+INFER_WINDOW_BYTES = int(os.environ.get("BPTT_INFER_WINDOW_BYTES", 2 << 20)) or 1 << 62
 
 # Attention in tiles (bptt.nn.attention_tiles) when the scores (B, L, S) take at least this many bytes,
 # each tile's scores at most ATTENTION_TILE_BYTES (a quarter of one core's 2 MB L2 on the machine measured,
