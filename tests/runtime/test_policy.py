@@ -54,10 +54,12 @@ def test_time_chunks_follow_the_thresholds(monkeypatch):
 
 
 def test_step_blas_limit(monkeypatch):
-    """Below ONE_THREAD_MACS a step's BLAS runs on one thread (where BLAS has more); above, untouched."""
+    """Below ONE_THREAD_MACS a step's BLAS runs on one thread (where BLAS has more); above, untouched,
+    and untouched for steps that call no BLAS (the hand loops)."""
     import contextlib
 
     assert isinstance(policy.step_blas_limit(policy.ONE_THREAD_MACS), contextlib.nullcontext)
+    assert isinstance(policy.step_blas_limit(1, blas=False), contextlib.nullcontext)
     assert isinstance(policy.sampling_blas_limit(policy.STEP_THREADS_BYTES, 1), contextlib.nullcontext)
     with policy.step_blas_limit(1):
         assert blas.blas_controllers() is None or all(

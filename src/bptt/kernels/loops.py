@@ -281,7 +281,7 @@ class ForwardRun:
             WhhP, WhrP, tmp = panels or (none, none, none.reshape(0, 0))
             WhhT, WhrT = (tmp[:0, :0], tmp[:0, :0]) if panels else (self.WhhT, self.WhrT)  # panels read WhhP, WhrP
             if not self.keep:
-                with policy.step_blas_limit(self.macs):
+                with policy.step_blas_limit(self.macs, blas=not self.small):
                     _infer_loop(
                         kind, rev, t0, t1, self.turn, self.g0, gemm, dtype.type(1), dtype.type(0), self.gx, WhhT,
                         self.b if kind == 3 else none.reshape(0), WhrT, self.hs,
@@ -291,7 +291,7 @@ class ForwardRun:
                     )
                 self.turn = (self.turn + t1 - t0) % 2
                 return
-            with policy.step_blas_limit(self.macs):
+            with policy.step_blas_limit(self.macs, blas=not self.small):
                 _forward_loop(
                     kind, rev, t0, t1, gemm, dtype.type(1), dtype.type(0), WhhT,
                     self.b if kind == 3 else none.reshape(0), WhrT, self.hs,
@@ -405,7 +405,7 @@ class BackwardRun:
         if c.small or panels or gemm is not None:
             dummy = dgx[:0, :0, :0]
             W_hhP, W_hrP, tmp = panels or (dummy, dummy, dummy.reshape(0, 0))
-            with policy.step_blas_limit(self.macs):
+            with policy.step_blas_limit(self.macs, blas=not c.small):
                 _backward_loop(
                     kind, self.H, rev, t0, t1, gemm, self.dtype.type(1), self.dtype.type(0), dy, dh,
                     dc if dc is not None else dgx[0, :0, :0], self.W_hh, self.W_hr if proj else dgx[0, :0, :0], c.hs,
