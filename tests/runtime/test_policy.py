@@ -133,3 +133,17 @@ def test_every_cell_trains_in_slices_at_every_size_unless_bounded(monkeypatch):
         assert layer._batch_parts(N, fused=True) == [slice(0, N)]
     for layer in layers.values():  # eval mode splits every one of them
         assert len(layer.eval()._batch_parts(N, fused=True)) == 2
+
+
+def test_inference_chunks(monkeypatch):
+    """Windows of at most INFER_WINDOW_BYTES, cut evenly, covering [0, T) in order; a sequence that fits
+    in two windows is not cut."""
+    monkeypatch.setattr(policy, "INFER_WINDOW_BYTES", 1000)
+    assert policy.inference_chunks(20, 100) == [(0, 20)]  # 2,000 bytes: two windows' worth, one chunk
+    for T, step in ((21, 100), (50, 300), (7, 5000)):
+        chunks = policy.inference_chunks(T, step)
+        assert len(chunks) > 1 and chunks[0][0] == 0 and chunks[-1][1] == T
+        assert all(a1 == b0 for (_, a1), (b0, _) in zip(chunks, chunks[1:]))
+        assert all(max(1, 1000 // step) >= t1 - t0 >= 1 for t0, t1 in chunks), (T, step, chunks)
+        lengths = [t1 - t0 for t0, t1 in chunks]
+        assert max(lengths) - min(lengths) <= 1

@@ -231,7 +231,11 @@ def time_chunks(T, macs, num_layers, bidirectional, fused):
 def inference_chunks(T, step_bytes):
     """The time chunks [(t0, t1)] of an inference forward run a window at a time: as many steps a
     chunk as fit ``INFER_WINDOW_BYTES`` of windows (``step_bytes``: one step's rows of them, e.g.
-    N·(G + L·P)·itemsize; at least one step), cut evenly."""
+    N·(G + L·P)·itemsize; at least one step), cut evenly; one chunk when the whole sequence fits in
+    two windows: cutting it in two saves little memory and costs the char-rnn size (LSTM 2×128,
+    T = 50, slices of 25 rows: 3.8 MB) 1-2% of its validation pass."""
+    if T * step_bytes <= 2 * INFER_WINDOW_BYTES:
+        return [(0, T)]
     c = -(-T // max(1, min(T, INFER_WINDOW_BYTES // max(step_bytes, 1))))  # the number of chunks
     bounds = [round(T * i / c) for i in range(c + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
