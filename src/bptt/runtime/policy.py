@@ -108,8 +108,8 @@ WAVEFRONT_CHUNKS = 8
 # per thread, instead of (T, N, G) and L (T, N, P) arrays (gx alone: 105 MB for the 1×1024 LSTM
 # at T = 100, N = 64); see inference_chunks.  2 MB, one core's L2 on the machines measured: at 4 MB the
 # LSTM 2×512 forward peaked above PyTorch's (32.2 against 28.3 MB; 27.0 at 2 MB, every size below
-# PyTorch's).  Time at 2 MB over 4 MB, alternating in one process (2026-12-05, X): LSTM 2×128 1.01-1.02,
-# 2×256 1.00-1.01, 2×512 0.99-1.00, 1×1024 0.99-1.01; GRU and RNN 0.96-1.04.
+# PyTorch's).  Time at 2 MB over 4 MB, alternating in one process (2026-12-05, X): LSTM 2×128 1.00-1.01 (one
+# chunk: see inference_chunks), 2×256 0.99-1.01, 2×512 0.99-1.00, 1×1024 0.99-1.01; GRU and RNN 0.96-1.04.
 # BPTT_INFER_WINDOW_BYTES=0: the whole sequence at once.
 INFER_WINDOW_BYTES = int(os.environ.get("BPTT_INFER_WINDOW_BYTES", 2 << 20)) or 1 << 62
 
