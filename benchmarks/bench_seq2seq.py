@@ -34,8 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_layers  # noqa: E402  (alternate, sgemm_peak, GAP/WARM)
-import bench_transformer  # noqa: E402  (step_pair)
-from blas import blas_line  # noqa: E402
+import bench_transformer  # noqa: E402  (step_pair, start)
 
 SRC_VOCAB, TGT_VOCAB = 40, 20
 CONFIG = dict(src_vocab=SRC_VOCAB, tgt_vocab=TGT_VOCAB, d_model=128, heads=4, layers=2)
@@ -155,19 +154,7 @@ def main(argv=None):
     ap.add_argument("--gap", type=float, default=0.3)
     ap.add_argument("--warm", type=float, default=0.15)
     args = ap.parse_args(argv)
-    bench_layers.GAP[0], bench_layers.WARM[0] = args.gap, args.warm
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(args.threads)
-    import torch
-
-    torch.set_num_threads(args.threads)
-    repeat = args.repeat or (3 if args.quick else 7)
-    peak, torch_peak = bench_layers.sgemm_peak()
-    print(f"# bptt vs PyTorch {torch.__version__}: the seq2seq Transformer (CPU, float32, {args.threads} threads)\n")
-    print(f"BLAS: {blas_line()}")
-    print(f"float32 2048³ GEMM measured in this run: numpy {peak:.1f}, torch {torch_peak:.1f} GFLOP/s.  "
-          f"Medians of {repeat} alternating turns.  Model: {CONFIG}, feed-forward 512, ReLU.\n")
+    repeat = bench_transformer.start(args, "the seq2seq Transformer", f"  Model: {CONFIG}, feed-forward 512, ReLU.")
     print("| what | ms bptt | ms torch | torch/bptt | check |")
     print("|---|---:|---:|---:|---|")
     ot, tt, diff = build_train(64, 0.1)

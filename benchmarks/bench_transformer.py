@@ -232,6 +232,26 @@ def build_generation(n_chars, seed=0, V=65, L=4, E=128, h=4, C=512, return_model
     return ours_generate, torch_generate, same
 
 
+def start(args, title, note=""):
+    """The run's set-up and header, shared with bench_seq2seq.py: the idle gap and warm-up of
+    ``alternate``, ``args.threads`` threads on both sides, the BLAS kernel and both libraries' sgemm
+    rate printed.  Returns the alternating turns per figure (``args.repeat``, default 7, quick 3)."""
+    bench_layers.GAP[0], bench_layers.WARM[0] = args.gap, args.warm
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    repeat = args.repeat or (3 if args.quick else 7)
+    peak, torch_peak = bench_layers.sgemm_peak()
+    print(f"# bptt vs PyTorch {torch.__version__}: {title} (CPU, float32, {args.threads} threads)\n")
+    print(f"BLAS: {blas_line()}")
+    print(f"float32 2048³ GEMM measured in this run: numpy {peak:.1f}, torch {torch_peak:.1f} GFLOP/s.  "
+          f"Medians of {repeat} alternating turns.{note}\n")
+    return repeat
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats and 100 characters (< 60 s)")
@@ -243,22 +263,9 @@ def main(argv=None):
     ap.add_argument("--warm", type=float, default=0.15)
     ap.add_argument("--no-generation", action="store_true")
     args = ap.parse_args(argv)
-    bench_layers.GAP[0], bench_layers.WARM[0] = args.gap, args.warm
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(args.threads)
-    import torch
-
-    torch.set_num_threads(args.threads)
-    repeat = args.repeat or (3 if args.quick else 7)
+    repeat = start(args, "Transformer")
     chars = args.chars or (100 if args.quick else 500)
     gen_repeat = args.gen_repeat or (1 if args.quick else 3)
-
-    peak, torch_peak = bench_layers.sgemm_peak()
-    print(f"# bptt vs PyTorch {torch.__version__}: Transformer (CPU, float32, {args.threads} threads)\n")
-    print(f"BLAS: {blas_line()}")
-    print(f"float32 2048³ GEMM measured in this run: numpy {peak:.1f}, torch {torch_peak:.1f} GFLOP/s.  "
-          f"Medians of {repeat} alternating turns.\n")
     print("| layer (N, T, E, h) | ms bptt | ms torch | torch/bptt | GFLOP/s bptt | GFLOP/s torch | max diff |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for N, T, E, h in LAYERS:
