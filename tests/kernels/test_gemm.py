@@ -66,20 +66,20 @@ def test_panel_products_equal_matmul(dtype, tall):
 
 @needs_panels
 def test_panels_follow_the_policy(monkeypatch):
-    """A run packs its weights for the panels only where policy allows: not for hand-loop
-    sizes, not with PANEL_PRODUCTS off, not for long products on several BLAS threads."""
+    """A run packs its weights for the panels only where policy allows: not with PANEL_PRODUCTS
+    off, not for long products on several BLAS threads; products of hand-loop size do use them."""
     from bptt.runtime import threads
 
     W = np.ones((8, 32), np.float32)
     monkeypatch.setattr(threads, "blas_threads", lambda: 2)
-    assert gemm.Panels().get(True, 10, (W, None)) is None  # hand loops
-    assert gemm.Panels().get(False, policy.ONE_THREAD_MACS, (W, None)) is None  # BLAS's threads
-    packed, proj, tmp = gemm.Panels().get(False, policy.ONE_THREAD_MACS - 1, (W, None))
+    assert gemm.Panels().get(policy.ONE_THREAD_MACS, (W, None)) is None  # BLAS's threads
+    assert gemm.Panels().get(policy.SMALL_MACS, (W, None)) is not None  # no BLAS call per step either way
+    packed, proj, tmp = gemm.Panels().get(policy.ONE_THREAD_MACS - 1, (W, None))
     PW = gemm.panel_width(np.float32, tall=True)  # step products: tall blocks
     assert packed.shape == (-(-32 // PW), 8, PW)
     assert proj.size == 0 and tmp.shape == (gemm.block_rows(True), PW)
     monkeypatch.setattr(policy, "PANEL_PRODUCTS", False)
-    assert gemm.Panels().get(False, 10, (W, None)) is None
+    assert gemm.Panels().get(10, (W, None)) is None
 
 
 def reference_panels(B, PW):
@@ -150,7 +150,7 @@ def test_panels_are_packed_once_for_the_runs_sharing_them(monkeypatch):
     monkeypatch.setattr(threads, "blas_threads", lambda: 1)
     W = np.random.default_rng(0).standard_normal((96, 40)).astype(np.float32)
     shared, got = gemm.Panels(), []
-    workers = [threading.Thread(target=lambda: got.append(shared.get(False, 10, (W.T, None)))) for _ in range(2)]
+    workers = [threading.Thread(target=lambda: got.append(shared.get(10, (W.T, None)))) for _ in range(2)]
     for t in workers:
         t.start()
     for t in workers:

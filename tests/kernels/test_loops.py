@@ -84,13 +84,13 @@ def assert_same(layer, x, state, lengths, dout, dstate, tol):
 
 @pytest.fixture(params=["compiled", "panels", "blas", "python-loop", "batch-split"])
 def path(request, monkeypatch):
-    """Every kernel path: the compiled loop with hand-written products, the compiled loop
-    with register-blocked products on packed weights (where the CPU has them), the
+    """Every kernel path: the compiled loop with hand-written products (as on a CPU without
+    panels), the compiled loop with register-blocked products on packed weights (where the CPU has them), the
     compiled loop calling BLAS, the fallback loop in Python with np.matmul (no cblas
     symbol found), and the panel loop with the batch cut in slices run in two threads
     (any N ≥ 2 here)."""
     monkeypatch.setattr(policy, "SMALL_MACS", 1 << 40 if request.param == "compiled" else -1)
-    if request.param in ("blas", "python-loop"):
+    if request.param in ("compiled", "blas", "python-loop"):
         monkeypatch.setattr(policy, "PANEL_PRODUCTS", False)
     if request.param == "python-loop":
         monkeypatch.setattr(loops, "gemm_function", lambda dtype: None)

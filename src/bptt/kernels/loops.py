@@ -68,7 +68,7 @@ class KernelCache(NamedTuple):
     gates: np.ndarray  # (T, N, G) activated gates; RNN: h̃_t (T, N, H)
     aux: np.ndarray | None  # LSTM: tanh(c_t) (T, N, H); GRU: gh_n (T, N, H)
     m: np.ndarray | None  # LSTM with projection: m_t = o ⊙ tanh(c_t) (T, N, H)
-    small: bool  # whether the compiled-loop path ran (backward uses the same)
+    small: bool  # whether the products were of hand-loop size, calling no BLAS (backward does the same)
 
 
 # ============================================================================ the time loops, compiled
@@ -274,14 +274,14 @@ class ForwardRun:
         kind, rev, proj, dtype = self.kind, self.rev, self.proj, self.gx.dtype
         if self.window and self.g0 != t0:
             raise RuntimeError(f"steps({t0}, {t1}): the gx window holds the chunk from step {self.g0}")
-        panels = self.panels.get(self.small, self.macs, (self.W_hh.T, self.W_hr.T if proj else None))
-        gemm = None if self.small or panels else gemm_function(dtype)
+        panels = self.panels.get(self.macs, (self.W_hh.T, self.W_hr.T if proj else None))
+        gemm = None if self.small or panels else gemm_function(dtype)  # None: the steps call no BLAS
         if self.small or panels or gemm is not None:
             none = self.gx[:0, :0, :0]
             WhhP, WhrP, tmp = panels or (none, none, none.reshape(0, 0))
             WhhT, WhrT = (tmp[:0, :0], tmp[:0, :0]) if panels else (self.WhhT, self.WhrT)  # panels read WhhP, WhrP
             if not self.keep:
-                with policy.step_blas_limit(self.macs, blas=not self.small):
+                with policy.step_blas_limit(self.macs, blas=gemm is not None):
                     _infer_loop(
                         kind, rev, t0, t1, self.turn, self.g0, gemm, dtype.type(1), dtype.type(0), self.gx, WhhT,
                         self.b if kind == 3 else none.reshape(0), WhrT, self.hs,
@@ -291,7 +291,7 @@ class ForwardRun:
                     )
                 self.turn = (self.turn + t1 - t0) % 2
                 return
-            with policy.step_blas_limit(self.macs, blas=not self.small):
+            with policy.step_blas_limit(self.macs, blas=gemm is not None):
                 _forward_loop(
                     kind, rev, t0, t1, gemm, dtype.type(1), dtype.type(0), WhhT,
                     self.b if kind == 3 else none.reshape(0), WhrT, self.hs,
@@ -400,12 +400,12 @@ class BackwardRun:
         c, kind, rev, proj = self.cache, self.kind, self.rev, self.proj
         dy, dh, dc, dgx, dgh, dh_all, mask, has_mask = (self.dy, self.dh, self.dc, self.dgx, self.dgh, self.dh_all,
                                                         self.mask, self.has_mask)
-        panels = self.panels.get(c.small, self.macs, (self.W_hh, self.W_hr if proj else None))
-        gemm = None if c.small or panels else gemm_function(self.dtype)
+        panels = self.panels.get(self.macs, (self.W_hh, self.W_hr if proj else None))
+        gemm = None if c.small or panels else gemm_function(self.dtype)  # None: the steps call no BLAS
         if c.small or panels or gemm is not None:
             dummy = dgx[:0, :0, :0]
             W_hhP, W_hrP, tmp = panels or (dummy, dummy, dummy.reshape(0, 0))
-            with policy.step_blas_limit(self.macs, blas=not c.small):
+            with policy.step_blas_limit(self.macs, blas=gemm is not None):
                 _backward_loop(
                     kind, self.H, rev, t0, t1, gemm, self.dtype.type(1), self.dtype.type(0), dy, dh,
                     dc if dc is not None else dgx[0, :0, :0], self.W_hh, self.W_hr if proj else dgx[0, :0, :0], c.hs,

@@ -9,9 +9,9 @@ The thresholds are public module-level names, read as ``policy.NAME`` at run tim
 (named in the comments) read it once, at import.  Every figure was measured on 2 shared cores (AMD EPYC); see
 the comments and BENCHMARKS.md.
 
-* ``SMALL_MACS``: at or below it a layer's whole time loop runs compiled with
-  hand-written products (:mod:`bptt.kernels.loops`); above, products go to the
-  register-blocked panels or to BLAS.
+* ``SMALL_MACS``: at or below it a layer's step products call no BLAS: they run on the
+  register-blocked panels where the CPU has them, else as hand loops
+  (:mod:`bptt.kernels.gemm`); above, on the panels or BLAS (:class:`bptt.kernels.gemm.Panels`).
 * ``ONE_THREAD_MACS``: below it a step's BLAS call runs on one thread
   (:func:`step_blas_limit`).
 * ``PANEL_PRODUCTS``: whether register-blocked products may be used at all.
@@ -43,8 +43,8 @@ __all__ = ["SMALL_MACS", "ONE_THREAD_MACS", "PANEL_PRODUCTS", "SPLIT_MIN_ROWS", 
            "step_blas_limit", "sampling_blas_limit", "batch_parts", "row_slices", "even_slices", "time_chunks",
            "inference_chunks"]
 
-# Below this many multiply-adds per recurrent product, the whole sequence runs in
-# one Numba function with hand-written products (no Python or BLAS call per step).
+# Below this many multiply-adds per recurrent product, a step's product calls no BLAS (a call
+# would cost more than the product): panels where the CPU has them, else hand loops.
 SMALL_MACS = int(os.environ.get("BPTT_SMALL_MACS", 48_000))
 
 # Per-step products below this many multiply-adds run with one BLAS thread.  A
@@ -129,8 +129,8 @@ SPIN_SECONDS = float(os.environ.get("BPTT_SPIN_SECONDS", 0.002))
 
 def step_blas_limit(macs, blas=True):
     """A context manager limiting BLAS to one thread for per-step products of ``macs``, or a no-op: for
-    long products, and when the steps call no BLAS (``blas`` false: the hand loops below SMALL_MACS,
-    where entering and leaving the limit cost 4 µs of a 150 µs LSTM forward at N = 1)."""
+    long products, and when the steps call no BLAS (``blas`` false: panels or hand loops, where
+    entering and leaving the limit cost 4 µs of a 150 µs LSTM forward at N = 1)."""
     if macs >= ONE_THREAD_MACS or not blas:
         return contextlib.nullcontext()
     return threads.single_thread_blas()
