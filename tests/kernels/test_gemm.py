@@ -157,3 +157,15 @@ def test_panels_are_packed_once_for_the_runs_sharing_them(monkeypatch):
         t.join()
     assert got[0][0] is got[1][0] and got[0][2] is not got[1][2]
     assert np.array_equal(got[0][0], reference_panels(W.T, gemm.panel_width(np.float32, tall=True)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_aligned_empty_starts_on_a_cache_line(dtype):
+    """``aligned_empty`` and the packed panels start on a 64-byte boundary (NumPy's own arrays
+    start 16 bytes past one here), with the shape and dtype asked for, writable and contiguous."""
+    for shape in [(1,), (3, 5), (2, 7, 33), (0, 4)]:
+        for _ in range(5):  # several allocations: the offset NumPy's allocator gives varies with the heap
+            a = gemm.aligned_empty(shape, dtype)
+            assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable
+            assert a.size == 0 or a.ctypes.data % 64 == 0  # (an empty array has no data to place)
+    assert gemm.pack_panels(np.ones((7, 40), dtype), tall=True).ctypes.data % 64 == 0

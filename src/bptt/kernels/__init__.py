@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from bptt.kernels.fused import (adam_step, keep_scaled, keep_scaled_draws, rmsprop_step, scatter_add_rows,
                                 softmax_cross_entropy)
-from bptt.kernels.gemm import PackedAffine, Panels, panels_enabled, transposed
+from bptt.kernels.gemm import PackedAffine, Panels, aligned_empty, panels_enabled, transposed
 from bptt.kernels.loops import (BackwardRun, ForwardRun, KernelCache, available, layer_step, sequence_backward,
                                 sequence_forward, sequence_impl)
 from bptt.kernels.transformer import (gelu_forward, layer_norm_backward, layer_norm_forward, lm_step, relu_backward,
@@ -34,4 +34,4 @@ __all__ = ["sequence_impl", "sequence_forward", "sequence_backward", "ForwardRun
            "available", "blas_threads", "single_thread_blas", "scatter_add_rows", "softmax_cross_entropy",
            "rmsprop_step", "adam_step", "keep_scaled", "keep_scaled_draws", "layer_step", "gelu_forward", "layer_norm_forward",
            "layer_norm_backward", "lm_step", "relu_backward", "softmax_rows", "softmax_rows_backward", "PackedAffine", "Panels",
-           "panels_enabled", "transposed"]
+           "panels_enabled", "transposed", "aligned_empty"]

@@ -448,14 +448,27 @@ def block_rows(tall=False):
     return TALL_ROWS if tall else 6
 
 
+def aligned_empty(shape, dtype, align=64):
+    """``np.empty(shape, dtype)`` whose data starts on an ``align``-byte boundary (a cache line).
+    NumPy aligns to 16 bytes only; a panel row of whole vectors that starts mid-line makes every
+    vector load touch two lines: a 1×100 by 100×400 step product took 1.88 µs on panels at a
+    16-, 32- or 48-byte offset against 1.53 at 0, 25×512 by 512×2048 330 against 322."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
 def pack_panels(B, tall=False):
     """B (K, n) → (⌈n / PW⌉, K, PW) contiguous: column panels of PW = ``panel_width(dtype, tall)``
     columns, the last padded with zeros, each read by ``panel_times`` row after row, in tall
     blocks or wide ones (see TALL_ROWS).  B may be a transposed view (``W.T``): it is packed in
-    one pass, without a transposed copy first."""
+    one pass, without a transposed copy first.  The panels start on a cache line (``aligned_empty``),
+    so each of their vectors is one line."""
     K, n = B.shape
     PW = panel_width(B.dtype, tall)
-    packed = np.empty((-(-n // PW), K, PW), B.dtype)
+    packed = aligned_empty((-(-n // PW), K, PW), B.dtype)
     if B.T.flags.c_contiguous and not B.flags.c_contiguous and HAS_PANELS:
         _pack_rows_into(B.T, packed)
     else:

@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bptt.kernels.gemm import Panels, gemm_function, transposed
+from bptt.kernels.gemm import Panels, aligned_empty, gemm_function, transposed
 from bptt.kernels.mathfn import HAVE_NUMBA
 from bptt.nn.gates import GATES, gate_count
 from bptt.runtime import policy
@@ -228,19 +228,19 @@ class ForwardRun:
         self.keep = keep
         rows, steps, first = (T + 1, T, T if rev else 0) if keep else (2, 1, 0)
         self.turn = 0  # not keep: the row of hs (and cs) holding the current state
-        self.hs = np.empty((rows, N, P), dtype)
+        self.hs = aligned_empty((rows, N, P), dtype)
         self.hs[first] = h0
         self.cs = None
         if self.kind == 2:
-            self.cs = np.empty((rows, N, H), dtype)
+            self.cs = aligned_empty((rows, N, H), dtype)
             self.cs[first] = c0
         rows_y = gx.shape[0] if self.window else T  # a window of gx: y is one too
         if y is not None and (y.shape != (rows_y, N, P) or y.dtype != dtype or not y.flags.c_contiguous):
             raise ValueError(f"y must be a contiguous {dtype} array of shape {(rows_y, N, P)}")
-        self.y = np.empty((rows_y, N, P), dtype) if y is None else y
+        self.y = aligned_empty((rows_y, N, P), dtype) if y is None else y
         self.gates = gx if keep else None
-        self.aux = np.empty((steps, N, H), dtype) if self.kind >= 2 else None
-        self.m_all = np.empty((steps, N, H), dtype) if self.proj else None
+        self.aux = aligned_empty((steps, N, H), dtype) if self.kind >= 2 else None
+        self.m_all = aligned_empty((steps, N, H), dtype) if self.proj else None
         self.small = N * G * P <= policy.SMALL_MACS
         self.macs = N * G * P
         self._transposed = None  # (W_hhᵀ, W_hrᵀ) contiguous, made when BLAS or hand loops need them
