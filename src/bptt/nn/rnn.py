@@ -455,13 +455,12 @@ class RNNBase(Module):
         G, dropout = self.gate_count * self.hidden_size, any(m is not None for m in drops[1:])
         chunks = policy.inference_chunks(T, N * (G + (L + dropout) * P) * dtype.itemsize)  # a step's gx and y rows
         w = max(t1 - t0 for t0, t1 in chunks)
-        empty = functools.partial(kernels.aligned_empty, dtype=dtype)  # rows on cache lines: see there
         if out is None:
-            out = empty((T, N, P))
-        gx = empty((w, N, G))
+            out = kernels.aligned_empty((T, N, P), dtype)  # arrays on cache lines (see kernels.aligned_empty)
+        gx = kernels.aligned_empty((w, N, G), dtype)
         direct = w == T and out.flags.c_contiguous  # one chunk: the top layer writes out itself
-        ys = [out if direct and k == L - 1 else empty((w, N, P)) for k in range(L)]
-        dropped = empty((w, N, P)) if dropout else None
+        ys = [out if direct and k == L - 1 else kernels.aligned_empty((w, N, P), dtype) for k in range(L)]
+        dropped = kernels.aligned_empty((w, N, P), dtype) if dropout else None
         runs = [self._start_forward(k, 0, T, N, h0, c0, mask, kernels, False, gx=gx, y=ys[k],
                                     panels=prepared[k][0].panels, W_hh=None if W_hh is None else W_hh[k][0])
                 for k in range(L)]
@@ -494,9 +493,8 @@ class RNNBase(Module):
             b_hh = None  # RNN/LSTM: folded into gx by _input_product
         idx = k * self.num_directions + d
         args = (self.mode, h0[idx], None if c0 is None else c0[idx], recurrence.Weights(W_hh, b_hh, W_hr))
-        if gx is None:
-            shape = (T, N, self.gate_count * self.hidden_size)
-            gx = np.empty(shape, self._dtype) if kernels is None else kernels.aligned_empty(shape, self._dtype)
+        if gx is None:  # the compiled loops' on cache lines (kernels.aligned_empty)
+            gx = (np.empty if kernels is None else kernels.aligned_empty)((T, N, self.gate_count * self.hidden_size), self._dtype)
         if kernels is not None:
             return kernels.ForwardRun(*args, gx, mask, reverse=d == 1, keep=keep, length=T, panels=panels, y=y)
         return recurrence.WholeSequence(T, gx, lambda: recurrence.sequence_forward(args[0], gx, *args[1:], mask, reverse=d == 1))
