@@ -416,8 +416,8 @@ if HAVE_NUMBA:
 
     # ======================================================================== products inside the loops
     # ``gemm`` is NumPy's own BLAS ?gemm as a ctypes function (see gemm_function),
-    # or None for small sizes, where hand loops beat a BLAS call; Numba compiles
-    # the branch for None away.  Weights come transposed and contiguous, so BLAS
+    # or None when the products run on panels (``Bp`` non-empty) or, for small sizes on a CPU
+    # without them, as hand loops; Numba compiles the branch for None away.  Weights come transposed and contiguous, so BLAS
     # reads B untransposed: measured 44 against 58 µs for the 50×128 by 128×512
     # step product, 726 against 1019 µs at H = 512.  Calling BLAS from compiled code keeps the time
     # loop free of Python, and of the GIL, which matters when one thread per
