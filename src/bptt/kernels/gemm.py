@@ -16,7 +16,7 @@ PW the columns of one packed panel, Bp (⌈n / PW⌉, K, PW) a packed B.
   (``out[n, :] += A[n, p] · B[p, :]``), which vectorise without reordering sums: for
   small products (e.g. N = 1, H = 100) where a BLAS call would cost more than the
   product and the CPU has no panels (each step reads and writes ``out`` once per p:
-  1×100 by 100×400 in 2.9 µs against the panels' 2.0, 2×100 by 100×400 5.9 against 2.2);
+  1×100 by 100×400 in 2.9 µs against the panels' 1.5, 2×100 by 100×400 4.5 against 1.75);
 * NumPy's own BLAS ``cblas_?gemm``, found through threadpoolctl and called through
   ctypes from inside the compiled loop (``gemm_function``), so no Python runs per
   step and the GIL is not taken.  ``gemm_function`` returns None where no such
@@ -416,8 +416,9 @@ if HAVE_NUMBA:
 
     # ======================================================================== products inside the loops
     # ``gemm`` is NumPy's own BLAS ?gemm as a ctypes function (see gemm_function),
-    # or None when the products run on panels (``Bp`` non-empty) or, for small sizes on a CPU
-    # without them, as hand loops; Numba compiles the branch for None away.  Weights come transposed and contiguous, so BLAS
+    # or None when the products run on panels (``Bp`` non-empty) or, for small sizes on
+    # a CPU without them, as hand loops; Numba compiles the branch for None away.
+    # Weights come transposed and contiguous, so BLAS
     # reads B untransposed: measured 44 against 58 µs for the 50×128 by 128×512
     # step product, 726 against 1019 µs at H = 512.  Calling BLAS from compiled code keeps the time
     # loop free of Python, and of the GIL, which matters when one thread per
