@@ -243,3 +243,29 @@ def test_fused_sequence_backward_returns_the_whole_gru_dgh():
     assert fus[1].shape == (T, N, 3 * H)
     for a, b in zip(fus[:3], ref[:3]):
         assert rel(a, b) < 1e-12
+
+
+@needs_panels
+def test_batch_slices_share_one_packing_of_the_backward_weights():
+    """Two slices' forward runs sharing a Panels (as a layer's batch slices do) give caches whose
+    backward runs pack W_hh once between them; a slice's gradients equal those on its own packing."""
+    rng = np.random.default_rng(7)
+    H, T, N = 24, 5, 3
+    W = recurrence.Weights((rng.standard_normal((4 * H, H)) * 0.3).astype(np.float32), None, None)
+    gxs = [rng.standard_normal((T, N, 4 * H)).astype(np.float32) for _ in range(2)]
+    dy = rng.standard_normal((T, N, H)).astype(np.float32)
+
+    def slice_backward(gx, panels):
+        fw = loops.ForwardRun("lstm", np.zeros((N, H), np.float32), np.zeros((N, H), np.float32), W, gx.copy(),
+                              panels=panels)
+        fw.steps(0, T)
+        bw = loops.BackwardRun(dy, None, None, fw.result()[3], W)
+        bw.steps(0, T)
+        return bw.panels, bw.result()[0]
+
+    shared = gemm.Panels()
+    (p1, dgx1), (p2, _) = slice_backward(gxs[0], shared), slice_backward(gxs[1], shared)
+    own, dgx_own = slice_backward(gxs[0], None)
+    assert p1 is p2 and p1.packed is not None and p1.packed[0] is p2.packed[0]  # packed once, for both
+    assert own is not p1 and own.packed[0] is not p1.packed[0]
+    assert np.array_equal(dgx1, dgx_own)

@@ -529,6 +529,16 @@ class Panels:
     def __init__(self):
         self.packed = None
         self.lock = threading.Lock()
+        self._backward = None
+
+    def for_backward(self):
+        """The Panels of the backward's products with the same weights (W_hh itself, not W_hhᵀ),
+        shared the same way: the batch slices' backward runs pack W_hh once between them, not
+        once each (1 MB a layer at 2×512, which the RNN's training step held twice at its peak)."""
+        with self.lock:
+            if self._backward is None:
+                self._backward = Panels()
+            return self._backward
 
     def get(self, macs, weights):
         """(packed weights, packed projection (empty without one), scratch) when this run's

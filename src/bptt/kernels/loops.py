@@ -69,6 +69,7 @@ class KernelCache(NamedTuple):
     aux: np.ndarray | None  # LSTM: tanh(c_t) (T, N, H); GRU: gh_n (T, N, H)
     m: np.ndarray | None  # LSTM with projection: m_t = o ⊙ tanh(c_t) (T, N, H)
     small: bool  # whether the products were of hand-loop size, calling no BLAS (backward does the same)
+    panels: Panels | None = None  # the backward's packed W_hh, shared by the runs of one forward call (or None: its own)
 
 
 # ============================================================================ the time loops, compiled
@@ -341,7 +342,7 @@ class ForwardRun:
         h_n = self.hs[0] if rev else self.hs[T]
         c_n = None if self.cs is None else (self.cs[0] if rev else self.cs[T])
         cache = KernelCache(self.mode, bool(rev), self.mask if self.has_mask else None, self.hs[rev : T + rev],
-                            self.hs, self.cs, self.gates, self.aux, self.m_all, self.small)
+                            self.hs, self.cs, self.gates, self.aux, self.m_all, self.small, self.panels.for_backward())
         return self.y, h_n, c_n, cache
 
 
@@ -393,7 +394,7 @@ class BackwardRun:
         self.dgh = cache.aux if kind == 3 else self.dgx
         self.dh_all = np.empty((T, N, P), dtype) if self.proj else None
         self.macs = N * G * P
-        self.panels = Panels()
+        self.panels = cache.panels if cache.panels is not None else Panels()
 
     def steps(self, t0, t1):
         """Run times t1−1 down to t0 (t0 up to t1−1 in the reverse direction)."""
