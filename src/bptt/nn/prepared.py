@@ -13,7 +13,7 @@ block of :meth:`bptt.nn.module.Module.frozen_weights`), and its batch slices sha
   or, for a one-hot input, the table W_ihᵀ + b whose rows the input picks;
 * for the recurrent product, a ``kernels.Panels`` that the first run to need it packs, so that the
   slices share one copy (packing or transposing a 1024×4096 matrix per slice took 7–30 ms of a 650 ms
-  forward).
+  forward); its ``for_backward()`` does the same for the backward's W_hh, through the runs' caches.
 """
 
 from __future__ import annotations
