@@ -149,12 +149,15 @@ def small_layers(turns=9, calls=100):
 
         for name, fn in (("inference", infer), ("training", train)):
             times = {False: [], True: []}
-            for _ in range(turns):
-                for panels in (False, True):
-                    policy.PANEL_PRODUCTS = panels
-                    fn()
-                    times[panels].append(min(per_call(fn, calls) for _ in range(3)))
-            policy.PANEL_PRODUCTS = True
+            saved = policy.PANEL_PRODUCTS  # BPTT_PANEL_PRODUCTS's setting, given back after the turns
+            try:
+                for _ in range(turns):
+                    for panels in (False, True):
+                        policy.PANEL_PRODUCTS = panels
+                        fn()
+                        times[panels].append(min(per_call(fn, calls) for _ in range(3)))
+            finally:
+                policy.PANEL_PRODUCTS = saved
             hand, pan = (float(np.median(times[p])) for p in (False, True))
             turns_ratio = " ".join(f"{h / p:.2f}" for h, p in zip(times[False], times[True]))
             print(f"| {mode}, {T}, {N}, {D}, {H}, {L} | {name} | {hand * 1e6:.0f} | {pan * 1e6:.0f} | "
