@@ -11,7 +11,10 @@ Both sides evaluate the same model over the same windows:
 bptt runs ``bptt.lm.evaluate.evaluate``, what `bptt train`'s validation and `bptt eval` run: eval mode, no
 gradient. torch runs ``torch_lm_loop.evaluate``, the reference runs' evaluation (under ``torch.inference_mode``). Both are in the same process with the same
 number of threads; whole passes alternate after 0.3 s of idle (see bench_layers.py on thread pools), and the
-median of ``--rounds`` passes is reported with both mean losses, which must agree.  Without ``--data`` the
+median of ``--rounds`` passes is reported with both mean losses, which must agree.  The last line prices a
+pass as bench_layers.py prices a layer: its products done bptt's way (``bench_layers.charlm_flops``, forward
+only) at the best float32 GEMM rate measured before the passes (numpy's or torch's 2048³ product), the
+element-wise work and the loss free; PyTorch's pass over that time is the ceiling of the ratio.  Without ``--data`` the
 corpus is bptt's built-in default (``bptt.lm.data.default_corpus``).
 """
 
@@ -24,6 +27,7 @@ import time
 import torch
 from threadpoolctl import threadpool_limits
 
+import bench_layers  # charlm_flops, sgemm_peak
 from blas import blas_line  # benchmarks/blas.py
 import torch_lm_loop as loop
 from charlm_torch import TorchCharLM, forward
@@ -57,6 +61,7 @@ def main(argv=None):
     times, losses = {k: [] for k in sides}, {}
     with threadpool_limits(a.threads):
         print(f"{blas_line()}; torch {torch.__version__}, {a.threads} threads")
+        best_peak = max(bench_layers.sgemm_peak())  # GFLOP/s
         print(f"{name}: {len(val_ids):,} held-out characters, {len(batches)} windows of {a.seq_len} × {a.batch_size}; "
               f"{a.model} {a.layers}×{a.hidden}, V {V}\n")
         for k, fn in sides.items():  # compile, load, warm up
@@ -73,6 +78,11 @@ def main(argv=None):
     for k in sides:
         print(f"| {k} | {losses[k]:.6f} | {med[k]:.3f} | {len(times[k])} |")
     print(f"\nbptt / torch speed: {med['torch'] / med['bptt']:.2f}×")
+    flops = len(batches) * bench_layers.charlm_flops(a.seq_len, a.batch_size, V, a.hidden, a.layers, a.model, train=False)
+    print(f"products of a pass done bptt's way: {flops / 1e6:,.0f} MFLOP; best sgemm rate {best_peak:.1f} GFLOP/s → "
+          f"bptt at {100 * flops / med['bptt'] / 1e9 / best_peak:.0f}% of it, torch at "
+          f"{100 * flops / med['torch'] / 1e9 / best_peak:.0f}%; ceiling {med['torch'] * best_peak * 1e9 / flops:.2f}× "
+          f"(every product at that rate, everything else free)")
     if abs(losses["bptt"] - losses["torch"]) > 1e-4 * abs(losses["torch"]):
         raise SystemExit(f"the two losses differ: {losses['bptt']} against {losses['torch']}")
 

@@ -184,6 +184,17 @@ def matmul_flops(T, N, D, H, L, mode):
     return total
 
 
+def charlm_flops(T, N, V, H, L, mode, train):
+    """The products of a character model's window as bptt runs them (2 flops a multiply-add): layer 0's input
+    product is a gather of W_ihᵀ's rows (one-hot input: no flops, and no input gradient), the layers above it
+    multiply T·N × H by H × G, every layer's recurrence T·N × H by H × G, the output layer T·N × H by H × V.
+    Training adds ∂W and the input gradient of each product: 3× the forward's.  PyTorch multiplies the one-hot
+    input as a dense product besides, so this is the work of the faster way, the one a ceiling should price."""
+    G = GATES[mode] * H
+    forward = 2 * T * N * (G * H * L + G * H * (L - 1) + H * V)
+    return 3 * forward if train else forward
+
+
 def sgemm_peak(repeat=5):
     """Best float32 GEMM rate (GFLOP/s) of a 2048³ product: (numpy's BLAS, torch's)."""
     import torch

@@ -31,6 +31,11 @@ the drift; turns of about a second do not see it.  No logging, checkpoints or pr
 ``--lstm-alone`` also times each side's recurrent layer alone (one-hot input, forward and backward with
 a random ∂L/∂y) in turns of its own, and prints what the whole step's ratio would be with bptt's LSTM at
 1, 1.25, 1.33 and 1.5 times PyTorch's speed and the rest of the step as measured (row E8).
+The in-process table ends with the step's ceiling, as bench_layers.py prices a layer's: the products of a
+step done bptt's way (``bench_layers.charlm_flops``: 3,074 MFLOP at char-rnn's defaults) at the best float32
+GEMM rate measured at the start of the run (a 2048³ product, numpy's or torch's), the element-wise work,
+loss and optimiser free; PyTorch's step over that time is the highest ratio the machine allows, and bptt's
+GFLOP/s over the same rate is its share of the peak.
 """
 
 from __future__ import annotations
@@ -66,7 +71,9 @@ def in_process(a):
     import torch
     from threadpoolctl import threadpool_limits
 
+    import bench_layers
     import torch_lm_loop as loop
+    from blas import blas_line
     from bptt.lm.data import TBPTTBatches, Vocab, encode_text, read_text, split_corpus
     from bptt.lm.model import CharLM, CharLMConfig
     from bptt.nn.optim import RMSprop, clip_grad_value
@@ -74,6 +81,8 @@ def in_process(a):
 
     torch.set_num_threads(a.threads)
     threadpool_limits(a.threads)
+    print(f"{blas_line()}; torch {torch.__version__}, {a.threads} threads")
+    best_peak = max(bench_layers.sgemm_peak())  # GFLOP/s, before either side's threads have run
     text = read_text(a.data)
     vocab = Vocab(text)
     V = len(vocab)
@@ -142,12 +151,22 @@ def in_process(a):
           f"{statistics.median(paired):.2f}× |")
     print(f"(in one process, {a.rounds} rounds of {a.block} steps a side in turn; per round's ratio: "
           f"{', '.join(f'{x:.2f}' for x in paired)})")
+    (T, N), H, L = batches.batch(0)[0].shape, 128, 2
+    flops = bench_layers.charlm_flops(T, N, V, H, L, "lstm", train=True)
+    print(f"products of a step done bptt's way: {flops / 1e6:,.0f} MFLOP; best sgemm rate {best_peak:.1f} GFLOP/s → "
+          f"bptt at {100 * flops / b / 1e9 / best_peak:.0f}% of it, PyTorch's step at "
+          f"{100 * flops / t / 1e9 / best_peak:.0f}%; ceiling {t * best_peak * 1e9 / flops:.2f}× "
+          f"(every product at that rate, everything else free)")
     if a.lstm_alone:
         m = {side: statistics.median(v) for side, v in results.items()}
         rest_b, rest_t = m["bptt"] - m["bptt LSTM"], m["torch"] - m["torch LSTM"]
         print(f"LSTM alone: bptt {1e3 * m['bptt LSTM']:.2f} ms, torch {1e3 * m['torch LSTM']:.2f} ms "
               f"({m['torch LSTM'] / m['bptt LSTM']:.2f}×); the rest of the step: bptt {1e3 * rest_b:.2f} ms, "
               f"torch {1e3 * rest_t:.2f} ms")
+        lstm_flops = flops - 3 * 2 * T * N * H * V  # the step's products less the output layer's
+        print(f"  the LSTM's products: {lstm_flops / 1e6:,.0f} MFLOP, bptt at "
+              f"{100 * lstm_flops / m['bptt LSTM'] / 1e9 / best_peak:.0f}% of the best sgemm rate; the LSTM's "
+              f"ceiling {m['torch LSTM'] * best_peak * 1e9 / lstm_flops:.2f}×")
         for x in (1.0, 1.25, 1.33, 1.5):  # the step's ratio if bptt's LSTM ran at x times PyTorch's speed, the rest as measured
             print(f"  with the LSTM at {x:.2f}× PyTorch's: the step at {m['torch'] / (rest_b + m['torch LSTM'] / x):.2f}×")
 
