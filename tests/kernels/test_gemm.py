@@ -160,15 +160,8 @@ def test_panels_are_packed_once_for_the_runs_sharing_them(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_aligned_empty_starts_on_a_cache_line(dtype):
-    """``aligned_empty`` and the packed panels start on a 64-byte boundary (NumPy's own arrays
-    start 16 bytes past one here), with the shape and dtype asked for, writable and contiguous;
-    arrays under ``ALIGN_MIN_BYTES`` are NumPy's own."""
-    assert gemm.aligned_empty((3, 5), dtype).base is None  # small: plain np.empty
-    for shape in [(1,), (3, 5), (2, 7, 33), (0, 4), (1, 1024), (3, 40, 17)]:
-        for _ in range(5):  # several allocations: the offset NumPy's allocator gives varies with the heap
-            a = gemm.aligned_empty(shape, dtype)
-            assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable
-            if a.nbytes >= gemm.ALIGN_MIN_BYTES:
-                assert a.ctypes.data % 64 == 0
-    assert gemm.pack_panels(np.ones((7, 40), dtype), tall=True).ctypes.data % 64 == 0
+def test_packed_panels_start_on_a_cache_line(dtype):
+    """The panels the step products read start on a 64-byte boundary (``runtime.memory.aligned_empty``,
+    tested in tests/runtime/test_memory.py), whatever the size of the matrix."""
+    for shape in [(7, 40), (1, 16), (128, 512)]:
+        assert gemm.pack_panels(np.ones(shape, dtype), tall=True).ctypes.data % 64 == 0

@@ -25,7 +25,6 @@ PW the columns of one packed panel, Bp (⌈n / PW⌉, K, PW) a packed B.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 
@@ -33,6 +32,7 @@ import numpy as np
 
 from bptt.kernels.mathfn import HAVE_NUMBA
 from bptt.runtime import policy, threads
+from bptt.runtime.memory import aligned_empty
 
 __all__ = ["times", "mm_acc", "panel_times", "panel_affine", "pack_panels", "pack_bias", "transposed", "PackedAffine",
            "panel_width", "block_rows", "panel_vectors", "Panels", "panels_enabled", "gemm_function", "VECTOR_BYTES",
@@ -448,26 +448,6 @@ def panel_width(dtype, tall=False):
 def block_rows(tall=False):
     """The most rows of a block, the rows of ``panel_times``'s scratch ``tmp``."""
     return TALL_ROWS if tall else 6
-
-
-ALIGN_MIN_BYTES = 4096  # smaller arrays stay where NumPy puts them: see aligned_empty
-
-
-def aligned_empty(shape, dtype, align=64, min_bytes=ALIGN_MIN_BYTES):
-    """``np.empty(shape, dtype)`` whose data starts on an ``align``-byte boundary (a cache line).
-    NumPy aligns to 16 bytes only; a panel row of whole vectors that starts mid-line makes every
-    vector load touch two lines: a 1×100 by 100×400 step product took 1.88 µs on panels at a
-    16-, 32- or 48-byte offset against 1.53 at 0, 25×512 by 512×2048 330 against 322.  Arrays under
-    ``min_bytes`` are plain ``np.empty``: aligning takes 1.5 µs against its 0.2, and a batch-1
-    forward makes six small arrays a call (LSTM, H 100: 25 steps in 135 against 140 µs, one step in
-    69 against 79, against aligning them all)."""
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < min_bytes:
-        return np.empty(shape, dtype)
-    raw = np.empty(nbytes + align, np.uint8)
-    start = -raw.ctypes.data % align
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def pack_panels(B, tall=False):

@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+from bptt.runtime.memory import aligned_empty
+
 __all__ = ["available", "new_cell", "publish", "spin_until", "ticks_per_second"]
 
 try:  # Numba is a dependency, but the package works without it (then nothing spins)
@@ -47,9 +49,9 @@ def available() -> bool:
 def new_cell() -> np.ndarray:
     """A counter cell at 0, alone on its 64-byte cache line (a neighbour's writes do not evict it from
     the spinning core): cell[0] is the counter, the rest of the line is padding."""
-    block = np.zeros(16, np.int64)
-    first = (-block.ctypes.data % 64) // 8  # the first element on a line boundary
-    return block[first : first + 8]
+    cell = aligned_empty(8, np.int64, min_bytes=0)
+    cell[:] = 0
+    return cell
 
 
 if _AVAILABLE:
