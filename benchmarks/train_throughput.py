@@ -151,7 +151,7 @@ def in_process(a):
           f"{statistics.median(paired):.2f}× |")
     print(f"(in one process, {a.rounds} rounds of {a.block} steps a side in turn; per round's ratio: "
           f"{', '.join(f'{x:.2f}' for x in paired)})")
-    (T, N), H, L = batches.batch(0)[0].shape, 128, 2
+    (T, N), H, L = batches.batch(0)[0].shape, ours.config.hidden, ours.config.layers
     flops = bench_layers.charlm_flops(T, N, V, H, L, "lstm", train=True)
     print(f"products of a step done bptt's way: {flops / 1e6:,.0f} MFLOP; best sgemm rate {best_peak:.1f} GFLOP/s → "
           f"bptt at {100 * flops / b / 1e9 / best_peak:.0f}% of it, PyTorch's step at "
