@@ -10,6 +10,7 @@ from the core that polls it).  NumPy aligns its data to 16 bytes only.
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import numpy as np
@@ -33,5 +34,7 @@ def aligned_empty(shape, dtype, align=64, min_bytes=ALIGN_MIN_BYTES):
     if nbytes < min_bytes:
         return np.empty(shape, dtype)
     raw = np.empty(nbytes + align, np.uint8)
-    start = -raw.ctypes.data % align
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
+    # the address through ctypes.addressof (0.3 µs) rather than raw.ctypes.data (1.0 µs), the array as one
+    # np.ndarray over raw (0.2 µs) rather than a slice, view and reshape (0.5): a batch-1 forward makes six
+    start = -ctypes.addressof(ctypes.c_char.from_buffer(raw)) % align
+    return np.ndarray(shape, dtype, raw, start)
