@@ -27,7 +27,7 @@ import time
 import torch
 from threadpoolctl import threadpool_limits
 
-import bench_layers  # charlm_flops, sgemm_peak
+import bench_layers  # charlm_flops, priced, sgemm_peak
 from blas import blas_line  # benchmarks/blas.py
 import torch_lm_loop as loop
 from charlm_torch import TorchCharLM, forward
@@ -79,10 +79,7 @@ def main(argv=None):
         print(f"| {k} | {losses[k]:.6f} | {med[k]:.3f} | {len(times[k])} |")
     print(f"\nbptt / torch speed: {med['torch'] / med['bptt']:.2f}×")
     flops = len(batches) * bench_layers.charlm_flops(a.seq_len, a.batch_size, V, a.hidden, a.layers, a.model, train=False)
-    print(f"products of a pass done bptt's way: {flops / 1e6:,.0f} MFLOP; best sgemm rate {best_peak:.1f} GFLOP/s → "
-          f"bptt at {100 * flops / med['bptt'] / 1e9 / best_peak:.0f}% of it, torch at "
-          f"{100 * flops / med['torch'] / 1e9 / best_peak:.0f}%; ceiling {med['torch'] * best_peak * 1e9 / flops:.2f}× "
-          f"(every product at that rate, everything else free)")
+    print(bench_layers.priced("a pass", flops, med["bptt"], med["torch"], best_peak))
     if abs(losses["bptt"] - losses["torch"]) > 1e-4 * abs(losses["torch"]):
         raise SystemExit(f"the two losses differ: {losses['bptt']} against {losses['torch']}")
 

@@ -195,6 +195,16 @@ def charlm_flops(T, N, V, H, L, mode, train):
     return 3 * forward if train else forward
 
 
+def priced(what, flops, ours, theirs, peak, their_name="torch"):
+    """One line pricing a timed call as the layer table's columns do: its products (``flops``) at the best
+    float32 GEMM rate ``peak`` (GFLOP/s) → each side's share of that rate (``ours``, ``theirs``: seconds a
+    call) and the ceiling, ``theirs`` over the time of the products at that rate."""
+    return (f"products of {what} done bptt's way: {flops / 1e6:,.0f} MFLOP; best sgemm rate {peak:.1f} GFLOP/s → "
+            f"bptt at {100 * flops / ours / 1e9 / peak:.0f}% of it, {their_name} at "
+            f"{100 * flops / theirs / 1e9 / peak:.0f}%; ceiling {theirs * peak * 1e9 / flops:.2f}× "
+            f"(every product at that rate, everything else free)")
+
+
 def sgemm_peak(repeat=5):
     """Best float32 GEMM rate (GFLOP/s) of a 2048³ product: (numpy's BLAS, torch's)."""
     import torch

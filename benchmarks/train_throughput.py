@@ -153,17 +153,14 @@ def in_process(a):
           f"{', '.join(f'{x:.2f}' for x in paired)})")
     (T, N), H, L = batches.batch(0)[0].shape, ours.config.hidden, ours.config.layers
     flops = bench_layers.charlm_flops(T, N, V, H, L, "lstm", train=True)
-    print(f"products of a step done bptt's way: {flops / 1e6:,.0f} MFLOP; best sgemm rate {best_peak:.1f} GFLOP/s → "
-          f"bptt at {100 * flops / b / 1e9 / best_peak:.0f}% of it, PyTorch's step at "
-          f"{100 * flops / t / 1e9 / best_peak:.0f}%; ceiling {t * best_peak * 1e9 / flops:.2f}× "
-          f"(every product at that rate, everything else free)")
+    print(bench_layers.priced("a step", flops, b, t, best_peak, their_name="PyTorch's step"))
     if a.lstm_alone:
         m = {side: statistics.median(v) for side, v in results.items()}
         rest_b, rest_t = m["bptt"] - m["bptt LSTM"], m["torch"] - m["torch LSTM"]
         print(f"LSTM alone: bptt {1e3 * m['bptt LSTM']:.2f} ms, torch {1e3 * m['torch LSTM']:.2f} ms "
               f"({m['torch LSTM'] / m['bptt LSTM']:.2f}×); the rest of the step: bptt {1e3 * rest_b:.2f} ms, "
               f"torch {1e3 * rest_t:.2f} ms")
-        lstm_flops = flops - 3 * 2 * T * N * H * V  # the step's products less the output layer's
+        lstm_flops = bench_layers.charlm_flops(T, N, 0, H, L, "lstm", train=True)  # V = 0: no output layer
         print(f"  the LSTM's products: {lstm_flops / 1e6:,.0f} MFLOP, bptt at "
               f"{100 * lstm_flops / m['bptt LSTM'] / 1e9 / best_peak:.0f}% of the best sgemm rate; the LSTM's "
               f"ceiling {m['torch LSTM'] * best_peak * 1e9 / lstm_flops:.2f}×")

@@ -21,4 +21,3 @@ def test_aligned_empty_starts_on_a_cache_line(dtype):
     for _ in range(20):
         small = memory.aligned_empty(3, dtype, min_bytes=0)
         assert small.shape == (3,) and small.ctypes.data % 64 == 0
-
